@@ -1,0 +1,1 @@
+"""Ferret: refer and ground anything anywhere at any granularity."""
