@@ -32,6 +32,7 @@ __all__ = [
     "point_features",
     "farthest_point_sample",
     "knn_indices",
+    "squared_distances",
     "gather_points",
     "sampler_stage",
     "geo_region_sampler",
@@ -229,18 +230,40 @@ def farthest_point_sample(
     return chosen
 
 
+def squared_distances(query: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """[R, M, D] x [R, N, D] -> [R, M, N] squared distances in fp32, by the released expansion.
+
+    |q|^2 + |r|^2 - 2 q.r (same operation order as the released `square_distance`), not the
+    direct (q - r)^2: the two round differently, and near-ties at the k-th neighbour (gaps of
+    ~1e-8 occur among 512 random points) decide which neighbour set the released weights saw.
+    """
+    query, ref = query.detach().float(), ref.detach().float()
+    distance = -2.0 * torch.matmul(query, ref.transpose(1, 2))
+    distance = distance + (query**2).sum(-1).unsqueeze(2)
+    return distance + (ref**2).sum(-1).unsqueeze(1)
+
+
 def knn_indices(query: torch.Tensor, ref: torch.Tensor, k: int) -> torch.Tensor:
     """The k nearest `ref` points of each `query` point -> LongTensor [R, M, k].
 
-    Squared Euclidean distance computed directly (not by the |a|^2+|b|^2-2ab expansion),
-    nearest first, ties -> lower index. The released knn_point returns the same set unordered.
+    The neighbour SET is the released one: torch.topk over `squared_distances`; where several
+    points tie exactly at the k-th distance (pixel-grid points do), which of them is kept is
+    torch.topk's choice, as in the released code (implementation-defined: deterministic on CPU,
+    may differ on other devices). Within the set, neighbours are ordered nearest first, ties ->
+    lower index (the released order was unspecified; pooling ignores it).
     """
     if query.dim() != 3 or ref.dim() != 3 or query.shape[0] != ref.shape[0]:
-        raise ValueError(f"query [R, M, D] and ref [R, N, D] expected, got {tuple(query.shape)} and {tuple(ref.shape)}")
+        raise ValueError(
+            f"query [R, M, D] and ref [R, N, D] expected, got {tuple(query.shape)} and {tuple(ref.shape)}"
+        )
     if not 1 <= k <= ref.shape[1]:
         raise ValueError(f"k must be in [1, {ref.shape[1]}], got {k}")
-    distance = ((query.detach().float().unsqueeze(2) - ref.detach().float().unsqueeze(1)) ** 2).sum(-1)
-    return distance.sort(dim=-1, stable=True).indices[..., :k]
+    distance = squared_distances(query, ref)
+    chosen = torch.topk(distance, k, dim=-1, largest=False, sorted=False).indices  # released set
+    # Order the set: sort by index first, then stably by distance -> (distance, index) order.
+    chosen = chosen.sort(dim=-1).values
+    order = distance.gather(-1, chosen).sort(dim=-1, stable=True).indices
+    return chosen.gather(-1, order)
 
 
 # --------------------------------------------------------------------------- sampler
