@@ -1,0 +1,299 @@
+"""Metric functions of the Ferret benchmarks, each a small pure function.
+
+Conventions (the released evaluation's): boxes are `[x1, y1, x2, y2]` in pixels with
+area `(x2 - x1) * (y2 - y1)` (no +1), IoU >= 0.5 is a hit, and the model's answer writes
+boxes on the 0-999 grid, mapped back to pixels by truncation.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from pycocotools import mask as coco_mask
+
+from ferret.constants import GRID_SIZE
+
+IOU_THRESHOLD = 0.5
+
+BoxLike = Sequence[float]
+
+
+# ----------------------------------------------------------------------------- boxes
+
+def xywh_to_xyxy(box: BoxLike) -> list[float]:
+    """COCO `[x, y, w, h]` -> `[x1, y1, x2, y2]`."""
+    x, y, w, h = _four_numbers(box)
+    return [x, y, x + w, y + h]
+
+
+def xyxy_to_xywh(box: BoxLike) -> list[float]:
+    """`[x1, y1, x2, y2]` -> COCO `[x, y, w, h]`."""
+    x1, y1, x2, y2 = _four_numbers(box)
+    return [x1, y1, x2 - x1, y2 - y1]
+
+
+def clip_box(box: BoxLike, width: float, height: float) -> list[float]:
+    """Clamp an xyxy box to the image rectangle `[0, width] x [0, height]`."""
+    x1, y1, x2, y2 = _four_numbers(box)
+    return [min(max(x1, 0), width), min(max(y1, 0), height),
+            min(max(x2, 0), width), min(max(y2, 0), height)]
+
+
+def box_iou_matrix(boxes1: Iterable[BoxLike], boxes2: Iterable[BoxLike]) -> np.ndarray:
+    """Pairwise IoU `[N, M]` of xyxy boxes; a pair whose union is empty has IoU 0."""
+    a = _as_box_array(boxes1)
+    b = _as_box_array(boxes2)
+    area_a = _areas(a)
+    area_b = _areas(b)
+    top_left = np.maximum(a[:, None, :2], b[None, :, :2])
+    bottom_right = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    wh = np.clip(bottom_right - top_left, 0, None)
+    inter = wh[..., 0] * wh[..., 1]
+    union = area_a[:, None] + area_b[None, :] - inter
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iou = np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+    return iou
+
+
+def box_iou(box1: BoxLike, box2: BoxLike) -> float:
+    """IoU of two xyxy boxes."""
+    return float(box_iou_matrix([box1], [box2])[0, 0])
+
+
+def merge_boxes(boxes: Iterable[BoxLike]) -> list[float]:
+    """Smallest xyxy box enclosing all `boxes` (the Flickr30k 'merged-box' target)."""
+    arr = _as_box_array(boxes)
+    if len(arr) == 0:
+        raise ValueError("merge_boxes needs at least one box")
+    return [float(arr[:, 0].min()), float(arr[:, 1].min()),
+            float(arr[:, 2].max()), float(arr[:, 3].max())]
+
+
+def grid_box_to_pixel(grid_box: BoxLike, width: int, height: int) -> list[int]:
+    """A 0-999 grid box from the model's text -> pixel box on a `width` x `height` image.
+
+    Truncates `g * side / 1000`, the mapping the released scorers apply to answers.
+    """
+    x1, y1, x2, y2 = _four_numbers(grid_box)
+    if width <= 0 or height <= 0:
+        raise ValueError(f"image size must be positive, got {width}x{height}")
+    return [int(x1 * width / GRID_SIZE), int(y1 * height / GRID_SIZE),
+            int(x2 * width / GRID_SIZE), int(y2 * height / GRID_SIZE)]
+
+
+def hit_at_k(pred_boxes: Sequence[BoxLike], target_boxes: Sequence[BoxLike], k: int | None,
+             iou_threshold: float = IOU_THRESHOLD) -> bool:
+    """True when one of the first `k` predictions (all when k is None) overlaps any target
+    box with IoU >= threshold. No prediction is a miss."""
+    if not target_boxes:
+        raise ValueError("hit_at_k needs at least one target box")
+    preds = list(pred_boxes) if k is None else list(pred_boxes)[:k]
+    if not preds:
+        return False
+    return bool(box_iou_matrix(preds, target_boxes).max() >= iou_threshold)
+
+
+def recall(hits: Sequence[bool]) -> float:
+    """Fraction of hits; 0.0 for an empty list (nothing found is nothing recalled)."""
+    return float(sum(bool(h) for h in hits)) / len(hits) if hits else 0.0
+
+
+def recall_at_k(pred_boxes_per_query: Sequence[Sequence[BoxLike]],
+                target_boxes_per_query: Sequence[Sequence[BoxLike]], k: int | None,
+                iou_threshold: float = IOU_THRESHOLD) -> float:
+    """Recall@k over queries: share of queries with a hit among their first k predictions."""
+    if len(pred_boxes_per_query) != len(target_boxes_per_query):
+        raise ValueError("one prediction list per query is required")
+    return recall([hit_at_k(p, t, k, iou_threshold)
+                   for p, t in zip(pred_boxes_per_query, target_boxes_per_query)])
+
+
+# ----------------------------------------------------------------------------- masks
+
+def mask_iou(mask1, mask2) -> float:
+    """IoU of two binary masks, given as (H, W) arrays or COCO RLE dicts, via pycocotools."""
+    rle1 = _to_rle(mask1)
+    rle2 = _to_rle(mask2)
+    if list(rle1["size"]) != list(rle2["size"]):
+        raise ValueError(f"mask sizes differ: {rle1['size']} vs {rle2['size']}")
+    if coco_mask.area(rle1) == 0 and coco_mask.area(rle2) == 0:
+        return 0.0
+    return float(coco_mask.iou([rle1], [rle2], [0])[0, 0])
+
+
+# ----------------------------------------------------------------------------- answers
+
+_GRID_BOX = re.compile(r"\[\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*\]")
+_PHRASE_BREAK = re.compile(r"[.,;!?\]]")
+
+
+@dataclass(frozen=True)
+class DecodedBox:
+    """One box the model wrote: the phrase it grounds, the grid box and the pixel box."""
+
+    phrase: str
+    grid_box: tuple[int, int, int, int]
+    box: tuple[int, int, int, int]
+
+
+def decode_grounded_boxes(text: str, width: int, height: int) -> list[DecodedBox]:
+    """Boxes in an answer, in order, each with the phrase written just before it.
+
+    The phrase of a box is the text between the previous delimiter (`.,;!?` or a closing
+    bracket) and the box, as the released scorers read "a man [..], a dog [..]". A box
+    that directly follows another box ("people [..] [..]") shares its phrase. Brackets that
+    are not four integers (points, malformed text) are ignored.
+    """
+    decoded: list[DecodedBox] = []
+    previous_end = 0
+    for match in _GRID_BOX.finditer(text):
+        before = text[previous_end:match.start()]
+        breaks = list(_PHRASE_BREAK.finditer(before))
+        phrase = (before[breaks[-1].end():] if breaks else before).strip()
+        if not phrase and decoded and not before.strip(" ,"):
+            phrase = decoded[-1].phrase
+        grid = tuple(int(v) for v in match.groups())
+        decoded.append(DecodedBox(phrase, grid, tuple(grid_box_to_pixel(grid, width, height))))
+        previous_end = match.end()
+    return decoded
+
+
+def normalize_phrase(phrase: str) -> str:
+    """Lower case, punctuation removed, whitespace collapsed (the released phrase match)."""
+    phrase = re.sub(r"[^\w\s]", "", phrase.lower())
+    return " ".join(phrase.split())
+
+
+def phrases_match(phrase1: str, phrase2: str) -> bool:
+    """Equal after `normalize_phrase`."""
+    return normalize_phrase(phrase1) == normalize_phrase(phrase2)
+
+
+def parse_yes_no(text: str) -> str | None:
+    """POPE answer -> "yes" / "no"; None for an empty answer.
+
+    Released rule: only the first sentence counts; it is "no" when one of its words is
+    "no", "No" or "not", otherwise "yes".
+    """
+    text = (text or "").strip()
+    if not text:
+        return None
+    first_sentence = text.split(".")[0].replace(",", "")
+    words = first_sentence.split(" ")
+    return "no" if any(w in ("no", "No", "not") for w in words) else "yes"
+
+
+@dataclass(frozen=True)
+class BinaryCounts:
+    tp: int
+    fp: int
+    tn: int
+    fn: int
+
+
+def binary_classification_metrics(predictions: Sequence[str | None], labels: Sequence[str]) -> dict:
+    """POPE metrics over yes/no answers; a None prediction (unparsable) is counted wrong.
+
+    Returns accuracy, precision, recall, f1, yes_ratio (share of "yes" predictions among all
+    answers) and the confusion counts. Ratios with an empty denominator are 0.0.
+    """
+    if len(predictions) != len(labels):
+        raise ValueError(f"{len(predictions)} predictions for {len(labels)} labels")
+    tp = fp = tn = fn = 0
+    for pred, label in zip(predictions, labels):
+        if label not in ("yes", "no"):
+            raise ValueError(f"label must be 'yes' or 'no', got {label!r}")
+        if pred is None:  # wrong whatever the label
+            pred = "no" if label == "yes" else "yes"
+        if pred == "yes":
+            tp, fp = (tp + 1, fp) if label == "yes" else (tp, fp + 1)
+        else:
+            tn, fn = (tn + 1, fn) if label == "no" else (tn, fn + 1)
+    total = tp + fp + tn + fn
+    precision = _ratio(tp, tp + fp)
+    recall_ = _ratio(tp, tp + fn)
+    yes_answers = sum(1 for p in predictions if p == "yes")
+    return {
+        "accuracy": _ratio(tp + tn, total),
+        "precision": precision,
+        "recall": recall_,
+        "f1": _ratio(2 * precision * recall_, precision + recall_),
+        "yes_ratio": _ratio(yes_answers, len(predictions)),
+        "tp": tp, "fp": fp, "tn": tn, "fn": fn,
+    }
+
+
+def lvis_class_names(name: str, synonyms: Iterable[str] = ()) -> list[str]:
+    """Readable names of an LVIS class: underscores to spaces, "a_(b)" split into "a" and "b"."""
+    names = [name.replace("_", " ").strip()]
+    for synonym in synonyms:
+        if "(" in synonym:
+            head, _, tail = synonym.partition("(")
+            names += [head.replace("_", " ").strip(), tail.replace(")", "").replace("_", " ").strip()]
+        else:
+            names.append(synonym.replace("_", " ").strip())
+    return [n for n in dict.fromkeys(names) if n]
+
+
+def remove_negated_phrases(text: str) -> str:
+    """Drop " not ..." / " no ..." clauses up to the next comma or period (released LVIS rule),
+    so "a cat, not a dog." keeps only "a cat,"."""
+    text = re.sub(r"\s+not[^,.]*[,.]", "", text)
+    return re.sub(r"\s+no[^,.]*[,.]", "", text)
+
+
+def lvis_answer_correct(text: str, name: str, synonyms: Iterable[str] = ()) -> bool:
+    """Released LVIS rule: after removing negated clauses, the class name or a synonym occurs
+    (as a substring) in the answer."""
+    kept = remove_negated_phrases(text)
+    return any(n in kept for n in lvis_class_names(name, synonyms))
+
+
+def lvis_answer_correct_strict(text: str, name: str, synonyms: Iterable[str], distractor: str) -> bool:
+    """Stricter reading: the true class is named and the distractor is not (so repeating the
+    question "a cat or a dog" is not credited)."""
+    kept = remove_negated_phrases(text)
+    return lvis_answer_correct(text, name, synonyms) and distractor.replace("_", " ").strip() not in kept
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _ratio(num: float, den: float) -> float:
+    return float(num) / den if den else 0.0
+
+
+def _four_numbers(box: BoxLike) -> tuple[float, float, float, float]:
+    try:
+        values = [float(v) for v in box]
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"a box must be four numbers, got {box!r}") from err
+    if len(values) != 4 or not all(np.isfinite(values)):
+        raise ValueError(f"a box must be four finite numbers, got {box!r}")
+    return values[0], values[1], values[2], values[3]
+
+
+def _as_box_array(boxes: Iterable[BoxLike]) -> np.ndarray:
+    rows = [_four_numbers(b) for b in boxes]
+    return np.asarray(rows, dtype=np.float64).reshape(-1, 4)
+
+
+def _areas(boxes: np.ndarray) -> np.ndarray:
+    return np.clip(boxes[:, 2] - boxes[:, 0], 0, None) * np.clip(boxes[:, 3] - boxes[:, 1], 0, None)
+
+
+def _to_rle(mask) -> dict:
+    if isinstance(mask, Mapping):
+        if "size" not in mask or "counts" not in mask:
+            raise ValueError("an RLE mask needs 'size' and 'counts'")
+        counts = mask["counts"]
+        if isinstance(counts, list):  # uncompressed RLE
+            return coco_mask.frPyObjects(dict(mask), *mask["size"])
+        return {"size": list(mask["size"]),
+                "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+    arr = np.asarray(mask)
+    if arr.ndim != 2:
+        raise ValueError(f"a mask must be 2-D (H, W), got shape {arr.shape}")
+    return coco_mask.encode(np.asfortranarray(arr.astype(np.uint8)))
