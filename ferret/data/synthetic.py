@@ -1,0 +1,555 @@
+"""A synthetic GRIT world: coloured shapes on textured backgrounds, written as GRIT-format json.
+
+    python -m ferret.data.synthetic --out data/synth --n 20000 --seed 0
+
+Each scene is one PNG with 2-5 objects (colour x shape x size), drawn back to front so later
+objects occlude earlier ones; every object's mask is its VISIBLE pixels and its box is the
+tight box of that mask (inclusive pixel corners, as in the released GRIT json). Several
+samples (question/answer pairs of different task families) share a scene. Everything follows
+from the seed: one generator per scene, seeded with (seed, scene_id), so the output does not
+depend on how scenes are split across worker processes.
+
+Sample json (released GRIT fields, plus the extensions marked *):
+    image, image_w, image_h, dataset, location_instruction, conversations,
+    box_x1y1x2y2  one list of [x1, y1, x2, y2] pixel boxes per turn,
+    masks         COCO RLE of each box's visible object mask, per turn and box,
+    *id, *scene_id, *task (family), *subtask,
+    *region_format  optional, per turn: null (the loader picks point or box at random, as the
+                    released code does), "point", "box" or "free_form",
+    *scribbles      with free_form turns: per turn and box, the RLE of a scribble drawn on the
+                    object; the prompt then shows the scribble's box and the region mask is the
+                    scribble (see ferret.data.grit).
+Test and validation scenes are also exported as plain records (scenes_test.json,
+scenes_val.json): each object's name, colour, shape, size class, box, visible-area mask RLE.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing
+import os
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from ferret.constants import IMAGE_TOKEN
+from ferret.data.rle import encode_rle
+
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 225),
+    "yellow": (240, 215, 40),
+    "purple": (140, 60, 195),
+    "orange": (245, 140, 30),
+    "pink": (240, 120, 195),
+    "cyan": (40, 205, 215),
+}
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "ring")
+# Radius as a fraction of the shorter image side; the classes are separated by gaps so the
+# size attribute is learnable.
+SIZE_CLASSES: dict[str, tuple[float, float]] = {
+    "small": (0.08, 0.11),
+    "medium": (0.13, 0.17),
+    "large": (0.20, 0.26),
+}
+TASK_WEIGHTS: dict[str, float] = {
+    "refer_object": 0.22,
+    "refer_attribute": 0.14,
+    "ground": 0.18,
+    "grounded_caption": 0.10,
+    "relation": 0.20,
+    "negative": 0.16,
+}
+DATASET_NAME = "synthetic_grit"
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    min_side: int = 160
+    max_side: int = 320
+    min_objects: int = 2
+    max_objects: int = 5
+    samples_per_scene: int = 5
+    val_fraction: float = 0.05
+    test_fraction: float = 0.05
+    free_form_prob: float = 0.3
+    min_visible_fraction: float = 0.5
+    task_weights: dict[str, float] = field(default_factory=lambda: dict(TASK_WEIGHTS))
+
+
+@dataclass
+class SceneObject:
+    color: str
+    shape: str
+    size: str
+    radius: float
+    mask: np.ndarray  # (H, W) bool, visible pixels only
+    box: tuple[int, int, int, int] = (0, 0, 0, 0)
+
+    @property
+    def name(self) -> str:
+        return f"{self.color} {self.shape}"
+
+    @property
+    def area(self) -> int:
+        return int(self.mask.sum())
+
+    @property
+    def center(self) -> tuple[float, float]:
+        x1, y1, x2, y2 = self.box
+        return (x1 + x2) / 2.0, (y1 + y2) / 2.0
+
+
+@dataclass
+class Scene:
+    scene_id: int
+    width: int
+    height: int
+    image: np.ndarray  # (H, W, 3) uint8
+    objects: list[SceneObject]
+
+    @property
+    def image_name(self) -> str:
+        return f"images/scene_{self.scene_id:06d}.png"
+
+
+# ---------------------------------------------------------------- drawing
+
+
+def _rotated(points: np.ndarray, angle_deg: float, cx: float, cy: float) -> list[tuple[float, float]]:
+    theta = math.radians(angle_deg)
+    rotation = np.array([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]])
+    moved = points @ rotation.T + np.array([cx, cy])
+    return [tuple(p) for p in moved.tolist()]
+
+
+def _star_points(radius: float) -> np.ndarray:
+    angles = np.deg2rad(-90 + 36 * np.arange(10))
+    radii = np.where(np.arange(10) % 2 == 0, radius, 0.45 * radius)
+    return np.stack([radii * np.cos(angles), radii * np.sin(angles)], axis=1)
+
+
+def _cross_points(radius: float) -> np.ndarray:
+    arm, half = radius, 0.32 * radius
+    return np.array([
+        (-half, -arm), (half, -arm), (half, -half), (arm, -half), (arm, half), (half, half),
+        (half, arm), (-half, arm), (-half, half), (-arm, half), (-arm, -half), (-half, -half),
+    ])
+
+
+def shape_mask(shape: str, cx: float, cy: float, radius: float, angle: float,
+               width: int, height: int) -> np.ndarray:
+    """Full (unoccluded) mask of one shape, (H, W) bool."""
+    canvas = Image.new("L", (width, height), 0)
+    draw = ImageDraw.Draw(canvas)
+    if shape == "circle":
+        draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=1)
+    elif shape == "ring":
+        draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=1)
+        inner = 0.55 * radius
+        draw.ellipse((cx - inner, cy - inner, cx + inner, cy + inner), fill=0)
+    elif shape == "square":
+        half = 0.85 * radius
+        corners = np.array([(-half, -half), (half, -half), (half, half), (-half, half)])
+        draw.polygon(_rotated(corners, angle, cx, cy), fill=1)
+    elif shape == "triangle":
+        angles = np.deg2rad(np.array([-90.0, 30.0, 150.0]))
+        corners = np.stack([radius * np.cos(angles), radius * np.sin(angles)], axis=1)
+        draw.polygon(_rotated(corners, angle, cx, cy), fill=1)
+    elif shape == "star":
+        draw.polygon(_rotated(_star_points(radius), angle, cx, cy), fill=1)
+    elif shape == "cross":
+        draw.polygon(_rotated(_cross_points(radius), angle, cx, cy), fill=1)
+    else:
+        raise ValueError(f"unknown shape {shape!r}; known: {SHAPES}")
+    return np.asarray(canvas, dtype=bool)
+
+
+def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
+    """A desaturated textured background (objects are saturated, so colours stay readable)."""
+    def dull_color() -> np.ndarray:
+        gray = rng.uniform(90, 205)
+        tint = rng.uniform(-18, 18, size=3)
+        return np.clip(gray + tint, 0, 255)
+
+    kind = rng.choice(["noise", "gradient", "stripes", "blobs"])
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = dull_color()
+    if kind == "gradient":
+        other = dull_color()
+        theta = rng.uniform(0, 2 * math.pi)
+        ramp = xs * math.cos(theta) + ys * math.sin(theta)
+        ramp = (ramp - ramp.min()) / max(float(np.ptp(ramp)), 1.0)
+        image = base * (1 - ramp[..., None]) + other * ramp[..., None]
+    elif kind == "stripes":
+        theta = rng.uniform(0, math.pi)
+        period = rng.uniform(12, 40)
+        wave = np.sign(np.sin(2 * math.pi * (xs * math.cos(theta) + ys * math.sin(theta)) / period))
+        image = base + rng.uniform(8, 18) * wave[..., None]
+    elif kind == "blobs":
+        cells = rng.normal(0, 1, size=(int(rng.integers(3, 8)), int(rng.integers(3, 8))))
+        field_img = Image.fromarray(((cells - cells.min()) / max(float(np.ptp(cells)), 1e-6) * 255).astype(np.uint8))
+        smooth = np.asarray(field_img.resize((width, height), Image.BICUBIC), dtype=np.float32) / 255.0 - 0.5
+        image = base + rng.uniform(20, 40) * smooth[..., None]
+    else:
+        image = np.broadcast_to(base, (height, width, 3)).astype(np.float32)
+        image = image + rng.standard_normal(size=(height, width, 1), dtype=np.float32) * rng.uniform(4, 9)
+    return np.broadcast_to(image, (height, width, 3)).astype(np.float32)
+
+
+def _tight_box(mask: np.ndarray) -> tuple[int, int, int, int]:
+    ys, xs = np.nonzero(mask)
+    return int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())
+
+
+def _boxes_touch(a: tuple[int, int, int, int], b: tuple[int, int, int, int], margin: int = 3) -> bool:
+    return a[0] - margin <= b[2] and b[0] - margin <= a[2] and a[1] - margin <= b[3] and b[1] - margin <= a[3]
+
+
+def render_scene(scene_id: int, seed: int, config: SyntheticConfig = SyntheticConfig()) -> Scene:
+    """Draw one scene; identical (scene_id, seed, config) give an identical scene."""
+    rng = np.random.default_rng([seed, scene_id, 1])
+    while True:
+        scene = _try_render(rng, scene_id, config)
+        if scene is not None:
+            return scene
+
+
+def _try_render(rng: np.random.Generator, scene_id: int, config: SyntheticConfig) -> Scene | None:
+    width = int(rng.integers(config.min_side, config.max_side + 1))
+    height = int(rng.integers(config.min_side, config.max_side + 1))
+    wanted = int(rng.integers(config.min_objects, config.max_objects + 1))
+    used: set[tuple[str, str]] = set()
+    full_masks: list[np.ndarray] = []
+    objects: list[SceneObject] = []
+    for _ in range(wanted):
+        for _attempt in range(12):
+            color = str(rng.choice(list(COLORS)))
+            shape = str(rng.choice(SHAPES))
+            if (color, shape) in used:  # names stay unique so "the blue star" is unambiguous
+                continue
+            size = str(rng.choice(list(SIZE_CLASSES)))
+            low, high = SIZE_CLASSES[size]
+            radius = rng.uniform(low, high) * min(width, height)
+            cx = rng.uniform(radius + 1, width - radius - 2)
+            cy = rng.uniform(radius + 1, height - radius - 2)
+            full = shape_mask(shape, cx, cy, radius, rng.uniform(-20, 20), width, height)
+            if any(obj.color == color and _boxes_touch(_tight_box(f), _tight_box(full))
+                   for obj, f in zip(objects, full_masks)):
+                continue  # same-coloured neighbours would merge into one blob
+            visible_after = [obj.mask & ~full for obj in objects]
+            if all(v.sum() >= config.min_visible_fraction * f.sum() and v.any()
+                   for v, f in zip(visible_after, full_masks)):
+                for obj, visible in zip(objects, visible_after):
+                    obj.mask = visible
+                objects.append(SceneObject(color, shape, size, float(radius), full))
+                full_masks.append(full)
+                used.add((color, shape))
+                break
+    if len(objects) < config.min_objects:
+        return None
+    image = _background(rng, width, height)
+    for obj in objects:
+        obj.box = _tight_box(obj.mask)
+        fill = np.clip(np.array(COLORS[obj.color]) + rng.uniform(-18, 18, size=3), 0, 255)
+        image[obj.mask] = fill
+    image = image + rng.standard_normal(size=(height, width, 1), dtype=np.float32) * rng.uniform(1.5, 4)
+    pixels = np.clip(np.rint(image), 0, 255).astype(np.uint8)
+    return Scene(scene_id, width, height, pixels, objects)
+
+
+def scribble_mask(obj: SceneObject, rng: np.random.Generator, width: int, height: int) -> np.ndarray:
+    """A free-form stroke over part of the object: a thick polyline through 2-3 of its pixels,
+    clipped to the object's visible mask (so it never touches a neighbour)."""
+    ys, xs = np.nonzero(obj.mask)
+    picks = rng.choice(len(xs), size=int(rng.integers(2, 4)), replace=True)
+    canvas = Image.new("L", (width, height), 0)
+    draw = ImageDraw.Draw(canvas)
+    points = [(float(xs[i]), float(ys[i])) for i in picks]
+    draw.line(points, fill=1, width=max(3, int(0.35 * obj.radius)))
+    for x, y in points:
+        draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=1)
+    return np.asarray(canvas, dtype=bool) & obj.mask
+
+
+# ---------------------------------------------------------------- task families
+
+
+def _article(name: str) -> str:
+    return "An" if name[0] in "aeiou" else "A"
+
+
+def _cap(text: str) -> str:
+    return text[0].upper() + text[1:]
+
+
+class _SampleBuilder:
+    """Builds the GRIT-format samples of one scene."""
+
+    def __init__(self, scene: Scene, rng: np.random.Generator, config: SyntheticConfig):
+        self.scene, self.rng, self.config = scene, rng, config
+        self._rle_cache: dict[int, dict] = {}
+
+    def rle(self, obj_index: int) -> dict:
+        if obj_index not in self._rle_cache:
+            self._rle_cache[obj_index] = encode_rle(self.scene.objects[obj_index].mask)
+        return self._rle_cache[obj_index]
+
+    def sample(self, task: str, subtask: str, question: str, answer: str,
+               human_objs: list[int], gpt_objs: list[int], free_form: bool = False) -> dict:
+        objs = self.scene.objects
+        record = {
+            "image": self.scene.image_name,
+            "image_w": self.scene.width,
+            "image_h": self.scene.height,
+            "dataset": DATASET_NAME,
+            "location_instruction": True,
+            "task": task,
+            "subtask": subtask,
+            "scene_id": self.scene.scene_id,
+            "conversations": [
+                {"from": "human", "value": f"{IMAGE_TOKEN}\n{question}"},
+                {"from": "gpt", "value": answer},
+            ],
+            "box_x1y1x2y2": [[list(objs[i].box) for i in human_objs], [list(objs[i].box) for i in gpt_objs]],
+            "masks": [[self.rle(i) for i in human_objs], [self.rle(i) for i in gpt_objs]],
+        }
+        if free_form:
+            scribbles = [encode_rle(scribble_mask(objs[i], self.rng, self.scene.width, self.scene.height))
+                         for i in human_objs]
+            record["region_format"] = ["free_form", None]
+            record["scribbles"] = [scribbles, []]
+        return record
+
+    def _pick(self) -> int:
+        return int(self.rng.integers(len(self.scene.objects)))
+
+    def _free_form(self) -> bool:
+        return bool(self.rng.random() < self.config.free_form_prob)
+
+    def refer_object(self) -> dict | None:
+        i = self._pick()
+        obj = self.scene.objects[i]
+        return self.sample("refer_object", "name", "What is the object <bbox_location0>?",
+                           f"{_article(obj.color)} {obj.name}.", [i], [], self._free_form())
+
+    def refer_attribute(self) -> dict | None:
+        i = self._pick()
+        obj = self.scene.objects[i]
+        if self.rng.random() < 0.5:
+            return self.sample("refer_attribute", "color", "What color is the object <bbox_location0>?",
+                               f"{_cap(obj.color)}.", [i], [], self._free_form())
+        return self.sample("refer_attribute", "size", "What size is the object <bbox_location0>?",
+                           f"{_cap(obj.size)}.", [i], [], self._free_form())
+
+    def ground(self) -> dict | None:
+        i = self._pick()
+        name = self.scene.objects[i].name
+        return self.sample("ground", "describe", f"Where is the {name}?",
+                           f"The {name} <bbox_location0>.", [], [i])
+
+    def grounded_caption(self) -> dict | None:
+        order = sorted(range(len(self.scene.objects)), key=lambda k: self.scene.objects[k].box[0])
+        parts = [f"{'a' if k else 'A'} {self.scene.objects[j].name} <bbox_location{k}>"
+                 for k, j in enumerate(order)]
+        text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+        return self.sample("grounded_caption", "all_objects",
+                           "Describe the image with the locations of the objects.", text + ".", [], order)
+
+    def relation(self) -> dict | None:
+        for _ in range(6):  # some scenes cannot answer some relations clearly: try another
+            sample = self._relation_once(str(self.rng.choice(["left", "above", "largest", "nearest"])))
+            if sample is not None:
+                return sample
+        return None
+
+    def _relation_once(self, kind: str) -> dict | None:
+        objs = self.scene.objects
+        if kind in ("left", "above"):
+            a, b = (int(v) for v in self.rng.choice(len(objs), size=2, replace=False))
+            axis, side = (0, self.scene.width) if kind == "left" else (1, self.scene.height)
+            gap = objs[b].center[axis] - objs[a].center[axis]
+            if abs(gap) < 0.1 * side:  # too close to call: ask something else
+                return None
+            word = "left of" if kind == "left" else "above"
+            return self.sample("relation", kind, f"Is the object <bbox_location0> {word} the object <bbox_location1>?",
+                               "Yes." if gap > 0 else "No.", [a, b], [])
+        if kind == "largest":
+            areas = sorted(((o.area, k) for k, o in enumerate(objs)), reverse=True)
+            if areas[0][0] < 1.4 * areas[1][0]:
+                return None
+            best = areas[0][1]
+            return self.sample("relation", "largest", "Which object is the largest?",
+                               f"The {objs[best].name} <bbox_location0>.", [], [best])
+        if len(objs) < 3:
+            return None
+        anchor = self._pick()
+        ax, ay = objs[anchor].center
+        dists = sorted((math.hypot(o.center[0] - ax, o.center[1] - ay), k)
+                       for k, o in enumerate(objs) if k != anchor)
+        if dists[0][0] > 0.75 * dists[1][0]:
+            return None
+        near = dists[0][1]
+        return self.sample("relation", "nearest", "Which object is nearest to the object <bbox_location0>?",
+                           f"The {objs[near].name} <bbox_location0>.", [anchor], [near])
+
+    def negative(self) -> dict | None:
+        objs = self.scene.objects
+        if self.rng.random() < 0.5:
+            i = self._pick()
+            name = objs[i].name
+            return self.sample("negative", "present", f"Is there a {name} in the image?",
+                               f"Yes, the {name} <bbox_location0>.", [], [i])
+        present = {(o.color, o.shape) for o in objs}
+        anchor = objs[self._pick()]
+        # Hard negatives half the time: share the colour or the shape of a present object.
+        if self.rng.random() < 0.5:
+            options = [(anchor.color, s) for s in SHAPES] + [(c, anchor.shape) for c in COLORS]
+        else:
+            options = [(c, s) for c in COLORS for s in SHAPES]
+        options = [o for o in options if o not in present]
+        color, shape = options[int(self.rng.integers(len(options)))]
+        return self.sample("negative", "absent", f"Is there a {color} {shape} in the image?", "No.", [], [])
+
+
+def build_samples(scene: Scene, seed: int, count: int, config: SyntheticConfig = SyntheticConfig()) -> list[dict]:
+    """`count` samples for one scene, families drawn by `config.task_weights`."""
+    rng = np.random.default_rng([seed, scene.scene_id, 2])
+    builder = _SampleBuilder(scene, rng, config)
+    families = list(config.task_weights)
+    weights = np.array([config.task_weights[f] for f in families], dtype=float)
+    weights /= weights.sum()
+    samples: list[dict] = []
+    seen: set[str] = set()
+    attempts = 0
+    while len(samples) < count:
+        attempts += 1
+        family = families[int(rng.choice(len(families), p=weights))]
+        sample = getattr(builder, family)()
+        if sample is None:
+            continue
+        key = json.dumps(sample["conversations"]) + str(sample.get("region_format"))
+        if key in seen and attempts < 40:  # prefer distinct questions per scene
+            continue
+        seen.add(key)
+        sample["id"] = f"synth_{scene.scene_id:06d}_{len(samples)}"
+        samples.append(sample)
+    return samples
+
+
+def scene_record(scene: Scene) -> dict:
+    """Eval-ready record of a scene: its objects with names, attributes, boxes and masks."""
+    return {
+        "scene_id": scene.scene_id,
+        "image": scene.image_name,
+        "width": scene.width,
+        "height": scene.height,
+        "objects": [
+            {"name": o.name, "color": o.color, "shape": o.shape, "size": o.size,
+             "box": list(o.box), "area": o.area, "mask": encode_rle(o.mask)}
+            for o in scene.objects
+        ],
+    }
+
+
+# ---------------------------------------------------------------- writing
+
+
+def split_of_scenes(num_scenes: int, seed: int, config: SyntheticConfig) -> list[str]:
+    """Split label per scene id: samples of one scene never cross splits."""
+    order = np.random.default_rng([seed, 0]).permutation(num_scenes)
+    n_test = max(1, round(num_scenes * config.test_fraction)) if num_scenes >= 3 else 0
+    n_val = max(1, round(num_scenes * config.val_fraction)) if num_scenes >= 3 else 0
+    labels = ["train"] * num_scenes
+    for rank, scene_id in enumerate(order.tolist()):
+        if rank < n_test:
+            labels[scene_id] = "test"
+        elif rank < n_test + n_val:
+            labels[scene_id] = "val"
+    return labels
+
+
+def _make_scene(job: tuple[str, int, int, int, SyntheticConfig]) -> tuple[dict, list[dict]]:
+    out_dir, scene_id, seed, count, config = job
+    scene = render_scene(scene_id, seed, config)
+    Image.fromarray(scene.image).save(os.path.join(out_dir, scene.image_name), compress_level=1)
+    return scene_record(scene), build_samples(scene, seed, count, config)
+
+
+def generate(out_dir: str, n: int, seed: int = 0, config: SyntheticConfig = SyntheticConfig(),
+             workers: int = 2) -> dict:
+    """Write `n` samples (train/val/test json, PNG images, scene records); returns a summary."""
+    if n < 1:
+        raise ValueError(f"--n must be positive, got {n}")
+    start = time.perf_counter()
+    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+    per_scene = config.samples_per_scene
+    num_scenes = math.ceil(n / per_scene)
+    counts = [per_scene] * num_scenes
+    counts[-1] = n - per_scene * (num_scenes - 1)
+    jobs = [(out_dir, s, seed, counts[s], config) for s in range(num_scenes)]
+    if workers > 1:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            results = pool.map(_make_scene, jobs, chunksize=16)
+    else:
+        results = [_make_scene(job) for job in jobs]
+    labels = split_of_scenes(num_scenes, seed, config)
+    by_split: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    scenes_by_split: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    for (record, samples), label in zip(results, labels):
+        by_split[label].extend(samples)
+        scenes_by_split[label].append(record)
+    for split in SPLITS:
+        with open(os.path.join(out_dir, f"{split}.json"), "w") as handle:
+            json.dump(by_split[split], handle)
+    for split in ("val", "test"):
+        with open(os.path.join(out_dir, f"scenes_{split}.json"), "w") as handle:
+            json.dump(scenes_by_split[split], handle)
+    summary = {
+        "seed": seed,
+        "samples": n,
+        "scenes": num_scenes,
+        "samples_per_split": {s: len(v) for s, v in by_split.items()},
+        "scenes_per_split": {s: len(v) for s, v in scenes_by_split.items()},
+        "task_counts": dict(sorted(Counter(x["task"] for v in by_split.values() for x in v).items())),
+        "subtask_counts": dict(sorted(Counter(f"{x['task']}/{x['subtask']}" for v in by_split.values()
+                                              for x in v).items())),
+        "free_form_samples": sum("scribbles" in x for v in by_split.values() for x in v),
+        "config": asdict(config),
+        "colors": list(COLORS),
+        "shapes": list(SHAPES),
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+    with open(os.path.join(out_dir, "meta.json"), "w") as handle:
+        json.dump(summary, handle, indent=2)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Generate the synthetic GRIT world.")
+    parser.add_argument("--out", required=True, help="output folder (images/, train/val/test.json)")
+    parser.add_argument("--n", type=int, default=20000, help="number of samples")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--samples-per-scene", type=int, default=SyntheticConfig.samples_per_scene)
+    parser.add_argument("--min-side", type=int, default=SyntheticConfig.min_side)
+    parser.add_argument("--max-side", type=int, default=SyntheticConfig.max_side)
+    args = parser.parse_args(argv)
+    if not 32 <= args.min_side <= args.max_side:
+        parser.error(f"need 32 <= --min-side <= --max-side, got {args.min_side}, {args.max_side}")
+    config = SyntheticConfig(samples_per_scene=args.samples_per_scene, min_side=args.min_side,
+                             max_side=args.max_side)
+    summary = generate(args.out, args.n, args.seed, config, args.workers)
+    print(json.dumps({k: summary[k] for k in ("samples", "scenes", "samples_per_split", "task_counts",
+                                              "subtask_counts", "free_form_samples", "seconds")}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
