@@ -1,0 +1,371 @@
+"""Ferret: LLaMA + CLIP vision tower + projector + region sampler, with released state-dict names.
+
+Inputs follow the released convention: `input_ids` hold IMAGE_TOKEN_INDEX (-200) once per sample
+where the image goes and the `<region_fea>` id (config.im_region_fea_token) once per referred
+region; `images` is [B or #samples-with-image, 3, S, S]; `region_masks` is a per-sample list of
+(W, H) bool masks (official layout), one per `<region_fea>` token in order.
+
+`prepare_multimodal_inputs` turns that into `inputs_embeds` (the single image placeholder becomes
+the projected patch embeddings; each region token's embedding becomes its region feature) plus
+attention mask, position ids and labels for a padded batch. `forward` runs it then the LLaMA
+decoder; `generate` runs it once (left padded) and decodes with the KV cache, so the image and
+the regions only enter the prefill step. `generate` returns only the new tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, LlamaModel
+from transformers.models.llama.modeling_llama import LlamaForCausalLM, LlamaPreTrainedModel
+
+from ferret.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX, REGION_TOKEN
+from ferret.model.configuration_ferret import FerretConfig
+from ferret.model.region_adapter import MaskPoolingRegionAdapter
+from ferret.model.vision_tower import FerretVisionTower
+
+RegionMasks = Sequence[Sequence[torch.Tensor]]
+
+# Modules kept in full precision when the LLM is quantized (bitsandbytes skip list).
+FULL_PRECISION_MODULES = ["vision_tower", "mm_projector", "region_geo_sampler", "region_fea_adapter", "lm_head"]
+
+
+class RegionTokenMismatchError(ValueError):
+    """The number of `<region_fea>` tokens in a sample differs from the number of its region masks."""
+
+
+@dataclass
+class MultimodalInputs:
+    inputs_embeds: torch.Tensor  # [B, L, D]
+    attention_mask: torch.Tensor  # [B, L] long, 1 = real token
+    position_ids: torch.Tensor  # [B, L], 0..n-1 over real tokens, 0 on padding
+    labels: torch.Tensor | None  # [B, L], IGNORE_INDEX on image / padding positions
+
+
+# --------------------------------------------------------------------------- pure splicing
+
+
+def splice_multimodal_embeddings(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    embed_tokens: Callable[[torch.Tensor], torch.Tensor],
+    image_embeds: Sequence[torch.Tensor | None],
+    region_embeds: Sequence[torch.Tensor | None],
+    region_token_id: int | None,
+    padding_side: str = "right",
+) -> MultimodalInputs:
+    """Build the padded embedding batch: image rows at IMAGE_TOKEN_INDEX, region rows at region tokens.
+
+    `image_embeds[i]` ([N, D]) is required iff sample i holds IMAGE_TOKEN_INDEX (exactly once);
+    `region_embeds[i]` ([R_i, D]) must have one row per region token of sample i (None for none).
+    Padding in the input (attention_mask 0, either side) is dropped and rebuilt on `padding_side`.
+    """
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be [batch, length], got shape {list(input_ids.shape)}")
+    batch = input_ids.shape[0]
+    if len(image_embeds) != batch or len(region_embeds) != batch:
+        raise ValueError(
+            f"{batch} samples but {len(image_embeds)} image entries and {len(region_embeds)} region entries"
+        )
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if labels is not None and labels.shape != input_ids.shape:
+        raise ValueError(f"labels shape {list(labels.shape)} != input_ids shape {list(input_ids.shape)}")
+
+    sequences: list[torch.Tensor] = []
+    sequence_labels: list[torch.Tensor] = []
+    for index in range(batch):
+        keep = attention_mask[index].bool()
+        ids = input_ids[index][keep]
+        sample_labels = labels[index][keep] if labels is not None else None
+        image_positions = (ids == IMAGE_TOKEN_INDEX).nonzero().flatten()
+        region_positions = (
+            (ids == region_token_id).nonzero().flatten() if region_token_id is not None else ids.new_zeros(0)
+        )
+        regions = region_embeds[index]
+        num_regions = 0 if regions is None else regions.shape[0]
+        if region_positions.numel() != num_regions:
+            raise RegionTokenMismatchError(
+                f"sample {index} has {region_positions.numel()} {REGION_TOKEN} token(s) but "
+                f"{num_regions} region feature(s) (one region mask per token is required)"
+            )
+        embeds = embed_tokens(ids.clamp(min=0))
+        if num_regions:
+            embeds = embeds.index_put((region_positions,), regions.to(embeds.dtype))
+        if image_positions.numel() > 1:
+            raise ValueError(f"sample {index} holds {image_positions.numel()} image tokens; Ferret takes one image")
+        if image_positions.numel() == 1:
+            image = image_embeds[index]
+            if image is None:
+                raise ValueError(f"sample {index} holds an image token but no image was given for it")
+            at = int(image_positions[0])
+            embeds = torch.cat([embeds[:at], image.to(embeds.dtype), embeds[at + 1 :]], dim=0)
+            if sample_labels is not None:
+                ignored = sample_labels.new_full((image.shape[0],), IGNORE_INDEX)
+                sample_labels = torch.cat([sample_labels[:at], ignored, sample_labels[at + 1 :]])
+        sequences.append(embeds)
+        if sample_labels is not None:
+            sequence_labels.append(sample_labels)
+
+    return _pad_batch(sequences, sequence_labels if labels is not None else None, padding_side)
+
+
+def _pad_batch(
+    sequences: list[torch.Tensor], labels: list[torch.Tensor] | None, padding_side: str
+) -> MultimodalInputs:
+    longest = max(seq.shape[0] for seq in sequences)
+    reference = sequences[0]
+    batch = len(sequences)
+    mask = torch.zeros((batch, longest), dtype=torch.long, device=reference.device)
+    positions = torch.zeros((batch, longest), dtype=torch.long, device=reference.device)
+    padded_labels = None
+    if labels is not None:
+        padded_labels = torch.full((batch, longest), IGNORE_INDEX, dtype=labels[0].dtype, device=labels[0].device)
+    rows = []
+    for index, seq in enumerate(sequences):
+        length = seq.shape[0]
+        span = slice(0, length) if padding_side == "right" else slice(longest - length, longest)
+        rows.append(seq if length == longest else _pad_rows(seq, longest, padding_side))
+        mask[index, span] = 1
+        positions[index, span] = torch.arange(length, device=reference.device)
+        if padded_labels is not None:
+            padded_labels[index, span] = labels[index]
+    # Stacking (rather than writing into `embeds` in place) keeps the graph simple for autograd.
+    embeds = torch.stack(rows, dim=0)
+    return MultimodalInputs(embeds, mask, positions, padded_labels)
+
+
+def _pad_rows(seq: torch.Tensor, length: int, padding_side: str) -> torch.Tensor:
+    pad = seq.new_zeros((length - seq.shape[0], seq.shape[1]))
+    return torch.cat([seq, pad] if padding_side == "right" else [pad, seq], dim=0)
+
+
+# --------------------------------------------------------------------------- modules
+
+
+def _build_region_sampler(config: FerretConfig) -> nn.Module:
+    from ferret.model.sampler import GeoRegionSampler
+
+    return GeoRegionSampler(
+        input_dim=config.mm_hidden_size,
+        output_dim=config.hidden_size,
+        num_init_point=config.sampler_num_init_point,
+        num_sub_point=tuple(config.sampler_num_sub_point),
+        num_neighbor=tuple(config.sampler_num_neighbor),
+        pooler_mode=config.sampler_pooler_mode,
+        feature_layout=config.feature_layout,
+    )
+
+
+class FerretModel(LlamaModel):
+    """LlamaModel plus `vision_tower`, `mm_projector` and `region_geo_sampler` / `region_fea_adapter`."""
+
+    config_class = FerretConfig
+
+    def __init__(self, config: FerretConfig):
+        super().__init__(config)
+        if config.is_multimodal:
+            self.vision_tower = FerretVisionTower(
+                config.vision_tower_config(),
+                select_layer=config.mm_vision_select_layer,
+                select_feature=config.mm_vision_select_feature,
+            )
+            self.mm_projector = nn.Linear(config.mm_hidden_size, config.hidden_size)
+            if config.region_geo_sampler:
+                self.region_geo_sampler = _build_region_sampler(config)
+            else:
+                self.region_fea_adapter = MaskPoolingRegionAdapter(
+                    config.mm_hidden_size,
+                    config.hidden_size,
+                    num_points=config.sampler_num_init_point,
+                    feature_layout=config.feature_layout,
+                )
+        self.post_init()
+
+
+class FerretLlamaForCausalLM(LlamaForCausalLM):
+    config_class = FerretConfig
+    _no_split_modules = ["LlamaDecoderLayer", "CLIPEncoderLayer", "GeoRegionSampler"]
+    # Older CLIP checkpoints stored this buffer; it is recomputed now.
+    _keys_to_ignore_on_load_unexpected = [r"vision_tower\.vision_tower\.vision_model\.embeddings\.position_ids"]
+
+    def __init__(self, config: FerretConfig):
+        # Skip LlamaForCausalLM.__init__ (it would build a plain LlamaModel first).
+        LlamaPreTrainedModel.__init__(self, config)
+        self.model = FerretModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    # ----------------------------------------------------------------- parts
+
+    def get_vision_tower(self) -> FerretVisionTower | None:
+        return getattr(self.model, "vision_tower", None)
+
+    @property
+    def region_token_id(self) -> int | None:
+        return self.config.im_region_fea_token
+
+    def encode_images(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, 3, S, S] -> (CLIP features [B, N, mm_hidden], projected embeddings [B, N, hidden])."""
+        tower = self.get_vision_tower()
+        if tower is None:
+            raise ValueError("this Ferret model has no vision tower (config has no mm_vision_tower/vision_config)")
+        features = tower(images)
+        projector_dtype = self.model.mm_projector.weight.dtype
+        projected = self.model.mm_projector(features.to(projector_dtype))
+        return features, projected
+
+    def encode_regions(
+        self, feature_maps: torch.Tensor, region_masks: RegionMasks, generator: torch.Generator | None = None
+    ) -> list[torch.Tensor | None]:
+        """Per-image region features [R_i, hidden] (or None) from CLIP maps [B, S*S, mm_hidden]."""
+        if getattr(self.model, "region_geo_sampler", None) is not None:
+            sampler = self.model.region_geo_sampler
+            dtype = next(sampler.parameters()).dtype
+            return sampler(feature_maps.to(dtype), region_masks, generator=generator)
+        adapter = getattr(self.model, "region_fea_adapter", None)
+        if adapter is None:
+            raise ValueError("this Ferret model has no region module; it cannot take region masks")
+        return adapter.region_features(feature_maps.to(adapter.weight.dtype), region_masks, generator=generator)
+
+    def prepare_multimodal_inputs(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        images: torch.Tensor | None = None,
+        region_masks: RegionMasks | None = None,
+        padding_side: str = "right",
+        generator: torch.Generator | None = None,
+    ) -> MultimodalInputs:
+        batch = input_ids.shape[0]
+        has_image = (input_ids == IMAGE_TOKEN_INDEX)
+        if attention_mask is not None:
+            has_image = has_image & attention_mask.bool()
+        image_samples = [i for i in range(batch) if bool(has_image[i].any())]
+        image_embeds: list[torch.Tensor | None] = [None] * batch
+        region_embeds: list[torch.Tensor | None] = [None] * batch
+
+        if region_masks is not None and len(region_masks) != batch:
+            raise ValueError(f"region_masks has {len(region_masks)} entries for a batch of {batch}")
+        region_samples = [i for i in range(batch) if region_masks is not None and len(region_masks[i]) > 0]
+        if region_samples and self.region_token_id is None:
+            raise ValueError("region masks given but the config has no im_region_fea_token")
+        for i in region_samples:
+            if i not in image_samples:
+                raise ValueError(f"sample {i} has region masks but no image token: regions need an image")
+
+        if image_samples:
+            if images is None:
+                raise ValueError("input_ids contain the image token but no images were given")
+            if images.shape[0] == batch:
+                selected = images[image_samples]
+            elif images.shape[0] == len(image_samples):
+                selected = images
+            else:
+                raise ValueError(
+                    f"got {images.shape[0]} images for {batch} samples of which {len(image_samples)} hold an "
+                    "image token; give one image per sample or one per image token"
+                )
+            features, projected = self.encode_images(selected)
+            for row, sample in enumerate(image_samples):
+                image_embeds[sample] = projected[row]
+            if region_samples:
+                tower = self.get_vision_tower()
+                grid = features[:, -tower.num_patches :]  # drop CLS if the config kept it
+                rows = [image_samples.index(i) for i in region_samples]
+                sampled = self.encode_regions(grid[rows], [region_masks[i] for i in region_samples], generator)
+                for sample, feats in zip(region_samples, sampled):
+                    region_embeds[sample] = feats
+
+        return splice_multimodal_embeddings(
+            input_ids,
+            attention_mask,
+            labels,
+            self.get_input_embeddings(),
+            image_embeds,
+            region_embeds,
+            self.region_token_id,
+            padding_side=padding_side,
+        )
+
+    # ----------------------------------------------------------------- forward / generate
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache=None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        images: torch.Tensor | None = None,
+        region_masks: RegionMasks | None = None,
+        region_generator: torch.Generator | None = None,
+        **kwargs,
+    ):
+        needs_splice = input_ids is not None and (
+            images is not None or region_masks is not None or bool((input_ids < 0).any())
+        )
+        if needs_splice:
+            if inputs_embeds is not None:
+                raise ValueError("pass either input_ids (with images/regions) or inputs_embeds, not both")
+            past = cache if cache is not None else kwargs.get("past_key_values")
+            if past is not None and past.get_seq_length() > 0:
+                raise ValueError("images and regions can only be given in the prefill step (empty cache)")
+            merged = self.prepare_multimodal_inputs(
+                input_ids, attention_mask, labels, images, region_masks, generator=region_generator
+            )
+            input_ids, inputs_embeds = None, merged.inputs_embeds
+            attention_mask, position_ids, labels = merged.attention_mask, merged.position_ids, merged.labels
+        return super().forward(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            labels=labels,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        images: torch.Tensor | None = None,
+        region_masks: RegionMasks | None = None,
+        region_generator: torch.Generator | None = None,
+        **kwargs,
+    ):
+        """Decode with the KV cache; returns only the new tokens [B, T].
+
+        The prompt (image and regions included) is embedded once, left padded, and handed to the
+        standard generation loop as `inputs_embeds`, so later steps see only the cache.
+        """
+        if input_ids is None:
+            return super().generate(attention_mask=attention_mask, **kwargs)
+        if kwargs.get("inputs_embeds") is not None:
+            raise ValueError("pass either input_ids (with images/regions) or inputs_embeds, not both")
+        if kwargs.get("use_cache") is False:
+            raise ValueError("Ferret generation embeds the prompt once and needs use_cache=True")
+        merged = self.prepare_multimodal_inputs(
+            input_ids, attention_mask, None, images, region_masks, padding_side="left", generator=region_generator
+        )
+        return super().generate(
+            inputs_embeds=merged.inputs_embeds, attention_mask=merged.attention_mask, **kwargs
+        )
+
+
+AutoModelForCausalLM.register(FerretConfig, FerretLlamaForCausalLM, exist_ok=True)
