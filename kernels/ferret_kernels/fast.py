@@ -1,0 +1,328 @@
+"""Fast vectorised PyTorch path of the region sampler (the CPU route of `ops`).
+
+Same math as `reference`, rearranged by exact algebra so that the heavy work is a few matmuls on
+contiguous blocks and nothing of width 2(D+2) per neighbour is ever built.
+
+Folding one stage. With x = [feature, xy] (width d = D+2), the released chain per neighbour j of
+anchor a is  h = W_a (D (x_j - x_a) + d_b) + W_b x_a + c  (conv weight = [W_a | W_b], diff Linear
+= (D, d_b)), i.e.  h = U_j - U_a + W_b x_a + bias'  with  U = W_a D x  per point and
+bias' = W_a d_b + c.  U is either computed as (x D^T) W_a^T (two per-point matmuls) or with the
+folded weight A = W_a D (one [D, d] x [d, d] weight product, then one per-point matmul): we pick
+whichever costs fewer FLOPs for the batch at hand. U_a is a row of U (anchors are points), so the
+per-anchor term V = W_b x_a - U_a + bias' costs one small matmul.
+
+Then `group_pool` does gather -> add -> ReLU -> LayerNorm -> max/mean over the k neighbours in
+cache-sized chunks of anchors with fp32 statistics; its backward keeps only the argmax neighbour
+(uint8) and the LayerNorm mean/rstd and recomputes the rest chunk by chunk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from . import reference
+from .params import SamplerParams, StageParams
+
+__all__ = [
+    "fold_stage_weights",
+    "point_projection",
+    "anchor_projection",
+    "group_pool",
+    "farthest_point_sample",
+    "knn_indices",
+    "sampler_stage",
+    "geo_region_sampler",
+]
+
+# Bytes of one fp32 [anchors, k, D] working chunk: small enough to stay in a core's L2/L3.
+_CHUNK_BYTES = 1 << 21
+
+
+# --------------------------------------------------------------------------- geometry
+
+
+def farthest_point_sample(
+    xy: torch.Tensor,
+    num_samples: int,
+    start_index: torch.Tensor | int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Same contract as `reference.farthest_point_sample`, with a leaner loop body.
+
+    Per step: one gather of the current anchor's coordinates, one fused distance update, one argmax
+    (first maximum -> lowest index on ties, as the reference).
+    """
+    if xy.dim() != 3:
+        raise ValueError(f"xy must be [R, N, D], got shape {tuple(xy.shape)}")
+    num_regions, num_points, _ = xy.shape
+    if not 1 <= num_samples <= num_points:
+        raise ValueError(f"num_samples must be in [1, {num_points}], got {num_samples}")
+    coords = xy.detach().float().contiguous()
+    current = reference._start_index(start_index, num_regions, num_points, xy.device, generator)
+    chosen = torch.empty(num_regions, num_samples, dtype=torch.long, device=xy.device)
+    nearest = torch.full((num_regions, num_points), float("inf"), device=xy.device)
+    flat = coords.view(-1, coords.shape[-1])
+    offsets = torch.arange(num_regions, device=xy.device) * num_points
+    for step in range(num_samples):
+        chosen[:, step] = current
+        anchor = flat.index_select(0, current + offsets).unsqueeze(1)  # [R, 1, 2]
+        torch.minimum(nearest, (coords - anchor).square_().sum(-1), out=nearest)
+        current = nearest.argmax(dim=-1)
+    return chosen
+
+
+def knn_indices(query: torch.Tensor, ref: torch.Tensor, k: int) -> torch.Tensor:
+    """Same contract as `reference.knn_indices` (direct squared distance, nearest first, ties ->
+    lower index), selecting with topk and then a stable sort of the k picked distances.
+
+    topk alone may break exact distance ties arbitrarily; ties only arise between duplicated points
+    (masks with fewer pixels than points), so we detect that case per call and fall back to the
+    reference's stable full sort there.
+    """
+    if query.dim() != 3 or ref.dim() != 3 or query.shape[0] != ref.shape[0]:
+        raise ValueError(f"query [R, M, D] and ref [R, N, D] expected, got {tuple(query.shape)} and {tuple(ref.shape)}")
+    if not 1 <= k <= ref.shape[1]:
+        raise ValueError(f"k must be in [1, {ref.shape[1]}], got {k}")
+    q = query.detach().float()
+    r = ref.detach().float()
+    distance = (q[:, :, None, 0] - r[:, None, :, 0]).square_()
+    distance.add_((q[:, :, None, 1] - r[:, None, :, 1]).square_())
+    if k == ref.shape[1]:
+        return distance.sort(dim=-1, stable=True).indices
+    # k+1 smallest: if the k-th and (k+1)-th distance are equal the set itself is ambiguous.
+    values, index = distance.topk(k + 1, dim=-1, largest=False, sorted=True)
+    if q.device.type == "cpu" and bool((values[..., k - 1] == values[..., k]).any()):
+        return distance.sort(dim=-1, stable=True).indices[..., :k]
+    values, index = values[..., :k], index[..., :k]
+    # Order equal distances by index (stable sort over (distance, index) pairs).
+    order = index.sort(dim=-1).indices
+    values, index = values.gather(-1, order), index.gather(-1, order)
+    order = values.sort(dim=-1, stable=True).indices
+    return index.gather(-1, order)
+
+
+# --------------------------------------------------------------------------- folded projections
+
+
+def fold_stage_weights(stage: StageParams, num_points_total: int) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split/fold one stage's weights -> (folded A = W_a D or None, W_a, W_b, bias').
+
+    A is built only when its one-off cost (D x d x d) is below the per-point cost it saves
+    (num_points_total x d x d); otherwise U is computed as (x D^T) W_a^T.
+    """
+    conv = stage.conv_matrix
+    width = conv.shape[0]
+    d = width + 2
+    w_a, w_b = conv[:, :d], conv[:, d:]
+    bias = torch.addmv(stage.conv_bias, w_a, stage.diff_bias)
+    folded = w_a @ stage.diff_weight if num_points_total > width else None
+    return folded, w_a, w_b, bias
+
+
+def _linear_split(features: torch.Tensor, xy: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """[feature, xy] @ weight^T without concatenating: features [.., D] and xy [.., 2]."""
+    width = features.shape[-1]
+    lead = features.shape[:-1]
+    flat = torch.addmm(
+        torch.mm(features.reshape(-1, width), weight[:, :width].t()), xy.reshape(-1, 2), weight[:, width:].t()
+    )
+    return flat.view(*lead, weight.shape[0])
+
+
+def point_projection(features: torch.Tensor, xy: torch.Tensor, stage: StageParams, folded: torch.Tensor | None, w_a: torch.Tensor) -> torch.Tensor:
+    """U = W_a D [feature, xy] per point -> [R, N, D]."""
+    if folded is not None:
+        return _linear_split(features, xy, folded)
+    return torch.matmul(_linear_split(features, xy, stage.diff_weight), w_a.t())
+
+
+def anchor_projection(
+    anchor_features: torch.Tensor, anchor_xy: torch.Tensor, anchor_u: torch.Tensor, w_b: torch.Tensor, bias: torch.Tensor
+) -> torch.Tensor:
+    """V = W_b [feature, xy]_a - U_a + bias' per anchor -> [R, M, D]."""
+    return _linear_split(anchor_features, anchor_xy, w_b) - anchor_u + bias
+
+
+# --------------------------------------------------------------------------- fused group pool
+
+
+def _chunk_rows(k: int, width: int) -> int:
+    return max(1, _CHUNK_BYTES // (4 * k * width))
+
+
+def _gather_hidden(u_flat: torch.Tensor, v_flat: torch.Tensor, rows: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """ReLU(U[neighbour] + V[anchor]) for anchors [start, stop) -> fp32 [n, k, D]."""
+    n, k = stop - start, rows.shape[1]
+    hidden = u_flat.index_select(0, rows[start:stop].reshape(-1)).view(n, k, -1)
+    return hidden.add_(v_flat[start:stop].unsqueeze(1)).relu_()
+
+
+class _GroupPool(torch.autograd.Function):
+    """Chunked gather -> add -> ReLU -> LayerNorm -> pool; saves only LN mean/rstd and the output.
+
+    Max pooling routes the gradient like `amax` (the reference): split evenly between neighbours
+    that tie for the maximum; the backward finds them by recomputing the normalised rows.
+    """
+
+    @staticmethod
+    def forward(ctx, point_u, anchor_v, neighbour_index, ln_weight, ln_bias, eps: float, pool: str):
+        num_regions, num_points, width = point_u.shape
+        num_anchors, k = neighbour_index.shape[1:]
+        offsets = torch.arange(num_regions, device=point_u.device).view(-1, 1, 1) * num_points
+        rows = (neighbour_index + offsets).view(-1, k)
+        u_flat = point_u.reshape(-1, width).float()
+        v_flat = anchor_v.reshape(-1, width).float()
+        gamma, beta = ln_weight.float(), ln_bias.float()
+        total = rows.shape[0]
+        out = torch.empty(total, width, device=point_u.device, dtype=torch.float32)
+        mean = torch.empty(total, k, 1, device=point_u.device)
+        rstd = torch.empty(total, k, 1, device=point_u.device)
+        step = _chunk_rows(k, width)
+        for start in range(0, total, step):
+            stop = min(total, start + step)
+            hidden = _gather_hidden(u_flat, v_flat, rows, start, stop)
+            normed, mean[start:stop], rstd[start:stop] = torch.native_layer_norm(hidden, [width], gamma, beta, eps)
+            reduce = torch.amax if pool == "max" else torch.mean
+            reduce(normed, dim=1, out=out[start:stop])
+        ctx.save_for_backward(u_flat, v_flat, rows, gamma, beta, mean, rstd, out if pool == "max" else None)
+        ctx.meta = (pool, eps, point_u.shape, anchor_v.shape, point_u.dtype, anchor_v.dtype, ln_weight.dtype)
+        return out.view(num_regions, num_anchors, width).to(point_u.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        u_flat, v_flat, rows, gamma, beta, mean, rstd, out = ctx.saved_tensors
+        pool, eps, u_shape, v_shape, u_dtype, v_dtype, w_dtype = ctx.meta
+        width, k = u_flat.shape[1], rows.shape[1]
+        grad_out = grad_out.reshape(-1, width).float()
+        grad_u = torch.zeros_like(u_flat)
+        grad_v = torch.empty_like(v_flat)
+        grad_gamma = torch.zeros_like(gamma)
+        grad_beta = torch.zeros_like(beta)
+        mask = [True, ctx.needs_input_grad[3], ctx.needs_input_grad[4]]
+        step = _chunk_rows(k, width)
+        for start in range(0, rows.shape[0], step):
+            stop = min(rows.shape[0], start + step)
+            hidden = _gather_hidden(u_flat, v_flat, rows, start, stop)
+            chunk_grad = grad_out[start:stop].unsqueeze(1)
+            if pool == "max":
+                normed = torch.native_layer_norm(hidden, [width], gamma, beta, eps)[0]
+                winners = normed == out[start:stop].unsqueeze(1)
+                share = chunk_grad / winners.sum(dim=1, keepdim=True)
+                grad_normed = torch.where(winners, share, 0.0)
+            else:
+                grad_normed = (chunk_grad / k).expand_as(hidden).contiguous()
+            grad_hidden, g_gamma, g_beta = torch.ops.aten.native_layer_norm_backward(
+                grad_normed, hidden, [width], mean[start:stop], rstd[start:stop], gamma, beta, mask
+            )
+            grad_hidden.masked_fill_(hidden <= 0, 0.0)  # ReLU
+            torch.sum(grad_hidden, dim=1, out=grad_v[start:stop])
+            grad_u.index_add_(0, rows[start:stop].reshape(-1), grad_hidden.view(-1, width))
+            if g_gamma is not None:
+                grad_gamma += g_gamma
+            if g_beta is not None:
+                grad_beta += g_beta
+        return (
+            grad_u.view(u_shape).to(u_dtype),
+            grad_v.view(v_shape).to(v_dtype),
+            None,
+            grad_gamma.to(w_dtype) if mask[1] else None,
+            grad_beta.to(w_dtype) if mask[2] else None,
+            None,
+            None,
+        )
+
+
+def group_pool(
+    point_u: torch.Tensor,
+    anchor_v: torch.Tensor,
+    neighbour_index: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    eps: float,
+    pool: str = "max",
+) -> torch.Tensor:
+    """pool_j LayerNorm(ReLU(U[r, idx[r, a, j]] + V[r, a])) -> [R, M, D] (pool over the k neighbours).
+
+    point_u [R, N, D], anchor_v [R, M, D], neighbour_index [R, M, k]. Statistics in fp32; the result
+    has point_u's dtype. Differentiable in U, V and the LayerNorm affine weights.
+    """
+    if pool not in reference.POOLS:
+        raise ValueError(f"pool must be one of {reference.POOLS}, got {pool!r}")
+    return _GroupPool.apply(point_u, anchor_v, neighbour_index, ln_weight, ln_bias, float(eps), pool)
+
+
+# --------------------------------------------------------------------------- sampler
+
+
+def sampler_stage(
+    xy: torch.Tensor,
+    features: torch.Tensor,
+    stage_params: StageParams,
+    num_sub_point: int,
+    num_neighbor: int,
+    pool: str = "max",
+    fps_start: torch.Tensor | int | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as `reference.sampler_stage`, computed with the folded projections."""
+    anchor_index = farthest_point_sample(xy, num_sub_point, fps_start, generator)
+    anchor_xy = reference.gather_points(xy, anchor_index)
+    neighbour_index = knn_indices(anchor_xy, xy, num_neighbor)
+    folded, w_a, w_b, bias = fold_stage_weights(stage_params, xy.shape[0] * xy.shape[1])
+    point_xy = xy.to(features.dtype)
+    point_u = point_projection(features, point_xy, stage_params, folded, w_a)
+    anchor_v = anchor_projection(
+        reference.gather_points(features, anchor_index),
+        anchor_xy.to(features.dtype),
+        reference.gather_points(point_u, anchor_index),
+        w_b,
+        bias,
+    )
+    pooled = group_pool(point_u, anchor_v, neighbour_index, stage_params.ln_weight, stage_params.ln_bias, stage_params.ln_eps, pool)
+    return anchor_xy, pooled
+
+
+def geo_region_sampler(
+    points: torch.Tensor,
+    features: torch.Tensor,
+    params: SamplerParams,
+    num_sub_point: Sequence[int] = (128, 32),
+    num_neighbor: Sequence[int] = (24, 24),
+    pool: str = "max",
+    fps_start: torch.Tensor | int | None = None,
+    generator: torch.Generator | None = None,
+    stage_fn=None,
+) -> torch.Tensor:
+    """Same contract as `reference.geo_region_sampler`. `stage_fn` swaps the per-stage
+    implementation (the Triton backend passes its own); default: the fast `sampler_stage`."""
+    num_sub_point, num_neighbor = tuple(num_sub_point), tuple(num_neighbor)
+    _check_inputs(points, features, params, num_sub_point, num_neighbor)
+    stage_fn = stage_fn or sampler_stage
+    xy, hidden = points, features
+    for stage, stage_params in enumerate(params.stages):
+        xy, hidden = stage_fn(xy, hidden, stage_params, num_sub_point[stage], num_neighbor[stage], pool, fps_start, generator)
+    flat = hidden.flatten(1)
+    return F.linear(F.linear(flat, params.flatten_weight, params.flatten_bias), params.dim_weight, params.dim_bias)
+
+
+def _check_inputs(points, features, params, num_sub_point, num_neighbor) -> None:
+    """The reference's input validation (same messages), without running the reference."""
+    if points.dim() != 3 or points.shape[-1] != 2:
+        raise ValueError(f"points must be [R, N, 2], got shape {tuple(points.shape)}")
+    if features.shape[:2] != points.shape[:2]:
+        raise ValueError(f"features {tuple(features.shape)} do not match points {tuple(points.shape)} in [R, N]")
+    if len(num_neighbor) != len(num_sub_point):
+        raise ValueError(f"num_sub_point {num_sub_point} and num_neighbor {num_neighbor} differ in length")
+    params.validate(num_sub_point)
+    if features.shape[-1] != params.input_dim:
+        raise ValueError(f"features have width {features.shape[-1]}, the weights expect {params.input_dim}")
+    available = points.shape[1]
+    for stage, (sub, k) in enumerate(zip(num_sub_point, num_neighbor)):
+        if not (1 <= sub <= available and 1 <= k <= available):
+            raise ValueError(
+                f"stage {stage}: num_sub_point {sub} and num_neighbor {k} must be in [1, {available}] (points available)"
+            )
+        available = sub
