@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+import warnings
+
 import numpy as np
 from pycocotools import mask as coco_mask
 
@@ -51,7 +53,9 @@ def decode_rle(rle: Mapping, expected_hw: tuple[int, int] | None = None) -> np.n
     else:
         raise SampleError("bad_mask", f"RLE counts must be a string or a list, got {type(counts).__name__}")
     try:
-        decoded = coco_mask.decode(encoded)
+        with warnings.catch_warnings():  # pycocotools trips numpy 2's __array__(copy=) notice
+            warnings.simplefilter("ignore", DeprecationWarning)
+            decoded = coco_mask.decode(encoded)
     except Exception as err:  # pycocotools raises bare errors on corrupt counts
         raise SampleError("bad_mask", f"cannot decode RLE counts: {err}") from err
     if decoded.shape != (height, width):

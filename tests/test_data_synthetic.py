@@ -1,0 +1,153 @@
+"""The synthetic GRIT world: determinism, splits, geometry of masks/boxes, task families."""
+
+import filecmp
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ferret.data import synthetic
+from ferret.data.rle import decode_rle
+from ferret.data.synthetic import COLORS, SHAPES, SyntheticConfig, generate, render_scene, shape_mask
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth")
+    summary = generate(str(out), n=240, seed=3, workers=1)
+    return out, summary
+
+
+def _load(out, name):
+    with open(os.path.join(out, name)) as handle:
+        return json.load(handle)
+
+
+def test_same_seed_gives_identical_files(world, tmp_path):
+    out, _ = world
+    again = tmp_path / "again"
+    generate(str(again), n=240, seed=3, workers=2)  # worker count must not matter
+    for name in ("train.json", "val.json", "test.json", "scenes_test.json"):
+        assert filecmp.cmp(out / name, again / name, shallow=False), name
+    images = sorted(os.listdir(out / "images"))
+    assert images == sorted(os.listdir(again / "images"))
+    for name in images[:10]:
+        assert filecmp.cmp(out / "images" / name, again / "images" / name, shallow=False)
+
+
+def test_other_seed_differs(tmp_path):
+    a = render_scene(0, seed=1)
+    b = render_scene(0, seed=2)
+    assert a.image.shape != b.image.shape or not np.array_equal(a.image, b.image)
+
+
+def test_counts_and_splits_share_no_scene(world):
+    out, summary = world
+    splits = {s: _load(out, f"{s}.json") for s in ("train", "val", "test")}
+    assert sum(len(v) for v in splits.values()) == 240 == summary["samples"]
+    scenes = {s: {x["scene_id"] for x in v} for s, v in splits.items()}
+    assert scenes["val"] and scenes["test"]
+    assert not scenes["train"] & scenes["val"]
+    assert not scenes["train"] & scenes["test"]
+    assert not scenes["val"] & scenes["test"]
+    assert {r["scene_id"] for r in _load(out, "scenes_test.json")} == scenes["test"]
+
+
+def test_every_task_family_is_present(world):
+    _, summary = world
+    assert set(summary["task_counts"]) == set(synthetic.TASK_WEIGHTS)
+    assert summary["free_form_samples"] > 0
+    for sub in ("relation/left", "relation/above", "relation/largest", "negative/absent", "negative/present",
+                "refer_attribute/color", "refer_attribute/size"):
+        assert summary["subtask_counts"].get(sub, 0) > 0, sub
+
+
+def test_boxes_are_tight_around_visible_masks_and_masks_do_not_overlap(world):
+    out, _ = world
+    for record in _load(out, "scenes_test.json")[:5]:
+        image = np.asarray(Image.open(out / record["image"]))
+        assert image.shape == (record["height"], record["width"], 3)
+        union = np.zeros((record["height"], record["width"]), dtype=int)
+        for obj in record["objects"]:
+            mask = decode_rle(obj["mask"], (record["height"], record["width"]))
+            ys, xs = np.nonzero(mask)
+            assert obj["box"] == [xs.min(), ys.min(), xs.max(), ys.max()]
+            assert obj["area"] == mask.sum()
+            assert obj["name"] == f"{obj['color']} {obj['shape']}"
+            union += mask
+            # Visible pixels carry the object's colour (jitter +-18 and a little noise).
+            mean = image[mask].mean(axis=0)
+            assert np.abs(mean - np.array(COLORS[obj["color"]])).max() < 30
+        assert union.max() == 1
+
+
+def test_samples_match_their_scene(world):
+    out, _ = world
+    scenes = {r["scene_id"]: r for r in _load(out, "scenes_test.json")}
+    for sample in _load(out, "test.json"):
+        scene = scenes[sample["scene_id"]]
+        assert sample["image"] == scene["image"]
+        assert (sample["image_w"], sample["image_h"]) == (scene["width"], scene["height"])
+        boxes = [o["box"] for o in scene["objects"]]
+        names = [o["name"] for o in scene["objects"]]
+        human, gpt = sample["conversations"]
+        assert human["value"].startswith("<image>\n")
+        for turn_boxes, turn_masks in zip(sample["box_x1y1x2y2"], sample["masks"]):
+            for box, rle in zip(turn_boxes, turn_masks):
+                assert box in boxes
+                assert rle == scene["objects"][boxes.index(box)]["mask"]
+        if sample["task"] == "negative" and sample["subtask"] == "absent":
+            assert gpt["value"] == "No." and sample["box_x1y1x2y2"] == [[], []]
+            asked = human["value"].split("Is there a ")[1].split(" in the image?")[0]
+            assert asked not in names
+        if sample["task"] == "refer_object":
+            obj = scene["objects"][boxes.index(sample["box_x1y1x2y2"][0][0])]
+            assert gpt["value"].lower() in (f"a {obj['name']}.", f"an {obj['name']}.")
+        if sample["task"] == "ground":
+            name = human["value"].split("Where is the ")[1].rstrip("?")
+            assert sample["box_x1y1x2y2"][1] == [boxes[names.index(name)]]
+
+
+def test_free_form_scribbles_lie_on_their_object(world):
+    out, _ = world
+    found = 0
+    for sample in _load(out, "train.json"):
+        if "scribbles" not in sample:
+            continue
+        found += 1
+        hw = (sample["image_h"], sample["image_w"])
+        for rle, scribble in zip(sample["masks"][0], sample["scribbles"][0]):
+            obj, mark = decode_rle(rle, hw), decode_rle(scribble, hw)
+            assert mark.any() and not (mark & ~obj).any()
+    assert found > 0
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_shapes_are_drawn_where_asked(shape):
+    mask = shape_mask(shape, 50, 40, 20, 0.0, 100, 80)
+    ys, xs = np.nonzero(mask)
+    assert 30 <= xs.mean() <= 70 and 20 <= ys.mean() <= 60
+    assert xs.min() >= 29 and xs.max() <= 71
+    if shape == "ring":
+        assert not mask[40, 50]  # the hole
+    else:
+        assert mask[40, 50]
+
+
+def test_unknown_shape_and_bad_n_raise(tmp_path):
+    with pytest.raises(ValueError, match="unknown shape"):
+        shape_mask("blob", 5, 5, 3, 0, 10, 10)
+    with pytest.raises(ValueError, match="positive"):
+        generate(str(tmp_path), n=0)
+
+
+def test_scene_objects_keep_min_visibility():
+    config = SyntheticConfig()
+    for scene_id in range(20):
+        scene = render_scene(scene_id, seed=0, config=config)
+        assert config.min_objects <= len(scene.objects) <= config.max_objects
+        assert config.min_side <= scene.width <= config.max_side
+        names = [o.name for o in scene.objects]
+        assert len(set(names)) == len(names)
