@@ -1,0 +1,139 @@
+"""Small LLaMA-like BPE tokenizers trained in-process (tests, toy models, the synthetic world).
+
+Behaviour, chosen to match what Ferret's code expects of the Vicuna tokenizer:
+
+* ids 0, 1, 2 are ``<unk>``, ``<s>`` (BOS, prepended to every encoding) and ``</s>`` (EOS);
+  padding uses ``<unk>`` as LLaVA/Ferret do with Vicuna.
+* ids 3..258 are the byte tokens ``<0x00>``..``<0xFF>``: characters never seen in training fall
+  back to their UTF-8 bytes, so nothing becomes ``<unk>``.
+* spaces become ``▁`` and start a word (metaspace); no dummy space is prepended, so
+  ``decode(encode(x)) == x`` for every string.
+* digits are split one by one, as LLaMA does, so grid coordinates cost one token per digit.
+* ``<region_fea>`` and ``<image>`` are special tokens with one id each, appended after the
+  learned vocabulary (``<region_fea>`` first, like the released checkpoint's id 32000).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterable
+
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
+
+from ferret.constants import IMAGE_TOKEN, REGION_TOKEN
+from ferret.conversation import FERRET_V1_SYSTEM
+
+__all__ = ["SPECIAL_TOKENS", "TEMPLATE_TEXTS", "train_bpe_tokenizer", "add_ferret_tokens"]
+
+UNK, BOS, EOS = "<unk>", "<s>", "</s>"
+SPECIAL_TOKENS = (UNK, BOS, EOS)
+BYTE_TOKENS = tuple(f"<0x{b:02X}>" for b in range(256))
+_METASPACE = "▁"
+
+# Always part of the training texts, so that prompts tokenise compactly.
+TEMPLATE_TEXTS = (
+    FERRET_V1_SYSTEM + " USER: " + IMAGE_TOKEN + "\nWhat is in [120, 300, 560, 880] "
+    + REGION_TOKEN + "? ASSISTANT: It is an object [0, 1, 2, 3].</s>USER: And at [4, 5] "
+    + REGION_TOKEN + "? ASSISTANT: Something [6, 7, 8, 9].</s>",
+    "USER: ASSISTANT: [x, y] [x1, y1, x2, y2] 0 1 2 3 4 5 6 7 8 9",
+)
+
+
+def _base_tokenizer() -> Tokenizer:
+    tok = Tokenizer(models.BPE(unk_token=UNK, byte_fallback=True, fuse_unk=True))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Metaspace(replacement=_METASPACE, prepend_scheme="never", split=True),
+            pre_tokenizers.Digits(individual_digits=True),
+        ]
+    )
+    tok.decoder = decoders.Sequence(
+        [
+            decoders.Replace(_METASPACE, " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+        ]
+    )
+    return tok
+
+
+def _with_byte_tokens(trained: Tokenizer) -> Tokenizer:
+    """Rebuild the trained BPE with the 256 byte tokens right after the special tokens."""
+    spec = json.loads(trained.to_str())
+    learned = sorted(spec["model"]["vocab"].items(), key=lambda kv: kv[1])
+    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS + BYTE_TOKENS)}
+    for token, _ in learned:
+        if token not in vocab:
+            vocab[token] = len(vocab)
+    spec["model"]["vocab"] = vocab
+    spec["added_tokens"] = []
+    tok = Tokenizer.from_str(json.dumps(spec))
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    return tok
+
+
+def add_ferret_tokens(tokenizer) -> int:
+    """Add ``<region_fea>`` (and ``<image>``) as special tokens to a transformers tokenizer.
+
+    Returns how many tokens were new (resize the model's embeddings by that much)."""
+    new = [t for t in (REGION_TOKEN, IMAGE_TOKEN) if t not in tokenizer.get_vocab()]
+    if not new:
+        return 0
+    return tokenizer.add_special_tokens({"additional_special_tokens": new}, replace_extra_special_tokens=False)
+
+
+def train_bpe_tokenizer(
+    texts: Iterable[str],
+    vocab_size: int = 2000,
+    save_dir: str | os.PathLike | None = None,
+) -> PreTrainedTokenizerFast:
+    """Train a LLaMA-like BPE tokenizer (see the module docstring) on ``texts`` plus the
+    ferret_v1 template texts. Deterministic for the same texts. ``vocab_size`` counts everything
+    (3 special + 256 byte + learned + 2 ferret tokens) and must be at least 300. With
+    ``save_dir`` the tokenizer is also saved there as a folder ``AutoTokenizer`` loads offline.
+    """
+    if isinstance(texts, str):
+        raise ValueError("texts must be an iterable of strings, not one string")
+    if vocab_size < 300:
+        raise ValueError(f"vocab_size must be at least 300 (259 fixed tokens), got {vocab_size}")
+    corpus = list(TEMPLATE_TEXTS)
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise ValueError(f"training text {i} is {type(t).__name__}, not str")
+        corpus.append(t)
+    # The ferret tokens are added whole afterwards; keep them out of the merges.
+    corpus = [t.replace(REGION_TOKEN, " ").replace(IMAGE_TOKEN, " ") for t in corpus]
+
+    base = _base_tokenizer()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - len(BYTE_TOKENS) - 2,
+        special_tokens=list(SPECIAL_TOKENS),
+        show_progress=False,
+    )
+    base.train_from_iterator(corpus, trainer=trainer)
+    tok = _with_byte_tokens(base)
+    tok.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t in (REGION_TOKEN, IMAGE_TOKEN)]
+    )
+    bos_id = tok.token_to_id(BOS)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        unk_token=UNK,
+        pad_token=UNK,
+        additional_special_tokens=[REGION_TOKEN, IMAGE_TOKEN],
+        padding_side="right",
+        clean_up_tokenization_spaces=False,
+        model_max_length=4096,
+    )
+    if save_dir is not None:
+        Path(save_dir).mkdir(parents=True, exist_ok=True)
+        fast.save_pretrained(str(save_dir))
+    return fast
