@@ -1,0 +1,61 @@
+"""Batching of GritDataset items."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from ferret.constants import IGNORE_INDEX
+
+
+@dataclass
+class FerretCollator:
+    """Right-pads token sequences, stacks images, keeps region masks as a list per sample.
+
+    Batch keys: input_ids (B, T) padded with `pad_token_id`, labels (B, T) padded with
+    IGNORE_INDEX, attention_mask (B, T) bool (true on real tokens, from the lengths, so a pad id
+    that is also a real token id is handled), pixel_values (B, 3, S, S) when every item has an
+    image, region_masks (list of lists of (W, H) bool), image_sizes (list of (W, H) or None),
+    tasks (list, only when items carry one).
+    """
+
+    pad_token_id: int
+    max_length: int | None = None
+
+    def __call__(self, items: Sequence[dict]) -> dict:
+        if not items:
+            raise ValueError("cannot collate an empty batch")
+        if self.pad_token_id is None:
+            raise ValueError("FerretCollator needs a pad_token_id (the tokenizer has no pad token)")
+        sequences = [item["input_ids"][: self.max_length] for item in items]
+        targets = [item["labels"][: self.max_length] for item in items]
+        for seq, tgt in zip(sequences, targets):
+            if seq.shape != tgt.shape:
+                raise ValueError(f"input_ids and labels differ in length: {tuple(seq.shape)} vs {tuple(tgt.shape)}")
+        longest = max(len(seq) for seq in sequences)
+        input_ids = torch.full((len(items), longest), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(items), longest), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(items), longest), dtype=torch.bool)
+        for row, (seq, tgt) in enumerate(zip(sequences, targets)):
+            input_ids[row, : len(seq)] = seq
+            labels[row, : len(tgt)] = tgt
+            attention_mask[row, : len(seq)] = True
+        batch = {
+            "input_ids": input_ids,
+            "labels": labels,
+            "attention_mask": attention_mask,
+            "region_masks": [list(item.get("region_masks", [])) for item in items],
+            "image_sizes": [item.get("image_size") for item in items],
+        }
+        images = [item.get("pixel_values") for item in items]
+        if all(image is not None for image in images):
+            if any(image.shape != images[0].shape for image in images):
+                raise ValueError(f"images differ in shape: {sorted({tuple(i.shape) for i in images})}")
+            batch["pixel_values"] = torch.stack(images)
+        elif any(image is not None for image in images):
+            raise ValueError("a batch mixes samples with and without images")
+        if any("task" in item for item in items):
+            batch["tasks"] = [item.get("task") for item in items]
+        return batch
