@@ -154,7 +154,8 @@ def point_features(
     """Bilinear features of each region's points -> [R, N, C] in the feature dtype.
 
     feature_maps [B, S*S, C] (row-major), points [R, N, 2] as (x/W, y/H), image_index [R] long
-    (which map each region reads). Sampling is bilinear with align_corners=True in fp32.
+    (which map each region reads). Sampling is bilinear with align_corners=True in fp32 (fp64
+    inputs stay fp64).
     layout "official" reproduces the released code, which hands grid_sample the normalised
     (y, x), i.e. reads the transposed location; "aligned" reads the true location.
     """
@@ -164,9 +165,12 @@ def point_features(
     if points.dim() != 3 or points.shape[-1] != 2:
         raise ValueError(f"points must be [R, N, 2], got shape {tuple(points.shape)}")
     _check_image_index(image_index, points.shape[0], feature_maps.shape[0])
-    maps = feature_maps[image_index].float()  # [R, S*S, C]
+    # fp32 at least (grid_sample has no bf16 path in the released setup; fp64 stays fp64).
+    compute_dtype = torch.promote_types(feature_maps.dtype, torch.float32)
+    maps = feature_maps[image_index].to(compute_dtype)  # [R, S*S, C]
     maps = maps.reshape(-1, side, side, feature_maps.shape[-1]).permute(0, 3, 1, 2)  # [R, C, S, S]
-    grid_xy = points.float().flip(-1) if layout == "official" else points.float()
+    grid_xy = points.to(compute_dtype)
+    grid_xy = grid_xy.flip(-1) if layout == "official" else grid_xy
     grid = (2.0 * grid_xy - 1.0).unsqueeze(2)  # [R, N, 1, 2]
     sampled = F.grid_sample(maps, grid, mode="bilinear", align_corners=True)  # [R, C, N, 1]
     return sampled.squeeze(-1).transpose(1, 2).to(feature_maps.dtype)
@@ -385,6 +389,7 @@ def mask_average_pool(
     counts = torch.tensor([c.shape[0] for c in chosen], device=feature_maps.device)
     padded = torch.nn.utils.rnn.pad_sequence(chosen, batch_first=True).to(feature_maps.device)  # [R, Pmax, 2]
     valid = torch.arange(padded.shape[1], device=feature_maps.device) < counts.unsqueeze(1)  # [R, Pmax]
-    sampled = point_features(feature_maps, padded, image_index, layout).float()  # [R, Pmax, C]
+    accumulate_dtype = torch.promote_types(feature_maps.dtype, torch.float32)
+    sampled = point_features(feature_maps, padded, image_index, layout).to(accumulate_dtype)  # [R, Pmax, C]
     summed = (sampled * valid.unsqueeze(-1)).sum(dim=1)
     return (summed / counts.unsqueeze(1)).to(feature_maps.dtype)
