@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from pycocotools import mask as coco_mask
 
-from ferret.constants import GRID_SIZE
+from ferret.regions import grid_to_box, parse_grounding
 
 IOU_THRESHOLD = 0.5
 
@@ -73,15 +73,9 @@ def merge_boxes(boxes: Iterable[BoxLike]) -> list[float]:
 
 
 def grid_box_to_pixel(grid_box: BoxLike, width: int, height: int) -> list[int]:
-    """A 0-999 grid box from the model's text -> pixel box on a `width` x `height` image.
-
-    Truncates `g * side / 1000`, the mapping the released scorers apply to answers.
-    """
-    x1, y1, x2, y2 = _four_numbers(grid_box)
-    if width <= 0 or height <= 0:
-        raise ValueError(f"image size must be positive, got {width}x{height}")
-    return [int(x1 * width / GRID_SIZE), int(y1 * height / GRID_SIZE),
-            int(x2 * width / GRID_SIZE), int(y2 * height / GRID_SIZE)]
+    """A 0-999 grid box from the model's text -> pixel box on a `width` x `height` image,
+    truncating `g * side / 1000` as the released scorers do."""
+    return list(grid_to_box(_four_numbers(grid_box), width, height, as_int=True))
 
 
 def hit_at_k(pred_boxes: Sequence[BoxLike], target_boxes: Sequence[BoxLike], k: int | None,
@@ -126,10 +120,6 @@ def mask_iou(mask1, mask2) -> float:
 
 # ----------------------------------------------------------------------------- answers
 
-_GRID_BOX = re.compile(r"\[\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*\]")
-_PHRASE_BREAK = re.compile(r"[.,;!?\]]")
-
-
 @dataclass(frozen=True)
 class DecodedBox:
     """One box the model wrote: the phrase it grounds, the grid box and the pixel box."""
@@ -140,25 +130,11 @@ class DecodedBox:
 
 
 def decode_grounded_boxes(text: str, width: int, height: int) -> list[DecodedBox]:
-    """Boxes in an answer, in order, each with the phrase written just before it.
-
-    The phrase of a box is the text between the previous delimiter (`.,;!?` or a closing
-    bracket) and the box, as the released scorers read "a man [..], a dog [..]". A box
-    that directly follows another box ("people [..] [..]") shares its phrase. Brackets that
-    are not four integers (points, malformed text) are ignored.
-    """
-    decoded: list[DecodedBox] = []
-    previous_end = 0
-    for match in _GRID_BOX.finditer(text):
-        before = text[previous_end:match.start()]
-        breaks = list(_PHRASE_BREAK.finditer(before))
-        phrase = (before[breaks[-1].end():] if breaks else before).strip()
-        if not phrase and decoded and not before.strip(" ,"):
-            phrase = decoded[-1].phrase
-        grid = tuple(int(v) for v in match.groups())
-        decoded.append(DecodedBox(phrase, grid, tuple(grid_box_to_pixel(grid, width, height))))
-        previous_end = match.end()
-    return decoded
+    """Boxes in an answer, in order, each with the phrase written just before it
+    (`ferret.regions.parse_grounding`: "a man [..], a dog [..] [..]" gives "a man", "a dog",
+    "a dog"); points are left out and pixel boxes are truncated like the released scorers."""
+    return [DecodedBox(g.phrase, tuple(g.grid), tuple(grid_to_box(g.grid, width, height, as_int=True)))
+            for g in parse_grounding(text, width, height) if g.box is not None]
 
 
 def normalize_phrase(phrase: str) -> str:

@@ -1,0 +1,145 @@
+"""Flickr30k Entities phrase grounding: recall@1/5/10 under the any-box and merged-box protocols.
+
+    python -m ferret.eval.flickr --model-path PATH --data final_flickr_separateGT_test.json \
+        --images flickr30k/test --out results/flickr
+
+Annotation file: the released MDETR-style json. Each entry of `images` is one caption
+(`caption`, `file_name`, `width`, `height`, `tokens_positive_eval`: one list of character
+spans per entity phrase); `annotations` hold its boxes (`image_id`, `bbox` in COCO xywh,
+`tokens_positive` spans telling which phrase a box belongs to).
+
+Protocol (released): ask "What are the locations of <objs>?" with the caption's phrases
+(lower case, commas removed) joined by ", "; the predicted boxes of a phrase are the boxes the
+answer writes after that same phrase (compared without case and punctuation), in order. A
+phrase is recalled at k when one of its first k predicted boxes has IoU >= 0.5 with one of the
+phrase's true boxes (any-box) or with the box enclosing them all (merged-box, the number the
+paper reports). A phrase the answer does not ground is a miss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from ferret.eval.common import (AnswerFn, EvalSample, EvalSetupError, LoadedSamples, add_common_args,
+                                read_json_file, run_task, summary_line)
+from ferret.eval.metrics import clip_box, decode_grounded_boxes, hit_at_k, merge_boxes, phrases_match, recall, xywh_to_xyxy
+
+QUESTION = "What are the locations of <objs>?"
+TOP_K = (1, 5, 10)
+
+
+def flickr_question(phrases: list[str]) -> str:
+    return QUESTION.replace("<objs>", ", ".join(phrases))
+
+
+def _spans_overlap(a: list[int], b: list[int]) -> bool:
+    return a[0] < b[1] and b[0] < a[1]
+
+
+def load_samples(data_paths: list[str], images_dir: str) -> LoadedSamples:
+    loaded = LoadedSamples(samples=[])
+    for path in data_paths:
+        if not Path(path).is_file():
+            loaded.bad_annotations.append(f"annotation file not found: {path}")
+            continue
+        data = read_json_file(path)
+        if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
+            raise EvalSetupError(f"{path} is not a Flickr30k Entities json (needs 'images' and 'annotations')")
+        anns_by_image: dict = {}
+        for ann in data["annotations"]:
+            anns_by_image.setdefault(ann.get("image_id"), []).append(ann)
+        for entry in data["images"]:
+            image_id = entry.get("id")
+            try:
+                sample = _caption_sample(entry, anns_by_image.get(image_id, []), images_dir)
+            except (KeyError, TypeError, ValueError, IndexError) as err:
+                loaded.bad_annotations.append(f"{path} image entry {image_id}: {err}")
+                continue
+            loaded.samples.append(sample)
+    if not loaded.samples:
+        raise EvalSetupError(f"no usable Flickr30k samples in {data_paths}: {loaded.bad_annotations[:3]}")
+    return loaded
+
+
+def _caption_sample(entry: dict, anns: list[dict], images_dir: str) -> EvalSample:
+    caption = str(entry["caption"])
+    width, height = int(entry["width"]), int(entry["height"])
+    phrases = []
+    for spans in entry["tokens_positive_eval"]:
+        start, end = spans[0]
+        text = caption[start:end]
+        boxes = [clip_box(xywh_to_xyxy(a["bbox"]), width, height) for a in anns
+                 if any(_spans_overlap(s, [start, end]) for s in a.get("tokens_positive", []))]
+        if not boxes:
+            raise ValueError(f"phrase {text!r} has no box")
+        phrases.append({"phrase": text.lower().replace(",", "").strip(), "boxes": boxes})
+    if not phrases:
+        raise ValueError("caption has no phrase to ground")
+    sample_id = (f"{entry['original_img_id']}_{entry['sentence_id']}"
+                 if "original_img_id" in entry and "sentence_id" in entry else str(entry["id"]))
+    return EvalSample(
+        sample_id=sample_id,
+        image=os.path.join(images_dir, str(entry["file_name"])),
+        question=flickr_question([p["phrase"] for p in phrases]),
+        meta={"caption": caption, "phrases": phrases, "width": width, "height": height},
+    )
+
+
+def predicted_boxes_by_phrase(sample: EvalSample, record: dict) -> list[list[list[int]]]:
+    """For each phrase of the caption, the answer's boxes written after that phrase, in order."""
+    decoded = decode_grounded_boxes(record["text"], sample.meta["width"], sample.meta["height"])
+    return [[list(d.box) for d in decoded if phrases_match(d.phrase, p["phrase"])]
+            for p in sample.meta["phrases"]]
+
+
+def score(answered: list[tuple[EvalSample, dict]]) -> dict:
+    hits = {(protocol, k): [] for protocol in ("any_box", "merged_box") for k in TOP_K}
+    unparsable, ungrounded = [], 0
+    for sample, record in answered:
+        preds = predicted_boxes_by_phrase(sample, record)
+        if not decode_grounded_boxes(record["text"], sample.meta["width"], sample.meta["height"]):
+            unparsable.append({"id": sample.sample_id, "text": record["text"]})
+        for phrase, pred in zip(sample.meta["phrases"], preds):
+            ungrounded += not pred
+            merged = [merge_boxes(phrase["boxes"])]
+            for k in TOP_K:
+                hits[("any_box", k)].append(hit_at_k(pred, phrase["boxes"], k))
+                hits[("merged_box", k)].append(hit_at_k(pred, merged, k))
+    return {
+        "metric": "phrase recall@k at IoU 0.5",
+        "recall": {protocol: {f"R@{k}": recall(hits[(protocol, k)]) for k in TOP_K}
+                   for protocol in ("any_box", "merged_box")},
+        "num_phrases": len(hits[("any_box", 1)]),
+        "num_ungrounded_phrases": ungrounded,
+        "num_unparsable": len(unparsable),
+        "unparsable": unparsable,
+    }
+
+
+def boxes_for_picture(sample: EvalSample, record: dict) -> tuple[list, list]:
+    decoded = decode_grounded_boxes(record["text"], sample.meta["width"], sample.meta["height"])
+    return [list(d.box) for d in decoded], [b for p in sample.meta["phrases"] for b in p["boxes"]]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_common_args(parser, data_help="Flickr30k Entities json (final_flickr_*GT_test.json)",
+                    images_help="folder of the Flickr30k images")
+    return parser
+
+
+def main(argv: list[str] | None = None, answer_fn: AnswerFn | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    loaded = load_samples(args.data, args.images)
+    metrics = run_task("flickr", loaded, score, args, answer_fn=answer_fn, boxes_fn=boxes_for_picture)
+    print(summary_line(metrics, ["num_answered", "num_phrases", "num_unparsable", "missing_images"]))
+    for protocol, values in metrics["recall"].items():
+        print(f"  {protocol}: " + " ".join(f"{k}={v:.4f}" for k, v in values.items()))
+    return metrics
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
