@@ -344,6 +344,7 @@ class GritDataset(Dataset):
         self.skipped: Counter = skipped if skipped is not None else Counter()
         self.max_fallbacks = max_fallbacks
         self.epoch = 0
+        self._blank: torch.Tensor | None = None
         self.region_token_id = tokenizer.convert_tokens_to_ids(REGION_TOKEN)
         if self.region_token_id is None or self.region_token_id == getattr(tokenizer, "unk_token_id", None):
             raise ValueError(f"the tokenizer has no {REGION_TOKEN} token")
@@ -378,6 +379,15 @@ class GritDataset(Dataset):
                 logger.warning("skipping sample %d (%s); %d skipped so far", current, err, sum(self.skipped.values()))
         raise SampleError("too_many_bad_samples", f"{self.max_fallbacks} consecutive samples from {index} failed")
 
+    def _blank_pixels(self) -> torch.Tensor:
+        if self._blank is None:
+            from PIL import Image
+
+            from ferret.processing import preprocess_images
+
+            self._blank = torch.zeros_like(preprocess_images([Image.new("RGB", (8, 8))], self.image_processor)[0])
+        return self._blank
+
     def build_item(self, index: int) -> dict:
         from ferret.conversation import tokenize_conversation
         from ferret.processing import ImageLoadError, load_image, preprocess_images
@@ -395,9 +405,9 @@ class GritDataset(Dataset):
                                   f"{sample['image']} is {size[0]}x{size[1]}, the sample says "
                                   f"{sample['image_w']}x{sample['image_h']}")
             pixel_values = preprocess_images([image], self.image_processor)[0]
-        else:
+        else:  # text-only sample in a multimodal batch: a blank image, as released
             size = None
-            pixel_values = None
+            pixel_values = self._blank_pixels()
         rendered = render_sample(sample, rng, self.config)
         input_ids, labels = tokenize_conversation(rendered.messages, self.tokenizer, max_length=self.config.max_length)
         input_ids = torch.as_tensor(input_ids, dtype=torch.long)
