@@ -35,6 +35,7 @@ __all__ = [
     "squared_distances",
     "gather_points",
     "sampler_stage",
+    "check_sampler_inputs",
     "geo_region_sampler",
     "mask_average_pool",
 ]
@@ -309,21 +310,18 @@ def sampler_stage(
     return anchor_xy, pooled
 
 
-def geo_region_sampler(
+def check_sampler_inputs(
     points: torch.Tensor,
     features: torch.Tensor,
     params: SamplerParams,
-    num_sub_point: Sequence[int] = (128, 32),
-    num_neighbor: Sequence[int] = (24, 24),
-    pool: str = "max",
-    fps_start: torch.Tensor | int | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Region embeddings [R, out_dim] from points [R, N, 2] and their features [R, N, D].
+    num_sub_point: tuple[int, ...],
+    num_neighbor: tuple[int, ...],
+) -> None:
+    """Raise ValueError naming the first inconsistency between points, features, weights and geometry.
 
-    `fps_start` ([R] long, an int, or None = random from `generator`) is used by every stage.
+    Shared by every backend of `geo_region_sampler`, so that all of them reject the same inputs
+    with the same messages.
     """
-    num_sub_point, num_neighbor = tuple(num_sub_point), tuple(num_neighbor)
     if points.dim() != 3 or points.shape[-1] != 2:
         raise ValueError(f"points must be [R, N, 2], got shape {tuple(points.shape)}")
     if features.shape[:2] != points.shape[:2]:
@@ -343,6 +341,23 @@ def geo_region_sampler(
             )
         available = sub
 
+
+def geo_region_sampler(
+    points: torch.Tensor,
+    features: torch.Tensor,
+    params: SamplerParams,
+    num_sub_point: Sequence[int] = (128, 32),
+    num_neighbor: Sequence[int] = (24, 24),
+    pool: str = "max",
+    fps_start: torch.Tensor | int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Region embeddings [R, out_dim] from points [R, N, 2] and their features [R, N, D].
+
+    `fps_start` ([R] long, an int, or None = random from `generator`) is used by every stage.
+    """
+    num_sub_point, num_neighbor = tuple(num_sub_point), tuple(num_neighbor)
+    check_sampler_inputs(points, features, params, num_sub_point, num_neighbor)
     xy, hidden = points, features
     for stage, stage_params in enumerate(params.stages):
         xy, hidden = sampler_stage(
