@@ -63,8 +63,8 @@ class FerretConfig(LlamaConfig):
     sampler_num_neighbor: list[int] | tuple[int, ...] = (24, 24)
 
     def __post_init__(self, **kwargs):
-        if isinstance(self.vision_config, PreTrainedConfig):
-            self.vision_config = self.vision_config.to_dict()
+        if self.vision_config is not None:
+            self.vision_config = _normalise_vision_config(self.vision_config)
         self.sampler_num_sub_point = list(self.sampler_num_sub_point)
         self.sampler_num_neighbor = list(self.sampler_num_neighbor)
         _check_choice("feature_layout", self.feature_layout, FEATURE_LAYOUTS)
@@ -94,7 +94,7 @@ class FerretConfig(LlamaConfig):
         Order: the embedded `vision_config`; a known hub name; a local folder's config.json.
         """
         if self.vision_config is not None:
-            return CLIPVisionConfig(**{k: v for k, v in self.vision_config.items() if k != "model_type"})
+            return CLIPVisionConfig(**self.vision_config)
         name = self.mm_vision_tower
         if name is None:
             raise FerretConfigError("this Ferret config has neither mm_vision_tower nor vision_config")
@@ -111,6 +111,21 @@ class FerretConfig(LlamaConfig):
             f"({', '.join(KNOWN_VISION_TOWERS)}) nor a local folder with a config.json; "
             "embed a `vision_config` in the Ferret config to build it offline"
         )
+
+
+def _normalise_vision_config(vision_config: dict | PreTrainedConfig) -> dict:
+    """A JSON-stable dict of the CLIPVisionConfig fields that differ from the defaults."""
+    if isinstance(vision_config, PreTrainedConfig):
+        vision_config = vision_config.to_dict()
+    fields = {k: v for k, v in vision_config.items() if k not in ("model_type", "transformers_version")}
+    try:
+        config = CLIPVisionConfig(**fields)
+    except Exception as error:  # strict-dataclass errors are not ValueErrors
+        raise FerretConfigError(f"vision_config is not a valid CLIPVisionConfig: {error}") from None
+    diff = config.to_diff_dict()
+    for key in ("model_type", "transformers_version"):
+        diff.pop(key, None)
+    return diff
 
 
 def _check_choice(field: str, value, choices: tuple[str, ...]) -> None:
