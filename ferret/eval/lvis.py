@@ -86,8 +86,9 @@ def _object_samples(record: dict, images_dir: str, region_formats, seed: int) ->
                 raise RegionError(f"sample_point [{x}, {y}] lies outside the {width}x{height} image")
             region = Point(x, y)
         elif region_format == "box":
+            # Fractional pixels keep the prompt's grid numbers at the released int(v * 1000).
             x1, y1, x2, y2 = (float(v) for v in record["bbox_norm"])
-            region = Box(int(x1 * width), int(y1 * height), int(x2 * width), int(y2 * height))
+            region = Box(x1 * width, y1 * height, x2 * width, y2 * height)
         else:
             raise EvalSetupError(f"unknown region format {region_format!r}; choose from {REGION_FORMATS}")
         samples.append(EvalSample(
