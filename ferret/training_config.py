@@ -1,0 +1,333 @@
+"""Typed training configuration: plain data (yaml or json) -> validated dataclasses.
+
+A config file has four sections, `model`, `data`, `lora` and `train`; command-line overrides
+use dotted keys (`train.learning_rate=1e-4`). Every problem (unknown key, wrong type, bad
+value, inconsistent combination) raises `TrainConfigError` whose message names the key in one
+line, so `train/ferret_train.py` can print it and exit instead of failing deep inside DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+__all__ = [
+    "TrainConfigError",
+    "ModelSection",
+    "DataSection",
+    "LoraSection",
+    "TrainSection",
+    "TrainConfig",
+    "load_train_config",
+    "apply_overrides",
+    "config_from_dict",
+    "config_to_dict",
+]
+
+
+class TrainConfigError(ValueError):
+    """A training config key is unknown, ill-typed or inconsistent; the message names the key."""
+
+
+@dataclass
+class ModelSection:
+    # Exactly one source: `pretrained` (a Ferret folder that load_pretrained reads) or `tiny`
+    # (a random tiny Ferret built from ferret.model.tiny, for tests and the synthetic world).
+    pretrained: str | None = None
+    tiny: bool = False
+    tokenizer: str | None = None  # tokenizer folder for the tiny model (default: trained in-process)
+    init_seed: int = 0  # weight init of the tiny model (same on every rank)
+    tiny_overrides: dict = field(default_factory=dict)  # extra FerretConfig fields for the tiny model
+    gradient_checkpointing: bool = False
+    freeze_vision_tower: bool = True  # the released recipe never trains CLIP
+
+
+@dataclass
+class DataSection:
+    data_path: list[str] = field(default_factory=list)  # GRIT json files
+    image_folder: list[str] = field(default_factory=list)  # one per data_path (empty: each json's folder)
+    data_multiple: list[float] | None = None  # per-file mixing multiplier (None: plain concat)
+    model_max_length: int = 2048
+    point_input_sample: str = "segment_mask|center"
+    num_workers: int = 0
+
+
+@dataclass
+class LoraSection:
+    enable: bool = False
+    r: int = 64
+    alpha: int = 16
+    dropout: float = 0.05
+
+
+@dataclass
+class TrainSection:
+    output_dir: str = "checkpoints/run"
+    deepspeed: str = "train/configs/ds_zero2.json"  # relative paths resolve against the repo root
+    num_train_epochs: float = 3.0
+    max_steps: int = -1  # > 0 overrides num_train_epochs
+    per_device_batch_size: int = 16
+    # Either a global batch (accumulation derived from the world size) or a fixed accumulation.
+    global_batch_size: int | None = None
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 2e-5
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    warmup_ratio: float = 0.03
+    warmup_steps: int = 0  # > 0 overrides warmup_ratio
+    lr_scheduler: Literal["cosine", "constant"] = "cosine"
+    max_grad_norm: float = 1.0
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    seed: int = 42
+    save_steps: int = 1500  # 0: only the final checkpoint
+    save_total_limit: int = 3  # checkpoints kept (0: keep all)
+    logging_steps: int = 1
+    tensorboard: bool = True
+    export_hf: bool = True  # write a Hugging Face folder (output_dir/hf) at the end
+    shuffle: bool = True
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    train: TrainSection = field(default_factory=TrainSection)
+
+    def validate(self) -> None:
+        m, d, lo, t = self.model, self.data, self.lora, self.train
+        if bool(m.pretrained) == bool(m.tiny):
+            raise TrainConfigError("model.pretrained / model.tiny: set exactly one model source")
+        if not d.data_path:
+            raise TrainConfigError("data.data_path: at least one GRIT json file is required")
+        if d.image_folder and len(d.image_folder) != len(d.data_path):
+            raise TrainConfigError(
+                f"data.image_folder: {len(d.image_folder)} folders for {len(d.data_path)} data_path files"
+            )
+        if d.data_multiple is not None:
+            if len(d.data_multiple) != len(d.data_path):
+                raise TrainConfigError(
+                    f"data.data_multiple: {len(d.data_multiple)} values for {len(d.data_path)} data_path files"
+                )
+            if any(v < 0 for v in d.data_multiple):
+                raise TrainConfigError("data.data_multiple: multipliers must be >= 0")
+        _positive("data.model_max_length", d.model_max_length)
+        _non_negative("data.num_workers", d.num_workers)
+        _positive("lora.r", lo.r)
+        _positive("lora.alpha", lo.alpha)
+        if not 0.0 <= lo.dropout < 1.0:
+            raise TrainConfigError(f"lora.dropout: {lo.dropout} is not in [0, 1)")
+        _positive("train.per_device_batch_size", t.per_device_batch_size)
+        _positive("train.gradient_accumulation_steps", t.gradient_accumulation_steps)
+        if t.global_batch_size is not None:
+            _positive("train.global_batch_size", t.global_batch_size)
+        if t.max_steps <= 0 and t.num_train_epochs <= 0:
+            raise TrainConfigError("train.num_train_epochs: must be > 0 (or set train.max_steps)")
+        _positive("train.learning_rate", t.learning_rate)
+        _non_negative("train.weight_decay", t.weight_decay)
+        if not 0.0 <= t.warmup_ratio < 1.0:
+            raise TrainConfigError(f"train.warmup_ratio: {t.warmup_ratio} is not in [0, 1)")
+        _non_negative("train.warmup_steps", t.warmup_steps)
+        _non_negative("train.max_grad_norm", t.max_grad_norm)
+        _non_negative("train.save_steps", t.save_steps)
+        _non_negative("train.save_total_limit", t.save_total_limit)
+        _positive("train.logging_steps", t.logging_steps)
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(t, name) < 1.0:
+                raise TrainConfigError(f"train.{name}: {getattr(t, name)} is not in [0, 1)")
+
+    def accumulation_steps(self, world_size: int) -> int:
+        """Micro-batches per optimizer step on each rank (from global_batch_size when it is set)."""
+        t = self.train
+        if t.global_batch_size is None:
+            return t.gradient_accumulation_steps
+        per_step = t.per_device_batch_size * world_size
+        if t.global_batch_size % per_step:
+            raise TrainConfigError(
+                f"train.global_batch_size: {t.global_batch_size} is not a multiple of "
+                f"per_device_batch_size {t.per_device_batch_size} x world size {world_size}"
+            )
+        return t.global_batch_size // per_step
+
+
+def _positive(key: str, value: float) -> None:
+    if value <= 0:
+        raise TrainConfigError(f"{key}: must be > 0, got {value}")
+
+
+def _non_negative(key: str, value: float) -> None:
+    if value < 0:
+        raise TrainConfigError(f"{key}: must be >= 0, got {value}")
+
+
+# --------------------------------------------------------------------------- typed conversion
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(key: str, value: Any, tp: Any, from_text: bool) -> Any:
+    """`value` converted to the annotated type `tp`, or TrainConfigError naming `key`.
+
+    Text from the command line is parsed by type; file values must already have the type,
+    except that numeric text is accepted for floats (yaml reads `2e-5` as a string).
+    """
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(tp)
+        if type(None) in options and (value is None or (from_text and str(value).lower() in ("none", "null"))):
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(key, value, option, from_text)
+            except TrainConfigError as exc:
+                errors.append(str(exc))
+        raise TrainConfigError(errors[0] if errors else f"{key}: got {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise TrainConfigError(f"{key}: {value!r} is not one of {list(choices)}")
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if from_text and isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                try:
+                    value = json.loads(text)
+                except json.JSONDecodeError as exc:
+                    raise TrainConfigError(f"{key}: {value!r} is not a json list ({exc.msg})") from None
+            else:
+                value = [v.strip() for v in text.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise TrainConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(f"{key}[{i}]", v, item_tp, from_text) for i, v in enumerate(value)]
+    if tp is dict:
+        if from_text and isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise TrainConfigError(f"{key}: {value!r} is not a json object ({exc.msg})") from None
+        if not isinstance(value, dict):
+            raise TrainConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if from_text and isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise TrainConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if from_text and isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise TrainConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise TrainConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if from_text:
+            return str(value)
+        raise TrainConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
+    raise TrainConfigError(f"{key}: unsupported field type {_type_name(tp)}")
+
+
+def _section_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+_SECTIONS = _section_types(TrainConfig)
+
+
+def config_from_dict(data: dict, *, validate: bool = True) -> TrainConfig:
+    """A TrainConfig from nested plain data ({'model': {...}, 'train': {...}}), type-checked."""
+    if not isinstance(data, dict):
+        raise TrainConfigError(f"config: expected a mapping of sections, got {type(data).__name__}")
+    sections = {}
+    for name, value in data.items():
+        if name not in _SECTIONS:
+            raise TrainConfigError(f"{name}: unknown config section (known: {', '.join(_SECTIONS)})")
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise TrainConfigError(f"{name}: expected a mapping of keys, got {type(value).__name__}")
+        cls = _SECTIONS[name]
+        types_ = _section_types(cls)
+        kwargs = {}
+        for key, item in value.items():
+            if key not in types_:
+                raise TrainConfigError(f"{name}.{key}: unknown config key (known in {name}: {', '.join(types_)})")
+            kwargs[key] = _coerce(f"{name}.{key}", item, types_[key], from_text=False)
+        sections[name] = cls(**kwargs)
+    config = TrainConfig(**sections)
+    if validate:
+        config.validate()
+    return config
+
+
+def config_to_dict(config: TrainConfig) -> dict:
+    return dataclasses.asdict(config)
+
+
+def apply_overrides(config: TrainConfig, overrides: list[str], *, validate: bool = True) -> TrainConfig:
+    """Apply `section.key=value` strings (values parsed by the key's type) to a copy of `config`."""
+    data = config_to_dict(config)
+    for text in overrides:
+        key, sep, raw = text.partition("=")
+        key = key.strip().lstrip("-")
+        if not sep or "." not in key:
+            raise TrainConfigError(f"{text}: an override must look like section.key=value")
+        section, name = key.split(".", 1)
+        if section not in _SECTIONS:
+            raise TrainConfigError(f"{key}: unknown config section (known: {', '.join(_SECTIONS)})")
+        types_ = _section_types(_SECTIONS[section])
+        if name not in types_:
+            raise TrainConfigError(f"{key}: unknown config key (known in {section}: {', '.join(types_)})")
+        data[section][name] = _coerce(key, raw, types_[name], from_text=True)
+    return config_from_dict(data, validate=validate)
+
+
+def load_train_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a yaml/json config file, apply overrides, validate. Relative data paths stay as written."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"training config not found: {path}")
+    text = path.read_text()
+    try:
+        if path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as exc:  # yaml.YAMLError / json.JSONDecodeError: report the file, one line
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise TrainConfigError(f"{path}: cannot parse config ({first})") from None
+    config = config_from_dict(data or {}, validate=False)
+    config = apply_overrides(config, overrides or [], validate=False)
+    config.validate()
+    return config

@@ -1,0 +1,159 @@
+"""Typed training config: file + overrides -> dataclasses; every bad key is named in one line."""
+
+from pathlib import Path
+
+import pytest
+
+from ferret.training_config import (
+    TrainConfig,
+    TrainConfigError,
+    apply_overrides,
+    config_from_dict,
+    load_train_config,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "train" / "configs"
+
+
+def minimal() -> dict:
+    return {"model": {"tiny": True}, "data": {"data_path": ["a.json"]}}
+
+
+def test_minimal_dict_gets_defaults():
+    cfg = config_from_dict(minimal())
+    assert cfg.model.tiny and cfg.model.pretrained is None
+    assert cfg.train.learning_rate == 2e-5 and cfg.train.lr_scheduler == "cosine"
+    assert cfg.lora.enable is False
+
+
+def test_unknown_key_is_named():
+    data = minimal()
+    data["train"] = {"lr": 1e-3}
+    with pytest.raises(TrainConfigError, match=r"^train\.lr: unknown config key") as err:
+        config_from_dict(data)
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_section_is_named():
+    data = minimal()
+    data["optim"] = {}
+    with pytest.raises(TrainConfigError, match=r"^optim: unknown config section"):
+        config_from_dict(data)
+
+
+@pytest.mark.parametrize(
+    "section,key,value,pattern",
+    [
+        ("train", "per_device_batch_size", "8", r"train\.per_device_batch_size: expected an integer"),
+        ("train", "per_device_batch_size", 2.5, r"train\.per_device_batch_size: expected an integer"),
+        ("train", "tensorboard", "yes", r"train\.tensorboard: expected true/false"),
+        ("train", "lr_scheduler", "linear", r"train\.lr_scheduler: 'linear' is not one of"),
+        ("data", "data_multiple", [1, "x"], r"data\.data_multiple\[1\]: expected a number"),
+        ("data", "data_path", "a.json", r"data\.data_path: expected a list"),
+        ("lora", "r", True, r"lora\.r: expected an integer"),
+    ],
+)
+def test_ill_typed_values_are_named(section, key, value, pattern):
+    data = minimal()
+    data.setdefault(section, {})[key] = value
+    with pytest.raises(TrainConfigError, match=pattern):
+        config_from_dict(data)
+
+
+def test_yaml_style_float_strings_are_numbers():
+    data = minimal()
+    data["train"] = {"learning_rate": "2e-5"}  # yaml 1.1 reads 2e-5 as a string
+    assert config_from_dict(data).train.learning_rate == pytest.approx(2e-5)
+
+
+@pytest.mark.parametrize(
+    "patch,pattern",
+    [
+        ({"model": {"tiny": True, "pretrained": "x"}}, r"model\.pretrained / model\.tiny"),
+        ({"model": {}}, r"model\.pretrained / model\.tiny"),
+        ({"data": {"data_path": []}}, r"data\.data_path"),
+        ({"data": {"data_path": ["a", "b"], "image_folder": ["x"]}}, r"data\.image_folder: 1 folders for 2"),
+        ({"data": {"data_path": ["a"], "data_multiple": [1.0, 2.0]}}, r"data\.data_multiple: 2 values for 1"),
+        ({"train": {"warmup_ratio": 1.5}}, r"train\.warmup_ratio"),
+        ({"train": {"learning_rate": 0}}, r"train\.learning_rate: must be > 0"),
+        ({"lora": {"dropout": 1.0}}, r"lora\.dropout"),
+    ],
+)
+def test_inconsistent_values_are_named(patch, pattern):
+    data = minimal()
+    for section, values in patch.items():
+        data[section] = values
+    with pytest.raises(TrainConfigError, match=pattern):
+        config_from_dict(data)
+
+
+def test_overrides_parse_by_type():
+    cfg = config_from_dict(minimal())
+    cfg = apply_overrides(cfg, [
+        "train.learning_rate=1e-4", "train.max_steps=7", "lora.enable=true",
+        "data.data_multiple=[3, 0.2]", "data.data_path=a.json,b.json", "train.global_batch_size=none",
+        "model.tiny_overrides={\"num_hidden_layers\": 1}",
+    ])
+    assert cfg.train.learning_rate == pytest.approx(1e-4)
+    assert cfg.train.max_steps == 7 and cfg.lora.enable is True
+    assert cfg.data.data_multiple == [3.0, 0.2] and cfg.data.data_path == ["a.json", "b.json"]
+    assert cfg.train.global_batch_size is None
+    assert cfg.model.tiny_overrides == {"num_hidden_layers": 1}
+
+
+@pytest.mark.parametrize(
+    "override,pattern",
+    [
+        ("train.lr=1", r"^train\.lr: unknown config key"),
+        ("trainer.seed=1", r"^trainer\.seed: unknown config section"),
+        ("train.max_steps=ten", r"^train\.max_steps: expected an integer"),
+        ("max_steps", r"must look like section\.key=value"),
+    ],
+)
+def test_bad_overrides_are_named(override, pattern):
+    with pytest.raises(TrainConfigError, match=pattern):
+        apply_overrides(config_from_dict(minimal()), [override])
+
+
+def test_global_batch_derives_accumulation():
+    cfg = config_from_dict({**minimal(), "train": {"per_device_batch_size": 16, "global_batch_size": 128}})
+    assert cfg.accumulation_steps(8) == 1
+    assert cfg.accumulation_steps(2) == 4
+    with pytest.raises(TrainConfigError, match=r"train\.global_batch_size: 128 is not a multiple"):
+        cfg.accumulation_steps(3)
+
+
+def test_missing_and_unparsable_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="training config not found"):
+        load_train_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(TrainConfigError, match="cannot parse config"):
+        load_train_config(bad)
+
+
+@pytest.mark.parametrize("name", ["small.yaml", "ferret_7b.yaml", "ferret_13b.yaml"])
+def test_shipped_configs_validate(name):
+    cfg = load_train_config(CONFIGS / name)
+    assert isinstance(cfg, TrainConfig)
+    assert (REPO / cfg.train.deepspeed).is_file()
+
+
+@pytest.mark.parametrize("name", ["ferret_7b.yaml", "ferret_13b.yaml"])
+def test_released_recipe(name):
+    """7B/13B: global batch 128, lr 2e-5, 3 epochs, 2048 tokens, warmup 0.03, cosine, no decay, the mix."""
+    cfg = load_train_config(CONFIGS / name)
+    t, d = cfg.train, cfg.data
+    assert t.global_batch_size == 128 and cfg.accumulation_steps(8) * t.per_device_batch_size * 8 == 128
+    assert (t.learning_rate, t.num_train_epochs, t.warmup_ratio, t.weight_decay) == (2e-5, 3.0, 0.03, 0.0)
+    assert t.lr_scheduler == "cosine" and d.model_max_length == 2048
+    assert cfg.model.gradient_checkpointing and cfg.model.freeze_vision_tower and not cfg.lora.enable
+    assert d.point_input_sample == "segment_mask|center"
+    mix = dict(zip((Path(p).name for p in d.data_path), d.data_multiple))
+    assert mix == {
+        "git_instruction.json": 3.0, "vg_objects.json": 1.0, "vg_relations.json": 0.2, "vg_regions.json": 0.2,
+        "grounded_llava_boxes_detail.json": 1.0, "grounded_llava_boxes_complex_reasoning.json": 1.0,
+        "grounded_llava_boxes_conversation.json": 1.0, "refexp_all.json": 1.0, "flickr.json": 1.0,
+        "objects365.json": 1.0,
+    }

@@ -1,0 +1,511 @@
+"""Train Ferret with DeepSpeed, nanoGPT style: one file, read it top to bottom.
+
+    torchrun --nproc_per_node=8 train/ferret_train.py --config train/configs/ferret_7b.yaml
+    torchrun --nproc_per_node=2 train/ferret_train.py --config train/configs/small.yaml \
+        train.max_steps=20 train.deepspeed=train/configs/ds_zero3.json
+    torchrun ... train/ferret_train.py --config CONFIG --resume        # continue from `latest`
+
+Multi-node: torchrun's own flags (--nnodes, --node_rank, --rdzv_endpoint ...); the output
+folder must be on a file system shared by all nodes. Backend: nccl + bf16 on GPU, gloo + fp32
+on CPU. The vision tower is frozen; projector, region sampler and LLM are trained (or LoRA on
+the LLM with projector and sampler fully trained). See ferret/training_config.py for every key.
+
+Test hooks (environment): FERRET_TRAIN_CRASH_AT_STEP=k makes rank 0 exit hard right after
+optimizer step k; FERRET_TRAIN_CRASH_IN_SAVE=k makes it exit while checkpoint k is staged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# The JIT-built DeepSpeed comm op is cached here instead of being rebuilt (~30 s) on every start.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "ferret" / "torch_extensions"))
+
+import warnings  # noqa: E402
+
+import torch  # noqa: E402
+
+# DeepSpeed's ZeRO code calls a collective that torch deprecates; one warning per step is noise.
+warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
+import torch.distributed as dist  # noqa: E402
+
+from ferret.checkpoint import (  # noqa: E402
+    CheckpointError,
+    TrainerState,
+    consolidated_state_dict,
+    export_hf_folder,
+    load_deepspeed_checkpoint,
+    merge_lora_state_dict,
+    prune_checkpoints,
+    read_latest,
+    save_deepspeed_checkpoint,
+)
+from ferret.training_config import TrainConfig, TrainConfigError, config_to_dict, load_train_config  # noqa: E402
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="yaml or json training config")
+    parser.add_argument(
+        "--resume", nargs="?", const="latest", default=None,
+        help="continue from the run's latest checkpoint (or from the checkpoint folder given)",
+    )
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.learning_rate=1e-4")
+    return parser.parse_args(argv)
+
+
+def resolve(path: str) -> str:
+    """Config paths are relative to the working directory, falling back to the repository root."""
+    p = Path(path)
+    if p.is_absolute() or p.exists():
+        return str(p)
+    return str(REPO_ROOT / p) if (REPO_ROOT / p).exists() else str(p)
+
+
+# --------------------------------------------------------------------------- model
+
+
+def build_model(cfg: TrainConfig):
+    """(model, tokenizer, image_processor): a pretrained Ferret folder or a random tiny Ferret."""
+    from ferret.model.builder import load_pretrained
+    from ferret.processing import build_image_processor
+
+    if cfg.model.pretrained:
+        tokenizer, model, image_processor, _ = load_pretrained(resolve(cfg.model.pretrained), device="cpu")
+    else:
+        from ferret.model.tiny import build_tiny_model
+
+        tokenizer = None
+        if cfg.model.tokenizer:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(resolve(cfg.model.tokenizer))
+        model, tokenizer = build_tiny_model(tokenizer, seed=cfg.model.init_seed, **cfg.model.tiny_overrides)
+        image_processor = build_image_processor(model.config.vision_tower_config().image_size)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.unk_token
+    model.config.use_cache = False
+    return model, tokenizer, image_processor
+
+
+def prepare_trainable(model, cfg: TrainConfig, rank: int):
+    """Freeze the vision tower, optionally wrap the LLM in LoRA, switch on gradient checkpointing."""
+    tower = model.get_vision_tower()
+    if tower is not None and cfg.model.freeze_vision_tower:
+        tower.requires_grad_(False)
+    if cfg.model.gradient_checkpointing:
+        # Non-reentrant checkpointing needs no input-grad hook, even with a frozen embedding (LoRA).
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.lora.enable:
+        from peft import LoraConfig, get_peft_model
+
+        # LoRA on every Linear of the LLaMA decoder layers; lm_head, embeddings, vision tower,
+        # projector and sampler get none.
+        targets = sorted(
+            name for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and name.startswith("model.layers.")
+        )
+        lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                          target_modules=targets, bias="none")
+        model = get_peft_model(model, lora)
+        # peft froze everything else; the projector and the region module train fully.
+        for name, param in model.named_parameters():
+            if ".mm_projector." in name or ".region_geo_sampler." in name or ".region_fea_adapter." in name:
+                param.requires_grad_(True)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    if rank == 0:
+        print(f"[ferret_train] trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
+    return model
+
+
+def optimizer_groups(model, weight_decay: float) -> list[dict]:
+    """AdamW groups: no weight decay on biases and norm weights (1-D tensors), as HF Trainer does."""
+    decay, no_decay = [], []
+    for _name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_multiplier(step: int, warmup: int, total: int, kind: str) -> float:
+    """Linear warmup from 0, then cosine to 0 (HF `get_cosine_schedule_with_warmup`, as released) or constant."""
+    if step < warmup:
+        return step / warmup
+    if kind == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+
+
+# --------------------------------------------------------------------------- data
+
+
+def build_dataset(cfg: TrainConfig, tokenizer, image_processor):
+    from ferret.data.grit import DataSource, GritDataConfig, GritDataset
+
+    multiples = cfg.data.data_multiple or [None] * len(cfg.data.data_path)
+    folders = [resolve(f) for f in cfg.data.image_folder] or [None] * len(cfg.data.data_path)
+    sources = [
+        DataSource(path=resolve(p), image_folder=f, multiple=m)
+        for p, f, m in zip(cfg.data.data_path, folders, multiples)
+    ]
+    data_config = GritDataConfig(
+        point_strategy=cfg.data.point_input_sample, max_length=cfg.data.model_max_length, seed=cfg.train.seed
+    )
+    return GritDataset.from_sources(sources, tokenizer, image_processor, data_config)
+
+
+class ResumableDistributedSampler(torch.utils.data.Sampler):
+    """This rank's share of a seeded per-epoch permutation, skipping the first `start` of them.
+
+    The order depends only on (seed, epoch, world size), so a resumed run sees exactly the
+    samples the interrupted one would have seen next.
+    """
+
+    def __init__(self, length: int, rank: int, world_size: int, seed: int, shuffle: bool = True):
+        self.length, self.rank, self.world_size = length, rank, world_size
+        self.seed, self.shuffle = seed, shuffle
+        self.epoch, self.start = 0, 0
+        self.per_rank = math.ceil(length / world_size)
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def indices(self) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(self.length, generator=g).tolist()
+        else:
+            order = list(range(self.length))
+        order += order[: self.per_rank * self.world_size - self.length]  # pad so ranks get equal shares
+        return order[self.rank :: self.world_size]
+
+    def __iter__(self):
+        return iter(self.indices()[self.start :])
+
+    def __len__(self) -> int:
+        return self.per_rank - self.start
+
+
+# --------------------------------------------------------------------------- DeepSpeed
+
+
+def deepspeed_config(cfg: TrainConfig, micro: int, accum: int, bf16: bool) -> dict:
+    path = resolve(cfg.train.deepspeed)
+    if not Path(path).is_file():
+        raise TrainConfigError(f"train.deepspeed: DeepSpeed config {path} not found")
+    with open(path) as handle:
+        ds = json.load(handle)
+    # The training config owns these; the json keeps only ZeRO/communication settings ("auto").
+    ds["train_micro_batch_size_per_gpu"] = micro
+    ds["gradient_accumulation_steps"] = accum
+    ds.pop("train_batch_size", None)
+    ds["gradient_clipping"] = cfg.train.max_grad_norm
+    ds["bf16"] = {"enabled": bf16}
+    ds["fp16"] = {"enabled": False}
+    ds.setdefault("steps_per_print", 10**9)
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
+
+
+def region_seed(seed: int, step: int, rank: int, micro_step: int) -> int:
+    return (((seed * 1_000_003 + step) * 10_007 + rank) * 101 + micro_step) % (2**63 - 1)
+
+
+def move_batch(batch: dict, device: torch.device, float_dtype: torch.dtype) -> dict:
+    """Model inputs on the device; pixel values in the compute dtype, masks stay bool."""
+    inputs = {
+        "input_ids": batch["input_ids"].to(device),
+        "attention_mask": batch["attention_mask"].long().to(device),
+        "labels": batch["labels"].to(device),
+        "region_masks": [[m.to(device) for m in masks] for masks in batch["region_masks"]],
+    }
+    if "pixel_values" in batch:
+        inputs["images"] = batch["pixel_values"].to(device=device, dtype=float_dtype)
+    return inputs
+
+
+def unused_modules_term(model, inputs: dict, generator: torch.Generator) -> torch.Tensor | float:
+    """A zero-valued loss term that runs the region module (and projector) when the batch skips them.
+
+    ZeRO-2/3 reduce gradients from per-parameter hooks: if one rank's micro-batch has no region
+    (or no image) those parameters get no gradient there and the ranks' reductions no longer
+    match. A dummy pass times 0 gives them an exact zero gradient instead.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    core = base.model
+    term = 0.0
+    region_module = getattr(core, "region_geo_sampler", None) or getattr(core, "region_fea_adapter", None)
+    has_regions = any(len(masks) for masks in inputs["region_masks"])
+    if region_module is not None and not has_regions:
+        tower = base.get_vision_tower()
+        weight = next(region_module.parameters())
+        grid = torch.zeros(1, tower.num_patches, base.config.mm_hidden_size, device=weight.device, dtype=weight.dtype)
+        mask = torch.ones(4, 4, dtype=torch.bool, device=weight.device)
+        embeddings = base.encode_regions(grid, [[mask]], generator)
+        term = term + 0.0 * embeddings[0].sum()
+    projector = getattr(core, "mm_projector", None)
+    if projector is not None and "images" not in inputs:
+        weight = projector.weight
+        term = term + 0.0 * projector(torch.zeros(1, weight.shape[1], device=weight.device, dtype=weight.dtype)).sum()
+    return term
+
+
+# --------------------------------------------------------------------------- logging
+
+
+class MetricsLog:
+    """Rank 0: one json line per logged step (metrics.jsonl) plus TensorBoard scalars."""
+
+    def __init__(self, out_dir: Path, resume_step: int, tensorboard: bool):
+        self.path = out_dir / "metrics.jsonl"
+        # A resumed run rewrites history from its checkpoint on: drop the records after it.
+        kept = []
+        if self.path.is_file():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= resume_step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=resume_step + 1)
+
+    def log(self, record: dict) -> None:
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.writer.add_scalar(f"train/{key}", value, record["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_train_config(args.config, args.overrides)
+    except (TrainConfigError, FileNotFoundError) as err:
+        print(f"ferret_train: config error: {err}", file=sys.stderr)
+        return 2
+
+    # ---- distributed setup: torchrun sets RANK/WORLD_SIZE/LOCAL_RANK (a plain `python` run is 1 process)
+    import deepspeed
+
+    on_gpu = torch.cuda.is_available()
+    for key, default in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
+                         ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29517")):
+        os.environ.setdefault(key, default)
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if on_gpu:
+        torch.cuda.set_device(local_rank)
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", local_rank) if on_gpu else torch.device("cpu")
+    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and on_gpu)
+    compute_dtype = torch.bfloat16 if bf16 else torch.float32
+    try:
+        accum = cfg.accumulation_steps(world)
+    except TrainConfigError as err:
+        print(f"ferret_train: config error: {err}", file=sys.stderr)
+        return 2
+    micro = cfg.train.per_device_batch_size
+    out_dir = Path(cfg.train.output_dir)
+    ckpt_root = out_dir / "checkpoints"
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
+    torch.manual_seed(cfg.train.seed + rank)
+
+    # ---- model, data
+    model, tokenizer, image_processor = build_model(cfg)
+    model = prepare_trainable(model, cfg, rank)
+    dataset = build_dataset(cfg, tokenizer, image_processor)
+    from ferret.data.collate import FerretCollator
+
+    sampler = ResumableDistributedSampler(len(dataset), rank, world, cfg.train.seed, cfg.train.shuffle)
+    steps_per_epoch = sampler.per_rank // (micro * accum)
+    if steps_per_epoch == 0:
+        raise TrainConfigError(
+            f"train.per_device_batch_size: {len(dataset)} samples over {world} ranks cannot fill one step "
+            f"of {micro} x {accum} micro-batches"
+        )
+    total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else math.floor(cfg.train.num_train_epochs * steps_per_epoch)
+    warmup = cfg.train.warmup_steps or math.ceil(cfg.train.warmup_ratio * total_steps)
+
+    # ---- optimizer, schedule, engine
+    optimizer = torch.optim.AdamW(
+        optimizer_groups(model, cfg.train.weight_decay), lr=cfg.train.learning_rate,
+        betas=(cfg.train.adam_beta1, cfg.train.adam_beta2), eps=cfg.train.adam_epsilon,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_multiplier(s, warmup, total_steps, cfg.train.lr_scheduler)
+    )
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler,
+        config=deepspeed_config(cfg, micro, accum, bf16),
+    )
+
+    # ---- resume
+    state = TrainerState(world_size=world, micro_batch_size=micro, accumulation_steps=accum)
+    if args.resume is not None:
+        folder = read_latest(ckpt_root) if args.resume == "latest" else Path(args.resume)
+        if folder is None:
+            if rank == 0:
+                print(f"[ferret_train] --resume: no checkpoint in {ckpt_root} yet, starting from step 0")
+        else:
+            state = load_deepspeed_checkpoint(engine, folder, rank, world)
+            if (state.micro_batch_size, state.accumulation_steps) != (micro, accum):
+                raise CheckpointError(
+                    f"{folder} used micro-batch {state.micro_batch_size} x accumulation {state.accumulation_steps}, "
+                    f"this run {micro} x {accum}: the data order would differ"
+                )
+            if rank == 0:
+                print(f"[ferret_train] resumed from {folder} at step {state.global_step} (epoch {state.epoch})")
+    metrics = MetricsLog(out_dir, state.global_step, cfg.train.tensorboard) if rank == 0 else None
+    crash_at = int(os.environ.get("FERRET_TRAIN_CRASH_AT_STEP", "0") or 0)
+
+    from tqdm.auto import tqdm
+
+    progress = tqdm(total=total_steps, initial=state.global_step, disable=rank != 0, desc="train",
+                    dynamic_ncols=True, file=sys.stdout)
+    if rank == 0:
+        print(f"[ferret_train] {world} ranks x micro-batch {micro} x accumulation {accum} = global batch "
+              f"{world * micro * accum}; {steps_per_epoch} steps/epoch, {total_steps} steps, warmup {warmup}, "
+              f"{'bf16' if bf16 else 'fp32'} on {device.type}, ZeRO-{engine.zero_optimization_stage()}")
+
+    # ---- the loop
+    engine.train()
+    run_start = time.perf_counter()
+    run_samples = run_tokens = 0
+    last_loss = float("nan")
+    last_saved = state.global_step if args.resume else -1
+    loader_kwargs = dict(batch_size=micro, sampler=sampler, drop_last=True, num_workers=cfg.data.num_workers,
+                         collate_fn=FerretCollator(tokenizer.pad_token_id, cfg.data.model_max_length))
+    while state.global_step < total_steps:
+        sampler.set_epoch(state.epoch, start=state.step_in_epoch * micro * accum)
+        dataset.set_epoch(state.epoch)
+        batches = iter(torch.utils.data.DataLoader(dataset, **loader_kwargs))
+        while state.global_step < total_steps:
+            step_start = time.perf_counter()
+            losses, samples, tokens = [], 0, 0
+            lr = scheduler.get_last_lr()[0]  # the rate this step applies
+            for micro_step in range(accum):
+                batch = next(batches)
+                # Region points come from a generator seeded by (seed, step, rank, micro-step): the
+                # same draw whether or not the run was interrupted.
+                generator = torch.Generator(device=device).manual_seed(
+                    region_seed(cfg.train.seed, state.global_step, rank, micro_step)
+                )
+                inputs = move_batch(batch, device, compute_dtype)
+                outputs = engine(**inputs, region_generator=generator)
+                engine.backward(outputs.loss + unused_modules_term(engine.module, inputs, generator))
+                engine.step()
+                losses.append(outputs.loss.detach().float())
+                samples += batch["input_ids"].shape[0]
+                tokens += int(batch["attention_mask"].sum())
+            # Loss averaged over micro-batches and ranks; samples and tokens summed over ranks.
+            stats = torch.stack([torch.stack(losses).mean(), torch.tensor(float(samples)), torch.tensor(float(tokens))])
+            stats = stats.to(device)
+            dist.all_reduce(stats)
+            loss, step_samples, step_tokens = stats[0].item() / world, int(stats[1].item()), int(stats[2].item())
+            state.global_step += 1
+            state.step_in_epoch += 1
+            state.samples_seen += step_samples
+            state.tokens_seen += step_tokens
+            run_samples += step_samples
+            run_tokens += step_tokens
+            last_loss = loss
+            elapsed = time.perf_counter() - step_start
+            grad_norm = engine.get_global_grad_norm()
+            grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+            if rank == 0 and (state.global_step % cfg.train.logging_steps == 0 or state.global_step == total_steps):
+                record = {
+                    "step": state.global_step,
+                    "epoch": state.epoch + state.step_in_epoch / steps_per_epoch,
+                    "loss": loss,
+                    "lr": lr,
+                    "grad_norm": grad_norm,
+                    "samples_per_s": step_samples / elapsed,
+                    "tokens_per_s": step_tokens / elapsed,
+                }
+                metrics.log(record)
+                progress.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}")
+                progress.write(
+                    f"step {state.global_step}/{total_steps} loss {loss:.4f} lr {record['lr']:.3e} "
+                    f"grad_norm {grad_norm:.3f} samples/s {record['samples_per_s']:.2f} "
+                    f"tokens/s {record['tokens_per_s']:.1f}"
+                )
+            progress.update(1)
+            epoch_done = state.step_in_epoch == steps_per_epoch
+            if epoch_done:  # a checkpoint taken now says "next epoch, from its start"
+                state.epoch += 1
+                state.step_in_epoch = 0
+            if cfg.train.save_steps and state.global_step % cfg.train.save_steps == 0:
+                save_deepspeed_checkpoint(engine, ckpt_root, state, rank)
+                last_saved = state.global_step
+                if rank == 0:
+                    prune_checkpoints(ckpt_root, cfg.train.save_total_limit)
+            if crash_at and state.global_step == crash_at and rank == 0:
+                sys.stdout.flush()
+                os._exit(13)  # test hook: a hard crash, no cleanup, no final save
+            if epoch_done:
+                break
+    progress.close()
+
+    # ---- final checkpoint, export, summary
+    if last_saved != state.global_step:
+        save_deepspeed_checkpoint(engine, ckpt_root, state, rank)
+        if rank == 0:
+            prune_checkpoints(ckpt_root, cfg.train.save_total_limit)
+    export_dir = None
+    if cfg.train.export_hf:
+        full_state = consolidated_state_dict(engine)  # collective under ZeRO-3
+        if rank == 0:
+            plain = engine.module
+            if cfg.lora.enable:
+                full_state = merge_lora_state_dict(full_state, scaling=cfg.lora.alpha / cfg.lora.r)
+                plain = engine.module.get_base_model()
+            export_dir = export_hf_folder(plain, full_state, out_dir / "hf", tokenizer, image_processor)
+        dist.barrier()
+    total_time = time.perf_counter() - run_start
+    if rank == 0:
+        summary = {
+            "steps": state.global_step,
+            "seconds": round(total_time, 2),
+            "samples_per_s": run_samples / total_time if total_time else 0.0,
+            "tokens_per_s": run_tokens / total_time if total_time else 0.0,
+            "final_loss": last_loss,
+            "checkpoint": str(read_latest(ckpt_root)),
+            "export": str(export_dir) if export_dir else None,
+        }
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        print(f"[ferret_train] done: {summary['steps']} steps in {summary['seconds']:.1f} s, "
+              f"{summary['samples_per_s']:.2f} samples/s, {summary['tokens_per_s']:.1f} tokens/s, "
+              f"final loss {last_loss:.4f}, checkpoint {summary['checkpoint']}, export {summary['export']}")
+        metrics.close()
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
