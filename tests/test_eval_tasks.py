@@ -234,3 +234,38 @@ def test_pope_metrics_and_missing_image(tmp_path):
     assert random_["accuracy"] == 0.5 and random_["yes_ratio"] == 0.5
     assert metrics["num_unparsable"] == 1 and metrics["unparsable"][0]["id"] == "random:3"
     assert metrics["missing_images"] == 1 and metrics["bad_annotations"] == 1
+
+
+def test_command_line_scores_existing_predictions(tmp_path):
+    """`python -m ferret.eval.pope --score-only` scores a predictions file without a model."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    out.mkdir()
+    records = [{"id": "random:1", "text": "Yes.", "width": 8, "height": 8},
+               {"id": "random:2", "text": "Yes.", "width": 8, "height": 8}]
+    (out / "predictions_0_of_1.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    result = subprocess.run([sys.executable, "-m", "ferret.eval.pope", "--score-only",
+                             "--data", str(DATA / "coco_pope_random.json"), "--images", str(tmp_path),
+                             "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    metrics = read_metrics(out)
+    assert metrics["num_answered"] == 2 and not metrics["complete"]
+    assert metrics["settings"]["random"]["accuracy"] == 0.5
+    assert "random: accuracy=0.5000" in result.stdout
+
+
+def test_flickr_recall_per_phrase_type_with_entities_folder(tmp_path):
+    images = tmp_path / "images"
+    make_image(images, "1000.jpg", 200, 150)
+    sentences = flickr.read_sentence_phrases(DATA / "flickr_entities" / "Sentences" / "1000.txt")
+    assert sentences[0][1] == {"phrase": "a red hat", "phrase_id": "2", "types": ["clothing"]}
+    assert sentences[1] == []
+    fake = FakeModel({}, default="a man [600, 600, 700, 700] [50, 67, 150, 600]")
+    metrics = flickr.main(["--data", str(DATA / "final_flickr_separateGT_test.json"), "--images", str(images),
+                           "--out", str(tmp_path / "out"), "--no-progress",
+                           "--entities", str(DATA / "flickr_entities")], answer_fn=fake)
+    by_type = metrics["recall_by_type"]["any_box"]
+    assert by_type["people"] == {"R@1": 0.0, "R@5": 1.0, "R@10": 1.0}
+    assert by_type["clothing"]["R@5"] == 0.0 and by_type["animals"]["R@10"] == 0.0

@@ -118,7 +118,7 @@ def append_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> None:
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:
-    tmp = Path(f"{path}.tmp")
+    tmp = Path(f"{path}.{os.getpid()}.tmp")  # several ranks may write the same file
     tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
     os.replace(tmp, path)
 

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
+from collections import defaultdict
 from pathlib import Path
 
 from ferret.eval.common import (AnswerFn, EvalSample, EvalSetupError, LoadedSamples, add_common_args,
@@ -29,6 +31,20 @@ from ferret.eval.metrics import clip_box, decode_grounded_boxes, hit_at_k, merge
 
 QUESTION = "What are the locations of <objs>?"
 TOP_K = (1, 5, 10)
+PROTOCOLS = ("any_box", "merged_box")
+# An annotated phrase in a Flickr30k Entities sentence file: "[/EN#18/people/other A man]".
+_ENTITY = re.compile(r"\[/EN#(\d+)((?:/[\w-]+)+) ([^\]]+)\]")
+
+
+def read_sentence_phrases(path: str | os.PathLike) -> list[list[dict]]:
+    """Per sentence of a Flickr30k Entities `Sentences/<image>.txt`: its phrases with their
+    text, id and coarse types (people, clothing, bodyparts, animals, vehicles, ...)."""
+    sentences = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            sentences.append([{"phrase": m.group(3), "phrase_id": m.group(1), "types": m.group(2).strip("/").split("/")}
+                              for m in _ENTITY.finditer(line)])
+    return sentences
 
 
 def flickr_question(phrases: list[str]) -> str:
@@ -39,7 +55,9 @@ def _spans_overlap(a: list[int], b: list[int]) -> bool:
     return a[0] < b[1] and b[0] < a[1]
 
 
-def load_samples(data_paths: list[str], images_dir: str) -> LoadedSamples:
+def load_samples(data_paths: list[str], images_dir: str, entities_dir: str | None = None) -> LoadedSamples:
+    """Samples of MDETR-style json files; with `entities_dir` (the Flickr30k Entities folder with
+    Sentences/) each phrase also gets its coarse types, for the per-type recall."""
     loaded = LoadedSamples(samples=[])
     for path in data_paths:
         if not Path(path).is_file():
@@ -55,7 +73,9 @@ def load_samples(data_paths: list[str], images_dir: str) -> LoadedSamples:
             image_id = entry.get("id")
             try:
                 sample = _caption_sample(entry, anns_by_image.get(image_id, []), images_dir)
-            except (KeyError, TypeError, ValueError, IndexError) as err:
+                if entities_dir is not None:
+                    _add_phrase_types(sample, entry, entities_dir)
+            except (KeyError, TypeError, ValueError, IndexError, OSError) as err:
                 loaded.bad_annotations.append(f"{path} image entry {image_id}: {err}")
                 continue
             loaded.samples.append(sample)
@@ -75,7 +95,7 @@ def _caption_sample(entry: dict, anns: list[dict], images_dir: str) -> EvalSampl
                  if any(_spans_overlap(s, [start, end]) for s in a.get("tokens_positive", []))]
         if not boxes:
             raise ValueError(f"phrase {text!r} has no box")
-        phrases.append({"phrase": text.lower().replace(",", "").strip(), "boxes": boxes})
+        phrases.append({"phrase": text.lower().replace(",", "").strip(), "text": text, "boxes": boxes})
     if not phrases:
         raise ValueError("caption has no phrase to ground")
     sample_id = (f"{entry['original_img_id']}_{entry['sentence_id']}"
@@ -88,6 +108,16 @@ def _caption_sample(entry: dict, anns: list[dict], images_dir: str) -> EvalSampl
     )
 
 
+def _add_phrase_types(sample: EvalSample, entry: dict, entities_dir: str) -> None:
+    sentences = read_sentence_phrases(Path(entities_dir) / "Sentences" / f"{entry['original_img_id']}.txt")
+    annotated = sentences[int(entry["sentence_id"])]
+    for phrase in sample.meta["phrases"]:
+        match = next((a for a in annotated if a["phrase"] == phrase["text"]), None)
+        if match is None:
+            raise ValueError(f"phrase {phrase['text']!r} is not in the Flickr30k Entities sentence")
+        phrase["types"] = match["types"]
+
+
 def predicted_boxes_by_phrase(sample: EvalSample, record: dict) -> list[list[list[int]]]:
     """For each phrase of the caption, the answer's boxes written after that phrase, in order."""
     decoded = decode_grounded_boxes(record["text"], sample.meta["width"], sample.meta["height"])
@@ -96,7 +126,8 @@ def predicted_boxes_by_phrase(sample: EvalSample, record: dict) -> list[list[lis
 
 
 def score(answered: list[tuple[EvalSample, dict]]) -> dict:
-    hits = {(protocol, k): [] for protocol in ("any_box", "merged_box") for k in TOP_K}
+    # hits[(protocol, k)][phrase type] -> hit per phrase; "all" holds every phrase
+    hits = {(protocol, k): defaultdict(list) for protocol in PROTOCOLS for k in TOP_K}
     unparsable, ungrounded = [], 0
     for sample, record in answered:
         preds = predicted_boxes_by_phrase(sample, record)
@@ -104,19 +135,25 @@ def score(answered: list[tuple[EvalSample, dict]]) -> dict:
             unparsable.append({"id": sample.sample_id, "text": record["text"]})
         for phrase, pred in zip(sample.meta["phrases"], preds):
             ungrounded += not pred
-            merged = [merge_boxes(phrase["boxes"])]
-            for k in TOP_K:
-                hits[("any_box", k)].append(hit_at_k(pred, phrase["boxes"], k))
-                hits[("merged_box", k)].append(hit_at_k(pred, merged, k))
-    return {
+            targets = {"any_box": phrase["boxes"], "merged_box": [merge_boxes(phrase["boxes"])]}
+            for protocol in PROTOCOLS:
+                for k in TOP_K:
+                    hit = hit_at_k(pred, targets[protocol], k)
+                    for group in ["all", *phrase.get("types", [])]:
+                        hits[(protocol, k)][group].append(hit)
+    metrics = {
         "metric": "phrase recall@k at IoU 0.5",
-        "recall": {protocol: {f"R@{k}": recall(hits[(protocol, k)]) for k in TOP_K}
-                   for protocol in ("any_box", "merged_box")},
-        "num_phrases": len(hits[("any_box", 1)]),
+        "recall": {protocol: {f"R@{k}": recall(hits[(protocol, k)]["all"]) for k in TOP_K} for protocol in PROTOCOLS},
+        "num_phrases": len(hits[("any_box", 1)]["all"]),
         "num_ungrounded_phrases": ungrounded,
         "num_unparsable": len(unparsable),
         "unparsable": unparsable,
     }
+    types = sorted(t for t in hits[("merged_box", 1)] if t != "all")
+    if types:
+        metrics["recall_by_type"] = {protocol: {t: {f"R@{k}": recall(hits[(protocol, k)][t]) for k in TOP_K}
+                                                for t in types} for protocol in PROTOCOLS}
+    return metrics
 
 
 def boxes_for_picture(sample: EvalSample, record: dict) -> tuple[list, list]:
@@ -128,12 +165,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_common_args(parser, data_help="Flickr30k Entities json (final_flickr_*GT_test.json)",
                     images_help="folder of the Flickr30k images")
+    parser.add_argument("--entities", default=None,
+                        help="Flickr30k Entities folder (Sentences/*.txt) for recall per phrase type")
     return parser
 
 
 def main(argv: list[str] | None = None, answer_fn: AnswerFn | None = None) -> dict:
     args = build_parser().parse_args(argv)
-    loaded = load_samples(args.data, args.images)
+    loaded = load_samples(args.data, args.images, args.entities)
     metrics = run_task("flickr", loaded, score, args, answer_fn=answer_fn, boxes_fn=boxes_for_picture)
     print(summary_line(metrics, ["num_answered", "num_phrases", "num_unparsable", "missing_images"]))
     for protocol, values in metrics["recall"].items():

@@ -79,6 +79,11 @@ def score(answered: list[tuple[EvalSample, dict]]) -> dict:
     }
 
 
+def no_boxes(sample: EvalSample, record: dict) -> tuple[list, list]:
+    """POPE pictures show the image with the answer as caption only."""
+    return [], []
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_common_args(parser, data_help="POPE jsonl files (coco_pope_<setting>.json)",
@@ -89,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None, answer_fn: AnswerFn | None = None) -> dict:
     args = build_parser().parse_args(argv)
     loaded = load_samples(args.data, args.images)
-    metrics = run_task("pope", loaded, score, args, answer_fn=answer_fn)
+    metrics = run_task("pope", loaded, score, args, answer_fn=answer_fn, boxes_fn=no_boxes)
     print(summary_line(metrics, ["num_answered", "num_unparsable", "missing_images"]))
     for setting, values in metrics["settings"].items():
         print(f"  {setting}: " + " ".join(f"{k}={values[k]:.4f}" for k in
