@@ -51,6 +51,22 @@ class LoadedSamples:
     bad_annotations: list[str] = field(default_factory=list)
 
 
+def existing_files(data_paths: Iterable[str], loaded: LoadedSamples) -> Iterable[str]:
+    """The annotation files that exist; each missing one is recorded in `loaded`, not fatal."""
+    for path in data_paths:
+        if Path(path).is_file():
+            yield path
+        else:
+            loaded.bad_annotations.append(f"annotation file not found: {path}")
+
+
+def require_samples(loaded: LoadedSamples, what: str, data_paths: Sequence[str]) -> LoadedSamples:
+    """`loaded` when it has samples; an EvalSetupError naming the first problems otherwise."""
+    if not loaded.samples:
+        raise EvalSetupError(f"no usable {what} in {list(data_paths)}: {loaded.bad_annotations[:3]}")
+    return loaded
+
+
 # An answer function takes a batch of (PIL image, question, regions) and returns one answer
 # text per item; `FerretChat.ask_batch` behind it in real runs, a fake in unit tests.
 AnswerFn = Callable[[Sequence[tuple[Any, str, tuple]]], list[str]]
@@ -143,6 +159,19 @@ def read_json_file(path: str | os.PathLike) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise EvalSetupError(f"malformed json in {path} at line {err.lineno}: {err.msg}") from err
+
+
+def read_coco_tables(path: str, what: str) -> tuple[list[dict], dict]:
+    """(`images`, annotations grouped by `image_id`) of an MDETR-style COCO json."""
+    data = read_json_file(path)
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list) \
+            or not isinstance(data.get("annotations"), list):
+        raise EvalSetupError(f"{path} is not a {what} json (needs 'images' and 'annotations' lists)")
+    by_image: dict = {}
+    for ann in data["annotations"]:
+        if isinstance(ann, dict):
+            by_image.setdefault(ann.get("image_id"), []).append(ann)
+    return data["images"], by_image
 
 
 # ----------------------------------------------------------------------------- generation
@@ -278,6 +307,13 @@ def safe_file_name(text: str) -> str:
 ScoreFn = Callable[[list[tuple[EvalSample, dict]]], dict]
 # (sample, prediction record) -> (predicted pixel boxes, true pixel boxes) for pictures.
 BoxesFn = Callable[[EvalSample, dict], tuple[list, list]]
+
+
+def task_parser(doc: str, data_help: str, images_help: str) -> argparse.ArgumentParser:
+    """Parser of a task command: its docstring's first line as description, the common options."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    add_common_args(parser, data_help, images_help)
+    return parser
 
 
 def add_common_args(parser: argparse.ArgumentParser, data_help: str, images_help: str) -> None:

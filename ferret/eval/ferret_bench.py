@@ -23,12 +23,12 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from ferret.eval.common import (AnswerFn, EvalSample, EvalSetupError, LoadedSamples, add_common_args,
-                                append_jsonl, read_json_file, read_jsonl, run_task, summary_line)
+from ferret.eval.common import (AnswerFn, EvalSample, EvalSetupError, LoadedSamples, task_parser,
+                                append_jsonl, read_json_file, read_jsonl, require_samples, run_task, summary_line)
 from ferret.eval.judge import (Judge, JudgeError, OfflineHeuristicJudge, ReviewRequest, build_review_prompt,
                                judge_from_env, normalized_boxes, parse_score_pair)
 from ferret.eval.metrics import decode_grounded_boxes
-from ferret.regions import Box, RegionError
+from ferret.regions import Box
 
 CATEGORY_FOLDERS = ("refer_caption", "refer_reason", "ground_conv")
 REVIEWS_FILE = "reviews.jsonl"
@@ -119,9 +119,7 @@ def load_samples(data_paths: list[str], images_dir: str) -> LoadedSamples:
                 meta={"category": category, "question_id": qid, "question_text": question["text"],
                       "context": contexts[qid], "reference": references[qid]},
             ))
-    if not loaded.samples:
-        raise EvalSetupError(f"no usable Ferret-Bench questions in {data_paths}: {loaded.bad_annotations[:3]}")
-    return loaded
+    return require_samples(loaded, "Ferret-Bench questions", data_paths)
 
 
 def postprocess_answer(answer: str, category: str) -> str:
@@ -219,9 +217,8 @@ def boxes_for_picture(sample: EvalSample, record: dict) -> tuple[list, list]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_common_args(parser, data_help="Ferret-Bench folder or category folders",
-                    images_help="folder of the COCO val2017 images")
+    parser = task_parser(__doc__, data_help="Ferret-Bench folder or category folders",
+                         images_help="folder of the COCO val2017 images")
     parser.add_argument("--rule", default=None, help="rule.json with the review prompts (default: found next to --data)")
     parser.add_argument("--offline-judge", action="store_true",
                         help="use the offline heuristic judge even when FERRET_JUDGE_URL is set")

@@ -25,8 +25,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from ferret.eval.common import (AnswerFn, EvalSample, EvalSetupError, LoadedSamples, add_common_args,
-                                read_json_file, run_task, summary_line)
+from ferret.eval.common import (AnswerFn, EvalSample, LoadedSamples, existing_files, read_coco_tables,
+                                require_samples, run_task, summary_line, task_parser)
 from ferret.eval.metrics import clip_box, decode_grounded_boxes, hit_at_k, merge_boxes, phrases_match, recall, xywh_to_xyxy
 
 QUESTION = "What are the locations of <objs>?"
@@ -59,18 +59,10 @@ def load_samples(data_paths: list[str], images_dir: str, entities_dir: str | Non
     """Samples of MDETR-style json files; with `entities_dir` (the Flickr30k Entities folder with
     Sentences/) each phrase also gets its coarse types, for the per-type recall."""
     loaded = LoadedSamples(samples=[])
-    for path in data_paths:
-        if not Path(path).is_file():
-            loaded.bad_annotations.append(f"annotation file not found: {path}")
-            continue
-        data = read_json_file(path)
-        if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
-            raise EvalSetupError(f"{path} is not a Flickr30k Entities json (needs 'images' and 'annotations')")
-        anns_by_image: dict = {}
-        for ann in data["annotations"]:
-            anns_by_image.setdefault(ann.get("image_id"), []).append(ann)
-        for entry in data["images"]:
-            image_id = entry.get("id")
+    for path in existing_files(data_paths, loaded):
+        images, anns_by_image = read_coco_tables(path, "Flickr30k Entities")
+        for entry in images:
+            image_id = entry.get("id") if isinstance(entry, dict) else None
             try:
                 sample = _caption_sample(entry, anns_by_image.get(image_id, []), images_dir)
                 if entities_dir is not None:
@@ -79,9 +71,7 @@ def load_samples(data_paths: list[str], images_dir: str, entities_dir: str | Non
                 loaded.bad_annotations.append(f"{path} image entry {image_id}: {err}")
                 continue
             loaded.samples.append(sample)
-    if not loaded.samples:
-        raise EvalSetupError(f"no usable Flickr30k samples in {data_paths}: {loaded.bad_annotations[:3]}")
-    return loaded
+    return require_samples(loaded, "Flickr30k samples", data_paths)
 
 
 def _caption_sample(entry: dict, anns: list[dict], images_dir: str) -> EvalSample:
@@ -162,9 +152,8 @@ def boxes_for_picture(sample: EvalSample, record: dict) -> tuple[list, list]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_common_args(parser, data_help="Flickr30k Entities json (final_flickr_*GT_test.json)",
-                    images_help="folder of the Flickr30k images")
+    parser = task_parser(__doc__, data_help="Flickr30k Entities json (final_flickr_*GT_test.json)",
+                         images_help="folder of the Flickr30k images")
     parser.add_argument("--entities", default=None,
                         help="Flickr30k Entities folder (Sentences/*.txt) for recall per phrase type")
     return parser

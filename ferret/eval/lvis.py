@@ -24,8 +24,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from ferret.eval.common import (AnswerFn, EvalSample, EvalSetupError, LoadedSamples, add_common_args,
-                                read_jsonl, run_task, summary_line)
+from ferret.eval.common import (AnswerFn, EvalSample, EvalSetupError, LoadedSamples, existing_files, read_jsonl,
+                                require_samples, run_task, summary_line, task_parser)
 from ferret.eval.metrics import lvis_answer_correct, lvis_answer_correct_strict
 from ferret.regions import Box, Point, RegionError
 
@@ -54,10 +54,7 @@ def readable(name: str) -> str:
 def load_samples(data_paths: list[str], images_dir: str, region_formats=REGION_FORMATS,
                  seed: int = 0) -> LoadedSamples:
     loaded = LoadedSamples(samples=[])
-    for path in data_paths:
-        if not Path(path).is_file():
-            loaded.bad_annotations.append(f"annotation file not found: {path}")
-            continue
+    for path in existing_files(data_paths, loaded):
         for line_number, record in enumerate(read_jsonl(path), 1):
             try:
                 samples = _object_samples(record, images_dir, region_formats, seed)
@@ -65,9 +62,7 @@ def load_samples(data_paths: list[str], images_dir: str, region_formats=REGION_F
                 loaded.bad_annotations.append(f"{path} line {line_number}: {err}")
                 continue
             loaded.samples += samples
-    if not loaded.samples:
-        raise EvalSetupError(f"no usable LVIS samples in {data_paths}: {loaded.bad_annotations[:3]}")
-    return loaded
+    return require_samples(loaded, "LVIS samples", data_paths)
 
 
 def _object_samples(record: dict, images_dir: str, region_formats, seed: int) -> list[EvalSample]:
@@ -130,8 +125,7 @@ def boxes_for_picture(sample: EvalSample, record: dict) -> tuple[list, list]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_common_args(parser, data_help="LVIS referring jsonl file(s)", images_help="folder of COCO val2017 images")
+    parser = task_parser(__doc__, data_help="LVIS referring jsonl file(s)", images_help="folder of COCO val2017 images")
     parser.add_argument("--region-formats", nargs="+", default=list(REGION_FORMATS), choices=REGION_FORMATS)
     parser.add_argument("--seed", type=int, default=0, help="seed of the class order in the questions")
     return parser

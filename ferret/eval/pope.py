@@ -19,8 +19,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from ferret.eval.common import (AnswerFn, EvalSample, EvalSetupError, LoadedSamples, add_common_args,
-                                read_jsonl, run_task, summary_line)
+from ferret.eval.common import (AnswerFn, EvalSample, LoadedSamples, existing_files, read_jsonl, require_samples,
+                                run_task, summary_line, task_parser)
 from ferret.eval.metrics import binary_classification_metrics, parse_yes_no
 
 SETTINGS = ("random", "popular", "adversarial")
@@ -36,10 +36,7 @@ def setting_name(data_path: str | os.PathLike) -> str:
 
 def load_samples(data_paths: list[str], images_dir: str) -> LoadedSamples:
     loaded = LoadedSamples(samples=[])
-    for path in data_paths:
-        if not Path(path).is_file():
-            loaded.bad_annotations.append(f"annotation file not found: {path}")
-            continue
+    for path in existing_files(data_paths, loaded):
         setting = setting_name(path)
         for line_number, record in enumerate(read_jsonl(path), 1):
             try:
@@ -56,9 +53,7 @@ def load_samples(data_paths: list[str], images_dir: str) -> LoadedSamples:
                 loaded.bad_annotations.append(f"{path} line {line_number}: {err}")
                 continue
             loaded.samples.append(sample)
-    if not loaded.samples:
-        raise EvalSetupError(f"no usable POPE questions in {data_paths}: {loaded.bad_annotations[:3]}")
-    return loaded
+    return require_samples(loaded, "POPE questions", data_paths)
 
 
 def score(answered: list[tuple[EvalSample, dict]]) -> dict:
@@ -85,10 +80,8 @@ def no_boxes(sample: EvalSample, record: dict) -> tuple[list, list]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_common_args(parser, data_help="POPE jsonl files (coco_pope_<setting>.json)",
-                    images_help="folder of the COCO val2014 images")
-    return parser
+    return task_parser(__doc__, data_help="POPE jsonl files (coco_pope_<setting>.json)",
+                       images_help="folder of the COCO val2014 images")
 
 
 def main(argv: list[str] | None = None, answer_fn: AnswerFn | None = None) -> dict:

@@ -21,8 +21,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from ferret.eval.common import (AnswerFn, EvalSample, EvalSetupError, LoadedSamples, add_common_args,
-                                read_json_file, run_task, summary_line)
+from ferret.eval.common import (AnswerFn, EvalSample, LoadedSamples, existing_files, read_coco_tables,
+                                require_samples, run_task, summary_line, task_parser)
 from ferret.eval.metrics import IOU_THRESHOLD, box_iou, clip_box, decode_grounded_boxes, xywh_to_xyxy
 
 QUESTION = "What is the location of <obj> in the image?"
@@ -44,24 +44,16 @@ def split_name(data_path: str | os.PathLike, dataset_name: str | None) -> str:
 
 def load_samples(data_paths: list[str], images_dir: str) -> LoadedSamples:
     loaded = LoadedSamples(samples=[])
-    for path in data_paths:
-        if not Path(path).is_file():
-            loaded.bad_annotations.append(f"annotation file not found: {path}")
-            continue
-        data = read_json_file(path)
-        if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
-            raise EvalSetupError(f"{path} is not a RefCOCO json (needs 'images' and 'annotations')")
-        boxes_by_image = defaultdict(list)
-        for ann in data["annotations"]:
-            boxes_by_image[ann.get("image_id")].append(ann.get("bbox"))
-        for entry in data["images"]:
-            image_id = entry.get("id")
+    for path in existing_files(data_paths, loaded):
+        images, anns_by_image = read_coco_tables(path, "RefCOCO")
+        for entry in images:
+            image_id = entry.get("id") if isinstance(entry, dict) else None
             try:
-                boxes = boxes_by_image.get(image_id, [])
-                if len(boxes) != 1:
-                    raise ValueError(f"expected one box, found {len(boxes)}")
+                anns = anns_by_image.get(image_id, [])
+                if len(anns) != 1:
+                    raise ValueError(f"expected one box, found {len(anns)}")
                 width, height = int(entry["width"]), int(entry["height"])
-                true_box = clip_box(xywh_to_xyxy(boxes[0]), width, height)
+                true_box = clip_box(xywh_to_xyxy(anns[0]["bbox"]), width, height)
                 expression = str(entry["caption"])
                 file_name = str(entry["file_name"])
             except (KeyError, TypeError, ValueError) as err:
@@ -75,9 +67,7 @@ def load_samples(data_paths: list[str], images_dir: str) -> LoadedSamples:
                 meta={"split": split, "expression": expression, "box": true_box,
                       "width": width, "height": height},
             ))
-    if not loaded.samples:
-        raise EvalSetupError(f"no usable RefCOCO samples in {data_paths}: {loaded.bad_annotations[:3]}")
-    return loaded
+    return require_samples(loaded, "RefCOCO samples", data_paths)
 
 
 def first_pred_box(sample: EvalSample, record: dict) -> list[int] | None:
@@ -117,10 +107,8 @@ def boxes_for_picture(sample: EvalSample, record: dict) -> tuple[list, list]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_common_args(parser, data_help="RefCOCO/+/g json files (one per split)",
-                    images_help="folder of the COCO train2014 images")
-    return parser
+    return task_parser(__doc__, data_help="RefCOCO/+/g json files (one per split)",
+                       images_help="folder of the COCO train2014 images")
 
 
 def main(argv: list[str] | None = None, answer_fn: AnswerFn | None = None) -> dict:
