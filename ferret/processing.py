@@ -71,7 +71,7 @@ def _to_rgb(image: Image.Image, name: str) -> Image.Image:
     mode = image.mode
     if mode == "RGB":
         return image
-    if mode == "P" and "transparency" in image.info or mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+    if (mode == "P" and "transparency" in image.info) or mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
@@ -94,7 +94,7 @@ def load_image(src: ImageSource) -> Image.Image:
     elif isinstance(src, (str, os.PathLike)):
         path = Path(src)
         if not path.is_file():
-            raise ImageNotFoundError(f"{name} does not exist")
+            raise ImageNotFoundError(f"{name} does not exist (or is not a file)")
         if path.stat().st_size == 0:
             raise ImageLoadError(f"{name} is empty (0 bytes)")
         image = None

@@ -311,7 +311,7 @@ _NUM = r"-?\d+(?:\.\d+)?"
 # One coordinate group: optional opening bracket(s), numbers separated by commas (or blanks),
 # optional closing bracket(s). A number must not continue a word ("x1", "v2.0").
 _GROUP_RE = re.compile(
-    rf"(?P<open>\[+\s*)?(?<![\w.])(?P<nums>{_NUM}(?:(?:\s*,\s*|[ \t]+){_NUM})*)(?![\d.]*\w)(?P<close>\s*\]+)?"
+    rf"(?P<open>\[\s*)?(?<![\w.])(?P<nums>{_NUM}(?:(?:\s*,\s*|[ \t]+){_NUM})*)(?![\d.]*\w)(?P<close>\s*\]+)?"
 )
 _NUM_RE = re.compile(_NUM)
 _SENTENCE_END_RE = re.compile(r"[.!?](?:\s+|$)|\n")

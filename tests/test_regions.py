@@ -331,3 +331,12 @@ def test_format_region_then_mask_consistent_with_grid():
     x1, y1, x2, y2 = grid_to_box(region_to_grid(box, 640, 480), 640, 480)
     mask = region_mask(box, 640, 480)
     assert mask[math.floor(x1), math.floor(y1)] and mask[math.floor(x2), math.floor(y2)]
+
+
+@pytest.mark.parametrize("text", ["[" * 5000, "1 " * 5000, "1, " * 5000, "[1 , " * 3000, " " * 5000 + "1"])
+def test_parse_is_linear_on_pathological_text(text):
+    import time
+
+    start = time.perf_counter()
+    assert parse_grounding(text, 100, 100) == []
+    assert time.perf_counter() - start < 1.0
