@@ -36,7 +36,7 @@ def load_scenes(data_dir: str | Path, max_scenes: int | None = None) -> list[dic
     scenes = read_json_file(path)
     if not isinstance(scenes, list):
         raise EvalSetupError(f"{path} must hold a list of scene records")
-    return scenes[:max_scenes] if max_scenes is not None else scenes
+    return scenes[:max_scenes] if max_scenes else scenes
 
 
 def unique_objects(scene: dict) -> list[dict]:
@@ -184,7 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", required=True, help="synthetic world folder (scenes_test.json, images/)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--model-path", default=None, help="model folder; default: the embedded model")
-    parser.add_argument("--max-scenes", type=int, default=None, help="only the first N test scenes")
+    parser.add_argument("--max-scenes", type=int, default=40,
+                        help="only the first N test scenes (default 40, ~20 questions each, to bound CPU time; "
+                             "0 for all)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=64)
