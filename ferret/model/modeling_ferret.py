@@ -29,8 +29,15 @@ from ferret.model.vision_tower import FerretVisionTower
 
 RegionMasks = Sequence[Sequence[torch.Tensor]]
 
-# Modules kept in full precision when the LLM is quantized (bitsandbytes skip list).
-FULL_PRECISION_MODULES = ["vision_tower", "mm_projector", "region_geo_sampler", "region_fea_adapter", "lm_head"]
+# Modules kept unquantized when the LLM is loaded in 8/4 bit (bitsandbytes skip list). transformers
+# matches these as name prefixes (or suffixes), so they are written from the model root.
+FULL_PRECISION_MODULES = [
+    "model.vision_tower",
+    "model.mm_projector",
+    "model.region_geo_sampler",
+    "model.region_fea_adapter",
+    "lm_head",
+]
 
 
 class RegionTokenMismatchError(ValueError):
