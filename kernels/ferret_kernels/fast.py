@@ -27,6 +27,11 @@ from . import reference
 from .params import SamplerParams, StageParams
 
 __all__ = [
+    "pack_masks",
+    "pick_mask_pixels",
+    "finish_points_torch",
+    "sample_mask_points",
+    "mask_average_pool",
     "fold_stage_weights",
     "point_projection",
     "anchor_projection",
@@ -75,33 +80,105 @@ def farthest_point_sample(
 
 
 def knn_indices(query: torch.Tensor, ref: torch.Tensor, k: int) -> torch.Tensor:
-    """Same contract as `reference.knn_indices` (direct squared distance, nearest first, ties ->
-    lower index), selecting with topk and then a stable sort of the k picked distances.
+    """The reference's kNN: already one batched matmul + topk. Re-implementing it would risk the
+    released neighbour set, which depends on the rounding of the |q|^2+|r|^2-2q.r expansion."""
+    return reference.knn_indices(query, ref, k)
 
-    topk alone may break exact distance ties arbitrarily; ties only arise between duplicated points
-    (masks with fewer pixels than points), so we detect that case per call and fall back to the
-    reference's stable full sort there.
+
+# --------------------------------------------------------------------------- masks -> points
+# Design notes in `mask_points` (the Triton version of the last step).
+
+
+def pack_masks(masks) -> tuple[torch.Tensor, torch.Tensor]:
+    """List of (W, H) masks or an [R, W, H] tensor -> (bool [R, Wmax, Hmax], long sizes [R, 2])."""
+    mask_list = reference._as_mask_list(masks)
+    if not mask_list:
+        raise ValueError("no masks given")
+    device = mask_list[0].device
+    if isinstance(masks, torch.Tensor):
+        packed = masks if masks.dtype == torch.bool else masks != 0
+        sizes = torch.tensor(masks.shape[1:], device=device).expand(masks.shape[0], 2)
+        return packed.contiguous(), sizes
+    width = max(m.shape[0] for m in mask_list)
+    height = max(m.shape[1] for m in mask_list)
+    packed = torch.zeros(len(mask_list), width, height, dtype=torch.bool, device=device)
+    for region, mask in enumerate(mask_list):
+        packed[region, : mask.shape[0], : mask.shape[1]] = mask
+    sizes = torch.tensor([tuple(m.shape) for m in mask_list], device=device)
+    return packed, sizes
+
+
+def pick_mask_pixels(
+    packed: torch.Tensor, num_points: int, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Steps 1-2 -> (picked flat pixel indices [R, min(N, W*H)], pixel counts [R], uniforms [R, N]).
+
+    A mask with P >= N pixels yields N distinct pixels in random order (descending key); one with
+    P < N yields its P pixels in raster (= nonzero()) order, then non-mask padding.
     """
-    if query.dim() != 3 or ref.dim() != 3 or query.shape[0] != ref.shape[0]:
-        raise ValueError(f"query [R, M, D] and ref [R, N, D] expected, got {tuple(query.shape)} and {tuple(ref.shape)}")
-    if not 1 <= k <= ref.shape[1]:
-        raise ValueError(f"k must be in [1, {ref.shape[1]}], got {k}")
-    q = query.detach().float()
-    r = ref.detach().float()
-    distance = (q[:, :, None, 0] - r[:, None, :, 0]).square_()
-    distance.add_((q[:, :, None, 1] - r[:, None, :, 1]).square_())
-    if k == ref.shape[1]:
-        return distance.sort(dim=-1, stable=True).indices
-    # k+1 smallest: if the k-th and (k+1)-th distance are equal the set itself is ambiguous.
-    values, index = distance.topk(k + 1, dim=-1, largest=False, sorted=True)
-    if q.device.type == "cpu" and bool((values[..., k - 1] == values[..., k]).any()):
-        return distance.sort(dim=-1, stable=True).indices[..., :k]
-    values, index = values[..., :k], index[..., :k]
-    # Order equal distances by index (stable sort over (distance, index) pairs).
-    order = index.sort(dim=-1).indices
-    values, index = values.gather(-1, order), index.gather(-1, order)
-    order = values.sort(dim=-1, stable=True).indices
-    return index.gather(-1, order)
+    num_regions = packed.shape[0]
+    flat = packed.view(num_regions, -1)
+    counts = flat.sum(dim=1)
+    if flat.device.type == "cpu":
+        empty = (counts == 0).nonzero()
+        if empty.numel():
+            raise ValueError(f"region {int(empty[0, 0])}: mask is empty (no pixel set)")
+    else:  # a host-side check would synchronise: assert on the device instead
+        torch._assert_async((counts > 0).all(), "sample_mask_points: a region mask is empty (no pixel set)")
+    draw_device = generator.device if generator is not None else flat.device
+    keys = torch.rand(flat.shape, generator=generator, device=draw_device).to(flat.device)
+    keys = torch.where(flat, keys, -1.0)
+    by_key = keys.topk(min(num_points, flat.shape[1]), dim=1, sorted=True).indices
+    # Raster order with the non-mask picks (key -1, only when P < N) last.
+    raster = torch.where(flat.gather(1, by_key), by_key, flat.shape[1] + by_key).sort(dim=1).values
+    picked = torch.where((counts >= num_points).unsqueeze(1), by_key, raster)
+    uniform = torch.rand(num_regions, num_points, generator=generator, device=draw_device).to(flat.device)
+    return picked, counts, uniform
+
+
+def finish_points_torch(picked, counts, uniform, sizes, padded_height: int) -> torch.Tensor:
+    """Step 3 in torch (the fast CPU backend): same arithmetic as the Triton kernel."""
+    num_points = uniform.shape[1]
+    slots = torch.arange(num_points, device=picked.device)
+    drawn = torch.minimum((uniform * counts[:, None].float()).long(), counts[:, None] - 1)
+    rank = torch.where(slots < counts[:, None], slots, drawn)
+    pixel = picked.gather(1, rank.clamp(max=picked.shape[1] - 1))
+    xy = torch.stack([pixel // padded_height, pixel % padded_height], dim=-1).float()
+    return xy / sizes[:, None, :].float()
+
+
+def sample_mask_points(masks, num_points: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Same contract as `reference.sample_mask_points` (same distribution; the draws differ) with no
+    host synchronisation on CUDA: random keys + top-k, then ranks for the with-replacement slots."""
+    if num_points < 1:
+        raise ValueError(f"num_points must be >= 1, got {num_points}")
+    packed, sizes = pack_masks(masks)
+    picked, counts, uniform = pick_mask_pixels(packed, num_points, generator)
+    return finish_points_torch(picked, counts, uniform, sizes, packed.shape[2])
+
+
+def mask_average_pool(
+    feature_maps: torch.Tensor,
+    masks,
+    image_index: torch.Tensor,
+    num_points: int | None = 512,
+    layout: str = "official",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Same contract as `reference.mask_average_pool`, with the pixel choice of `sample_mask_points`
+    (min(N, P) distinct pixels) and one batched bilinear sample."""
+    if num_points is not None and num_points < 1:
+        raise ValueError(f"num_points must be >= 1 or None, got {num_points}")
+    packed, sizes = pack_masks(masks)
+    packed, sizes = packed.to(feature_maps.device), sizes.to(feature_maps.device)
+    limit = packed.shape[1] * packed.shape[2] if num_points is None else num_points
+    picked, counts, uniform = pick_mask_pixels(packed, limit, generator)
+    take = counts.clamp(max=picked.shape[1])
+    points = finish_points_torch(picked, counts, uniform[:, : picked.shape[1]], sizes, packed.shape[2])
+    sampled = reference.point_features(feature_maps, points, image_index, layout)
+    valid = torch.arange(picked.shape[1], device=feature_maps.device) < take[:, None]
+    summed = (sampled.float() * valid.unsqueeze(-1)).sum(dim=1)
+    return (summed / take[:, None]).to(feature_maps.dtype)
 
 
 # --------------------------------------------------------------------------- folded projections
@@ -173,13 +250,15 @@ class _GroupPool(torch.autograd.Function):
         num_anchors, k = neighbour_index.shape[1:]
         offsets = torch.arange(num_regions, device=point_u.device).view(-1, 1, 1) * num_points
         rows = (neighbour_index + offsets).view(-1, k)
-        u_flat = point_u.reshape(-1, width).float()
-        v_flat = anchor_v.reshape(-1, width).float()
-        gamma, beta = ln_weight.float(), ln_bias.float()
+        # Statistics in fp32 at least (bf16/fp16 inputs); fp64 stays fp64.
+        dtype = torch.promote_types(point_u.dtype, torch.float32)
+        u_flat = point_u.reshape(-1, width).to(dtype)
+        v_flat = anchor_v.reshape(-1, width).to(dtype)
+        gamma, beta = ln_weight.to(dtype), ln_bias.to(dtype)
         total = rows.shape[0]
-        out = torch.empty(total, width, device=point_u.device, dtype=torch.float32)
-        mean = torch.empty(total, k, 1, device=point_u.device)
-        rstd = torch.empty(total, k, 1, device=point_u.device)
+        out = torch.empty(total, width, device=point_u.device, dtype=dtype)
+        mean = torch.empty(total, k, 1, device=point_u.device, dtype=dtype)
+        rstd = torch.empty(total, k, 1, device=point_u.device, dtype=dtype)
         step = _chunk_rows(k, width)
         for start in range(0, total, step):
             stop = min(total, start + step)
@@ -196,7 +275,7 @@ class _GroupPool(torch.autograd.Function):
         u_flat, v_flat, rows, gamma, beta, mean, rstd, out = ctx.saved_tensors
         pool, eps, u_shape, v_shape, u_dtype, v_dtype, w_dtype = ctx.meta
         width, k = u_flat.shape[1], rows.shape[1]
-        grad_out = grad_out.reshape(-1, width).float()
+        grad_out = grad_out.reshape(-1, width).to(u_flat.dtype)
         grad_u = torch.zeros_like(u_flat)
         grad_v = torch.empty_like(v_flat)
         grad_gamma = torch.zeros_like(gamma)

@@ -2,8 +2,10 @@
 
 Each op takes an optional `backend`; without it the env var FERRET_SAMPLER_BACKEND decides
 ("auto" by default). Backends: "reference" (plain PyTorch oracle), "fast" (vectorised PyTorch),
-"triton" (GPU kernels), "auto" (pick by device). Until the fast and Triton paths land, every
-backend routes to the reference.
+"triton" (GPU kernels), "auto" (pick by device: CUDA tensors -> Triton, anything else -> fast).
+"triton" on CPU tensors runs the kernels under Triton's interpreter (TRITON_INTERPRET=1 set before
+triton is imported); without it the kernels raise a ValueError saying so. The Triton modules are
+imported lazily, so the reference and fast paths work where triton is not installed.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
-from . import reference
+from . import fast, reference
 from .params import SamplerParams, StageParams
 
 __all__ = [
@@ -44,8 +46,38 @@ def resolve_backend(backend: str | None = None) -> str:
     return name
 
 
+def _route(backend: str | None, tensor: torch.Tensor | None) -> str:
+    """The concrete backend for one call: "reference", "fast" or "triton"."""
+    name = resolve_backend(backend)
+    if name != "auto":
+        return name
+    if tensor is not None and tensor.device.type == "cuda" and _triton_available():
+        return "triton"
+    return "fast"
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _first_mask(masks) -> torch.Tensor | None:
+    if isinstance(masks, torch.Tensor):
+        return masks
+    return next((m for m in masks if isinstance(m, torch.Tensor)), None)
+
+
 def sample_mask_points(masks, num_points: int, generator: torch.Generator | None = None, backend: str | None = None) -> torch.Tensor:
-    resolve_backend(backend)
+    route = _route(backend, _first_mask(masks))
+    if route == "triton":
+        from .mask_points import sample_mask_points as triton_sample
+
+        return triton_sample(masks, num_points, generator)
+    if route == "fast":
+        return fast.sample_mask_points(masks, num_points, generator)
     return reference.sample_mask_points(masks, num_points, generator)
 
 
@@ -61,7 +93,11 @@ def point_features(
     layout: str = "official",
     backend: str | None = None,
 ) -> torch.Tensor:
-    resolve_backend(backend)
+    if _route(backend, feature_maps) == "triton":
+        from .point_features_kernel import point_features as triton_point_features
+
+        return triton_point_features(feature_maps, points, image_index, layout)
+    # fast == reference here: one batched grid_sample is already the vectorised form.
     return reference.point_features(feature_maps, points, image_index, layout)
 
 
@@ -72,13 +108,22 @@ def farthest_point_sample(
     generator: torch.Generator | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
-    resolve_backend(backend)
+    route = _route(backend, xy)
+    if route == "triton":
+        from .fps import farthest_point_sample as triton_fps
+
+        return triton_fps(xy, num_samples, start_index, generator)
+    if route == "fast":
+        return fast.farthest_point_sample(xy, num_samples, start_index, generator)
     return reference.farthest_point_sample(xy, num_samples, start_index, generator)
 
 
 def knn_indices(query: torch.Tensor, ref: torch.Tensor, k: int, backend: str | None = None) -> torch.Tensor:
-    resolve_backend(backend)
-    return reference.knn_indices(query, ref, k)
+    if _route(backend, query) == "triton":
+        from .knn import knn_indices as triton_knn
+
+        return triton_knn(query, ref, k)
+    return fast.knn_indices(query, ref, k)
 
 
 def geo_region_sampler(
@@ -92,8 +137,15 @@ def geo_region_sampler(
     generator: torch.Generator | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
-    resolve_backend(backend)
-    return reference.geo_region_sampler(
+    route = _route(backend, features)
+    if route == "triton":
+        from . import triton_sampler
+
+        return triton_sampler.geo_region_sampler(
+            points, features, params, num_sub_point, num_neighbor, pool, fps_start, generator
+        )
+    implementation = fast if route == "fast" else reference
+    return implementation.geo_region_sampler(
         points, features, params, num_sub_point, num_neighbor, pool, fps_start, generator
     )
 
@@ -107,5 +159,10 @@ def mask_average_pool(
     generator: torch.Generator | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
-    resolve_backend(backend)
-    return reference.mask_average_pool(feature_maps, masks, image_index, num_points, layout, generator)
+    route = _route(backend, feature_maps)
+    if route == "triton":
+        from .mask_pool import mask_average_pool as triton_mask_pool
+
+        return triton_mask_pool(feature_maps, masks, image_index, num_points, layout, generator)
+    implementation = fast if route == "fast" else reference
+    return implementation.mask_average_pool(feature_maps, masks, image_index, num_points, layout, generator)

@@ -1,0 +1,63 @@
+"""The region sampler assembled from the Triton kernels.
+
+Per stage: FPS kernel -> anchor gather -> kNN kernel -> folded projections (plain matmuls: cuBLAS on
+GPU, see `fast`) -> fused group-pool kernel. No host synchronisation anywhere (shapes are static,
+random FPS starts come from a device generator), so the forward can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from . import fast, reference
+from .fps import farthest_point_sample
+from .group_pool import group_pool
+from .knn import knn_indices
+from .params import SamplerParams, StageParams
+
+__all__ = ["sampler_stage", "geo_region_sampler"]
+
+
+def sampler_stage(
+    xy: torch.Tensor,
+    features: torch.Tensor,
+    stage_params: StageParams,
+    num_sub_point: int,
+    num_neighbor: int,
+    pool: str = "max",
+    fps_start: torch.Tensor | int | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as `reference.sampler_stage`."""
+    anchor_index = farthest_point_sample(xy, num_sub_point, fps_start, generator)
+    anchor_xy = reference.gather_points(xy, anchor_index)
+    neighbour_index = knn_indices(anchor_xy, xy, num_neighbor)
+    folded, w_a, w_b, bias = fast.fold_stage_weights(stage_params, xy.shape[0] * xy.shape[1])
+    point_u = fast.point_projection(features, xy.to(features.dtype), stage_params, folded, w_a)
+    anchor_v = fast.anchor_projection(
+        reference.gather_points(features, anchor_index),
+        anchor_xy.to(features.dtype),
+        reference.gather_points(point_u, anchor_index),
+        w_b,
+        bias,
+    )
+    pooled = group_pool(point_u, anchor_v, neighbour_index, stage_params.ln_weight, stage_params.ln_bias, stage_params.ln_eps, pool)
+    return anchor_xy, pooled
+
+
+def geo_region_sampler(
+    points: torch.Tensor,
+    features: torch.Tensor,
+    params: SamplerParams,
+    num_sub_point: Sequence[int] = (128, 32),
+    num_neighbor: Sequence[int] = (24, 24),
+    pool: str = "max",
+    fps_start: torch.Tensor | int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Same contract as `reference.geo_region_sampler`."""
+    return fast.geo_region_sampler(
+        points, features, params, num_sub_point, num_neighbor, pool, fps_start, generator, stage_fn=sampler_stage
+    )
