@@ -84,6 +84,10 @@ def test_corrupt_image_and_wrong_size_are_skipped_at_run_time(world, tiny_tokeni
     item = ds[0]  # falls through both bad samples to the good one
     assert item["image_size"] == (samples[2]["image_w"], samples[2]["image_h"])
     assert ds.skipped["bad_image"] == 1 and ds.skipped["image_size_mismatch"] == 1
+    assert item["skipped"] == ["bad_image", "image_size_mismatch"]
+    assert "skipped 2 samples" in ds.skip_report()
+    batch = FerretCollator(tiny_tokenizer.pad_token_id)([item, ds[2]])
+    assert batch["skipped"] == {"bad_image": 1, "image_size_mismatch": 1}
     assert any("broken.png" in r.message for r in caplog.records)
     with pytest.raises(SampleError, match="consecutive"):
         GritDataset(bad[:2], tiny_tokenizer, processor, max_fallbacks=2)[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -18,7 +19,8 @@ class FerretCollator:
     IGNORE_INDEX, attention_mask (B, T) bool (true on real tokens, from the lengths, so a pad id
     that is also a real token id is handled), pixel_values (B, 3, S, S) when every item has an
     image, region_masks (list of lists of (W, H) bool), image_sizes (list of (W, H) or None),
-    tasks (list, only when items carry one).
+    skipped (Counter of bad samples the items passed over, by reason; sum it over batches: the
+    DataLoader workers' own counts never reach the main process), tasks (when items carry one).
     """
 
     pad_token_id: int
@@ -48,6 +50,7 @@ class FerretCollator:
             "attention_mask": attention_mask,
             "region_masks": [list(item.get("region_masks", [])) for item in items],
             "image_sizes": [item.get("image_size") for item in items],
+            "skipped": Counter(reason for item in items for reason in item.get("skipped", ())),
         }
         images = [item.get("pixel_values") for item in items]
         if all(image is not None for image in images):

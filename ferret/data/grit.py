@@ -329,7 +329,8 @@ class GritDataset(Dataset):
     """Lazy GRIT/LLaVA-format dataset.
 
     Items: input_ids, labels (LongTensor), pixel_values (3, S, S), region_masks (list of (W, H)
-    bool), image_size (W, H), plus `task` when the sample names one. Call `set_epoch(e)` before
+    bool), image_size (W, H), skipped (reasons of bad samples passed over to reach this item),
+    plus `task` when the sample names one. Call `set_epoch(e)` before
     each epoch (and before building DataLoader workers) to vary points/formats reproducibly.
     """
 
@@ -369,15 +370,32 @@ class GritDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         # A sample that only fails once opened (corrupt image, wrong size) is replaced by the
-        # next one, so a long run does not die on one bad file.
+        # next one, so a long run does not die on one bad file. The item lists what it skipped
+        # (`skipped`): DataLoader workers hold copies of the dataset, so their counts reach the
+        # training loop only through the batches (FerretCollator sums them).
+        reasons: list[str] = []
         for step in range(self.max_fallbacks):
             current = (index + step) % len(self.samples)
             try:
-                return self.build_item(current)
+                item = self.build_item(current)
             except SampleError as err:
                 self.skipped[err.reason] += 1
+                reasons.append(err.reason)
                 logger.warning("skipping sample %d (%s); %d skipped so far", current, err, sum(self.skipped.values()))
+                continue
+            item["skipped"] = reasons
+            return item
         raise SampleError("too_many_bad_samples", f"{self.max_fallbacks} consecutive samples from {index} failed")
+
+    def skip_report(self) -> str:
+        """One line with the skip counts by reason (load time + this process's run time); logged."""
+        total = sum(self.skipped.values())
+        line = f"skipped {total} samples" + (f": {dict(sorted(self.skipped.items()))}" if total else "")
+        if total:
+            logger.warning(line)
+        else:
+            logger.info(line)
+        return line
 
     def _blank_pixels(self) -> torch.Tensor:
         if self._blank is None:
