@@ -47,6 +47,8 @@ def decode_rle(rle: Mapping, expected_hw: tuple[int, int] | None = None) -> np.n
     if isinstance(counts, list):  # uncompressed RLE
         encoded = coco_mask.frPyObjects({"size": [height, width], "counts": counts}, height, width)
     elif isinstance(counts, str):
+        if not counts:  # pycocotools decodes "" to uninitialised pixels instead of failing
+            raise SampleError("bad_mask", "RLE counts string is empty")
         encoded = {"size": [height, width], "counts": counts.encode("ascii")}
     elif isinstance(counts, bytes):
         encoded = {"size": [height, width], "counts": counts}
