@@ -130,6 +130,8 @@ def validate_sample(sample: Any, check_image: bool = True) -> None:
         expected = "human" if t % 2 == 0 else "gpt"
         if turn.get("from") != expected:
             raise SampleError("bad_structure", f"turn {t} is from {turn.get('from')!r}, expected {expected!r}")
+    if "image" not in sample and any(IMAGE_TOKEN in turn["value"] for turn in conversations):
+        raise SampleError("bad_structure", f"the text holds {IMAGE_TOKEN} but the sample has no image")
     if "image" in sample:
         if not isinstance(sample["image"], str):
             raise SampleError("bad_structure", "'image' must be a file name")
@@ -244,7 +246,8 @@ def mix_sources(sources: Sequence[DataSource], seed: int = 0, check_images: bool
 
 def _open_first_turn_with_image(messages: list[tuple[str, str]]) -> list[tuple[str, str]]:
     """`<image>\\n` opens the first user turn, wherever the source put it (released behaviour)."""
-    cleaned = [(role, text.replace(IMAGE_TOKEN, "").strip()) for role, text in messages]
+    cleaned = [(role, text.replace(IMAGE_TOKEN, "").strip() if IMAGE_TOKEN in text else text)
+               for role, text in messages]
     role, text = cleaned[0]
     cleaned[0] = (role, f"{IMAGE_TOKEN}\n{text}")
     return cleaned
