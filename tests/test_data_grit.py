@@ -262,6 +262,7 @@ def test_bad_samples_are_skipped_and_counted(world, tmp_path, caplog):
         variant(box_x1y1x2y2=[[[9, 9, 3, 3]], []]),
         variant(conversations=[base["conversations"][1], base["conversations"][0]]),
         {k: v for k, v in base.items() if k != "image"},  # <image> in the text, no image
+        variant(conversations=[base["conversations"][0], {"from": "gpt", "value": " "}]),
     ]
     skipped = Counter()
     with caplog.at_level(logging.WARNING, logger="ferret.data.grit"):
@@ -269,9 +270,9 @@ def test_bad_samples_are_skipped_and_counted(world, tmp_path, caplog):
     assert len(kept) == 1 and kept[0]["id"] == base["id"]
     assert skipped == Counter({
         "missing_image": 1, "box_outside_image": 1, "mask_size_mismatch": 1, "placeholder_without_box": 1,
-        "box_without_placeholder": 1, "bad_box": 1, "bad_structure": 2,
+        "box_without_placeholder": 1, "bad_box": 1, "bad_structure": 3,
     })
-    assert sum("skipping sample" in r.message for r in caplog.records) == 8
+    assert sum("skipping sample" in r.message for r in caplog.records) == 9
     assert any("missing.png" in r.message for r in caplog.records)
 
 

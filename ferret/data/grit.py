@@ -127,6 +127,8 @@ def validate_sample(sample: Any, check_image: bool = True) -> None:
     for t, turn in enumerate(conversations):
         if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
             raise SampleError("bad_structure", f"turn {t} must be {{'from': ..., 'value': str}}")
+        if not turn["value"].strip():
+            raise SampleError("bad_structure", f"turn {t} has no text")
         expected = "human" if t % 2 == 0 else "gpt"
         if turn.get("from") != expected:
             raise SampleError("bad_structure", f"turn {t} is from {turn.get('from')!r}, expected {expected!r}")
