@@ -1,0 +1,121 @@
+"""The model behind a worker: a FerretChat plus what serving needs around it.
+
+``ChatEngine.stream(request)`` yields the answer text accumulated so far, piece by piece;
+``check(request)`` raises RequestError for a question/region mismatch before any work starts;
+``memory_bytes`` is the loaded model's footprint (what 4-bit / 8-bit loading saves).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from ferret.processing import build_question
+from ferret.regions import parse_grounding, region_mask
+from ferret.serve.protocol import GenerateRequest, RequestError, Turn, UnknownModelError
+
+__all__ = ["ChatEngine", "default_model_name", "format_bytes"]
+
+
+def default_model_name(model_path: str | os.PathLike | None) -> str:
+    """A model's public name: its folder name (``parent_checkpoint-N`` for trainer checkpoints)."""
+    if model_path is None:
+        return "ferret-default"
+    path = Path(model_path).expanduser().resolve()
+    if path.name.startswith("checkpoint-"):
+        return f"{path.parent.name}_{path.name}"
+    return path.name
+
+
+def format_bytes(n: int | None) -> str:
+    if n is None:
+        return "unknown"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+class ChatEngine:
+    """Adapts ``ferret.chat.FerretChat`` to the serving protocol."""
+
+    def __init__(self, chat, model_name: str, quantization: str | None = None):
+        self.chat = chat
+        self.model_name = model_name
+        self.quantization = quantization
+
+    @classmethod
+    def load(
+        cls,
+        model_path: str | os.PathLike | None = None,
+        load_4bit: bool = False,
+        load_8bit: bool = False,
+        device: str = "auto",
+        model_name: str | None = None,
+    ) -> "ChatEngine":
+        from ferret.chat import FerretChat
+
+        chat = FerretChat.from_pretrained(model_path, load_4bit=load_4bit, load_8bit=load_8bit, device=device)
+        quantization = "4bit" if load_4bit else "8bit" if load_8bit else None
+        return cls(chat, model_name or default_model_name(model_path), quantization)
+
+    @property
+    def model(self):
+        return self.chat.model
+
+    @property
+    def memory_bytes(self) -> int | None:
+        model = self.model
+        if hasattr(model, "get_memory_footprint"):
+            return int(model.get_memory_footprint())
+        return None
+
+    def check(self, request: GenerateRequest) -> None:
+        """Refuse requests whose question and regions do not fit together (before streaming)."""
+        if request.model is not None and request.model != self.model_name:
+            raise UnknownModelError(f"this worker serves {self.model_name!r}, not {request.model!r}")
+        self.history(request)
+        try:
+            build_question(request.question, request.regions, *request.image.size)
+        except ValueError as error:
+            raise RequestError(f"invalid question/regions: {error}") from None
+
+    @staticmethod
+    def history(request: GenerateRequest):
+        """The request's earlier turns as a ``ferret.chat.ChatHistory`` (None when there are none)."""
+        from ferret.chat import ChatHistory
+
+        if not request.history:
+            return None
+        width, height = request.image.size
+        turns, masks = [], []
+        for i, turn in enumerate(request.history):
+            try:
+                turns.append((build_question(turn.question, turn.regions, width, height), turn.answer))
+                masks += [region_mask(region, width, height) for region in turn.regions]
+            except ValueError as error:
+                raise RequestError(f"history[{i}]: invalid question/regions: {error}") from None
+        return ChatHistory(turns=tuple(turns), region_masks=tuple(masks), image_size=(width, height))
+
+    def stream(self, request: GenerateRequest) -> Iterator[str]:
+        """Yield the answer accumulated so far after each decoded piece."""
+        text = ""
+        for piece in self.chat.stream(
+            request.image,
+            request.question,
+            regions=request.regions,
+            history=self.history(request),
+            temperature=request.temperature,
+            top_p=request.top_p,
+            max_new_tokens=request.max_new_tokens,
+        ):
+            if piece:  # the decoder may emit empty pieces while a multi-byte character is incomplete
+                text += piece
+                yield text
+
+    @staticmethod
+    def grounding(text: str, request: GenerateRequest):
+        width, height = request.image.size
+        return parse_grounding(text, width, height)

@@ -1,0 +1,298 @@
+"""A model worker: loads one Ferret model, registers with the controller, streams answers.
+
+    python -m ferret.serve.model_worker --controller http://127.0.0.1:21001 --port 21002 \
+        --worker http://127.0.0.1:21002 --model-path PATH [--load-4bit | --load-8bit] --add_region_feature
+
+Endpoints: ``POST /worker_generate_stream`` (protocol in ``ferret.serve.protocol``),
+``POST /worker_get_status``, and the OpenAI-compatible ``POST /v1/chat/completions`` and
+``GET /v1/models`` (``ferret.serve.openai_api``). The worker heartbeats its queue length (requests
+accepted and not yet finished) to the controller and re-registers if the controller forgot it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
+
+from ferret.serve.auth import auth_headers, install_api_key_check, resolve_api_key
+from ferret.serve.engine import ChatEngine, format_bytes
+from ferret.serve.protocol import (
+    GenerateRequest,
+    RequestError,
+    ServeLimits,
+    chunk,
+    grounded_to_json,
+    parse_generate_request,
+    parse_json_body,
+)
+
+logger = logging.getLogger("ferret.serve.model_worker")
+
+DEFAULT_HEARTBEAT_INTERVAL = 15.0
+
+
+class ModelWorker:
+    """Runs generation for one engine with bounded concurrency and keeps the controller informed."""
+
+    def __init__(
+        self,
+        engine: ChatEngine,
+        worker_address: str,
+        controller_address: str | None = None,
+        api_key: str | None = None,
+        limit_model_concurrency: int = 1,
+        heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
+        limits: ServeLimits = ServeLimits(),
+        allowed_image_dir: str | Path | None = None,
+    ):
+        if limit_model_concurrency < 1:
+            raise ValueError(f"limit_model_concurrency must be >= 1, got {limit_model_concurrency}")
+        self.engine = engine
+        self.worker_address = worker_address.rstrip("/")
+        self.controller_address = controller_address.rstrip("/") if controller_address else None
+        self.api_key = api_key
+        self.limit_model_concurrency = limit_model_concurrency
+        self.heartbeat_interval = heartbeat_interval
+        self.limits = limits
+        self.allowed_image_dir = Path(allowed_image_dir).resolve() if allowed_image_dir else None
+        self._queue_length = 0
+        self._count_lock = threading.Lock()
+        self._semaphore: asyncio.Semaphore | None = None
+        self._stop = threading.Event()
+        self._heartbeat_thread: threading.Thread | None = None
+
+    # -- controller link --------------------------------------------------------------------
+
+    @property
+    def model_names(self) -> list[str]:
+        return [self.engine.model_name]
+
+    @property
+    def queue_length(self) -> int:
+        return self._queue_length
+
+    def status(self) -> dict:
+        return {
+            "model_names": self.model_names,
+            "speed": 1,
+            "queue_length": self.queue_length,
+            "memory_bytes": self.engine.memory_bytes,
+            "quantization": self.engine.quantization,
+        }
+
+    def register(self) -> None:
+        if not self.controller_address:
+            return
+        response = httpx.post(
+            self.controller_address + "/register_worker",
+            json={"worker_name": self.worker_address, "check_heart_beat": True, "worker_status": self.status()},
+            headers=auth_headers(self.api_key),
+            timeout=10,
+        )
+        response.raise_for_status()
+        logger.info("registered with controller %s as %s", self.controller_address, self.worker_address)
+
+    def send_heartbeat(self) -> None:
+        if not self.controller_address:
+            return
+        try:
+            response = httpx.post(
+                self.controller_address + "/receive_heart_beat",
+                json={"worker_name": self.worker_address, "queue_length": self.queue_length},
+                headers=auth_headers(self.api_key),
+                timeout=5,
+            )
+            response.raise_for_status()
+            if not response.json().get("exist", False):
+                self.register()
+        except (httpx.HTTPError, ValueError) as error:
+            logger.warning("heartbeat to %s failed: %s", self.controller_address, error)
+
+    def start(self) -> None:
+        """Register and start heartbeating (in a daemon thread)."""
+        if not self.controller_address or self._heartbeat_thread is not None:
+            return
+        try:
+            self.register()
+        except httpx.HTTPError as error:
+            logger.warning("cannot register with controller %s yet: %s (will retry)", self.controller_address, error)
+
+        def loop():
+            while not self._stop.wait(self.heartbeat_interval):
+                self.send_heartbeat()
+
+        self._heartbeat_thread = threading.Thread(target=loop, name="worker-heartbeat", daemon=True)
+        self._heartbeat_thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # -- generation -------------------------------------------------------------------------
+
+    def _count(self, delta: int) -> None:
+        with self._count_lock:
+            self._queue_length += delta
+
+    def prepare(self, data: dict) -> GenerateRequest:
+        """JSON object -> checked request (RequestError on anything wrong)."""
+        request = parse_generate_request(data, self.limits)
+        self.engine.check(request)
+        return request
+
+    async def stream_text(self, request: GenerateRequest) -> AsyncIterator[str]:
+        """The answer so far after each piece; at most `limit_model_concurrency` run at once."""
+        if self._semaphore is None:
+            self._semaphore = asyncio.Semaphore(self.limit_model_concurrency)
+        self._count(+1)
+        try:
+            async with self._semaphore:
+                async for text in iterate_in_threadpool(self.engine.stream(request)):
+                    yield text
+        finally:
+            self._count(-1)
+
+    async def open_stream(self, request: GenerateRequest) -> AsyncIterator[str]:
+        """``stream_text`` with its first piece already produced, so that a request the model
+        refuses (a ValueError before any token: context too long, bad region) becomes a
+        RequestError here, before the HTTP status is sent."""
+        texts = self.stream_text(request)
+        try:
+            first = await texts.__anext__()
+        except StopAsyncIteration:
+            first = None
+        except ValueError as error:
+            await texts.aclose()
+            raise RequestError(str(error)) from None
+
+        async def resumed():
+            try:
+                if first is not None:
+                    yield first
+                async for text in texts:
+                    yield text
+            finally:
+                await texts.aclose()
+
+        return resumed()
+
+    async def stream_chunks(self, request: GenerateRequest, texts: AsyncIterator[str]) -> AsyncIterator[bytes]:
+        text = ""
+        try:
+            async for text in texts:
+                yield chunk(text)
+        except Exception as error:  # reported in-band: the HTTP status is already sent
+            logger.exception("generation failed")
+            yield chunk(text, error_code=1, error=f"generation failed: {type(error).__name__}: {error}")
+            return
+        regions = grounded_to_json(self.engine.grounding(text, request))
+        yield chunk(text, done=True, regions=regions)
+
+
+def error_response(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status)
+
+
+def build_app(worker: ModelWorker) -> FastAPI:
+    from ferret.serve.openai_api import build_openai_router
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        await run_in_threadpool(worker.start)
+        yield
+        worker.stop()
+
+    app = FastAPI(title="Ferret model worker", lifespan=lifespan)
+    install_api_key_check(app, worker.api_key, open_paths=frozenset({"/health"}))
+
+    @app.exception_handler(RequestError)
+    async def _request_error(_request, error: RequestError):
+        return error_response(error.status, str(error))
+
+    @app.get("/health")
+    async def health():
+        return {"ok": True}
+
+    @app.post("/worker_get_status")
+    async def worker_get_status():
+        return worker.status()
+
+    @app.post("/worker_generate_stream")
+    async def worker_generate_stream(request: Request):
+        data = parse_json_body(await request.body(), worker.limits)
+        prepared = await run_in_threadpool(worker.prepare, data)
+        texts = await worker.open_stream(prepared)
+        return StreamingResponse(worker.stream_chunks(prepared, texts), media_type="application/x-ndjson")
+
+    app.include_router(build_openai_router(worker))
+    return app
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m ferret.serve.model_worker", description=__doc__.split("\n")[0])
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    parser.add_argument("--port", type=int, default=21002)
+    parser.add_argument("--worker-address", "--worker", dest="worker_address", default=None,
+                        help="URL the controller reaches this worker at (default http://HOST:PORT)")
+    parser.add_argument("--controller-address", "--controller", dest="controller_address", default=None,
+                        help="controller URL; without it the worker runs standalone")
+    parser.add_argument("--model-path", default=None, help="checkpoint folder (default: the embedded model)")
+    parser.add_argument("--model-name", default=None, help="public model name (default: the folder name)")
+    quant = parser.add_mutually_exclusive_group()
+    quant.add_argument("--load-4bit", action="store_true", help="quantize the LLM to 4-bit nf4 (bitsandbytes)")
+    quant.add_argument("--load-8bit", action="store_true", help="quantize the LLM to 8-bit (bitsandbytes)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--add_region_feature", "--add-region-feature", action="store_true",
+                        help="accepted for compatibility: region features are always used when regions are given")
+    parser.add_argument("--limit-model-concurrency", type=int, default=1)
+    parser.add_argument("--heartbeat-interval", type=float, default=DEFAULT_HEARTBEAT_INTERVAL)
+    parser.add_argument("--max-image-pixels", type=int, default=ServeLimits.max_image_pixels)
+    parser.add_argument("--max-new-tokens-limit", type=int, default=ServeLimits.max_new_tokens)
+    parser.add_argument("--allowed-image-dir", default=None,
+                        help="folder whose images the OpenAI API may read by local path (default: none)")
+    parser.add_argument("--api-key", default=None, help="require this key on every request (or set $FERRET_API_KEY)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    import sys
+
+    import uvicorn
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s")
+    try:
+        engine = ChatEngine.load(args.model_path, args.load_4bit, args.load_8bit, args.device, args.model_name)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"model_worker: cannot load the model: {error}", file=sys.stderr)
+        return 2
+    logger.info(
+        "loaded %s (%s) footprint %s", engine.model_name, engine.quantization or "full precision",
+        format_bytes(engine.memory_bytes),
+    )
+    limits = ServeLimits(max_image_pixels=args.max_image_pixels, max_new_tokens=args.max_new_tokens_limit)
+    worker = ModelWorker(
+        engine,
+        args.worker_address or f"http://{args.host}:{args.port}",
+        args.controller_address,
+        api_key=resolve_api_key(args.api_key),
+        limit_model_concurrency=args.limit_model_concurrency,
+        heartbeat_interval=args.heartbeat_interval,
+        limits=limits,
+        allowed_image_dir=args.allowed_image_dir,
+    )
+    uvicorn.run(build_app(worker), host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,264 @@
+"""OpenAI-compatible chat API, served by each model worker.
+
+``POST /v1/chat/completions`` takes the usual ``{"model", "messages", "temperature", "top_p",
+"max_tokens", "stream"}``. The image is an ``image_url`` content part of a user message: a data
+URL (``data:image/png;base64,...``) or a local path / ``file://`` URL inside the worker's
+``--allowed-image-dir`` (anything else is refused with 403). Ferret takes one image per
+conversation: the first one given.
+
+Regions are written in the text the way Ferret reads them, on the 0-999 grid and followed by the
+region token: ``"What is [120, 340, 560, 880] <region_fea>?"`` (a box) or ``"[250, 750]
+<region_fea>"`` (a point). Free-form masks, or pixel regions, can be passed in the extension field
+``"regions"`` (wire format of ``ferret.serve.protocol``) together with ``<region>`` placeholders.
+
+``stream: true`` answers with server-sent events (``data: {chat.completion.chunk}`` ... ``data:
+[DONE]``). Non-streamed answers carry the parsed boxes in ``choices[0].message.ferret_regions``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import unquote, urlparse
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from ferret.constants import REGION_TOKEN
+from ferret.processing import REGION_PLACEHOLDER
+from ferret.regions import Box, Point, RegionError, grid_to_box, grid_to_point
+from ferret.serve.protocol import (
+    GenerateRequest,
+    RequestError,
+    Turn,
+    UnknownModelError,
+    checked_number,
+    decode_image,
+    grounded_to_json,
+    parse_json_body,
+    region_from_json,
+)
+
+if TYPE_CHECKING:
+    from ferret.serve.model_worker import ModelWorker
+
+__all__ = ["build_openai_router", "parse_chat_completion", "extract_text_regions", "resolve_local_image"]
+
+# "[a, b, c, d] <region_fea>" or "[a, b] <region_fea>": a region written as Ferret reads it.
+_REGION_IN_TEXT = re.compile(
+    r"\[\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)(?:\s*,\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?))?\s*\]\s*"
+    + re.escape(REGION_TOKEN)
+)
+
+
+class ForbiddenImagePath(RequestError):
+    status = 403
+
+
+def extract_text_regions(text: str, width: int, height: int) -> tuple[str, list]:
+    """Grid regions written in ``text`` -> (text with `<region>` placeholders, pixel regions)."""
+    regions = []
+
+    def replace(match: re.Match) -> str:
+        numbers = [float(g) for g in match.groups() if g is not None]
+        if any(not 0 <= v <= 999 for v in numbers):
+            raise RequestError(f"region {match.group(0)!r} has coordinates outside the 0-999 grid")
+        try:
+            if len(numbers) == 2:
+                regions.append(Point(*grid_to_point(numbers, width, height)))
+            else:
+                regions.append(Box(*grid_to_box(numbers, width, height)))
+        except RegionError as error:
+            raise RequestError(f"invalid region {match.group(0)!r}: {error}") from None
+        return REGION_PLACEHOLDER
+
+    return _REGION_IN_TEXT.sub(replace, text), regions
+
+
+def resolve_local_image(reference: str, allowed_dir: Path | None) -> Path:
+    """A local path or file:// URL -> resolved path, refused unless inside ``allowed_dir``."""
+    path_text = unquote(urlparse(reference).path) if reference.startswith("file://") else reference
+    if allowed_dir is None:
+        raise ForbiddenImagePath(
+            "local image paths are disabled on this server (start the worker with --allowed-image-dir); "
+            "send the image as a data URL"
+        )
+    path = Path(path_text).expanduser()
+    if not path.is_absolute():
+        path = allowed_dir / path
+    resolved = path.resolve()
+    if resolved != allowed_dir and allowed_dir not in resolved.parents:
+        raise ForbiddenImagePath(f"image path {path_text!r} is outside the allowed folder")
+    if not resolved.is_file():
+        raise RequestError(f"image file {path_text!r} does not exist", status=404)
+    return resolved
+
+
+def _message_parts(message: dict, index: int) -> tuple[str, list[str]]:
+    """(text, image references) of one chat message."""
+    content = message.get("content")
+    if isinstance(content, str):
+        return content, []
+    if content is None:
+        return "", []
+    if not isinstance(content, list):
+        raise RequestError(f"messages[{index}].content must be a string or a list of parts")
+    texts, images = [], []
+    for part in content:
+        if not isinstance(part, dict):
+            raise RequestError(f"messages[{index}].content parts must be objects")
+        if part.get("type") == "text":
+            texts.append(str(part.get("text", "")))
+        elif part.get("type") == "image_url":
+            url = part.get("image_url")
+            url = url.get("url") if isinstance(url, dict) else url
+            if not isinstance(url, str) or not url:
+                raise RequestError(f"messages[{index}] has an image_url part without a url")
+            images.append(url)
+        else:
+            raise RequestError(f"messages[{index}] has an unsupported content part type {part.get('type')!r}")
+    return " ".join(t for t in texts if t), images
+
+
+def _load_reference(reference: str, worker: "ModelWorker"):
+    if reference.startswith("data:"):
+        return decode_image(reference, worker.limits.max_image_pixels)
+    if reference.startswith(("http://", "https://")):
+        raise RequestError("remote image URLs are not fetched by this server; send a data URL")
+    path = resolve_local_image(reference, worker.allowed_image_dir)
+    return decode_image(path.read_bytes(), worker.limits.max_image_pixels, what=f"image {path.name!r}")
+
+
+def parse_chat_completion(data: dict, worker: "ModelWorker") -> tuple[GenerateRequest, bool]:
+    """An OpenAI chat request -> (GenerateRequest, stream?)."""
+    messages = data.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("request needs a non-empty 'messages' list")
+    turns: list[tuple[str, str]] = []  # (role, text) without system messages
+    image_refs: list[str] = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant"):
+            raise RequestError(f"messages[{i}] must be an object with role system, user or assistant")
+        text, images = _message_parts(message, i)
+        image_refs += images
+        if message["role"] != "system":
+            turns.append((message["role"], text))
+    if not image_refs:
+        raise RequestError("Ferret needs an image: add an image_url part (data URL or allowed local path)")
+    if not turns or turns[-1][0] != "user":
+        raise RequestError("the last message must come from the user")
+    image = _load_reference(image_refs[0], worker)
+    width, height = image.size
+
+    history, pending = [], None
+    for role, text in turns[:-1]:
+        if role == "user":
+            pending = text
+        elif pending is not None:
+            question, regions = extract_text_regions(pending, width, height)
+            history.append(Turn(question, text, regions))
+            pending = None
+    question, regions = extract_text_regions(turns[-1][1], width, height)
+    extra = data.get("regions") or []
+    if not isinstance(extra, list):
+        raise RequestError("regions must be a list of region objects")
+    regions += [region_from_json(r, width, height, worker.limits.max_image_pixels) for r in extra]
+    if not question.strip():
+        raise RequestError("the last user message has no text")
+
+    max_tokens = data.get("max_tokens", data.get("max_completion_tokens", 256))
+    fields = {
+        "image": image, "question": question, "max_new_tokens": max_tokens,
+        "temperature": data.get("temperature", 0.0), "top_p": data.get("top_p", 1.0),
+    }
+    request = _typed_request(fields, worker)
+    request.regions, request.history = regions, history
+    model = data.get("model")
+    if model is not None and model not in worker.model_names:
+        raise UnknownModelError(f"model {model!r} is not served here; available: {worker.model_names}")
+    worker.engine.check(request)
+    stream = data.get("stream", False)
+    if not isinstance(stream, bool):
+        raise RequestError(f"stream must be true or false, got {stream!r}")
+    return request, stream
+
+
+def _typed_request(fields: dict, worker: "ModelWorker") -> GenerateRequest:
+
+    max_new = fields["max_new_tokens"]
+    limit = worker.limits.max_new_tokens
+    if isinstance(max_new, bool) or not isinstance(max_new, int) or not 1 <= max_new <= limit:
+        raise RequestError(f"max_tokens must be an integer in [1, {limit}], got {max_new!r}")
+    return GenerateRequest(
+        image=fields["image"],
+        question=fields["question"],
+        temperature=checked_number(fields, "temperature", 0.0, 0.0, 2.0),
+        top_p=checked_number(fields, "top_p", 1.0, 0.0, 1.0),
+        max_new_tokens=max_new,
+    )
+
+
+def _sse(payload: dict | str) -> bytes:
+    body = payload if isinstance(payload, str) else json.dumps(payload)
+    return f"data: {body}\n\n".encode()
+
+
+def build_openai_router(worker: "ModelWorker") -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/v1/models")
+    async def list_models():
+        return {
+            "object": "list",
+            "data": [{"id": name, "object": "model", "created": 0, "owned_by": "ferret"} for name in worker.model_names],
+        }
+
+    @router.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        data = parse_json_body(await request.body(), worker.limits)
+        generate, stream = await run_in_threadpool(parse_chat_completion, data, worker)
+        completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        created = int(time.time())
+        model = worker.model_names[0]
+
+        texts = await worker.open_stream(generate)
+        if not stream:
+            text = ""
+            async for text in texts:
+                pass
+            return {
+                "id": completion_id,
+                "object": "chat.completion",
+                "created": created,
+                "model": model,
+                "choices": [{
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text,
+                                "ferret_regions": grounded_to_json(worker.engine.grounding(text, generate))},
+                    "finish_reason": "stop",
+                }],
+            }
+
+        async def events():
+            base = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model}
+            yield _sse({**base, "choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]})
+            sent = ""
+            try:
+                async for text in texts:
+                    delta, sent = text[len(sent):], text
+                    if delta:
+                        yield _sse({**base, "choices": [{"index": 0, "delta": {"content": delta}, "finish_reason": None}]})
+            except Exception as error:  # the status line is sent; report in-band
+                yield _sse({"error": {"message": f"generation failed: {error}", "type": "server_error"}})
+                return
+            yield _sse({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+            yield _sse("[DONE]")
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    return router
