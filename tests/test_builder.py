@@ -10,8 +10,10 @@ import torch
 from ferret.model.builder import CheckpointMismatchError, NoDefaultModelError, load_pretrained
 from ferret.model.tiny import save_tiny_model
 
-# Wider than the default tiny model so that every quantized Linear has >= 64 inputs (nf4 block size).
-QUANT_SIZES = dict(hidden_size=128, intermediate_size=256)
+# Wider than the default tiny model so that every quantized Linear has >= 64 inputs (nf4 block
+# size), with LLaMA's own init scale (the tiny default of 0.2 makes a chaotic random network that
+# amplifies any rounding, unlike trained weights).
+QUANT_SIZES = dict(hidden_size=128, intermediate_size=256, initializer_range=0.02)
 
 
 @pytest.fixture(scope="module")

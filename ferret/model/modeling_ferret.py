@@ -250,8 +250,10 @@ class FerretLlamaForCausalLM(LlamaForCausalLM):
         images: torch.Tensor | None = None,
         region_masks: RegionMasks | None = None,
         padding_side: str = "right",
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | Sequence[torch.Generator | None] | None = None,
     ) -> MultimodalInputs:
+        """Embed a batch: see the module docstring. `generator` drives the region sampler's random
+        draws: one for the whole batch, or a list with one per sample."""
         batch = input_ids.shape[0]
         has_image = (input_ids == IMAGE_TOKEN_INDEX)
         if attention_mask is not None:
@@ -288,7 +290,17 @@ class FerretLlamaForCausalLM(LlamaForCausalLM):
                 tower = self.get_vision_tower()
                 grid = features[:, -tower.num_patches :]  # drop CLS if the config kept it
                 rows = [image_samples.index(i) for i in region_samples]
-                sampled = self.encode_regions(grid[rows], [region_masks[i] for i in region_samples], generator)
+                if isinstance(generator, (list, tuple)):
+                    # One generator per sample: each sample's region sampling is then independent
+                    # of what else is in the batch (batched answers == one-by-one answers).
+                    if len(generator) != batch:
+                        raise ValueError(f"{len(generator)} region generators for a batch of {batch}")
+                    sampled = [
+                        self.encode_regions(grid[row : row + 1], [region_masks[i]], generator[i])[0]
+                        for row, i in zip(rows, region_samples)
+                    ]
+                else:
+                    sampled = self.encode_regions(grid[rows], [region_masks[i] for i in region_samples], generator)
                 for sample, feats in zip(region_samples, sampled):
                     region_embeds[sample] = feats
 
@@ -317,7 +329,7 @@ class FerretLlamaForCausalLM(LlamaForCausalLM):
         logits_to_keep: int | torch.Tensor = 0,
         images: torch.Tensor | None = None,
         region_masks: RegionMasks | None = None,
-        region_generator: torch.Generator | None = None,
+        region_generator: torch.Generator | Sequence[torch.Generator | None] | None = None,
         **kwargs,
     ):
         needs_splice = input_ids is not None and (
@@ -353,7 +365,7 @@ class FerretLlamaForCausalLM(LlamaForCausalLM):
         attention_mask: torch.Tensor | None = None,
         images: torch.Tensor | None = None,
         region_masks: RegionMasks | None = None,
-        region_generator: torch.Generator | None = None,
+        region_generator: torch.Generator | Sequence[torch.Generator | None] | None = None,
         **kwargs,
     ):
         """Decode with the KV cache; returns only the new tokens [B, T].

@@ -53,6 +53,9 @@ def tiny_config(
         num_key_value_heads=4,
         max_position_embeddings=512,
         rms_norm_eps=1e-6,
+        # Wider than LLaMA's 0.02 so that a random tiny model's output depends visibly on its
+        # input (image, regions, text): tests comparing answers can then fail.
+        initializer_range=0.2,
         mm_vision_tower="tiny-clip",
         mm_hidden_size=TINY_VISION["hidden_size"],
         vision_config=CLIPVisionConfig(**TINY_VISION).to_dict(),

@@ -1,0 +1,244 @@
+"""One-call inference: `FerretChat.from_pretrained(path).ask(image, question, regions)`.
+
+A question may refer to regions (Point / Box / FreeForm in image pixels): they are written into
+the text as `[x1, y1, x2, y2] <region_fea>` (at `<region>` placeholders, else appended) and
+each becomes a (W, H) mask for the region sampler. The answer comes back as text plus the boxes
+it names, parsed back to image pixels. `history` continues a conversation about the same image;
+regions of earlier turns stay referenced. `ask_batch` answers several requests in one padded
+generate call; `stream` yields the answer text as it is produced.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+
+from ferret.constants import IMAGE_TOKEN, REGION_TOKEN
+from ferret.conversation import ferret_v1, tokenize_prompt
+from ferret.processing import build_question, load_image, preprocess_images
+from ferret.regions import GroundedRegion, Region, parse_grounding, region_mask
+
+ImageInput = str | Image.Image
+
+
+@dataclass(frozen=True)
+class ChatHistory:
+    """Earlier turns about one image: user texts (with region coordinates), replies, region masks."""
+
+    turns: tuple[tuple[str, str], ...] = ()
+    region_masks: tuple[torch.Tensor, ...] = ()
+    image_size: tuple[int, int] | None = None  # (width, height); None for a text-only chat
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    regions: list[GroundedRegion]
+    history: ChatHistory = field(repr=False)
+
+
+@dataclass
+class _Request:
+    input_ids: list[int]
+    pixels: torch.Tensor | None
+    masks: list[torch.Tensor]
+    image_size: tuple[int, int] | None
+    user_text: str
+    history: ChatHistory
+
+
+class FerretChat:
+    def __init__(self, tokenizer, model, image_processor, context_len: int = 2048, seed: int = 0):
+        self.tokenizer = tokenizer
+        self.model = model
+        self.image_processor = image_processor
+        self.context_len = context_len
+        self.seed = seed  # seeds the region sampler's point draws: same request, same answer
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_path=None,
+        load_4bit: bool = False,
+        load_8bit: bool = False,
+        device: str = "auto",
+        dtype: torch.dtype | None = None,
+    ) -> "FerretChat":
+        from ferret.model.builder import load_pretrained
+
+        tokenizer, model, processor, context_len = load_pretrained(
+            model_path, load_8bit=load_8bit, load_4bit=load_4bit, device=device, dtype=dtype
+        )
+        return cls(tokenizer, model, processor, context_len)
+
+    # ----------------------------------------------------------------- public API
+
+    def ask(
+        self,
+        image: ImageInput | None,
+        question: str,
+        regions: Sequence[Region] = (),
+        history: ChatHistory | None = None,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        max_new_tokens: int = 128,
+    ) -> Answer:
+        request = self._prepare(image, question, regions, history, max_new_tokens)
+        return self._answer([request], temperature, top_p, max_new_tokens)[0]
+
+    def ask_batch(
+        self,
+        requests: Sequence[tuple],
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        max_new_tokens: int = 128,
+    ) -> list[Answer]:
+        """Answer (image, question[, regions[, history]]) requests in one padded generate call."""
+        if not requests:
+            return []
+        prepared = []
+        for index, request in enumerate(requests):
+            if not isinstance(request, (tuple, list)) or not 2 <= len(request) <= 4:
+                raise ValueError(f"request {index} must be (image, question[, regions[, history]])")
+            prepared.append(self._prepare(*request, max_new_tokens=max_new_tokens))
+        return self._answer(prepared, temperature, top_p, max_new_tokens)
+
+    def stream(
+        self,
+        image: ImageInput | None,
+        question: str,
+        regions: Sequence[Region] = (),
+        history: ChatHistory | None = None,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        max_new_tokens: int = 128,
+    ) -> Iterator[str]:
+        """Yield pieces of the answer text as they are generated (joined, they equal `ask(...).text`)."""
+        from transformers import TextIteratorStreamer
+
+        request = self._prepare(image, question, regions, history, max_new_tokens)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        inputs = self._batch_inputs([request])
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                self.model.generate(**inputs, **self._sampling(temperature, top_p, max_new_tokens), streamer=streamer)
+            except BaseException as error:  # surface it in the caller's thread
+                failure.append(error)
+                streamer.end()
+
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        produced = ""
+        for piece in streamer:
+            produced += piece
+            yield piece
+        worker.join()
+        if failure:
+            raise failure[0]
+
+    # ----------------------------------------------------------------- internals
+
+    def _prepare(self, image, question, regions=(), history=None, max_new_tokens: int = 128) -> _Request:
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError("the question must be a non-empty string")
+        if REGION_TOKEN in question or IMAGE_TOKEN in question:
+            raise ValueError(f"write regions with the `regions` argument, not literal {REGION_TOKEN}/{IMAGE_TOKEN}")
+        history = history if history is not None else ChatHistory()
+        regions = list(regions or ())
+        pixels, size = None, None
+        if image is not None:
+            picture = load_image(image)
+            size = picture.size
+            pixels = preprocess_images([picture], self.image_processor)[0]
+        if history.turns and history.image_size != size:
+            raise ValueError(
+                f"this history is about an image of size {history.image_size}, but the new image is {size}; "
+                "start a new conversation for a different image"
+            )
+        if regions and size is None:
+            raise ValueError("regions need an image")
+        user_text = build_question(question.strip(), regions, *size) if regions else question.strip()
+        masks = list(history.region_masks) + [region_mask(region, *size) for region in regions]
+
+        conversation = ferret_v1()
+        user, assistant = conversation.roles
+        for turn, (asked, replied) in enumerate(history.turns):
+            conversation.append_message(user, self._with_image(asked, turn == 0, size))
+            conversation.append_message(assistant, replied)
+        conversation.append_message(user, self._with_image(user_text, not history.turns, size))
+        conversation.append_message(assistant, None)
+        input_ids = tokenize_prompt(conversation.get_prompt(), self.tokenizer)
+
+        length = len(input_ids) + max_new_tokens + (self._num_patches() - 1 if size else 0)
+        if length > self.context_len:
+            raise ValueError(
+                f"the conversation needs {length} positions (prompt + image + {max_new_tokens} new tokens) "
+                f"but the model's context is {self.context_len}; shorten it or start a new one"
+            )
+        return _Request(input_ids, pixels, masks, size, user_text, history)
+
+    @staticmethod
+    def _with_image(text: str, first_turn: bool, size) -> str:
+        return f"{IMAGE_TOKEN}\n{text}" if first_turn and size is not None else text
+
+    def _num_patches(self) -> int:
+        tower = self.model.get_vision_tower()
+        return tower.num_patches if tower is not None else 0
+
+    def _batch_inputs(self, requests: list[_Request]) -> dict:
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        width = max(len(r.input_ids) for r in requests)
+        device = self.model.device
+        input_ids = torch.tensor([r.input_ids + [pad] * (width - len(r.input_ids)) for r in requests], device=device)
+        attention = torch.tensor(
+            [[1] * len(r.input_ids) + [0] * (width - len(r.input_ids)) for r in requests], device=device
+        )
+        with_image = [r.pixels for r in requests if r.pixels is not None]
+        images = torch.stack(with_image).to(device) if with_image else None
+        masks = [r.masks for r in requests]
+        generators = [torch.Generator().manual_seed(self.seed) for _ in requests]
+        return dict(
+            input_ids=input_ids,
+            attention_mask=attention,
+            images=images,
+            region_masks=masks if any(masks) else None,
+            region_generator=generators,
+        )
+
+    def _sampling(self, temperature: float, top_p: float, max_new_tokens: int) -> dict:
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise ValueError(f"temperature must be >= 0 and top_p in (0, 1], got {temperature} and {top_p}")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        options = dict(
+            max_new_tokens=max_new_tokens,
+            eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.tokenizer.pad_token_id,
+            use_cache=True,
+        )
+        if temperature == 0:
+            options.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        else:
+            options.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=None)
+        return options
+
+    def _answer(self, requests: list[_Request], temperature, top_p, max_new_tokens) -> list[Answer]:
+        options = self._sampling(temperature, top_p, max_new_tokens)
+        output = self.model.generate(**self._batch_inputs(requests), **options)
+        answers = []
+        for request, tokens in zip(requests, output):
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+            regions = parse_grounding(text, *request.image_size) if request.image_size else []
+            history = ChatHistory(
+                turns=request.history.turns + ((request.user_text, text),),
+                region_masks=tuple(request.masks),
+                image_size=request.image_size,
+            )
+            answers.append(Answer(text=text, regions=regions, history=history))
+        return answers
