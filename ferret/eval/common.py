@@ -16,6 +16,7 @@ import json
 import math
 import os
 import re
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -350,11 +351,13 @@ def run_task(task: str, loaded: LoadedSamples, score_fn: ScoreFn, args: argparse
     predictions_path = out_dir / f"predictions_{chunk_idx}_of_{num_chunks}.jsonl"
 
     stats = GenerationStats()
+    started = time.perf_counter()
     if not args.score_only and mine:
         if answer_fn is None:
             answer_fn = load_answer_fn(args)
         stats = run_generation(mine, answer_fn, predictions_path, batch_size=args.batch_size,
                                progress=not args.no_progress, desc=f"{task} {chunk_idx + 1}/{num_chunks}")
+    generation_seconds = time.perf_counter() - started
 
     predictions = collect_predictions(out_dir)
     answered = [(s, predictions[s.sample_id]) for s in samples
@@ -373,7 +376,8 @@ def run_task(task: str, loaded: LoadedSamples, score_fn: ScoreFn, args: argparse
         "errors": [{"id": r["id"], "error": r["error"], "detail": r.get("detail", "")} for r in failed]
         + [{"id": None, "error": "bad_annotation", "detail": d} for d in loaded.bad_annotations],
         "this_run": {"chunk": f"{chunk_idx}/{num_chunks}", "answered": stats.answered,
-                     "skipped_existing": stats.skipped_existing, "errors": stats.errors},
+                     "skipped_existing": stats.skipped_existing, "errors": stats.errors,
+                     "seconds": round(generation_seconds, 3)},
     }
     metrics.update(score_fn(answered))
     write_json(out_dir / METRICS_FILE, metrics)
