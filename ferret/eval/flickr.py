@@ -13,7 +13,9 @@ Protocol (released): ask "What are the locations of <objs>?" with the caption's 
 answer writes after that same phrase (compared without case and punctuation), in order. A
 phrase is recalled at k when one of its first k predicted boxes has IoU >= 0.5 with one of the
 phrase's true boxes (any-box) or with the box enclosing them all (merged-box, the number the
-paper reports). A phrase the answer does not ground is a miss.
+paper reports). A phrase the answer does not ground is a miss. Give the separateGT json to
+get both protocols (the mergedGT json already holds one merged box per phrase, so there the
+two coincide); `--entities` adds recall per phrase type from the Flickr30k Entities sentences.
 """
 
 from __future__ import annotations
