@@ -95,16 +95,19 @@ def pack_masks(masks) -> tuple[torch.Tensor, torch.Tensor]:
     if not mask_list:
         raise ValueError("no masks given")
     device = mask_list[0].device
+    # Sizes are written with fills, not torch.tensor(list, device=...): a host->device copy
+    # from pageable memory would synchronise.
+    sizes = torch.empty(len(mask_list), 2, dtype=torch.long, device=device)
     if isinstance(masks, torch.Tensor):
         packed = masks if masks.dtype == torch.bool else masks != 0
-        sizes = torch.tensor(masks.shape[1:], device=device).expand(masks.shape[0], 2)
+        sizes[:, 0], sizes[:, 1] = masks.shape[1], masks.shape[2]
         return packed.contiguous(), sizes
     width = max(m.shape[0] for m in mask_list)
     height = max(m.shape[1] for m in mask_list)
     packed = torch.zeros(len(mask_list), width, height, dtype=torch.bool, device=device)
     for region, mask in enumerate(mask_list):
         packed[region, : mask.shape[0], : mask.shape[1]] = mask
-    sizes = torch.tensor([tuple(m.shape) for m in mask_list], device=device)
+        sizes[region, 0], sizes[region, 1] = mask.shape
     return packed, sizes
 
 
@@ -296,9 +299,10 @@ class _GroupPool(torch.autograd.Function):
             grad_hidden, g_gamma, g_beta = torch.ops.aten.native_layer_norm_backward(
                 grad_normed, hidden, [width], mean[start:stop], rstd[start:stop], gamma, beta, mask
             )
-            grad_hidden.masked_fill_(hidden <= 0, 0.0)  # ReLU
+            grad_hidden = torch.ops.aten.threshold_backward(grad_hidden, hidden, 0.0)  # ReLU
             torch.sum(grad_hidden, dim=1, out=grad_v[start:stop])
-            grad_u.index_add_(0, rows[start:stop].reshape(-1), grad_hidden.view(-1, width))
+            # index_put_(accumulate) is several times faster than index_add_ on CPU here.
+            grad_u.index_put_((rows[start:stop].reshape(-1),), grad_hidden.view(-1, width), accumulate=True)
             if g_gamma is not None:
                 grad_gamma += g_gamma
             if g_beta is not None:

@@ -64,6 +64,10 @@ def _triton_available() -> bool:
     return True
 
 
+def _on_cpu(tensor: torch.Tensor | None) -> bool:
+    return tensor is None or tensor.device.type == "cpu"
+
+
 def _first_mask(masks) -> torch.Tensor | None:
     if isinstance(masks, torch.Tensor):
         return masks
@@ -76,8 +80,9 @@ def sample_mask_points(masks, num_points: int, generator: torch.Generator | None
         from .mask_points import sample_mask_points as triton_sample
 
         return triton_sample(masks, num_points, generator)
-    if route == "fast":
+    if route == "fast" and not _on_cpu(_first_mask(masks)):
         return fast.sample_mask_points(masks, num_points, generator)
+    # On CPU the reference's per-mask nonzero() costs no device sync and beats keys + top-k.
     return reference.sample_mask_points(masks, num_points, generator)
 
 
@@ -164,5 +169,6 @@ def mask_average_pool(
         from .mask_pool import mask_average_pool as triton_mask_pool
 
         return triton_mask_pool(feature_maps, masks, image_index, num_points, layout, generator)
-    implementation = fast if route == "fast" else reference
+    # As for sample_mask_points: on CPU the reference's per-mask pixel listing is the fast way.
+    implementation = fast if route == "fast" and not _on_cpu(feature_maps) else reference
     return implementation.mask_average_pool(feature_maps, masks, image_index, num_points, layout, generator)

@@ -1,0 +1,296 @@
+"""Benchmark the region sampler: ours (ops auto route: Triton on CUDA, fast path on CPU) vs the
+plain-PyTorch reference, in the SAME run, for the whole sampler and for each kernel.
+
+    python bench/sampler_bench.py [--small] [--device cuda|cpu] [--out bench/results/x.json]
+
+Cases are "images x regions per image" with Ferret-7B shapes: feature width 1024, LLM width 4096,
+512 points per region, stages 128 -> 32, k = 24, max pooling, masks on a 336 x 336 image.
+  full (default on CUDA): 1x1, 16x2, 64x4 in bf16 (the released timings' cases).
+  --small (default on CPU): 1x1, 2x2, 4x2 in fp32 -- the same per-region shapes and widths, fewer
+  regions so the reference finishes on two CPU cores.
+"Whole sampler" = masks -> points -> bilinear features -> geo sampler -> [R, 4096], with random FPS
+starts from a seeded generator; fwd+bwd adds the backward of a weighted sum of the output to the
+feature maps and every weight. Timings are medians; peak memory is the allocator's peak on CUDA and
+the profiler's allocation high-water mark on CPU (both above the inputs already resident).
+The JSON holds the device name, dtype, shapes, median ms, peak bytes and ours/reference ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT / "kernels") not in sys.path:
+    sys.path.insert(0, str(ROOT / "kernels"))
+
+from ferret_kernels import fast, ops, reference  # noqa: E402
+from ferret_kernels.params import SamplerParams, StageParams  # noqa: E402
+
+WIDTH, LLM_WIDTH, POINTS, SUB_POINTS, NEIGHBOURS, IMAGE_SIDE, GRID = 1024, 4096, 512, (128, 32), (24, 24), 336, 576
+FULL_CASES = ((1, 1), (16, 2), (64, 4))
+SMALL_CASES = ((1, 1), (2, 2), (4, 2))
+
+
+@dataclass
+class Inputs:
+    maps: torch.Tensor
+    masks: torch.Tensor
+    image_index: torch.Tensor
+    params: SamplerParams
+    leaves: list[torch.Tensor]
+
+
+def make_inputs(images: int, per_image: int, dtype: torch.dtype, device: torch.device, seed: int = 0) -> Inputs:
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    d = WIDTH + 2
+
+    def rand(*shape, scale=None):
+        t = torch.randn(*shape, generator=gen) * (scale or shape[-1] ** -0.5)
+        return t.to(device=device, dtype=dtype).requires_grad_()
+
+    stages = tuple(
+        StageParams(rand(d, d), rand(d, scale=0.02), rand(WIDTH, 2 * d, 1), rand(WIDTH, scale=0.02),
+                    (1 + 0.1 * torch.randn(WIDTH, generator=gen)).to(device=device, dtype=dtype).requires_grad_(),
+                    rand(WIDTH, scale=0.02))
+        for _ in SUB_POINTS
+    )
+    params = SamplerParams(stages, rand(WIDTH, SUB_POINTS[-1] * WIDTH), rand(WIDTH, scale=0.02),
+                           rand(LLM_WIDTH, WIDTH), rand(LLM_WIDTH, scale=0.02))
+    leaves = [t for s in stages for t in s[:6]] + [params.flatten_weight, params.flatten_bias, params.dim_weight, params.dim_bias]
+    regions = images * per_image
+    masks = torch.zeros(regions, IMAGE_SIDE, IMAGE_SIDE, dtype=torch.bool)
+    corners = torch.randint(0, IMAGE_SIDE - 40, (regions, 2), generator=gen)
+    sizes = torch.randint(8, 160, (regions, 2), generator=gen)
+    for r in range(regions):  # boxes from 8x8 (64 px < 512: with replacement) to 160x160
+        x0, y0 = corners[r].tolist()
+        w, h = sizes[r].tolist()
+        masks[r, x0 : x0 + w, y0 : y0 + h] = True
+    maps = torch.randn(images, GRID, WIDTH, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+    image_index = torch.arange(images).repeat_interleave(per_image).to(device)
+    return Inputs(maps, masks.to(device), image_index, params, leaves)
+
+
+def whole_sampler(inputs: Inputs, backend: str, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator(device=inputs.maps.device).manual_seed(seed)
+    points = ops.sample_mask_points(inputs.masks, POINTS, gen, backend=backend)
+    features = ops.point_features(inputs.maps, points, inputs.image_index, "official", backend=backend)
+    return ops.geo_region_sampler(points, features, inputs.params, SUB_POINTS, NEIGHBOURS, "max", None, gen, backend=backend)
+
+
+# --------------------------------------------------------------------------- measurement
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_ms(fn, device: torch.device, repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def peak_bytes(fn, device: torch.device) -> int:
+    """Peak extra memory of one call: CUDA allocator peak, or the CPU profiler's allocation
+    high-water mark (allocations and frees replayed in time order)."""
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    deltas = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage)
+    level = peak = 0
+    for _, delta in deltas:
+        level += delta
+        peak = max(peak, level)
+    return int(peak)
+
+
+def backward_of(fn, inputs: Inputs):
+    def run():
+        out = fn()
+        weight = torch.ones_like(out) / out.numel()
+        torch.autograd.grad((out * weight).sum(), [inputs.maps, *inputs.leaves])
+
+    return run
+
+
+def no_grad(fn):
+    def run():
+        with torch.no_grad():
+            return fn()
+
+    return run
+
+
+# --------------------------------------------------------------------------- per-kernel pieces
+
+
+def reference_group_stage(point_rows_xy, features, anchor_index, neighbour_index, stage: StageParams):
+    """The released chain of one stage once FPS and kNN are done (reference math, for timing)."""
+    rows = torch.cat([features, point_rows_xy.to(features.dtype)], dim=-1)
+    anchors = reference.gather_points(rows, anchor_index).unsqueeze(2)
+    neighbours = reference.gather_points(rows, neighbour_index)
+    diff = torch.nn.functional.linear(neighbours - anchors, stage.diff_weight, stage.diff_bias)
+    stacked = torch.cat([diff, anchors.expand_as(diff)], dim=-1)
+    hidden = torch.relu(torch.nn.functional.linear(stacked, stage.conv_matrix, stage.conv_bias))
+    hidden = torch.nn.functional.layer_norm(hidden, hidden.shape[-1:], stage.ln_weight, stage.ln_bias, stage.ln_eps)
+    return hidden.amax(dim=2)
+
+
+def ours_group_stage(xy, features, anchor_index, neighbour_index, stage: StageParams, device):
+    folded, w_a, w_b, bias = fast.fold_stage_weights(stage, xy.shape[0] * xy.shape[1])
+    point_u = fast.point_projection(features, xy.to(features.dtype), stage, folded, w_a)
+    anchor_v = fast.anchor_projection(
+        reference.gather_points(features, anchor_index), reference.gather_points(xy, anchor_index).to(features.dtype),
+        reference.gather_points(point_u, anchor_index), w_b, bias,
+    )
+    if device.type == "cuda":
+        from ferret_kernels.group_pool import group_pool
+    else:
+        group_pool = fast.group_pool
+    return group_pool(point_u, anchor_v, neighbour_index, stage.ln_weight, stage.ln_bias, stage.ln_eps, "max")
+
+
+def kernel_cases(inputs: Inputs, device: torch.device):
+    """(name, ours fn, reference fn, has backward) for each kernel on this case's shapes."""
+    gen = torch.Generator(device=device).manual_seed(1)
+    points = reference.sample_mask_points(inputs.masks.cpu(), POINTS, torch.Generator().manual_seed(1)).to(device)
+    with torch.no_grad():
+        features = reference.point_features(inputs.maps, points, inputs.image_index)
+    features.requires_grad_()
+    anchors = reference.farthest_point_sample(points, SUB_POINTS[0], 0)
+    anchor_xy = reference.gather_points(points, anchors)
+    neighbours = reference.knn_indices(anchor_xy, points, NEIGHBOURS[0])
+    stage = inputs.params.stages[0]
+    yield ("mask->points", lambda: ops.sample_mask_points(inputs.masks, POINTS, gen),
+           lambda: reference.sample_mask_points(inputs.masks, POINTS, gen), False)
+    yield ("point features", lambda: ops.point_features(inputs.maps, points, inputs.image_index),
+           lambda: reference.point_features(inputs.maps, points, inputs.image_index), True)
+    yield (f"fps {POINTS}->{SUB_POINTS[0]}", lambda: ops.farthest_point_sample(points, SUB_POINTS[0], 0),
+           lambda: reference.farthest_point_sample(points, SUB_POINTS[0], 0), False)
+    yield (f"knn k={NEIGHBOURS[0]}", lambda: ops.knn_indices(anchor_xy, points, NEIGHBOURS[0]),
+           lambda: reference.knn_indices(anchor_xy, points, NEIGHBOURS[0]), False)
+    yield ("stage-1 group pool", lambda: ours_group_stage(points, features, anchors, neighbours, stage, device),
+           lambda: reference_group_stage(points, features, anchors, neighbours, stage), True)
+    yield ("mask average pool", lambda: ops.mask_average_pool(inputs.maps, inputs.masks, inputs.image_index, generator=gen),
+           lambda: reference.mask_average_pool(inputs.maps, inputs.masks, inputs.image_index, generator=gen), True)
+
+
+def grad_of(fn, tensors):
+    def run():
+        out = fn()
+        leaves = [t for t in tensors if t.requires_grad]
+        torch.autograd.grad(out.float().sum(), leaves, allow_unused=True)
+
+    return run
+
+
+# --------------------------------------------------------------------------- main
+
+
+def measure_pair(name, ours, ref, device, repeats, ref_repeats, backward_ours=None, backward_ref=None):
+    row = {"name": name}
+    row["ours_fwd_ms"] = median_ms(no_grad(ours), device, repeats)
+    row["ref_fwd_ms"] = median_ms(no_grad(ref), device, ref_repeats)
+    row["fwd_speedup"] = row["ref_fwd_ms"] / row["ours_fwd_ms"]
+    if backward_ours is not None:
+        row["ours_fwd_bwd_ms"] = median_ms(backward_ours, device, repeats)
+        row["ref_fwd_bwd_ms"] = median_ms(backward_ref, device, ref_repeats)
+        row["fwd_bwd_speedup"] = row["ref_fwd_bwd_ms"] / row["ours_fwd_bwd_ms"]
+        row["ours_peak_bytes"] = peak_bytes(backward_ours, device)
+        row["ref_peak_bytes"] = peak_bytes(backward_ref, device)
+    else:
+        row["ours_peak_bytes"] = peak_bytes(no_grad(ours), device)
+        row["ref_peak_bytes"] = peak_bytes(no_grad(ref), device)
+    row["peak_ratio"] = row["ours_peak_bytes"] / max(1, row["ref_peak_bytes"])
+    return row
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--small", action="store_true", help="CPU-sized cases (default on CPU)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats of ours (reference: fewer on CPU)")
+    parser.add_argument("--cases", default=None, help="override the cases, e.g. 1x1,8x4")
+    parser.add_argument("--no-kernels", action="store_true", help="skip the per-kernel table")
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/sampler_<device>.json)")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but torch.cuda.is_available() is False")
+    small = args.small or device.type == "cpu"
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    repeats = args.repeats or (20 if device.type == "cuda" else 5)
+    ref_repeats = repeats if device.type == "cuda" else max(1, min(repeats, 3))
+    cases = SMALL_CASES if small else FULL_CASES
+    if args.cases:
+        try:
+            cases = tuple(tuple(int(v) for v in case.split("x")) for case in args.cases.split(","))
+        except ValueError:
+            parser.error(f"--cases must look like 1x1,16x2, got {args.cases!r}")
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    result = {
+        "device": device.type, "device_name": device_name, "dtype": str(dtype).replace("torch.", ""),
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "shapes": {"width": WIDTH, "llm_width": LLM_WIDTH, "points": POINTS, "sub_points": SUB_POINTS,
+                   "neighbours": NEIGHBOURS, "grid": GRID, "image_side": IMAGE_SIDE, "pool": "max"},
+        "ours": "ops auto route (" + ("triton" if device.type == "cuda" else "fast") + ")",
+        "cases": [],
+    }
+    print(f"device {device_name} ({device.type}), dtype {result['dtype']}, threads {result['threads']}")
+    header = f"{'case':<8}{'what':<22}{'ours fwd':>10}{'ref fwd':>10}{'x':>7}{'ours f+b':>10}{'ref f+b':>10}{'x':>7}{'ours MB':>9}{'ref MB':>9}"
+    print(header)
+    for images, per_image in cases:
+        inputs = make_inputs(images, per_image, dtype, device)
+        label = f"{images}x{per_image}"
+        rows = [measure_pair(
+            "whole sampler",
+            lambda: whole_sampler(inputs, "auto"), lambda: whole_sampler(inputs, "reference"), device, repeats, ref_repeats,
+            backward_of(lambda: whole_sampler(inputs, "auto"), inputs), backward_of(lambda: whole_sampler(inputs, "reference"), inputs),
+        )]
+        if not args.no_kernels:
+            for name, ours, ref, has_bwd in kernel_cases(inputs, device):
+                tensors = [inputs.maps, *inputs.leaves]
+                rows.append(measure_pair(name, ours, ref, device, repeats, ref_repeats,
+                                         grad_of(ours, tensors) if has_bwd else None, grad_of(ref, tensors) if has_bwd else None))
+        for row in rows:
+            fb = (f"{row['ours_fwd_bwd_ms']:>10.2f}{row['ref_fwd_bwd_ms']:>10.2f}{row['fwd_bwd_speedup']:>7.1f}"
+                  if "ours_fwd_bwd_ms" in row else f"{'-':>10}{'-':>10}{'-':>7}")
+            print(f"{label:<8}{row['name']:<22}{row['ours_fwd_ms']:>10.2f}{row['ref_fwd_ms']:>10.2f}{row['fwd_speedup']:>7.1f}"
+                  f"{fb}{row['ours_peak_bytes'] / 2**20:>9.1f}{row['ref_peak_bytes'] / 2**20:>9.1f}")
+        result["cases"].append({"images": images, "regions_per_image": per_image, "regions": images * per_image, "rows": rows})
+        del inputs
+    out = args.out or ROOT / "bench" / "results" / f"sampler_{device.type}{'_small' if small else ''}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
