@@ -89,6 +89,9 @@ def _write_released_layout(model: FerretLlamaForCausalLM, tokenizer, folder: Pat
     state = {k: v.clone() for k, v in model.state_dict().items()}
     if drop_tower:
         state = {k: v for k, v in state.items() if not k.startswith("model.vision_tower.")}
+    else:  # buffers that transformers-4.x era checkpoints carry
+        state["model.vision_tower.vision_tower.vision_model.embeddings.position_ids"] = torch.arange(65)[None]
+    state["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
     names = list(state)
     per_shard = -(-len(names) // shards)
     weight_map = {}
@@ -139,6 +142,7 @@ def test_released_layout_folder_loads_with_no_missing_or_unexpected_keys(officia
     loaded, info = AutoModelForCausalLM.from_pretrained(tmp_path / "ferret", output_loading_info=True)
     assert isinstance(loaded, FerretLlamaForCausalLM)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert all(not p.requires_grad for p in loaded.get_vision_tower().parameters())  # frozen after loading too
     original, reloaded = model.state_dict(), loaded.state_dict()
     assert set(original) == set(reloaded)
     assert all(torch.equal(original[k], reloaded[k]) for k in original)

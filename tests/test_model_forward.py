@@ -257,6 +257,8 @@ def test_config_validation_errors():
         FerretConfig(mm_vision_tower="/nonexistent/clip")
     with pytest.raises(FerretConfigError, match="mm_hidden_size=512"):
         FerretConfig(mm_vision_tower="openai/clip-vit-large-patch14-336", mm_hidden_size=512)
+    with pytest.raises(FerretConfigError, match="mm_use_im_start_end"):
+        FerretConfig(mm_vision_tower="openai/clip-vit-large-patch14-336", mm_use_im_start_end=True)
     released = FerretConfig(mm_vision_tower="openai/clip-vit-large-patch14-336")
     assert released.feature_layout == "official"  # configs without the field are the released ones
     assert released.vision_tower_config().image_size == 336

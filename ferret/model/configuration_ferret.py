@@ -70,6 +70,11 @@ class FerretConfig(LlamaConfig):
         _check_choice("feature_layout", self.feature_layout, FEATURE_LAYOUTS)
         _check_choice("sampler_pooler_mode", self.sampler_pooler_mode, POOLER_MODES)
         _check_choice("mm_vision_select_feature", self.mm_vision_select_feature, SELECT_FEATURES)
+        for flag in ("mm_use_im_start_end", "mm_use_im_patch_token"):
+            if getattr(self, flag):
+                # The released Ferret models set both to false; the image start/end and patch
+                # tokens are a LLaVA pre-training variant this implementation does not build.
+                raise FerretConfigError(f"{flag}=True is not supported (released Ferret models use false)")
         if len(self.sampler_num_sub_point) != len(self.sampler_num_neighbor):
             raise FerretConfigError(
                 "sampler_num_sub_point and sampler_num_neighbor must have one entry per stage, got "

@@ -199,8 +199,12 @@ class FerretModel(LlamaModel):
 class FerretLlamaForCausalLM(LlamaForCausalLM):
     config_class = FerretConfig
     _no_split_modules = ["LlamaDecoderLayer", "CLIPEncoderLayer", "GeoRegionSampler"]
-    # Older CLIP checkpoints stored this buffer; it is recomputed now.
-    _keys_to_ignore_on_load_unexpected = [r"vision_tower\.vision_tower\.vision_model\.embeddings\.position_ids"]
+    # Buffers that older checkpoints stored (CLIP position ids, LLaMA rotary frequencies); both
+    # are recomputed now.
+    _keys_to_ignore_on_load_unexpected = [
+        r"vision_tower\.vision_tower\.vision_model\.embeddings\.position_ids",
+        r"rotary_emb\.inv_freq",
+    ]
 
     def __init__(self, config: FerretConfig):
         # Skip LlamaForCausalLM.__init__ (it would build a plain LlamaModel first).
@@ -209,6 +213,17 @@ class FerretLlamaForCausalLM(LlamaForCausalLM):
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        # Loading materialises fresh Parameters (requires_grad True); re-freeze the tower so a
+        # loaded model trains like a constructed one.
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        tower = model.get_vision_tower()
+        if tower is not None:
+            tower.requires_grad_(False)
+        return loaded
 
     # ----------------------------------------------------------------- parts
 
