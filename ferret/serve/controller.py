@@ -264,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s controller %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     controller = Controller(args.dispatch_method, args.heartbeat_expiration, resolve_api_key(args.api_key))
     uvicorn.run(build_app(controller), host=args.host, port=args.port, log_level="warning")
     return 0

@@ -270,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         engine = ChatEngine.load(args.model_path, args.load_4bit, args.load_8bit, args.device, args.model_name)
     except (FileNotFoundError, ValueError) as error:
