@@ -13,16 +13,15 @@ computed in fp32 (fp64 when an input is fp64).
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
 
 from ferret.model.checkpoint_io import (
     CheckpointError,
-    load_state_dict,
+    delta_parser,
     prepare_output_folder,
-    require_folder,
+    read_checkpoint,
     run_cli,
     save_checkpoint,
 )
@@ -90,21 +89,16 @@ def apply_delta_to_state(
 
 
 def apply_delta(base_path, target_path, delta_path, overwrite: bool = False, dtype: torch.dtype | None = None) -> None:
-    base_folder = require_folder(base_path, "base")
-    delta_folder = require_folder(delta_path, "delta")
-    target_folder = prepare_output_folder(target_path, overwrite, "target")
-    base = load_state_dict(base_folder, "base")
-    delta = load_state_dict(delta_folder, "delta")
-    save_checkpoint(apply_delta_to_state(base, delta, dtype), target_folder, metadata_from=delta_folder)
+    output = prepare_output_folder(target_path, overwrite, "target")
+    base, delta = read_checkpoint(base_path, "base"), read_checkpoint(delta_path, "delta")
+    save_checkpoint(apply_delta_to_state(base.state, delta.state, dtype), output, metadata_from=delta.folder)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ferret.model.apply_delta", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--base", "--base-model-path", dest="base", required=True, help="base (Vicuna v1.3) folder")
-    parser.add_argument("--target", "--target-model-path", dest="target", required=True, help="output folder")
-    parser.add_argument("--delta", "--delta-path", dest="delta", required=True, help="Ferret delta folder")
+    parser = delta_parser(
+        "python -m ferret.model.apply_delta", __doc__.split("\n\n")[0], "output folder", "Ferret delta folder"
+    )
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="target dtype (default: the base's)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing target folder's weights")
     args = parser.parse_args(argv)
     apply_delta(args.base, args.target, args.delta, overwrite=args.overwrite, dtype=DTYPES.get(args.dtype))
     print(f"wrote {args.target}")

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ferret.constants import REGION_TOKEN
+from ferret.model.checkpoint_io import require_folder
 from ferret.model.configuration_ferret import FerretConfig
 from ferret.model.modeling_ferret import FULL_PRECISION_MODULES, FerretLlamaForCausalLM
 
@@ -65,12 +66,7 @@ def resolve_model_path(model_path: str | os.PathLike | None) -> Path:
                 f"(or set ${MODEL_PATH_ENV}); for a random tiny model to try the pipeline run "
                 "`python -c \"from ferret.model.tiny import save_tiny_model; save_tiny_model('tiny-ferret')\"`"
             )
-    path = Path(model_path).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"model path {str(path)!r} does not exist")
-    if not path.is_dir():
-        raise FileNotFoundError(f"model path {str(path)!r} is not a folder")
-    return path
+    return require_folder(model_path, "model")
 
 
 def read_ferret_config(path: Path) -> FerretConfig:

@@ -7,11 +7,13 @@ write sharded safetensors next to the source folder's config and tokenizer files
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import shutil
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -76,6 +78,27 @@ def load_state_dict(folder: str | Path, what: str = "checkpoint") -> dict[str, t
             raise CheckpointError(f"cannot read weights file {file}: {error}") from None
         state.update(part)
     return {name: tensor for name, tensor in state.items() if not DROPPED_KEYS.search(name)}
+
+
+@dataclass
+class LoadedCheckpoint:
+    folder: Path
+    state: dict[str, torch.Tensor]
+
+
+def read_checkpoint(path: str | Path, what: str) -> LoadedCheckpoint:
+    folder = require_folder(path, what)
+    return LoadedCheckpoint(folder, load_state_dict(folder, what))
+
+
+def delta_parser(prog: str, description: str, target_help: str, delta_help: str) -> argparse.ArgumentParser:
+    """The --base / --target / --delta / --overwrite options shared by apply_delta and make_delta."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--base", "--base-model-path", dest="base", required=True, help="base (Vicuna v1.3) folder")
+    parser.add_argument("--target", "--target-model-path", dest="target", required=True, help=target_help)
+    parser.add_argument("--delta", "--delta-path", dest="delta", required=True, help=delta_help)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder's weights")
+    return parser
 
 
 def prepare_output_folder(path: str | Path, overwrite: bool, what: str) -> Path:

@@ -14,6 +14,7 @@ import sys
 
 import torch
 
+from ferret.model.apply_delta import DTYPES
 from ferret.model.checkpoint_io import (
     CheckpointError,
     load_state_dict,
@@ -57,9 +58,6 @@ def consolidate(src_path, dst_path, overwrite: bool = False, dtype: torch.dtype 
     if dtype is not None:
         state = {n: t.to(dtype) if t.is_floating_point() else t for n, t in state.items()}
     save_checkpoint(state, dst, metadata_from=src)
-
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def main(argv: list[str] | None = None) -> int:

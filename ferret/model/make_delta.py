@@ -12,13 +12,12 @@ nudged by an ulp where that makes apply_delta's arithmetic land exactly on the t
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
 
 from ferret.model.apply_delta import DTYPES, combine, overlap, paired_names
-from ferret.model.checkpoint_io import load_state_dict, prepare_output_folder, require_folder, run_cli, save_checkpoint
+from ferret.model.checkpoint_io import delta_parser, prepare_output_folder, read_checkpoint, run_cli, save_checkpoint
 
 NUDGE_ROUNDS = 4
 
@@ -60,24 +59,19 @@ def make_delta_state(
 def make_delta(
     base_path, target_path, delta_path, overwrite: bool = False, delta_dtype: torch.dtype | None = None
 ) -> None:
-    base_folder = require_folder(base_path, "base")
-    target_folder = require_folder(target_path, "target")
-    delta_folder = prepare_output_folder(delta_path, overwrite, "delta")
-    base = load_state_dict(base_folder, "base")
-    target = load_state_dict(target_folder, "target")
-    save_checkpoint(make_delta_state(base, target, delta_dtype), delta_folder, metadata_from=target_folder)
+    output = prepare_output_folder(delta_path, overwrite, "delta")
+    base, target = read_checkpoint(base_path, "base"), read_checkpoint(target_path, "target")
+    save_checkpoint(make_delta_state(base.state, target.state, delta_dtype), output, metadata_from=target.folder)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ferret.model.make_delta", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--base", "--base-model-path", dest="base", required=True, help="base (Vicuna v1.3) folder")
-    parser.add_argument("--target", "--target-model-path", dest="target", required=True, help="Ferret checkpoint folder")
-    parser.add_argument("--delta", "--delta-path", dest="delta", required=True, help="output delta folder")
+    parser = delta_parser(
+        "python -m ferret.model.make_delta", __doc__.split("\n\n")[0], "Ferret checkpoint folder", "output delta folder"
+    )
     parser.add_argument(
         "--delta-dtype", choices=sorted(DTYPES), default=None,
         help="delta precision (default: one step wider than the target, for an exact round trip)",
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing delta folder's weights")
     args = parser.parse_args(argv)
     make_delta(args.base, args.target, args.delta, overwrite=args.overwrite, delta_dtype=DTYPES.get(args.delta_dtype))
     print(f"wrote {args.delta}")
