@@ -125,3 +125,17 @@ def test_weights_of_another_shape_are_reported(tiny_folder, tmp_path, tiny_token
     (other / "config.json").write_text(json.dumps(config))  # a 128-wide config over 64-wide weights
     with pytest.raises((CheckpointMismatchError, RuntimeError, ValueError), match="(?i)size|shape|mismatch"):
         load_pretrained(other, device="cpu")
+
+
+def test_attention_implementation_choice(monkeypatch):
+    import importlib.util
+
+    from ferret.model import builder
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(builder.importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "flash_attn" else real_find_spec(name, *a))
+    assert builder.default_attn_implementation(torch.device("cuda")) == "flash_attention_2"
+    assert builder.default_attn_implementation(torch.device("cpu")) == "sdpa"
+    monkeypatch.setattr(builder.importlib.util, "find_spec", lambda name, *a: None)
+    assert builder.default_attn_implementation(torch.device("cuda")) == "sdpa"

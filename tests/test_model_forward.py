@@ -262,3 +262,18 @@ def test_config_validation_errors():
     released = FerretConfig(mm_vision_tower="openai/clip-vit-large-patch14-336")
     assert released.feature_layout == "official"  # configs without the field are the released ones
     assert released.vision_tower_config().image_size == 336
+
+
+def test_training_batches_without_image_or_regions_still_give_every_module_a_gradient(tiny_tokenizer):
+    model, tokenizer = build_tiny_model(tiny_tokenizer, seed=6)
+    model.train()
+    text = torch.tensor([tokenizer.encode("only text in this batch")])
+    model(input_ids=text, labels=text).loss.backward()
+    for module in (model.model.mm_projector, model.model.region_geo_sampler):
+        grads = [p.grad for p in module.parameters()]
+        assert all(g is not None and torch.all(g == 0) for g in grads)
+    assert all(p.grad is None for p in model.get_vision_tower().parameters())  # frozen: untouched
+    model.eval()
+    with torch.no_grad():  # inference never pays for it
+        merged = model.prepare_multimodal_inputs(text)
+    assert torch.equal(merged.inputs_embeds[0], model.get_input_embeddings()(text[0]))

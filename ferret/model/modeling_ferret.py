@@ -153,6 +153,18 @@ def _pad_rows(seq: torch.Tensor, length: int, padding_side: str) -> torch.Tensor
     return torch.cat([seq, pad] if padding_side == "right" else [pad, seq], dim=0)
 
 
+def _zero_touch(modules: Sequence[nn.Module]) -> torch.Tensor:
+    """0 * (sum of the trainable weights): every trainable parameter then gets a (zero) gradient
+    on every step, which DDP and DeepSpeed ZeRO need when a batch skips the image or regions."""
+    total = None
+    for module in modules:
+        for parameter in module.parameters():
+            if parameter.requires_grad:
+                term = parameter.sum()
+                total = term if total is None else total + term.to(total.dtype)
+    return torch.zeros(()) if total is None else total * 0.0
+
+
 # --------------------------------------------------------------------------- modules
 
 
@@ -319,7 +331,7 @@ class FerretLlamaForCausalLM(LlamaForCausalLM):
                 for sample, feats in zip(region_samples, sampled):
                     region_embeds[sample] = feats
 
-        return splice_multimodal_embeddings(
+        merged = splice_multimodal_embeddings(
             input_ids,
             attention_mask,
             labels,
@@ -329,6 +341,20 @@ class FerretLlamaForCausalLM(LlamaForCausalLM):
             self.region_token_id,
             padding_side=padding_side,
         )
+        if self.training and torch.is_grad_enabled():
+            unused = self._unused_trainable_modules(bool(image_samples), bool(region_samples))
+            if unused:
+                merged.inputs_embeds = merged.inputs_embeds + _zero_touch(unused).to(merged.inputs_embeds.dtype)
+        return merged
+
+    def _unused_trainable_modules(self, used_image: bool, used_regions: bool) -> list[nn.Module]:
+        """Multimodal modules this batch did not run (text-only batch, or no regions)."""
+        names = []
+        if not used_image:
+            names += ["mm_projector", "vision_tower"]
+        if not used_regions:
+            names += ["region_geo_sampler", "region_fea_adapter"]
+        return [m for m in (getattr(self.model, n, None) for n in names) if m is not None]
 
     # ----------------------------------------------------------------- forward / generate
 
@@ -347,8 +373,9 @@ class FerretLlamaForCausalLM(LlamaForCausalLM):
         region_generator: torch.Generator | Sequence[torch.Generator | None] | None = None,
         **kwargs,
     ):
+        training_step = self.training and torch.is_grad_enabled() and self.get_vision_tower() is not None
         needs_splice = input_ids is not None and (
-            images is not None or region_masks is not None or bool((input_ids < 0).any())
+            images is not None or region_masks is not None or training_step or bool((input_ids < 0).any())
         )
         if needs_splice:
             if inputs_embeds is not None:
