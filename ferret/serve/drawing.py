@@ -80,8 +80,11 @@ def _line_width(image: Image.Image) -> int:
     return max(2, round(min(image.size) / 150))
 
 
-def draw_regions(image: Image.Image, regions: Sequence[Region], labels: Sequence[str] | None = None) -> Image.Image:
-    """A copy of ``image`` with referred regions outlined (points as dots) and labelled."""
+def draw_regions(
+    image: Image.Image, regions: Sequence[Region], labels: Sequence[str] | None = None, first_colour: int = 0
+) -> Image.Image:
+    """A copy of ``image`` with referred regions outlined (points as dots) and labelled; region i
+    gets ``PALETTE[(first_colour + i) % len(PALETTE)]``."""
     out = image.convert("RGB").copy()
     overlay = Image.new("RGBA", out.size, (0, 0, 0, 0))
     draw = ImageDraw.Draw(out)
@@ -89,7 +92,7 @@ def draw_regions(image: Image.Image, regions: Sequence[Region], labels: Sequence
     width = _line_width(out)
     labels = list(labels) if labels is not None else [f"region{i}" for i in range(len(regions))]
     for i, region in enumerate(regions):
-        colour = PALETTE[i % len(PALETTE)]
+        colour = PALETTE[(first_colour + i) % len(PALETTE)]
         if isinstance(region, Point):
             r = max(4, width * 2)
             draw.ellipse([region.x - r, region.y - r, region.x + r, region.y + r], fill=colour, outline=(255, 255, 255))
@@ -107,7 +110,7 @@ def draw_regions(image: Image.Image, regions: Sequence[Region], labels: Sequence
     return out
 
 
-def draw_grounding(image: Image.Image, grounded: Sequence[GroundedRegion]) -> Image.Image:
+def draw_grounding(image: Image.Image, grounded: Sequence[GroundedRegion], first_colour: int = 0) -> Image.Image:
     """A copy of ``image`` with the boxes / points of a model answer drawn, each with its phrase."""
     regions, labels = [], []
     for item in grounded:
@@ -120,4 +123,4 @@ def draw_grounding(image: Image.Image, grounded: Sequence[GroundedRegion]) -> Im
         else:
             regions.append(Point(*item.point))
         labels.append(item.phrase or "")
-    return draw_regions(image, regions, labels)
+    return draw_regions(image, regions, labels, first_colour)

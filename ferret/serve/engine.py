@@ -15,7 +15,7 @@ from ferret.processing import build_question
 from ferret.regions import parse_grounding, region_mask
 from ferret.serve.protocol import GenerateRequest, RequestError, Turn, UnknownModelError
 
-__all__ = ["ChatEngine", "default_model_name", "format_bytes"]
+__all__ = ["ChatEngine", "chat_history", "default_model_name", "format_bytes"]
 
 
 def default_model_name(model_path: str | os.PathLike | None) -> str:
@@ -36,6 +36,24 @@ def format_bytes(n: int | None) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
         n /= 1024
     return f"{n:.1f} GiB"
+
+
+def chat_history(turns: list[Turn], image_size: tuple[int, int]):
+    """Earlier turns as a ``ferret.chat.ChatHistory`` (None when there are none); RequestError
+    names the turn whose question and regions do not fit together."""
+    from ferret.chat import ChatHistory
+
+    if not turns:
+        return None
+    width, height = image_size
+    texts, masks = [], []
+    for i, turn in enumerate(turns):
+        try:
+            texts.append((build_question(turn.question, turn.regions, width, height), turn.answer))
+            masks += [region_mask(region, width, height) for region in turn.regions]
+        except ValueError as error:
+            raise RequestError(f"history[{i}]: invalid question/regions: {error}") from None
+    return ChatHistory(turns=tuple(texts), region_masks=tuple(masks), image_size=(width, height))
 
 
 class ChatEngine:
@@ -84,20 +102,7 @@ class ChatEngine:
 
     @staticmethod
     def history(request: GenerateRequest):
-        """The request's earlier turns as a ``ferret.chat.ChatHistory`` (None when there are none)."""
-        from ferret.chat import ChatHistory
-
-        if not request.history:
-            return None
-        width, height = request.image.size
-        turns, masks = [], []
-        for i, turn in enumerate(request.history):
-            try:
-                turns.append((build_question(turn.question, turn.regions, width, height), turn.answer))
-                masks += [region_mask(region, width, height) for region in turn.regions]
-            except ValueError as error:
-                raise RequestError(f"history[{i}]: invalid question/regions: {error}") from None
-        return ChatHistory(turns=tuple(turns), region_masks=tuple(masks), image_size=(width, height))
+        return chat_history(request.history, request.image.size)
 
     def stream(self, request: GenerateRequest) -> Iterator[str]:
         """Yield the answer accumulated so far after each decoded piece."""

@@ -170,6 +170,13 @@ def payload_for(session: dict, model: str, question: str, regions: list[dict], t
     }
 
 
+def answer_picture(image: Image.Image, regions: list[dict], answer: str) -> Image.Image:
+    """The image with the question's regions (labelled region0...) and the answer's boxes (labelled
+    with their phrases)."""
+    referred = regions_of(regions, image)
+    return draw_grounding(draw_regions(image, referred), parse_grounding(answer, *image.size), len(referred))
+
+
 def stream_answer(client: ControllerClient, payload: dict):
     """Yield the answer so far; raise ServeError on refusal or an in-band failure."""
     for item in client.stream(payload):
@@ -224,8 +231,7 @@ def build_demo(controller_url: str, model_list_mode: str = "reload", api_key: st
             return
         turn = {"question": question, "regions": regions, "answer": text, "shown": shown}
         session = dict(session, turns=[*session["turns"], turn], regions=[])
-        grounded = parse_grounding(text, *image.size)
-        yield session, chat_messages(session), draw_grounding(image, grounded)
+        yield session, chat_messages(session), answer_picture(image, regions, text)
 
     def on_send(session, editor_value, mode, model, question, temperature, top_p, max_tokens):
         image, painted = split_editor(editor_value)

@@ -1,0 +1,161 @@
+"""Ask Ferret about an image from the terminal.
+
+    python -m ferret.serve.cli --image IMG [--box x1,y1,x2,y2 | --point x,y | --mask MASK.png] \
+        [--model-path PATH] [--load-4bit | --load-8bit] [--save-vis OUT.png] "question"
+
+Coordinates are pixels of the image (box corners inclusive). Write ``<region>`` in the question
+where the region goes, or it is appended. Without a question the CLI reads questions from stdin,
+one per line, as one conversation (the region belongs to the first question; an empty line or
+end of input stops). The answer streams to stdout; ``--save-vis`` writes the image with the
+referred region and the answer's boxes drawn. Bad input: one line on stderr, exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+__all__ = ["main", "parse_region_args"]
+
+EXIT_BAD_INPUT = 2
+
+
+class CliError(ValueError):
+    """Bad input on the command line (reported as one line, exit 2)."""
+
+
+def _numbers(text: str, n: int, flag: str) -> list[float]:
+    parts = [p.strip() for p in text.replace(" ", ",").split(",") if p.strip()]
+    if len(parts) != n:
+        raise CliError(f"{flag} needs {n} comma-separated numbers, got {text!r}")
+    try:
+        return [float(p) for p in parts]
+    except ValueError:
+        raise CliError(f"{flag} needs numbers, got {text!r}") from None
+
+
+def parse_region_args(args: argparse.Namespace, image) -> list:
+    """The region given by --box / --point / --mask, checked against the image."""
+    import numpy as np
+
+    from ferret.processing import ImageLoadError, load_image
+    from ferret.regions import Box, FreeForm, Point, RegionError, region_to_grid
+
+    try:
+        if args.box is not None:
+            region = Box(*_numbers(args.box, 4, "--box"))
+        elif args.point is not None:
+            region = Point(*_numbers(args.point, 2, "--point"))
+        elif args.mask is not None:
+            mask = load_image(args.mask).convert("L")
+            if mask.size != image.size:
+                raise CliError(f"--mask is {mask.size[0]}x{mask.size[1]} but the image is {image.size[0]}x{image.size[1]}")
+            region = FreeForm(np.asarray(mask) > 0)
+        else:
+            return []
+        region_to_grid(region, *image.size)  # inside the image, not degenerate once clipped
+    except (RegionError, ImageLoadError) as error:
+        raise CliError(str(error)) from None
+    return [region]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m ferret.serve.cli", description="Ask Ferret about an image (refer with a box, point or mask)."
+    )
+    parser.add_argument("question", nargs="?", help="the question; omit it for an interactive conversation")
+    parser.add_argument("--image", required=True, help="image file")
+    region = parser.add_mutually_exclusive_group()
+    region.add_argument("--box", help="x1,y1,x2,y2 in pixels")
+    region.add_argument("--point", help="x,y in pixels")
+    region.add_argument("--mask", help="PNG the size of the image; nonzero pixels are the region")
+    parser.add_argument("--model-path", default=None, help="checkpoint folder (default: the embedded model)")
+    quant = parser.add_mutually_exclusive_group()
+    quant.add_argument("--load-4bit", action="store_true")
+    quant.add_argument("--load-8bit", action="store_true")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--save-vis", default=None, help="write the image with regions and answer boxes here")
+    return parser
+
+
+def _fail(message: str) -> int:
+    print(f"ferret-cli: error: {message}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+def _save_vis(path: str, image, regions, answer_regions) -> None:
+    from ferret.serve.drawing import draw_grounding, draw_regions
+
+    picture = draw_regions(image, regions)
+    draw_grounding(picture, answer_regions, first_colour=len(regions)).save(path)
+    print(f"[saved {path}]", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # argparse already printed its one-line usage error
+        return EXIT_BAD_INPUT if exit_.code else 0
+    if args.question is not None and not args.question.strip():
+        return _fail("the question is empty")
+    if args.save_vis and not Path(args.save_vis).resolve().parent.is_dir():
+        return _fail(f"--save-vis folder {str(Path(args.save_vis).parent)!r} does not exist")
+    if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
+        return _fail("need --max-new-tokens >= 1, --temperature >= 0 and 0 < --top-p <= 1")
+
+    from ferret.processing import ImageLoadError, load_image
+
+    try:
+        image = load_image(args.image)
+        regions = parse_region_args(args, image)
+    except (ImageLoadError, CliError) as error:
+        return _fail(str(error))
+
+    from ferret.chat import FerretChat
+    from ferret.regions import parse_grounding
+
+    try:
+        chat = FerretChat.from_pretrained(args.model_path, load_4bit=args.load_4bit, load_8bit=args.load_8bit,
+                                          device=args.device)
+    except (FileNotFoundError, ValueError, ImportError) as error:
+        return _fail(f"cannot load the model: {error}")
+
+    interactive = args.question is None
+    questions = iter([args.question]) if not interactive else (line.rstrip("\n") for line in sys.stdin)
+    from ferret.serve.engine import chat_history
+    from ferret.serve.protocol import Turn
+
+    turns: list[Turn] = []
+    turn_regions, all_answer_regions = regions, []
+    for question in questions:
+        if not question.strip():
+            break
+        if interactive:
+            print(f"USER: {question}\nASSISTANT: ", end="", flush=True)
+        pieces = []
+        try:
+            for piece in chat.stream(image, question, regions=turn_regions, history=chat_history(turns, image.size),
+                                     temperature=args.temperature, top_p=args.top_p,
+                                     max_new_tokens=args.max_new_tokens):
+                pieces.append(piece)
+                print(piece, end="", flush=True)
+        except ValueError as error:
+            print(file=sys.stdout)
+            return _fail(str(error))
+        print(flush=True)
+        answer = "".join(pieces).strip()
+        turns.append(Turn(question, answer, turn_regions))
+        all_answer_regions = parse_grounding(answer, *image.size)
+        turn_regions = []
+    if args.save_vis:
+        _save_vis(args.save_vis, image, regions, all_answer_regions)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
