@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from ferret.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from ferret.model import FerretLlamaForCausalLM, RegionTokenMismatchError
-from ferret.model.modeling_ferret import splice_multimodal_embeddings
+from ferret.model import RegionTokenMismatchError
+from ferret.model.multimodal_inputs import splice_multimodal_embeddings
 from ferret.model.region_adapter import MaskPoolingRegionAdapter
 from ferret.model.tiny import build_tiny_model
 
