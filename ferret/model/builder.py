@@ -160,14 +160,13 @@ def load_pretrained(
         config=config,
         dtype=dtype,
         attn_implementation=default_attn_implementation(target),
+        device_map={"": str(target)},  # load straight onto the device, one device for everything
         output_loading_info=True,
     )
     if quantization is not None:
-        kwargs.update(quantization_config=quantization, device_map={"": str(target)})
+        kwargs.update(quantization_config=quantization)
     model, info = FerretLlamaForCausalLM.from_pretrained(str(path), **kwargs)
     _check_loading_info(path, config, model, info)
-    if quantization is None:
-        model.to(target)
     model.eval()
 
     image_processor = _image_processor_for(config)
