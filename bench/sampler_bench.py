@@ -6,9 +6,11 @@ plain-PyTorch reference, in the SAME run, for the whole sampler and for each ker
 Cases are "images x regions per image" with Ferret-7B shapes: feature width 1024, LLM width 4096,
 512 points per region, stages 128 -> 32, k = 24, max pooling, masks on a 336 x 336 image.
   full (default on CUDA): 1x1, 16x2, 64x4 in bf16 (the released timings' cases).
-  --small (default on CPU): 1x1, 2x2, 4x2 in fp32 -- the same per-region shapes and widths, fewer
-  regions so the reference finishes on two CPU cores.
-"Whole sampler" = masks -> points -> bilinear features -> geo sampler -> [R, 4096], with random FPS
+  --small (default on CPU): 1x1, 4x2, 8x4 in fp32 -- the same per-region shapes and widths, fewer
+  regions so the reference finishes on two CPU cores (each reference call takes seconds).
+"Whole sampler" = masks -> points -> bilinear features -> geo sampler -> [R, 4096] (ours: one
+`ops.geo_region_sampler_from_maps` call after the points; reference: point_features then
+geo_region_sampler, the released data flow), with random FPS
 starts from a seeded generator; fwd+bwd adds the backward of a weighted sum of the output to the
 feature maps and every weight. Timings are medians; peak memory is the allocator's peak on CUDA and
 the profiler's allocation high-water mark on CPU (both above the inputs already resident).
@@ -37,7 +39,7 @@ from ferret_kernels.params import SamplerParams, StageParams  # noqa: E402
 
 WIDTH, LLM_WIDTH, POINTS, SUB_POINTS, NEIGHBOURS, IMAGE_SIDE, GRID = 1024, 4096, 512, (128, 32), (24, 24), 336, 576
 FULL_CASES = ((1, 1), (16, 2), (64, 4))
-SMALL_CASES = ((1, 1), (2, 2), (4, 2))
+SMALL_CASES = ((1, 1), (4, 2), (8, 4))
 
 
 @dataclass
@@ -82,8 +84,12 @@ def make_inputs(images: int, per_image: int, dtype: torch.dtype, device: torch.d
 def whole_sampler(inputs: Inputs, backend: str, seed: int = 0) -> torch.Tensor:
     gen = torch.Generator(device=inputs.maps.device).manual_seed(seed)
     points = ops.sample_mask_points(inputs.masks, POINTS, gen, backend=backend)
-    features = ops.point_features(inputs.maps, points, inputs.image_index, "official", backend=backend)
-    return ops.geo_region_sampler(points, features, inputs.params, SUB_POINTS, NEIGHBOURS, "max", None, gen, backend=backend)
+    if backend == "reference":  # the released data flow: features of every point, then the sampler
+        features = ops.point_features(inputs.maps, points, inputs.image_index, "official", backend=backend)
+        return ops.geo_region_sampler(points, features, inputs.params, SUB_POINTS, NEIGHBOURS, "max", None, gen, backend=backend)
+    return ops.geo_region_sampler_from_maps(
+        inputs.maps, points, inputs.image_index, inputs.params, SUB_POINTS, NEIGHBOURS, "max", None, gen, "official", backend=backend
+    )
 
 
 # --------------------------------------------------------------------------- measurement

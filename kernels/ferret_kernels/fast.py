@@ -12,8 +12,13 @@ whichever costs fewer FLOPs for the batch at hand. U_a is a row of U (anchors ar
 per-anchor term V = W_b x_a - U_a + bias' costs one small matmul.
 
 Then `group_pool` does gather -> add -> ReLU -> LayerNorm -> max/mean over the k neighbours in
-cache-sized chunks of anchors with fp32 statistics; its backward keeps only the argmax neighbour
-(uint8) and the LayerNorm mean/rstd and recomputes the rest chunk by chunk.
+cache-sized chunks of anchors with fp32 statistics; its backward keeps only the LayerNorm mean/rstd
+and the pooled output, and recomputes the rest chunk by chunk.
+
+From the maps (`geo_region_sampler_from_maps`): bilinear sampling is linear, so stage 1's per-point
+projection is computed once per image on the S x S map (G = map A_F^T) and then sampled at the
+points: B*S*S rows of matmul instead of R*N, and the [R, N, D] point features are only sampled at
+the anchors.
 """
 
 from __future__ import annotations
@@ -38,8 +43,10 @@ __all__ = [
     "group_pool",
     "farthest_point_sample",
     "knn_indices",
+    "sample_maps",
     "sampler_stage",
     "geo_region_sampler",
+    "geo_region_sampler_from_maps",
 ]
 
 # Bytes of one fp32 [anchors, k, D] working chunk: small enough to stay in a core's L2/L3.
@@ -337,6 +344,38 @@ def group_pool(
     return _GroupPool.apply(point_u, anchor_v, neighbour_index, ln_weight, ln_bias, float(eps), pool)
 
 
+# --------------------------------------------------------------------------- bilinear sampling
+
+
+def sample_maps(feature_maps: torch.Tensor, points: torch.Tensor, image_index: torch.Tensor, layout: str = "official") -> torch.Tensor:
+    """`reference.point_features` without copying one map per region: on CPU the regions are
+    grouped by image (host-side indexing is free there) and each image's map is sampled once with
+    all its regions' points, using grid_sample's own arithmetic (bit-identical samples). Other
+    devices fall back to the reference (grouping would need a synchronisation)."""
+    if feature_maps.device.type != "cpu":
+        return reference.point_features(feature_maps, points, image_index, layout)
+    if layout not in reference.LAYOUTS:
+        raise ValueError(f"layout must be one of {reference.LAYOUTS}, got {layout!r}")
+    side = reference._grid_side(feature_maps)
+    if points.dim() != 3 or points.shape[-1] != 2:
+        raise ValueError(f"points must be [R, N, 2], got shape {tuple(points.shape)}")
+    reference._check_image_index(image_index, points.shape[0], feature_maps.shape[0])
+    compute_dtype = torch.promote_types(feature_maps.dtype, torch.float32)
+    num_regions, num_points, _ = points.shape
+    channels = feature_maps.shape[-1]
+    grid_xy = points.to(compute_dtype)
+    grid_xy = grid_xy.flip(-1) if layout == "official" else grid_xy
+    grid = 2.0 * grid_xy - 1.0
+    out = torch.empty(num_regions, num_points, channels, dtype=compute_dtype)
+    for image in image_index.unique().tolist():
+        regions = (image_index == image).nonzero().flatten()
+        image_map = feature_maps[image].to(compute_dtype).t().reshape(1, channels, side, side)
+        image_grid = grid.index_select(0, regions).reshape(1, -1, 1, 2)
+        sampled = F.grid_sample(image_map, image_grid, mode="bilinear", align_corners=True)  # [1, C, P, 1]
+        out.index_copy_(0, regions, sampled.view(channels, -1).t().reshape(-1, num_points, channels))
+    return out.to(feature_maps.dtype)
+
+
 # --------------------------------------------------------------------------- sampler
 
 
@@ -387,6 +426,60 @@ def geo_region_sampler(
     xy, hidden = points, features
     for stage, stage_params in enumerate(params.stages):
         xy, hidden = stage_fn(xy, hidden, stage_params, num_sub_point[stage], num_neighbor[stage], pool, fps_start, generator)
+    flat = hidden.flatten(1)
+    return F.linear(F.linear(flat, params.flatten_weight, params.flatten_bias), params.dim_weight, params.dim_bias)
+
+
+def geo_region_sampler_from_maps(
+    feature_maps: torch.Tensor,
+    points: torch.Tensor,
+    image_index: torch.Tensor,
+    params: SamplerParams,
+    num_sub_point: Sequence[int] = (128, 32),
+    num_neighbor: Sequence[int] = (24, 24),
+    pool: str = "max",
+    fps_start: torch.Tensor | int | None = None,
+    generator: torch.Generator | None = None,
+    layout: str = "official",
+) -> torch.Tensor:
+    """`geo_region_sampler(points, point_features(feature_maps, points, image_index, layout), ...)`
+    with stage 1's per-point projection computed on the maps (see the module notes)."""
+    num_sub_point, num_neighbor = tuple(num_sub_point), tuple(num_neighbor)
+    if points.dim() != 3 or points.shape[-1] != 2:
+        raise ValueError(f"points must be [R, N, 2], got shape {tuple(points.shape)}")
+    reference._grid_side(feature_maps)
+    if feature_maps.shape[-1] != params.input_dim:
+        raise ValueError(f"feature maps have width {feature_maps.shape[-1]}, the weights expect {params.input_dim}")
+    _check_inputs(points, points.new_empty(*points.shape[:2], params.input_dim), params, num_sub_point, num_neighbor)
+    width = params.input_dim
+    stage = params.stages[0]
+    dtype = feature_maps.dtype
+    anchor_index = farthest_point_sample(points, num_sub_point[0], fps_start, generator)
+    anchor_xy = reference.gather_points(points, anchor_index)
+    neighbour_index = knn_indices(anchor_xy, points, num_neighbor[0])
+
+    map_rows = feature_maps.reshape(-1, width)  # [B*S*S, D]
+    conv = stage.conv_matrix
+    w_a, w_b = conv[:, : width + 2], conv[:, width + 2 :]
+    bias = torch.addmv(stage.conv_bias, w_a, stage.diff_bias)
+    diff_f, diff_p = stage.diff_weight[:, :width], stage.diff_weight[:, width:]
+    if map_rows.shape[0] > width:  # fold: one [D, d] x [d, D] weight product beats a second map matmul
+        map_u = map_rows @ (w_a @ diff_f).t()
+    else:
+        map_u = (map_rows @ diff_f.t()) @ w_a.t()
+    point_xy = points.to(dtype)
+    point_u = sample_maps(map_u.view_as(feature_maps), points, image_index, layout)
+    point_u = torch.baddbmm(point_u, point_xy, (w_a @ diff_p).t().expand(points.shape[0], 2, width))
+    anchor_features = sample_maps(feature_maps, anchor_xy, image_index, layout)
+    anchor_v = anchor_projection(
+        anchor_features, anchor_xy.to(dtype), reference.gather_points(point_u, anchor_index), w_b, bias
+    )
+    hidden = group_pool(point_u, anchor_v, neighbour_index, stage.ln_weight, stage.ln_bias, stage.ln_eps, pool)
+    xy = anchor_xy
+    for index in range(1, len(params.stages)):
+        xy, hidden = sampler_stage(
+            xy, hidden, params.stages[index], num_sub_point[index], num_neighbor[index], pool, fps_start, generator
+        )
     flat = hidden.flatten(1)
     return F.linear(F.linear(flat, params.flatten_weight, params.flatten_bias), params.dim_weight, params.dim_bias)
 

@@ -62,6 +62,38 @@ def test_fast_sampler_matches_reference_fp64(pool, regions):
         torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-10, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("layout", ["official", "aligned"])
+@pytest.mark.parametrize("images", [1, 3])  # 1 map (36 rows > width: folded), 3 maps
+def test_fast_sampler_from_maps_matches_reference_fp64(layout, images):
+    gen = torch.Generator().manual_seed(6)
+    width = 24
+    params = make_params(width, 10, 8)
+    maps = torch.randn(images, 36, width, generator=gen, dtype=torch.float64).requires_grad_()
+    points = torch.rand(5, 64, 2, generator=gen, dtype=torch.float64).requires_grad_()
+    image_index = torch.tensor([0, 2, 1, 2, 0]) % images
+    kw = dict(num_sub_point=(16, 8), num_neighbor=(8, 4), pool="max", fps_start=torch.arange(5))
+    got = ops.geo_region_sampler_from_maps(maps, points, image_index, params, layout=layout, backend="fast", **kw)
+    features = reference.point_features(maps, points, image_index, layout)
+    expected = reference.geo_region_sampler(points, features, params, **kw)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    inputs = [maps, points, *leaves(params)]
+    for i, (g, e) in enumerate(zip(torch.autograd.grad(got.sum(), inputs), torch.autograd.grad(expected.sum(), inputs))):
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-10, msg=lambda m: f"input {i}: {m}")
+
+
+def test_fast_sample_maps_is_bit_identical_to_reference():
+    gen = torch.Generator().manual_seed(7)
+    maps = torch.randn(3, 64, 16, generator=gen)
+    points = torch.rand(4, 50, 2, generator=gen)
+    image_index = torch.tensor([2, 2, 0, 1])
+    for layout in ("official", "aligned"):
+        assert torch.equal(
+            fast.sample_maps(maps, points, image_index, layout), reference.point_features(maps, points, image_index, layout)
+        )
+    with pytest.raises(ValueError, match="image_index"):
+        fast.sample_maps(maps, points, torch.tensor([0, 1, 2, 3]))
+
+
 def test_fold_choice_covers_both_branches():
     params = make_params(8, 4, 2)
     assert fast.fold_stage_weights(params.stages[0], 8)[0] is None  # few points: no weight product
