@@ -19,8 +19,8 @@ from PIL import Image
 
 from ferret.constants import IMAGE_TOKEN, REGION_TOKEN
 from ferret.conversation import ferret_v1, tokenize_prompt
-from ferret.processing import build_question, load_image, preprocess_images
-from ferret.regions import GroundedRegion, Region, parse_grounding, region_mask
+from ferret.processing import REGION_PLACEHOLDER, build_question, load_image, preprocess_images
+from ferret.regions import Box, FreeForm, GroundedRegion, Point, Region, parse_grounding, region_mask
 
 ImageInput = str | Image.Image
 
@@ -81,7 +81,7 @@ class FerretChat:
         self,
         image: ImageInput | None,
         question: str,
-        regions: Sequence[Region] = (),
+        regions: Sequence[Region] | Region = (),
         history: ChatHistory | None = None,
         temperature: float = 0.0,
         top_p: float = 1.0,
@@ -111,7 +111,7 @@ class FerretChat:
         self,
         image: ImageInput | None,
         question: str,
-        regions: Sequence[Region] = (),
+        regions: Sequence[Region] | Region = (),
         history: ChatHistory | None = None,
         temperature: float = 0.0,
         top_p: float = 1.0,
@@ -150,7 +150,7 @@ class FerretChat:
         if REGION_TOKEN in question or IMAGE_TOKEN in question:
             raise ValueError(f"write regions with the `regions` argument, not literal {REGION_TOKEN}/{IMAGE_TOKEN}")
         history = history if history is not None else ChatHistory()
-        regions = list(regions or ())
+        regions = [regions] if isinstance(regions, (Point, Box, FreeForm)) else list(regions or ())
         pixels, size = None, None
         if image is not None:
             picture = load_image(image)
@@ -161,9 +161,9 @@ class FerretChat:
                 f"this history is about an image of size {history.image_size}, but the new image is {size}; "
                 "start a new conversation for a different image"
             )
-        if regions and size is None:
+        if size is None and (regions or REGION_PLACEHOLDER in question):
             raise ValueError("regions need an image")
-        user_text = build_question(question.strip(), regions, *size) if regions else question.strip()
+        user_text = build_question(question.strip(), regions, *size) if size is not None else question.strip()
         masks = list(history.region_masks) + [region_mask(region, *size) for region in regions]
 
         conversation = ferret_v1()

@@ -35,6 +35,8 @@ def test_ask_with_a_box_returns_text_regions_and_history(chat, image):
     assert isinstance(answer.regions, list)
     assert answer.history.image_size == image.size
     assert len(answer.history.region_masks) == 1 and answer.history.region_masks[0].shape == (400, 300)
+    single = chat.ask(image, "What is this?", regions=Box(50, 60, 150, 160), max_new_tokens=TOKENS)
+    assert single.text == answer.text  # one region need not be wrapped in a list
     user_text, reply = answer.history.turns[0]
     assert "[125, 200, 375, 533] <region_fea>" in user_text and reply == answer.text
     again = chat.ask(image, "What is this?", regions=[Box(50, 60, 150, 160)], max_new_tokens=TOKENS)
@@ -114,6 +116,8 @@ def test_bad_requests_raise_clear_errors(chat, image, tmp_path):
         chat.ask(image, "What?", regions=[Point(1000, 5)])
     with pytest.raises(ValueError, match="placeholder"):
         chat.ask(image, "<region> and <region>?", regions=[Point(5, 5)])
+    with pytest.raises(ValueError, match="placeholder"):
+        chat.ask(image, "What is <region>?")
     with pytest.raises(ValueError, match="regions need an image"):
         chat.ask(None, "What?", regions=[Point(5, 5)])
     history = ChatHistory(turns=(("hi", "hello"),), image_size=(10, 10))
