@@ -162,6 +162,9 @@ def load_pretrained(
         attn_implementation=default_attn_implementation(target),
         device_map={"": str(target)},  # load straight onto the device, one device for everything
         output_loading_info=True,
+        # Collect shape mismatches instead of failing inside transformers; _check_loading_info
+        # then names them in a CheckpointMismatchError.
+        ignore_mismatched_sizes=True,
     )
     if quantization is not None:
         kwargs.update(quantization_config=quantization)
@@ -177,7 +180,7 @@ def load_pretrained(
 def _check_loading_info(path: Path, config: FerretConfig, model: FerretLlamaForCausalLM, info: dict) -> None:
     missing = sorted(info.get("missing_keys") or [])
     unexpected = sorted(info.get("unexpected_keys") or [])
-    mismatched = sorted(info.get("mismatched_keys") or [])
+    mismatched = sorted(str(key[0] if isinstance(key, tuple) else key) for key in info.get("mismatched_keys") or [])
     tower_prefix = "model.vision_tower."
     if missing and all(key.startswith(tower_prefix) for key in missing):
         folder = Path(config.mm_vision_tower or "")
