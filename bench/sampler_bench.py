@@ -100,16 +100,23 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+CLOCK = "wall"
+
+
 def median_ms(fn, device: torch.device, repeats: int, warmup: int = 1) -> float:
+    """Median ms of `repeats` calls on the selected clock: "wall" (perf_counter), or "cpu" (this
+    process's CPU time: robust to other jobs on a shared machine; use it with --threads 1)."""
+    clock = CLOCKS[CLOCK]
     for _ in range(warmup):
         fn()
     synchronize(device)
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = clock()
         fn()
         synchronize(device)
-        times.append((time.perf_counter() - start) * 1e3)
+        times.append((clock() - start) * 1e3)
     return statistics.median(times)
 
 
@@ -218,14 +225,24 @@ def grad_of(fn, tensors):
 # --------------------------------------------------------------------------- main
 
 
+def paired_medians(ours, ref, device: torch.device, repeats: int, ref_repeats: int) -> tuple[float, float]:
+    """Median ms of ours and of the reference, timed alternately so that load from other processes
+    on a shared machine hits both alike (one untimed warm-up call each)."""
+    ours_ms, ref_ms = [], []
+    for i in range(max(repeats, ref_repeats) + 1):
+        if i <= repeats:
+            ours_ms.append(median_ms(ours, device, 1, warmup=0))
+        if i <= ref_repeats:
+            ref_ms.append(median_ms(ref, device, 1, warmup=0))
+    return statistics.median(ours_ms[1:]), statistics.median(ref_ms[1:])
+
+
 def measure_pair(name, ours, ref, device, repeats, ref_repeats, backward_ours=None, backward_ref=None):
     row = {"name": name}
-    row["ours_fwd_ms"] = median_ms(no_grad(ours), device, repeats)
-    row["ref_fwd_ms"] = median_ms(no_grad(ref), device, ref_repeats)
+    row["ours_fwd_ms"], row["ref_fwd_ms"] = paired_medians(no_grad(ours), no_grad(ref), device, repeats, ref_repeats)
     row["fwd_speedup"] = row["ref_fwd_ms"] / row["ours_fwd_ms"]
     if backward_ours is not None:
-        row["ours_fwd_bwd_ms"] = median_ms(backward_ours, device, repeats)
-        row["ref_fwd_bwd_ms"] = median_ms(backward_ref, device, ref_repeats)
+        row["ours_fwd_bwd_ms"], row["ref_fwd_bwd_ms"] = paired_medians(backward_ours, backward_ref, device, repeats, ref_repeats)
         row["fwd_bwd_speedup"] = row["ref_fwd_bwd_ms"] / row["ours_fwd_bwd_ms"]
         row["ours_peak_bytes"] = peak_bytes(backward_ours, device)
         row["ref_peak_bytes"] = peak_bytes(backward_ref, device)
@@ -242,17 +259,26 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--small", action="store_true", help="CPU-sized cases (default on CPU)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats of ours (reference: fewer on CPU)")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="wall time, or process CPU time (shared machines: with --threads 1)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--cases", default=None, help="override the cases, e.g. 1x1,8x4")
     parser.add_argument("--no-kernels", action="store_true", help="skip the per-kernel table")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/sampler_<device>.json)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.clock == "cpu" and device.type == "cuda":
+        parser.error("--clock cpu measures host CPU time: meaningless for CUDA kernels")
+    global CLOCK
+    CLOCK = args.clock
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but torch.cuda.is_available() is False")
     small = args.small or device.type == "cpu"
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    repeats = args.repeats or (20 if device.type == "cuda" else 5)
-    ref_repeats = repeats if device.type == "cuda" else max(1, min(repeats, 3))
+    repeats = args.repeats or (20 if device.type == "cuda" else 3)
+    ref_repeats = repeats
     cases = SMALL_CASES if small else FULL_CASES
     if args.cases:
         try:
@@ -262,13 +288,13 @@ def main(argv: list[str] | None = None) -> dict:
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
     result = {
         "device": device.type, "device_name": device_name, "dtype": str(dtype).replace("torch.", ""),
-        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "clock": args.clock,
         "shapes": {"width": WIDTH, "llm_width": LLM_WIDTH, "points": POINTS, "sub_points": SUB_POINTS,
                    "neighbours": NEIGHBOURS, "grid": GRID, "image_side": IMAGE_SIDE, "pool": "max"},
         "ours": "ops auto route (" + ("triton" if device.type == "cuda" else "fast") + ")",
         "cases": [],
     }
-    print(f"device {device_name} ({device.type}), dtype {result['dtype']}, threads {result['threads']}")
+    print(f"device {device_name} ({device.type}), dtype {result['dtype']}, threads {result['threads']}, clock {args.clock}")
     header = f"{'case':<8}{'what':<22}{'ours fwd':>10}{'ref fwd':>10}{'x':>7}{'ours f+b':>10}{'ref f+b':>10}{'x':>7}{'ours MB':>9}{'ref MB':>9}"
     print(header)
     for images, per_image in cases:

@@ -81,15 +81,20 @@ def test_fast_sampler_from_maps_matches_reference_fp64(layout, images):
         torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-10, msg=lambda m: f"input {i}: {m}")
 
 
-def test_fast_sample_maps_is_bit_identical_to_reference():
+def test_fast_sample_maps_matches_reference_with_map_grad():
     gen = torch.Generator().manual_seed(7)
-    maps = torch.randn(3, 64, 16, generator=gen)
-    points = torch.rand(4, 50, 2, generator=gen)
+    maps = torch.randn(3, 64, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+    points = torch.rand(4, 50, 2, generator=gen, dtype=torch.float64)
+    points[0, :3] = torch.tensor([[0.0, 0.0], [0.0, 0.999], [0.5, 1.0]], dtype=torch.float64)  # edges
     image_index = torch.tensor([2, 2, 0, 1])
     for layout in ("official", "aligned"):
-        assert torch.equal(
-            fast.sample_maps(maps, points, image_index, layout), reference.point_features(maps, points, image_index, layout)
-        )
+        got = fast.sample_maps(maps, points, image_index, layout)
+        expected = reference.point_features(maps, points, image_index, layout)
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+        weight = torch.randn(got.shape, generator=gen, dtype=torch.float64)
+        g1, = torch.autograd.grad((got * weight).sum(), maps)
+        g2, = torch.autograd.grad((expected * weight).sum(), maps)
+        torch.testing.assert_close(g1, g2, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="image_index"):
         fast.sample_maps(maps, points, torch.tensor([0, 1, 2, 3]))
 
