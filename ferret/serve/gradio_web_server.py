@@ -307,11 +307,11 @@ def build_demo(controller_url: str, model_list_mode: str = "reload", api_key: st
                 editor = gr.ImageEditor(
                     label="Image: draw to refer", type="pil", image_mode="RGBA", sources=("upload", "clipboard"),
                     brush=gr.Brush(colors=["#ff2d55"], default_color="#ff2d55", color_mode="fixed", default_size=8),
-                    layers=False, elem_id="ferret-editor", height=420,
+                    layers=False, format="png", elem_id="ferret-editor", height=420,
                 )
                 refer_mode = gr.Radio(REFER_CHOICES, value="Box", label="Referring input type", elem_id="ferret-refer-mode")
                 mark = gr.Button("Mark region", elem_id="ferret-mark")
-                region_view = gr.Image(label="Referred regions", type="pil", interactive=False, elem_id="ferret-regions-view")
+                region_view = gr.Image(label="Referred regions", type="pil", format="png", interactive=False, elem_id="ferret-regions-view")
                 region_text = gr.Markdown("No region marked.", elem_id="ferret-regions-text")
             with gr.Column(scale=6):
                 model = gr.Dropdown(label="Model", choices=initial_models,
@@ -322,7 +322,7 @@ def build_demo(controller_url: str, model_list_mode: str = "reload", api_key: st
                     send = gr.Button("Send", variant="primary", elem_id="ferret-send")
                     regenerate = gr.Button("Regenerate", elem_id="ferret-regenerate")
                     clear = gr.Button("Clear", elem_id="ferret-clear")
-                output_image = gr.Image(label="Grounded answer", type="pil", interactive=False, elem_id="ferret-output")
+                output_image = gr.Image(label="Grounded answer", type="pil", format="png", interactive=False, elem_id="ferret-output")
                 with gr.Accordion("Parameters", open=False):
                     temperature = gr.Slider(0.0, 1.0, value=0.2, step=0.05, label="Temperature", elem_id="ferret-temperature")
                     top_p = gr.Slider(0.05, 1.0, value=0.7, step=0.05, label="Top P", elem_id="ferret-top-p")
@@ -335,7 +335,7 @@ def build_demo(controller_url: str, model_list_mode: str = "reload", api_key: st
             api_question = gr.Textbox()
             api_regions = gr.Textbox()
             api_answer = gr.Textbox()
-            api_output = gr.Image(type="pil")
+            api_output = gr.Image(type="pil", format="png")
             api_button = gr.Button()
         api_button.click(api_ask, [api_image, api_question, api_regions, temperature, top_p, max_tokens],
                          [api_answer, api_output], api_name="ask", concurrency_limit=concurrency)
