@@ -264,7 +264,7 @@ def test_load_50_concurrent_requests(stack):
     wall = time.perf_counter() - started
     assert not failures, failures[:3]
     assert len(latencies) == 50
-    p50, p90, p99 = np.percentile(latencies, [50, 90, 99])
+    p50, p90, p99 = (float(v) for v in np.percentile(latencies, [50, 90, 99]))
     report = {"requests": 50, "max_new_tokens": 4, "wall_s": round(wall, 3), "p50_s": round(p50, 3),
               "p90_s": round(p90, 3), "p99_s": round(p99, 3), "model": model}
     ARTIFACTS.mkdir(exist_ok=True)
