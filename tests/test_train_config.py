@@ -157,3 +157,18 @@ def test_released_recipe(name):
         "grounded_llava_boxes_conversation.json": 1.0, "refexp_all.json": 1.0, "flickr.json": 1.0,
         "objects365.json": 1.0,
     }
+
+
+def test_cli_reports_a_bad_key_in_one_line():
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "train" / "ferret_train.py"), "--config", str(CONFIGS / "small.yaml"),
+         "train.lr=1e-3"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("ferret_train: error: train.lr: unknown config key"), proc.stderr
+    assert "Traceback" not in proc.stderr

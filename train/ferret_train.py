@@ -81,6 +81,9 @@ def build_model(cfg: TrainConfig):
     from ferret.model.builder import load_pretrained
     from ferret.processing import build_image_processor
 
+    for key, value in (("model.pretrained", cfg.model.pretrained), ("model.tokenizer", cfg.model.tokenizer)):
+        if value and not Path(resolve(value)).is_dir():
+            raise FileNotFoundError(f"{key}: folder {value} does not exist")
     if cfg.model.pretrained:
         tokenizer, model, image_processor, _ = load_pretrained(resolve(cfg.model.pretrained), device="cpu")
     else:
@@ -237,30 +240,62 @@ def move_batch(batch: dict, device: torch.device, float_dtype: torch.dtype) -> d
     return inputs
 
 
-def unused_modules_term(model, inputs: dict, generator: torch.Generator) -> torch.Tensor | float:
-    """A zero-valued loss term that runs the region module (and projector) when the batch skips them.
+class RegionPassScheduler:
+    """Runs the region module exactly once per micro-batch, on every image, on every rank.
 
-    ZeRO-2/3 reduce gradients from per-parameter hooks: if one rank's micro-batch has no region
-    (or no image) those parameters get no gradient there and the ranks' reductions no longer
-    match. A dummy pass times 0 gives them an exact zero gradient instead.
+    ZeRO-2 reduces gradients from per-parameter hooks, and ZeRO-3 gathers parameters with
+    collectives as modules run and records that module order once (counting one backward hook
+    per output tensor), then expects it at every step on every rank. The model itself runs its
+    region module only when a batch refers to a region, and returns one tensor per image that
+    has one, so both would follow the data and the ranks would deadlock. This wrapper,
+    installed on the model instance by the training script only, computes the region
+    embeddings right after the image encoder with a dummy mask for each image that has no
+    region (so the module always returns one tensor per image), hands the real ones to the
+    model's own `encode_regions` call, and adds 0 x the sum of all of them to the image
+    embeddings, giving unused region parameters an exact zero gradient. Embedding values are
+    those the model would compute; only the random draws of the point sampling shift.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    core = base.model
-    term = 0.0
-    region_module = getattr(core, "region_geo_sampler", None) or getattr(core, "region_fea_adapter", None)
-    has_regions = any(len(masks) for masks in inputs["region_masks"])
-    if region_module is not None and not has_regions:
-        tower = base.get_vision_tower()
-        weight = next(region_module.parameters())
-        grid = torch.zeros(1, tower.num_patches, base.config.mm_hidden_size, device=weight.device, dtype=weight.dtype)
-        mask = torch.ones(4, 4, dtype=torch.bool, device=weight.device)
-        embeddings = base.encode_regions(grid, [[mask]], generator)
-        term = term + 0.0 * embeddings[0].sum()
-    projector = getattr(core, "mm_projector", None)
-    if projector is not None and "images" not in inputs:
-        weight = projector.weight
-        term = term + 0.0 * projector(torch.zeros(1, weight.shape[1], device=weight.device, dtype=weight.dtype)).sum()
-    return term
+
+    def __init__(self, model):
+        self.base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        core = self.base.model
+        self.module = getattr(core, "region_geo_sampler", None) or getattr(core, "region_fea_adapter", None)
+        self.region_masks = None
+        self.generator: torch.Generator | None = None
+        self.cached: tuple[list, list] | None = None  # (masks passed, embeddings)
+        if self.module is not None:
+            self._encode_images = self.base.encode_images
+            self._encode_regions = self.base.encode_regions
+            self.base.encode_images = self._encode_images_and_regions  # instance attributes: this model only
+            self.base.encode_regions = self._cached_encode_regions
+
+    def arm(self, region_masks, generator: torch.Generator) -> None:
+        self.region_masks, self.generator, self.cached = region_masks, generator, None
+
+    def _encode_images_and_regions(self, images: torch.Tensor):
+        features, projected = self._encode_images(images)
+        if self.region_masks is None or len(self.region_masks) != images.shape[0]:
+            return features, projected  # not a training batch of one image per sample: leave as is
+        masks_in, self.region_masks = self.region_masks, None
+        grid = features[:, -self.base.get_vision_tower().num_patches :]
+        # Every image gets at least one mask (a dummy where it has none), so the module returns
+        # one tensor per image: ZeRO-3 counts its backward hooks per output tensor.
+        dummy = torch.ones(4, 4, dtype=torch.bool, device=features.device)
+        padded = [list(masks) if len(masks) else [dummy] for masks in masks_in]
+        embeddings = self._encode_regions(grid, padded, self.generator)
+        rows = [i for i, masks in enumerate(masks_in) if len(masks)]
+        self.cached = ([m for i in rows for m in masks_in[i]], [embeddings[i] for i in rows])
+        anchor = sum(e.sum() for e in embeddings if e is not None) * 0.0
+        return features, projected + anchor.to(projected.dtype)
+
+    def _cached_encode_regions(self, feature_maps, region_masks, generator=None):
+        if self.cached is not None:
+            masks, embeddings = self.cached
+            flat = [m for group in region_masks for m in group]
+            if len(flat) == len(masks) and all(a is b for a, b in zip(flat, masks)):
+                self.cached = None
+                return embeddings
+        return self._encode_regions(feature_maps, region_masks, generator)
 
 
 # --------------------------------------------------------------------------- logging
@@ -300,13 +335,19 @@ class MetricsLog:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ferret.data.errors import DataFormatError
+
     args = parse_args(argv)
     try:
         cfg = load_train_config(args.config, args.overrides)
-    except (TrainConfigError, FileNotFoundError) as err:
-        print(f"ferret_train: config error: {err}", file=sys.stderr)
+        return train(cfg, args)
+    except (TrainConfigError, CheckpointError, DataFormatError, FileNotFoundError) as err:
+        # Problems with the inputs are the same on every rank: one line, no traceback.
+        print(f"ferret_train: error: {err}", file=sys.stderr)
         return 2
 
+
+def train(cfg: TrainConfig, args: argparse.Namespace) -> int:
     # ---- distributed setup: torchrun sets RANK/WORLD_SIZE/LOCAL_RANK (a plain `python` run is 1 process)
     import deepspeed
 
@@ -322,11 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda", local_rank) if on_gpu else torch.device("cpu")
     bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and on_gpu)
     compute_dtype = torch.bfloat16 if bf16 else torch.float32
-    try:
-        accum = cfg.accumulation_steps(world)
-    except TrainConfigError as err:
-        print(f"ferret_train: config error: {err}", file=sys.stderr)
-        return 2
+    accum = cfg.accumulation_steps(world)
     micro = cfg.train.per_device_batch_size
     out_dir = Path(cfg.train.output_dir)
     ckpt_root = out_dir / "checkpoints"
@@ -338,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     # ---- model, data
     model, tokenizer, image_processor = build_model(cfg)
     model = prepare_trainable(model, cfg, rank)
+    region_pass = RegionPassScheduler(model)
     dataset = build_dataset(cfg, tokenizer, image_processor)
     from ferret.data.collate import FerretCollator
 
@@ -359,9 +397,18 @@ def main(argv: list[str] | None = None) -> int:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_multiplier(s, warmup, total_steps, cfg.train.lr_scheduler)
     )
+    ds_config = deepspeed_config(cfg, micro, accum, bf16)
+    if on_gpu and ds_config.get("zero_optimization", {}).get("stage") == 3 and region_pass.module is not None:
+        # The region sampler reads its sub-modules' weights directly (folded kernels), so ZeRO-3
+        # must gather the whole module at once instead of hooking each child. (Not on CPU:
+        # DeepSpeed 0.19's leaf path calls record_stream on CPU gradients and fails; the small
+        # CPU models keep every sampler weight below the persistence threshold anyway.)
+        from deepspeed.utils import set_z3_leaf_modules
+
+        set_z3_leaf_modules(model, [type(region_pass.module)])
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, micro, accum, bf16),
+        config=ds_config,
     )
 
     # ---- resume
@@ -416,8 +463,9 @@ def main(argv: list[str] | None = None) -> int:
                     region_seed(cfg.train.seed, state.global_step, rank, micro_step)
                 )
                 inputs = move_batch(batch, device, compute_dtype)
+                region_pass.arm(inputs["region_masks"], generator)
                 outputs = engine(**inputs, region_generator=generator)
-                engine.backward(outputs.loss + unused_modules_term(engine.module, inputs, generator))
+                engine.backward(outputs.loss)
                 engine.step()
                 losses.append(outputs.loss.detach().float())
                 samples += batch["input_ids"].shape[0]

@@ -1,0 +1,205 @@
+"""End-to-end DeepSpeed training on CPU: 2 processes (gloo), tiny Ferret, synthetic GRIT data.
+
+One module-scoped set of runs, each a few steps:
+  zero2      6 steps, checkpoints every 2, HF export            (the reference curve)
+  crashed    same config, rank 0 dies while staging checkpoint 4 (FERRET_TRAIN_CRASH_IN_SAVE)
+  resumed    `--resume` of the crashed run                      -> must equal the reference curve
+  zero3      ZeRO-3, rank 0 exits hard after step 3 (FERRET_TRAIN_CRASH_AT_STEP), then resumed
+  lora       LoRA on the LLM, projector + sampler trained, merged HF export
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "train" / "ferret_train.py"
+CONFIG = REPO / "train" / "configs" / "small.yaml"
+
+pytest.importorskip("deepspeed")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    from ferret.data.synthetic import generate
+    from ferret.model.tiny import build_tiny_tokenizer
+
+    generate(str(root / "synth"), n=24, seed=3, workers=1)
+    build_tiny_tokenizer(save_dir=root / "tokenizer")
+    return root
+
+
+def train(workspace: Path, name: str, *overrides: str, env: dict | None = None, resume: bool = False,
+          expect_ok: bool = True) -> subprocess.CompletedProcess:
+    out = workspace / name
+    args = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+        str(SCRIPT), "--config", str(CONFIG),
+        f"data.data_path={workspace / 'synth' / 'train.json'}",
+        f"model.tokenizer={workspace / 'tokenizer'}",
+        f"train.output_dir={out}",
+        "train.max_steps=6", "train.per_device_batch_size=2", "train.global_batch_size=8",
+        "train.save_steps=2", "train.logging_steps=1", "train.learning_rate=2e-3", "train.warmup_steps=1",
+        *overrides,
+    ]
+    if resume:
+        args.insert(args.index("--config"), "--resume")
+    run_env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    run_env.pop("FERRET_TRAIN_CRASH_AT_STEP", None)
+    run_env.pop("FERRET_TRAIN_CRASH_IN_SAVE", None)
+    run_env.update(env or {})
+    proc = subprocess.run(args, cwd=REPO, env=run_env, capture_output=True, text=True, timeout=600)
+    if expect_ok and proc.returncode != 0:
+        raise AssertionError(f"training run {name} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def curve(out: Path) -> dict[int, dict]:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {r["step"]: r for r in records}
+
+
+@pytest.fixture(scope="module")
+def zero2(workspace):
+    proc = train(workspace, "zero2")
+    return workspace / "zero2", proc
+
+
+def test_zero2_smoke_loss_goes_down_and_reports(zero2):
+    out, proc = zero2
+    metrics = curve(out)
+    assert sorted(metrics) == [1, 2, 3, 4, 5, 6]
+    losses = [metrics[s]["loss"] for s in range(1, 7)]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2 - 0.05, losses
+    for record in metrics.values():
+        assert record["grad_norm"] > 0 and record["samples_per_s"] > 0 and record["tokens_per_s"] > 0
+    assert metrics[1]["lr"] == 0.0 and metrics[2]["lr"] == pytest.approx(2e-3)  # 1 warmup step, then cosine
+    assert metrics[6]["lr"] < metrics[3]["lr"]
+    # stdout: per-step lines, the ZeRO stage, the final summary
+    assert "ZeRO-2" in proc.stdout and "step 6/6 loss" in proc.stdout and "[ferret_train] done: 6 steps" in proc.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final_loss"] == pytest.approx(losses[-1])
+    assert summary["checkpoint"].endswith("step-00000006")
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    # checkpoints every 2 steps, at most save_total_limit (3) kept, `latest` names the last one
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-00000006"
+    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == [
+        "step-00000002", "step-00000004", "step-00000006"]
+
+
+def test_export_loads_with_load_pretrained(zero2, workspace):
+    from ferret.model.builder import load_pretrained
+
+    out, _ = zero2
+    tokenizer, model, image_processor, context_len = load_pretrained(out / "hf", device="cpu")
+    ds_state = torch.load(out / "checkpoints" / "step-00000006" / "mp_rank_00_model_states.pt",
+                          map_location="cpu", weights_only=False)["module"]
+    loaded = model.state_dict()
+    assert set(ds_state) == set(loaded)
+    for name, tensor in ds_state.items():
+        torch.testing.assert_close(loaded[name], tensor, rtol=0, atol=0, msg=name)
+    assert tokenizer.convert_tokens_to_ids("<region_fea>") == model.config.im_region_fea_token
+    assert image_processor is not None and context_len > 0
+    # the trained weights differ from the initial ones (the run did train), the frozen tower does not
+    from ferret.model.tiny import build_tiny_model
+
+    init, _ = build_tiny_model(tokenizer, seed=0)
+    init_state = init.state_dict()
+    assert not torch.equal(init_state["model.mm_projector.weight"], loaded["model.mm_projector.weight"])
+    assert not torch.equal(init_state["model.layers.0.self_attn.q_proj.weight"],
+                           loaded["model.layers.0.self_attn.q_proj.weight"])
+    tower = [n for n in init_state if n.startswith("model.vision_tower.")]
+    assert tower and all(torch.equal(init_state[n], loaded[n]) for n in tower)
+
+
+def test_crash_during_save_then_resume_reproduces_the_curve(zero2, workspace):
+    reference = curve(zero2[0])
+    crashed = train(workspace, "crashed", env={"FERRET_TRAIN_CRASH_IN_SAVE": "4"}, expect_ok=False)
+    out = workspace / "crashed"
+    assert crashed.returncode != 0
+    # the step-4 save was staged but never published: `latest` still names step 2
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-00000002"
+    assert (out / "checkpoints" / ".staging" / "step-00000004").is_dir()
+    assert not (out / "checkpoints" / "step-00000004").exists()
+
+    resumed = train(workspace, "crashed", resume=True)
+    assert "resumed from" in resumed.stdout and "at step 2" in resumed.stdout
+    got = curve(out)
+    assert sorted(got) == [1, 2, 3, 4, 5, 6]
+    for step in range(1, 7):
+        for key in ("loss", "grad_norm", "lr"):
+            assert got[step][key] == pytest.approx(reference[step][key], rel=1e-6, abs=1e-9), (step, key)
+    # and the final weights agree
+    from safetensors.torch import load_file
+
+    a, b = load_file(zero2[0] / "hf" / "model.safetensors"), load_file(out / "hf" / "model.safetensors")
+    assert set(a) == set(b)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_zero3_hard_kill_resume_and_export(zero2, workspace):
+    crashed = train(workspace, "zero3", "train.deepspeed=train/configs/ds_zero3.json",
+                    env={"FERRET_TRAIN_CRASH_AT_STEP": "3"}, expect_ok=False)
+    assert crashed.returncode != 0
+    out = workspace / "zero3"
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-00000002"
+    resumed = train(workspace, "zero3", "train.deepspeed=train/configs/ds_zero3.json", resume=True)
+    assert "ZeRO-3" in resumed.stdout
+    got, reference = curve(out), curve(zero2[0])
+    assert sorted(got) == [1, 2, 3, 4, 5, 6]
+    losses = [got[s]["loss"] for s in range(1, 7)]
+    assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2 - 0.05, losses
+    # same data, same math as ZeRO-2: only the reduction order differs
+    for step in range(1, 7):
+        assert got[step]["loss"] == pytest.approx(reference[step]["loss"], rel=1e-4), step
+
+    from ferret.model.builder import load_pretrained
+
+    _, model, _, _ = load_pretrained(out / "hf", device="cpu")
+    ref_state = load_pretrained(zero2[0] / "hf", device="cpu")[1].state_dict()
+    for name, tensor in model.state_dict().items():  # full (gathered) weights, close to ZeRO-2's
+        assert tensor.shape == ref_state[name].shape and tensor.numel() > 0, name
+        torch.testing.assert_close(tensor, ref_state[name], rtol=1e-3, atol=1e-4, msg=name)
+
+
+def test_lora_run_trains_adapters_projector_and_sampler(workspace):
+    proc = train(workspace, "lora", "lora.enable=true", "lora.r=4", "lora.alpha=8", "lora.dropout=0.0",
+                 "train.max_steps=4", "train.save_steps=0", "train.learning_rate=5e-3")
+    out = workspace / "lora"
+    assert "trainable parameters" in proc.stdout
+    losses = [curve(out)[s]["loss"] for s in range(1, 5)]
+    assert losses[-1] < losses[0], losses
+
+    from ferret.model.builder import load_pretrained
+    from ferret.model.tiny import build_tiny_model
+
+    tokenizer, model, _, _ = load_pretrained(out / "hf", device="cpu")
+    trained = model.state_dict()
+    assert not any("lora" in name for name in trained)
+    init = build_tiny_model(tokenizer, seed=0)[0].state_dict()
+    assert set(init) == set(trained)
+    changed = {name for name in init if not torch.equal(init[name], trained[name])}
+    # LoRA on decoder Linear layers (a rank <= 4 update), projector and sampler fully trained
+    delta = trained["model.layers.0.self_attn.q_proj.weight"] - init["model.layers.0.self_attn.q_proj.weight"]
+    assert delta.abs().max() > 0 and torch.linalg.matrix_rank(delta, atol=1e-6) <= 4
+    assert "model.mm_projector.weight" in changed
+    assert any(name.startswith("model.region_geo_sampler.") for name in changed)
+    # everything else is frozen: embeddings, norms, lm_head, vision tower
+    for name in changed:
+        assert (name.startswith(("model.mm_projector.", "model.region_geo_sampler."))
+                or (name.startswith("model.layers.") and "_proj." in name and "norm" not in name)), name
