@@ -23,7 +23,8 @@ the anchors.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +49,8 @@ __all__ = [
     "sampler_stage",
     "geo_region_sampler",
     "geo_region_sampler_from_maps",
+    "SamplerKernels",
+    "FAST_KERNELS",
 ]
 
 # Bytes of one fp32 [anchors, k, D] working chunk: small enough to stay in a core's L2/L3.
@@ -474,9 +477,11 @@ def geo_region_sampler_from_maps(
     fps_start: torch.Tensor | int | None = None,
     generator: torch.Generator | None = None,
     layout: str = "official",
+    kernels: SamplerKernels | None = None,
 ) -> torch.Tensor:
     """`geo_region_sampler(points, point_features(feature_maps, points, image_index, layout), ...)`
-    with stage 1's per-point projection computed on the maps (see the module notes)."""
+    with stage 1's per-point projection computed on the maps (see the module notes). `kernels`
+    swaps the building blocks (the Triton backend passes its own); default: this module's."""
     num_sub_point, num_neighbor = tuple(num_sub_point), tuple(num_neighbor)
     if points.dim() != 3 or points.shape[-1] != 2:
         raise ValueError(f"points must be [R, N, 2], got shape {tuple(points.shape)}")
@@ -487,9 +492,10 @@ def geo_region_sampler_from_maps(
     width = params.input_dim
     stage = params.stages[0]
     dtype = feature_maps.dtype
-    anchor_index = farthest_point_sample(points, num_sub_point[0], fps_start, generator)
+    kernels = kernels or FAST_KERNELS
+    anchor_index = kernels.fps(points, num_sub_point[0], fps_start, generator)
     anchor_xy = reference.gather_points(points, anchor_index)
-    neighbour_index = knn_indices(anchor_xy, points, num_neighbor[0])
+    neighbour_index = kernels.knn(anchor_xy, points, num_neighbor[0])
 
     map_rows = feature_maps.reshape(-1, width)  # [B*S*S, D]
     conv = stage.conv_matrix
@@ -501,20 +507,33 @@ def geo_region_sampler_from_maps(
     else:
         map_u = (map_rows @ diff_f.t()) @ w_a.t()
     point_xy = points.to(dtype)
-    point_u = sample_maps(map_u.view_as(feature_maps), points, image_index, layout)
+    point_u = kernels.sample(map_u.view_as(feature_maps), points, image_index, layout)
     point_u = torch.baddbmm(point_u, point_xy, (w_a @ diff_p).t().expand(points.shape[0], 2, width))
-    anchor_features = sample_maps(feature_maps, anchor_xy, image_index, layout)
+    anchor_features = kernels.sample(feature_maps, anchor_xy, image_index, layout)
     anchor_v = anchor_projection(
         anchor_features, anchor_xy.to(dtype), reference.gather_points(point_u, anchor_index), w_b, bias
     )
-    hidden = group_pool(point_u, anchor_v, neighbour_index, stage.ln_weight, stage.ln_bias, stage.ln_eps, pool)
+    hidden = kernels.group_pool(point_u, anchor_v, neighbour_index, stage.ln_weight, stage.ln_bias, stage.ln_eps, pool)
     xy = anchor_xy
     for index in range(1, len(params.stages)):
-        xy, hidden = sampler_stage(
+        xy, hidden = kernels.stage(
             xy, hidden, params.stages[index], num_sub_point[index], num_neighbor[index], pool, fps_start, generator
         )
     flat = hidden.flatten(1)
     return F.linear(F.linear(flat, params.flatten_weight, params.flatten_bias), params.dim_weight, params.dim_bias)
+
+
+class SamplerKernels(NamedTuple):
+    """The building blocks `geo_region_sampler_from_maps` is assembled from."""
+
+    fps: Callable
+    knn: Callable
+    sample: Callable
+    group_pool: Callable
+    stage: Callable
+
+
+FAST_KERNELS = SamplerKernels(farthest_point_sample, knn_indices, sample_maps, group_pool, sampler_stage)
 
 
 def _check_inputs(points, features, params, num_sub_point, num_neighbor) -> None:

@@ -180,6 +180,12 @@ def geo_region_sampler_from_maps(
         return fast.geo_region_sampler_from_maps(
             feature_maps, points, image_index, params, num_sub_point, num_neighbor, pool, fps_start, generator, layout
         )
+    if route == "triton":
+        from . import triton_sampler
+
+        return triton_sampler.geo_region_sampler_from_maps(
+            feature_maps, points, image_index, params, num_sub_point, num_neighbor, pool, fps_start, generator, layout
+        )
     features = point_features(feature_maps, points, image_index, layout, backend=route)
     return geo_region_sampler(
         points, features, params, num_sub_point, num_neighbor, pool, fps_start, generator, backend=route

@@ -16,8 +16,9 @@ from .fps import farthest_point_sample
 from .group_pool import group_pool
 from .knn import knn_indices
 from .params import SamplerParams, StageParams
+from .point_features_kernel import point_features
 
-__all__ = ["sampler_stage", "geo_region_sampler"]
+__all__ = ["sampler_stage", "geo_region_sampler", "geo_region_sampler_from_maps", "TRITON_KERNELS"]
 
 
 def sampler_stage(
@@ -60,4 +61,27 @@ def geo_region_sampler(
     """Same contract as `reference.geo_region_sampler`."""
     return fast.geo_region_sampler(
         points, features, params, num_sub_point, num_neighbor, pool, fps_start, generator, stage_fn=sampler_stage
+    )
+
+
+TRITON_KERNELS = fast.SamplerKernels(farthest_point_sample, knn_indices, point_features, group_pool, sampler_stage)
+
+
+def geo_region_sampler_from_maps(
+    feature_maps: torch.Tensor,
+    points: torch.Tensor,
+    image_index: torch.Tensor,
+    params: SamplerParams,
+    num_sub_point: Sequence[int] = (128, 32),
+    num_neighbor: Sequence[int] = (24, 24),
+    pool: str = "max",
+    fps_start: torch.Tensor | int | None = None,
+    generator: torch.Generator | None = None,
+    layout: str = "official",
+) -> torch.Tensor:
+    """Same contract as `fast.geo_region_sampler_from_maps` (stage-1 projection on the maps, then
+    sampled by the bilinear kernel), assembled from the Triton kernels."""
+    return fast.geo_region_sampler_from_maps(
+        feature_maps, points, image_index, params, num_sub_point, num_neighbor, pool, fps_start, generator, layout,
+        kernels=TRITON_KERNELS,
     )

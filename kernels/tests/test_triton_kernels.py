@@ -203,6 +203,21 @@ def test_triton_sampler_matches_reference_values_and_grads(pool):
         assert ((a - b).abs().max() / scale) < 1e-4, f"input {i}: relative grad error {((a - b).abs().max() / scale).item()}"
 
 
+def test_triton_sampler_from_maps_matches_reference():
+    width = 16
+    params = small_params(width, 12, 4)
+    maps = torch.randn(2, 36, width, generator=gen(14), device=DEVICE, requires_grad=True)
+    points = torch.rand(3, 32, 2, generator=gen(15), device=DEVICE)
+    image_index = torch.tensor([1, 0, 1], device=DEVICE)
+    kw = dict(num_sub_point=(8, 4), num_neighbor=(6, 4), pool="max", fps_start=0)
+    got = ops.geo_region_sampler_from_maps(maps, points, image_index, params, backend="triton", **kw)
+    expected = reference.geo_region_sampler(points, reference.point_features(maps, points, image_index), params, **kw)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    g_got, = torch.autograd.grad(got.sum(), maps)
+    g_exp, = torch.autograd.grad(expected.sum(), maps)
+    assert ((g_got - g_exp).abs().max() / g_exp.abs().max()) < 1e-4
+
+
 def test_triton_backend_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
     if ON_CUDA:
         pytest.skip("the CPU-tensor error only concerns machines where the kernels are interpreted")
