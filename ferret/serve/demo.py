@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import httpx
@@ -166,6 +168,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _default_model_available() -> bool:
+    from ferret.model.builder import NoDefaultModelError, resolve_model_path
+
+    try:
+        resolve_model_path(None)
+        return True
+    except (NoDefaultModelError, FileNotFoundError):
+        return False
+
+
+def _write_random_tiny_model(folder: str) -> str:
+    """No trained model is available: serve a tiny RANDOM one, and say so loudly."""
+    from ferret.model.tiny import save_tiny_model
+
+    print("NOTE: no trained Ferret model is available (give --model-path or set $FERRET_MODEL_PATH);", flush=True)
+    print("      serving a tiny RANDOMLY INITIALISED model: the pipeline works, its answers are noise.", flush=True)
+    return str(save_tiny_model(os.path.join(folder, "tiny-random-ferret")))
+
+
 def _format_footprint(status: dict) -> str:
     from ferret.serve.engine import format_bytes
 
@@ -178,6 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.model_path is not None and not os.path.isdir(args.model_path):
         print(f"ferret demo: model path {args.model_path!r} is not a folder", file=sys.stderr)
         return 2
+    scratch = None
+    if args.model_path is None and not _default_model_available():
+        scratch = tempfile.mkdtemp(prefix="ferret-demo-")
+        args.model_path = _write_random_tiny_model(scratch)
     stack = DemoStack(args)
 
     def on_signal(signum, _frame):
@@ -206,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         stack.stop()
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 if __name__ == "__main__":
