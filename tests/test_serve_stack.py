@@ -221,6 +221,18 @@ def test_browser_draw_a_box_and_ask(stack):
             drawn = (np.abs(pixels - np.array(PALETTE[0])).sum(-1) < 40).sum()
             assert drawn > 200  # the referred box outline (and any answer boxes) is drawn
             RESULTS["browser_answer"] = answer
+
+            page.click("#ferret-regenerate")  # same question again: still one exchange in the chat
+            page.wait_for_function(
+                "document.querySelectorAll('#ferret-chatbot .message-row, #ferret-chatbot .message').length > 0"
+                " && !document.querySelector('#ferret-chatbot .pending')", timeout=60_000)
+            page.wait_for_timeout(500)
+            again = page.locator("#ferret-chatbot").inner_text()
+            assert again.count("What is the object in region0") == 1 and "⚠" not in again, again
+            page.click("#ferret-clear")
+            page.wait_for_function("document.querySelector('#ferret-output img') === null", timeout=30_000)
+            assert "region0" not in page.locator("#ferret-chatbot").inner_text()
+            assert page.locator("#ferret-regions-text").inner_text().strip() == "No region marked."
         finally:
             browser.close()
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from ferret.serve.auth import auth_headers, install_api_key_check, resolve_api_key
 from ferret.serve.protocol import RequestError, ServeLimits, UnknownModelError, parse_json_body
@@ -101,9 +102,9 @@ class Controller:
 
     def refresh_all_workers(self) -> None:
         with self._lock:
-            names = list(self.workers)
-        for name in names:
-            if not self.register_worker(name, self.workers.get(name, WorkerInfo([], 1, 0, True, 0)).check_heart_beat, None):
+            checked = {name: info.check_heart_beat for name, info in self.workers.items()}
+        for name, check_heart_beat in checked.items():
+            if not self.register_worker(name, check_heart_beat, None):
                 logger.info("removing unreachable worker %s", name)
                 self.remove_worker(name)
 
@@ -212,13 +213,15 @@ def build_app(controller: Controller, limits: ServeLimits = ServeLimits()) -> Fa
             raise RequestError("worker_name must be the worker's URL (http://host:port)")
         if status is not None and not (isinstance(status, dict) and isinstance(status.get("model_names"), list)):
             raise RequestError("worker_status must be an object with a 'model_names' list")
-        if not controller.register_worker(name, bool(data.get("check_heart_beat", True)), status):
+        # Without a status the controller asks the worker: a blocking call, kept off the event loop.
+        registered = await run_in_threadpool(controller.register_worker, name, bool(data.get("check_heart_beat", True)), status)
+        if not registered:
             raise RequestError(f"worker {name} did not answer /worker_get_status", status=502)
         return {"ok": True}
 
     @app.post("/refresh_all_workers")
     async def refresh_all_workers():
-        controller.refresh_all_workers()
+        await run_in_threadpool(controller.refresh_all_workers)
         return {"ok": True}
 
     @app.post("/list_models")
