@@ -36,9 +36,15 @@ class TrainConfigError(ValueError):
 
 @dataclass
 class ModelSection:
-    # Exactly one source: `pretrained` (a Ferret folder that load_pretrained reads) or `tiny`
-    # (a random tiny Ferret built from ferret.model.tiny, for tests and the synthetic world).
+    # Exactly one source: `pretrained` (a Ferret folder that load_pretrained reads), `base_llm`
+    # (assemble a new Ferret as the released run starts: a LLaMA/Vicuna folder + `vision_tower`, a
+    # CLIP folder, + optionally `mm_projector`, LLaVA's pretrained projector .bin; the region
+    # sampler starts random), or `tiny` (a random tiny Ferret from ferret.model.tiny).
     pretrained: str | None = None
+    base_llm: str | None = None
+    vision_tower: str | None = None
+    mm_projector: str | None = None
+    feature_layout: Literal["official", "aligned"] = "aligned"  # for base_llm: see DESIGN.md's quirk
     tiny: bool = False
     tokenizer: str | None = None  # tokenizer folder for the tiny model (default: trained in-process)
     init_seed: int = 0  # weight init of the tiny model (same on every rank)
@@ -103,8 +109,12 @@ class TrainConfig:
 
     def validate(self) -> None:
         m, d, lo, t = self.model, self.data, self.lora, self.train
-        if bool(m.pretrained) == bool(m.tiny):
-            raise TrainConfigError("model.pretrained / model.tiny: set exactly one model source")
+        if sum((bool(m.pretrained), bool(m.base_llm), bool(m.tiny))) != 1:
+            raise TrainConfigError("model.pretrained / model.base_llm / model.tiny: set exactly one model source")
+        if bool(m.base_llm) != bool(m.vision_tower):
+            raise TrainConfigError("model.vision_tower: a CLIP folder is needed with model.base_llm (and only then)")
+        if m.mm_projector and not m.base_llm:
+            raise TrainConfigError("model.mm_projector: only used with model.base_llm")
         if not d.data_path:
             raise TrainConfigError("data.data_path: at least one GRIT json file is required")
         if d.image_folder and len(d.image_folder) != len(d.data_path):

@@ -70,8 +70,10 @@ def test_yaml_style_float_strings_are_numbers():
 @pytest.mark.parametrize(
     "patch,pattern",
     [
-        ({"model": {"tiny": True, "pretrained": "x"}}, r"model\.pretrained / model\.tiny"),
-        ({"model": {}}, r"model\.pretrained / model\.tiny"),
+        ({"model": {"tiny": True, "pretrained": "x"}}, r"model\.pretrained / model\.base_llm / model\.tiny"),
+        ({"model": {}}, r"model\.pretrained / model\.base_llm / model\.tiny"),
+        ({"model": {"base_llm": "vicuna"}}, r"model\.vision_tower: a CLIP folder"),
+        ({"model": {"tiny": True, "mm_projector": "p.bin"}}, r"model\.mm_projector: only used with"),
         ({"data": {"data_path": []}}, r"data\.data_path"),
         ({"data": {"data_path": ["a", "b"], "image_folder": ["x"]}}, r"data\.image_folder: 1 folders for 2"),
         ({"data": {"data_path": ["a"], "data_multiple": [1.0, 2.0]}}, r"data\.data_multiple: 2 values for 1"),

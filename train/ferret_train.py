@@ -76,16 +76,74 @@ def resolve(path: str) -> str:
 # --------------------------------------------------------------------------- model
 
 
+def assemble_from_parts(cfg: TrainConfig):
+    """(model, tokenizer): a new Ferret from a LLaMA/Vicuna folder, a CLIP folder and LLaVA's projector.
+
+    As the released run starts: `<region_fea>` appended to the vocabulary (its embedding row
+    the mean of the others), CLIP weights in the tower, the pretrained projector if given,
+    and a randomly initialised region sampler.
+    """
+    from transformers import AutoTokenizer, CLIPVisionConfig, LlamaConfig
+
+    from ferret.constants import REGION_TOKEN
+    from ferret.model import FerretConfig, FerretLlamaForCausalLM
+
+    base, clip = resolve(cfg.model.base_llm), resolve(cfg.model.vision_tower)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    llama = LlamaConfig.from_pretrained(base).to_dict()
+    vocab = llama["vocab_size"]
+    vision = CLIPVisionConfig.from_pretrained(clip)
+    for key in ("model_type", "architectures", "transformers_version", "auto_map"):
+        llama.pop(key, None)
+    config = FerretConfig(
+        **llama, mm_vision_tower=clip, mm_hidden_size=vision.hidden_size, vision_config=vision.to_dict(),
+        region_geo_sampler=True, sampler_pooler_mode="max", feature_layout=cfg.model.feature_layout,
+        architectures=["FerretLlamaForCausalLM"],
+    )
+    # Weights not in the LLaMA folder (tower, projector, sampler) start at their initialisers.
+    model = FerretLlamaForCausalLM.from_pretrained(base, config=config, dtype=torch.float32)
+    if REGION_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_tokens([REGION_TOKEN], special_tokens=True)
+    if len(tokenizer) > vocab:
+        # New rows = the mean of the old ones, in the input and output embeddings (released
+        # `smart_tokenizer_and_embedding_resize`).
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        with torch.no_grad():
+            for matrix in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
+                matrix[vocab:] = matrix[:vocab].mean(dim=0, keepdim=True)
+    model.config.im_region_fea_token = tokenizer.convert_tokens_to_ids(REGION_TOKEN)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.get_vision_tower().load_clip_weights(clip)
+    if cfg.model.mm_projector:
+        state = torch.load(resolve(cfg.model.mm_projector), map_location="cpu", weights_only=True)
+        # LLaVA saves "model.mm_projector.weight" (sometimes without the "model." prefix).
+        weights = {k.split("mm_projector.")[-1]: v for k, v in state.items() if "mm_projector." in k}
+        if set(weights) != {"weight", "bias"}:
+            raise TrainConfigError(f"model.mm_projector: {cfg.model.mm_projector} holds {sorted(state)[:4]}, "
+                                   "not mm_projector.weight/bias")
+        model.model.mm_projector.load_state_dict(weights)
+    return model, tokenizer
+
+
 def build_model(cfg: TrainConfig):
-    """(model, tokenizer, image_processor): a pretrained Ferret folder or a random tiny Ferret."""
+    """(model, tokenizer, image_processor) from the configured source (see ModelSection)."""
     from ferret.model.builder import load_pretrained
     from ferret.processing import build_image_processor
 
-    for key, value in (("model.pretrained", cfg.model.pretrained), ("model.tokenizer", cfg.model.tokenizer)):
+    m = cfg.model
+    for key, value in (("model.pretrained", m.pretrained), ("model.tokenizer", m.tokenizer),
+                       ("model.base_llm", m.base_llm), ("model.vision_tower", m.vision_tower)):
         if value and not Path(resolve(value)).is_dir():
             raise FileNotFoundError(f"{key}: folder {value} does not exist")
-    if cfg.model.pretrained:
-        tokenizer, model, image_processor, _ = load_pretrained(resolve(cfg.model.pretrained), device="cpu")
+    if m.mm_projector and not Path(resolve(m.mm_projector)).is_file():
+        raise FileNotFoundError(f"model.mm_projector: file {m.mm_projector} does not exist")
+    if m.pretrained:
+        tokenizer, model, image_processor, _ = load_pretrained(resolve(m.pretrained), device="cpu")
+    elif m.base_llm:
+        model, tokenizer = assemble_from_parts(cfg)
+        image_processor = build_image_processor(model.config.vision_tower_config().image_size)
     else:
         from ferret.model.tiny import build_tiny_model
 
@@ -129,7 +187,9 @@ def prepare_trainable(model, cfg: TrainConfig, rank: int):
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     if rank == 0:
-        print(f"[ferret_train] trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
+        checkpointing = getattr(model, "is_gradient_checkpointing", False)
+        print(f"[ferret_train] trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"
+              f"{', LoRA' if cfg.lora.enable else ''}{', gradient checkpointing' if checkpointing else ''}")
     return model
 
 
