@@ -181,6 +181,8 @@ def test_bad_requests_get_clear_errors_and_servers_stay_up(cluster):
         response = httpx.post(worker_url, json=body, timeout=30)
         assert response.status_code == status, (fragment, response.text)
         assert fragment in response.json()["error"]["message"]
+    oversize = httpx.post(worker_url, content=b"{" + b" " * (33 * 1024 * 1024) + b"}", timeout=30)
+    assert oversize.status_code == 413 and "over the 32 MiB limit" in oversize.json()["error"]["message"]
     malformed = httpx.post(worker_url, content=b'{"image": ', timeout=10)
     assert malformed.status_code == 400 and "not valid JSON" in malformed.json()["error"]["message"]
     with pytest.raises(ServeError, match="no worker serves model 'ghost'") as info:

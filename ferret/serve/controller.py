@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from ferret.serve.auth import auth_headers, install_api_key_check, resolve_api_key
-from ferret.serve.protocol import RequestError, ServeLimits, UnknownModelError, parse_json_body
+from ferret.serve.protocol import RequestError, ServeLimits, UnknownModelError, read_json_body
 
 logger = logging.getLogger("ferret.serve.controller")
 
@@ -198,7 +198,7 @@ def build_app(controller: Controller, limits: ServeLimits = ServeLimits()) -> Fa
         return _error(error.status, str(error))
 
     async def body(request: Request) -> dict:
-        return parse_json_body(await request.body(), limits)
+        return await read_json_body(request, limits)
 
     @app.get("/health")
     async def health():

@@ -33,7 +33,7 @@ from ferret.serve.protocol import (
     chunk,
     grounded_to_json,
     parse_generate_request,
-    parse_json_body,
+    read_json_body,
 )
 
 logger = logging.getLogger("ferret.serve.model_worker")
@@ -228,7 +228,7 @@ def build_app(worker: ModelWorker) -> FastAPI:
 
     @app.post("/worker_generate_stream")
     async def worker_generate_stream(request: Request):
-        data = parse_json_body(await request.body(), worker.limits)
+        data = await read_json_body(request, worker.limits)
         prepared = await run_in_threadpool(worker.prepare, data)
         texts = await worker.open_stream(prepared)
         return StreamingResponse(worker.stream_chunks(prepared, texts), media_type="application/x-ndjson")

@@ -40,7 +40,7 @@ from ferret.serve.protocol import (
     checked_number,
     decode_image,
     grounded_to_json,
-    parse_json_body,
+    read_json_body,
     region_from_json,
 )
 
@@ -220,7 +220,7 @@ def build_openai_router(worker: "ModelWorker") -> APIRouter:
 
     @router.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        data = parse_json_body(await request.body(), worker.limits)
+        data = await read_json_body(request, worker.limits)
         generate, stream = await run_in_threadpool(parse_chat_completion, data, worker)
         completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         created = int(time.time())

@@ -47,6 +47,7 @@ __all__ = [
     "region_to_json",
     "parse_generate_request",
     "parse_json_body",
+    "read_json_body",
     "checked_number",
     "chunk",
     "grounded_to_json",
@@ -227,11 +228,27 @@ def grounded_to_json(regions: list[GroundedRegion]) -> list[dict]:
 # Requests
 
 
+async def read_json_body(request, limits: ServeLimits = ServeLimits()) -> dict:
+    """A Starlette request's JSON object; an oversize body is refused from its Content-Length
+    header before it is read, and while it streams in when it has none."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limits.max_body_bytes:
+        raise RequestError(
+            f"request body is {int(declared) / 2**20:.1f} MiB, over the {limits.max_body_bytes / 2**20:g} MiB limit", status=413
+        )
+    received = bytearray()
+    async for part in request.stream():
+        received += part
+        if len(received) > limits.max_body_bytes:
+            break
+    return parse_json_body(bytes(received), limits)
+
+
 def parse_json_body(body: bytes, limits: ServeLimits = ServeLimits()) -> dict:
     """Raw request body -> JSON object, with clear errors for oversize or malformed bodies."""
     if len(body) > limits.max_body_bytes:
         raise RequestError(
-            f"request body is {len(body) / 1e6:.1f} MB, over the {limits.max_body_bytes / 1e6:.0f} MB limit", status=413
+            f"request body is {len(body) / 2**20:.1f} MiB, over the {limits.max_body_bytes / 2**20:g} MiB limit", status=413
         )
     if not body:
         raise RequestError("request body is empty; expected a JSON object")
