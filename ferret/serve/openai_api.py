@@ -37,6 +37,7 @@ from ferret.serve.protocol import (
     RequestError,
     Turn,
     UnknownModelError,
+    checked_max_new_tokens,
     checked_number,
     decode_image,
     grounded_to_json,
@@ -148,6 +149,12 @@ def parse_chat_completion(data: dict, worker: "ModelWorker") -> tuple[GenerateRe
         image_refs += images
         if message["role"] != "system":
             turns.append((message["role"], text))
+    model = data.get("model")
+    if model is not None and model not in worker.model_names:
+        raise UnknownModelError(f"model {model!r} is not served here; available: {worker.model_names}")
+    stream = data.get("stream", False)
+    if not isinstance(stream, bool):
+        raise RequestError(f"stream must be true or false, got {stream!r}")
     if not image_refs:
         raise RequestError("Ferret needs an image: add an image_url part (data URL or allowed local path)")
     if not turns or turns[-1][0] != "user":
@@ -171,36 +178,19 @@ def parse_chat_completion(data: dict, worker: "ModelWorker") -> tuple[GenerateRe
     if not question.strip():
         raise RequestError("the last user message has no text")
 
-    max_tokens = data.get("max_tokens", data.get("max_completion_tokens", 256))
-    fields = {
-        "image": image, "question": question, "max_new_tokens": max_tokens,
-        "temperature": data.get("temperature", 0.0), "top_p": data.get("top_p", 1.0),
-    }
-    request = _typed_request(fields, worker)
-    request.regions, request.history = regions, history
-    model = data.get("model")
-    if model is not None and model not in worker.model_names:
-        raise UnknownModelError(f"model {model!r} is not served here; available: {worker.model_names}")
-    worker.engine.check(request)
-    stream = data.get("stream", False)
-    if not isinstance(stream, bool):
-        raise RequestError(f"stream must be true or false, got {stream!r}")
-    return request, stream
-
-
-def _typed_request(fields: dict, worker: "ModelWorker") -> GenerateRequest:
-
-    max_new = fields["max_new_tokens"]
-    limit = worker.limits.max_new_tokens
-    if isinstance(max_new, bool) or not isinstance(max_new, int) or not 1 <= max_new <= limit:
-        raise RequestError(f"max_tokens must be an integer in [1, {limit}], got {max_new!r}")
-    return GenerateRequest(
-        image=fields["image"],
-        question=fields["question"],
-        temperature=checked_number(fields, "temperature", 0.0, 0.0, 2.0),
-        top_p=checked_number(fields, "top_p", 1.0, 0.0, 1.0),
-        max_new_tokens=max_new,
+    request = GenerateRequest(
+        image=image,
+        question=question,
+        regions=regions,
+        history=history,
+        temperature=checked_number(data, "temperature", 0.0, 0.0, 2.0),
+        top_p=checked_number(data, "top_p", 1.0, 0.0, 1.0),
+        max_new_tokens=checked_max_new_tokens(
+            data.get("max_tokens", data.get("max_completion_tokens", 256)), worker.limits, "max_tokens"
+        ),
     )
+    worker.engine.check(request)
+    return request, stream
 
 
 def _sse(payload: dict | str) -> bytes:

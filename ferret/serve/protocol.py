@@ -48,6 +48,7 @@ __all__ = [
     "parse_generate_request",
     "parse_json_body",
     "read_json_body",
+    "checked_max_new_tokens",
     "checked_number",
     "chunk",
     "grounded_to_json",
@@ -272,6 +273,12 @@ def checked_number(data: dict, key: str, default: float, low: float, high: float
     return float(value)
 
 
+def checked_max_new_tokens(value: Any, limits: ServeLimits, key: str = "max_new_tokens") -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limits.max_new_tokens:
+        raise RequestError(f"{key} must be an integer in [1, {limits.max_new_tokens}], got {value!r}")
+    return value
+
+
 def _regions(items: Any, width: int, height: int, limits: ServeLimits, where: str) -> list[Region]:
     if items is None:
         return []
@@ -302,9 +309,6 @@ def parse_generate_request(data: dict, limits: ServeLimits = ServeLimits()) -> G
         if not isinstance(turn, dict) or not isinstance(turn.get("question"), str) or not isinstance(turn.get("answer"), str):
             raise RequestError(f"history[{i}] must be an object with 'question' and 'answer' strings")
         history.append(Turn(turn["question"], turn["answer"], _regions(turn.get("regions"), width, height, limits, f"history[{i}]: ")))
-    max_new = data.get("max_new_tokens", 128)
-    if isinstance(max_new, bool) or not isinstance(max_new, int) or not 1 <= max_new <= limits.max_new_tokens:
-        raise RequestError(f"max_new_tokens must be an integer in [1, {limits.max_new_tokens}], got {max_new!r}")
     model = data.get("model")
     if model is not None and not isinstance(model, str):
         raise RequestError(f"model must be a string, got {model!r}")
@@ -315,7 +319,7 @@ def parse_generate_request(data: dict, limits: ServeLimits = ServeLimits()) -> G
         history=history,
         temperature=checked_number(data, "temperature", 0.0, 0.0, 2.0),
         top_p=checked_number(data, "top_p", 1.0, 0.0, 1.0),
-        max_new_tokens=max_new,
+        max_new_tokens=checked_max_new_tokens(data.get("max_new_tokens", 128), limits),
         model=model,
     )
 
