@@ -17,6 +17,7 @@ from ferret.serve.gradio_web_server import (
     split_editor,
     sync_image,
 )
+from ferret.serve.protocol import region_from_json
 
 
 def stroke(height=60, width=80, box=(10, 20, 30, 40)):
@@ -112,6 +113,9 @@ def test_mark_stroke_from_an_editor_value():
     assert session["regions"] == [{"type": "box", "box": [10, 20, 30, 40]}]
     session = mark_stroke(session, value, "Point")
     assert session["regions"][1] == {"type": "point", "point": [20.0, 30.0]}
+    session = mark_stroke(session, value, "Sketch")
+    sketch = region_from_json(session["regions"][2], 80, 60)
+    assert isinstance(sketch, FreeForm) and sketch.mask.sum() == 21 * 21 and sketch.bbox == (10, 20, 30, 40)
     with pytest.raises(DemoError, match="nothing is drawn"):
         mark_stroke(session, {"background": background, "layers": [], "composite": background}, "Box")
     with pytest.raises(DemoError, match="upload an image"):
