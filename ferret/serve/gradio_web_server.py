@@ -19,6 +19,7 @@ import argparse
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -384,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # nothing leaves the machine unasked
     logging.basicConfig(level=logging.INFO, format="%(asctime)s web %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     demo = build_demo(args.controller_url, args.model_list_mode, resolve_api_key(args.api_key), args.concurrency_count)
