@@ -60,7 +60,8 @@ def test_every_task_family_is_present(world):
     assert set(summary["task_counts"]) == set(synthetic.TASK_WEIGHTS)
     assert summary["free_form_samples"] > 0
     for sub in ("relation/left", "relation/above", "relation/largest", "negative/absent", "negative/present",
-                "refer_attribute/color", "refer_attribute/size"):
+                "refer_attribute/color", "refer_attribute/size", "ground/refcoco", "grounded_caption/flickr",
+                "refer_object/lvis"):
         assert summary["subtask_counts"].get(sub, 0) > 0, sub
 
 
@@ -85,6 +86,7 @@ def test_boxes_are_tight_around_visible_masks_and_masks_do_not_overlap(world):
 
 def test_samples_match_their_scene(world):
     out, _ = world
+    all_names = [f"{c} {s}" for c in COLORS for s in SHAPES]
     scenes = {r["scene_id"]: r for r in _load(out, "scenes_test.json")}
     for sample in _load(out, "test.json"):
         scene = scenes[sample["scene_id"]]
@@ -106,8 +108,19 @@ def test_samples_match_their_scene(world):
             obj = scene["objects"][boxes.index(sample["box_x1y1x2y2"][0][0])]
             assert gpt["value"].lower() in (f"a {obj['name']}.", f"an {obj['name']}.")
         if sample["task"] == "ground":
-            name = human["value"].split("Where is the ")[1].rstrip("?")
+            question = human["value"].split("\n", 1)[1]
+            prefix, suffix = (("What is the location of the ", " in the image?") if sample["subtask"] == "refcoco"
+                              else ("Where is the ", "?"))
+            assert question.startswith(prefix) and question.endswith(suffix)
+            name = question[len(prefix):-len(suffix)]
             assert sample["box_x1y1x2y2"][1] == [boxes[names.index(name)]]
+        if sample["subtask"] == "lvis":
+            first, second = human["value"].split(" of the image a ")[1].rstrip("?").split(" or a ")
+            obj = scene["objects"][boxes.index(sample["box_x1y1x2y2"][0][0])]
+            assert obj["name"] in (first, second) and {first, second} - {obj["name"]} <= set(all_names) - set(names)
+        if sample["subtask"] == "flickr":
+            asked = human["value"].split("What are the locations of ")[1].rstrip("?").split(", ")
+            assert asked == [f"a {names[boxes.index(b)]}" for b in sample["box_x1y1x2y2"][1]]
 
 
 def test_free_form_scribbles_lie_on_their_object(world):

@@ -5,7 +5,9 @@
 Each scene is one PNG with 2-5 objects (colour x shape x size), drawn back to front so later
 objects occlude earlier ones; every object's mask is its VISIBLE pixels and its box is the
 tight box of that mask (inclusive pixel corners, as in the released GRIT json). Several
-samples (question/answer pairs of different task families) share a scene. Everything follows
+samples (question/answer pairs of different task families) share a scene. Half of the
+grounding, listing, naming and all yes/no questions use the released benchmark wordings
+(RefCOCO, Flickr30k, LVIS, POPE), so the benchmark scorers in ferret.eval parse the answers. Everything follows
 from the seed: one generator per scene, seeded with (seed, scene_id), so the output does not
 depend on how scenes are split across worker processes.
 
@@ -59,13 +61,21 @@ SIZE_CLASSES: dict[str, tuple[float, float]] = {
     "large": (0.20, 0.26),
 }
 TASK_WEIGHTS: dict[str, float] = {
-    "refer_object": 0.22,
-    "refer_attribute": 0.14,
-    "ground": 0.18,
-    "grounded_caption": 0.10,
-    "relation": 0.20,
-    "negative": 0.16,
+    "refer_object": 0.24,
+    "refer_attribute": 0.10,
+    "ground": 0.24,
+    "grounded_caption": 0.12,
+    "relation": 0.12,
+    "negative": 0.18,
 }
+# The released benchmark prompts (ferret/eval/{refcoco,flickr,lvis,pope}.py ask exactly these),
+# so a model trained on this world can be scored by the benchmark code without a prompt shift.
+REFCOCO_QUESTION = "What is the location of the {name} in the image?"
+FLICKR_QUESTION = "What are the locations of {phrases}?"
+LVIS_QUESTION = "Is the object <bbox_location0> of the image a {first} or a {second}?"
+POPE_QUESTION = "Is there a {name} in the image?"
+# Share of each family's samples asked in the benchmark wording (the rest keep the free wording).
+BENCHMARK_WORDING_PROB = 0.5
 DATASET_NAME = "synthetic_grit"
 SPLITS = ("train", "val", "test")
 
@@ -341,11 +351,27 @@ class _SampleBuilder:
     def _free_form(self) -> bool:
         return bool(self.rng.random() < self.config.free_form_prob)
 
+    def _benchmark_wording(self) -> bool:
+        return bool(self.rng.random() < BENCHMARK_WORDING_PROB)
+
+    def _absent_name(self) -> str:
+        present = {o.name for o in self.scene.objects}
+        options = [f"{c} {s}" for c in COLORS for s in SHAPES if f"{c} {s}" not in present]
+        return options[int(self.rng.integers(len(options)))]
+
     def refer_object(self) -> dict | None:
         i = self._pick()
         obj = self.scene.objects[i]
+        answer = f"{_article(obj.color)} {obj.name}."
+        if self._benchmark_wording():
+            # LVIS: the true class against a class absent from the scene, in random order.
+            pair = [obj.name, self._absent_name()]
+            if self.rng.random() < 0.5:
+                pair.reverse()
+            return self.sample("refer_object", "lvis", LVIS_QUESTION.format(first=pair[0], second=pair[1]),
+                               answer, [i], [], self._free_form())
         return self.sample("refer_object", "name", "What is the object <bbox_location0>?",
-                           f"{_article(obj.color)} {obj.name}.", [i], [], self._free_form())
+                           answer, [i], [], self._free_form())
 
     def refer_attribute(self) -> dict | None:
         i = self._pick()
@@ -359,16 +385,32 @@ class _SampleBuilder:
     def ground(self) -> dict | None:
         i = self._pick()
         name = self.scene.objects[i].name
+        if self._benchmark_wording():
+            return self.sample("ground", "refcoco", REFCOCO_QUESTION.format(name=name),
+                               f"The {name} <bbox_location0>.", [], [i])
         return self.sample("ground", "describe", f"Where is the {name}?",
                            f"The {name} <bbox_location0>.", [], [i])
 
+    @staticmethod
+    def _listing(names: list[str]) -> str:
+        """ "A red circle <bbox_location0>, a blue star <bbox_location1> and a ..." """
+        parts = [f"{'a' if k else 'A'} {name} <bbox_location{k}>" for k, name in enumerate(names)]
+        return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
     def grounded_caption(self) -> dict | None:
-        order = sorted(range(len(self.scene.objects)), key=lambda k: self.scene.objects[k].box[0])
-        parts = [f"{'a' if k else 'A'} {self.scene.objects[j].name} <bbox_location{k}>"
-                 for k, j in enumerate(order)]
-        text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+        objs = self.scene.objects
+        order = sorted(range(len(objs)), key=lambda k: objs[k].box[0])
+        if self._benchmark_wording():
+            # Flickr: ground the listed phrases, left to right, as the synthetic report asks them.
+            count = int(self.rng.integers(1, len(order) + 1))
+            keep = set(self.rng.choice(len(order), size=count, replace=False).tolist())
+            order = [j for k, j in enumerate(order) if k in keep]
+            phrases = ", ".join(f"a {objs[j].name}" for j in order)
+            return self.sample("grounded_caption", "flickr", FLICKR_QUESTION.format(phrases=phrases),
+                               self._listing([objs[j].name for j in order]) + ".", [], order)
         return self.sample("grounded_caption", "all_objects",
-                           "Describe the image with the locations of the objects.", text + ".", [], order)
+                           "Describe the image with the locations of the objects.",
+                           self._listing([objs[j].name for j in order]) + ".", [], order)
 
     def relation(self) -> dict | None:
         for _ in range(6):  # some scenes cannot answer some relations clearly: try another
@@ -412,7 +454,7 @@ class _SampleBuilder:
         if self.rng.random() < 0.5:
             i = self._pick()
             name = objs[i].name
-            return self.sample("negative", "present", f"Is there a {name} in the image?",
+            return self.sample("negative", "present", POPE_QUESTION.format(name=name),
                                f"Yes, the {name} <bbox_location0>.", [], [i])
         present = {(o.color, o.shape) for o in objs}
         anchor = objs[self._pick()]
@@ -423,7 +465,7 @@ class _SampleBuilder:
             options = [(c, s) for c in COLORS for s in SHAPES]
         options = [o for o in options if o not in present]
         color, shape = options[int(self.rng.integers(len(options)))]
-        return self.sample("negative", "absent", f"Is there a {color} {shape} in the image?", "No.", [], [])
+        return self.sample("negative", "absent", POPE_QUESTION.format(name=f"{color} {shape}"), "No.", [], [])
 
 
 def build_samples(scene: Scene, seed: int, count: int, config: SyntheticConfig = SyntheticConfig()) -> list[dict]:
