@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from ferret.model import builder
 from ferret.model.builder import CheckpointMismatchError, NoDefaultModelError, load_pretrained
 from ferret.model.tiny import save_tiny_model
 
@@ -92,7 +93,9 @@ def test_missing_path_and_bad_folders(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="no weights"):
         load_pretrained(tmp_path)
     monkeypatch.delenv("FERRET_MODEL_PATH", raising=False)
-    with pytest.raises(NoDefaultModelError, match="save_tiny_model"):
+    # Without the embedded model folder (e.g. a stripped install) None is a clear error.
+    monkeypatch.setattr(builder, "EMBEDDED_MODEL_DIR", tmp_path / "no-embedded-model")
+    with pytest.raises(NoDefaultModelError, match="embedded model folder"):
         load_pretrained(None)
 
 

@@ -99,7 +99,10 @@ def test_synthetic_report_end_to_end(tiny_model, tmp_path):
 
 
 def test_no_model_path_and_no_embedded_model_is_a_clear_error(images, tmp_path, monkeypatch):
+    from ferret.model import builder
+
     monkeypatch.delenv("FERRET_MODEL_PATH", raising=False)
+    monkeypatch.setattr(builder, "EMBEDDED_MODEL_DIR", tmp_path / "no-embedded-model")
     with pytest.raises(common.EvalSetupError, match="no --model-path given"):
         pope.main(["--data", str(DATA / "coco_pope_random.json"), "--images", str(images), "--out", str(tmp_path),
                    "--device", "cpu", "--no-progress"])

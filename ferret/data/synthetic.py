@@ -91,6 +91,11 @@ class SyntheticConfig:
     test_fraction: float = 0.05
     free_form_prob: float = 0.3
     min_visible_fraction: float = 0.5
+    # Share of non-free-form samples whose referred (human-turn) regions carry no segment mask,
+    # so the region mask is the plain box (a point: its window within the box). Chat and the
+    # benchmarks refer with plain boxes and points; training only on segment-cut masks would
+    # never show the model a box that also holds a neighbour's pixels.
+    unsegmented_region_prob: float = 0.4
     # Upper bound of a per-pixel noise sigma over the whole image (objects included). Off by
     # default: the model sees 64-112 px inputs, where resizing averages such noise away, and
     # noise triples PNG size and encode time. Backgrounds are textured/noisy regardless.
@@ -343,6 +348,8 @@ class _SampleBuilder:
                          for i in human_objs]
             record["region_format"] = ["free_form", None]
             record["scribbles"] = [scribbles, []]
+        elif human_objs and self.rng.random() < self.config.unsegmented_region_prob:
+            record["masks"][0] = [None] * len(human_objs)
         return record
 
     def _pick(self) -> int:

@@ -5,9 +5,9 @@ Accepted folders: the released layout (config.json with model_type "ferret", sha
 safetensors layout `save_pretrained` writes. Nothing is downloaded. 8-bit and 4-bit (nf4) loading
 go through bitsandbytes; the vision tower, projector, region module and lm_head stay unquantized.
 
-`model_path=None` means "the default model": none ships yet (it comes with the training work),
-so `$FERRET_MODEL_PATH` is used when set, else `NoDefaultModelError` explains how to get one
-(`ferret.model.tiny.save_tiny_model(path)` writes a random tiny model for trying the pipeline).
+`model_path=None` means "the default model": `$FERRET_MODEL_PATH` when set, else the embedded
+model shipped in `ferret/assets/model` (a small Ferret trained on the synthetic shapes world, see
+its MODEL_CARD.md). When that folder is missing or incomplete, `NoDefaultModelError` says so.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from ferret.model.configuration_ferret import FerretConfig
 from ferret.model.modeling_ferret import FULL_PRECISION_MODULES, FerretLlamaForCausalLM
 
 MODEL_PATH_ENV = "FERRET_MODEL_PATH"
+# The default model shipped with the package (train/configs/embedded.yaml, MODEL_CARD.md there).
+EMBEDDED_MODEL_DIR = Path(__file__).resolve().parents[1] / "assets" / "model"
 WEIGHT_FILES = (
     "model.safetensors",
     "model.safetensors.index.json",
@@ -34,7 +36,7 @@ WEIGHT_FILES = (
 
 
 class NoDefaultModelError(FileNotFoundError):
-    """No model path was given and no default model is available."""
+    """No model path was given, $FERRET_MODEL_PATH is unset and the embedded model is missing."""
 
 
 class CheckpointMismatchError(ValueError):
@@ -58,15 +60,24 @@ def default_attn_implementation(device: torch.device) -> str:
 
 
 def resolve_model_path(model_path: str | os.PathLike | None) -> Path:
+    """The folder to load: `model_path`, else $FERRET_MODEL_PATH, else the embedded model."""
     if model_path is None:
         model_path = os.environ.get(MODEL_PATH_ENV)
         if not model_path:
-            raise NoDefaultModelError(
-                "no model path given and no default Ferret model ships yet: pass a checkpoint folder "
-                f"(or set ${MODEL_PATH_ENV}); for a random tiny model to try the pipeline run "
-                "`python -c \"from ferret.model.tiny import save_tiny_model; save_tiny_model('tiny-ferret')\"`"
-            )
+            return embedded_model_path()
     return require_folder(model_path, "model")
+
+
+def embedded_model_path() -> Path:
+    """The shipped default model's folder; NoDefaultModelError when it is missing or incomplete."""
+    folder = Path(EMBEDDED_MODEL_DIR)
+    if not (folder / "config.json").is_file() or not any((folder / name).is_file() for name in WEIGHT_FILES):
+        raise NoDefaultModelError(
+            f"no model path given, ${MODEL_PATH_ENV} is not set and the embedded model folder {str(folder)!r} "
+            "has no config.json and weights: pass a checkpoint folder; for a random tiny model to try the "
+            "pipeline run `python -c \"from ferret.model.tiny import save_tiny_model; save_tiny_model('tiny-ferret')\"`"
+        )
+    return folder
 
 
 def read_ferret_config(path: Path) -> FerretConfig:
