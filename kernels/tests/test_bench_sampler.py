@@ -1,8 +1,8 @@
-"""pytest-benchmark suite: `pytest kernels/ --benchmark-only` times the fast path against the
-reference (CPU; add `-k cuda`-free runs on a GPU box via bench/gpu_check.sh instead).
+"""pytest-benchmark suite: `pytest kernels/ --benchmark-enable --benchmark-only` times the fast path
+against the reference on CPU (the GPU numbers come from bench/gpu_check.sh).
 
-The default pytest config passes --benchmark-disable: then each test runs its function once on
-tiny shapes as a smoke test, so the suite stays cheap. With benchmarking on, shapes are the real
+The default pytest config passes --benchmark-disable (hence --benchmark-enable above): then each
+test runs its function once on tiny shapes as a smoke test, so the suite stays cheap. With benchmarking on, shapes are the real
 per-region ones (width 1024, 512 points, stages 128/32, k 24) on 4 regions.
 """
 
