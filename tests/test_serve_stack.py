@@ -200,6 +200,8 @@ def test_browser_draw_a_box_and_ask(stack):
             page.get_by_text("Parameters").click()  # open the accordion
             page.locator("#ferret-max-tokens input[type='number']").fill("24")
             page.locator("#ferret-max-tokens input[type='number']").press("Enter")
+            page.wait_for_function(  # the slider took the value (the tiny model's context is short)
+                "document.querySelector(\"#ferret-max-tokens input[type='range']\").value === '24'", timeout=10_000)
             question = page.locator("#ferret-question textarea")
             assert question.input_value() == "What is the object in <region>?"  # from the example
             page.click("#ferret-send")
@@ -210,7 +212,7 @@ def test_browser_draw_a_box_and_ask(stack):
             finally:
                 page.screenshot(path=str(ARTIFACTS / "serve_browser.png"), full_page=True)
             chat = page.locator("#ferret-chatbot").inner_text()
-            assert "region0 [" in chat and "⚠" not in chat, chat
+            assert "region0 [" in chat and "⚠" not in chat, f"chat: {chat!r}"
             answer = chat.split("?", 1)[1].strip()
 
             src = page.locator("#ferret-output img").get_attribute("src")
