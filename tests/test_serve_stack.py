@@ -319,3 +319,25 @@ def test_sigterm_stops_every_child(stack):
     assert not [pid for pid in children if _alive(pid)]
     with pytest.raises(httpx.HTTPError):
         httpx.get(stack["web_url"] + "/", timeout=2)
+
+
+def test_demo_refuses_a_missing_model_folder(capsys):
+    from ferret.serve.demo import main
+
+    assert main(["--model-path", "/no/such/model"]) == 2
+    assert "model path '/no/such/model' is not a folder" in capsys.readouterr().err
+
+
+def test_demo_with_a_broken_checkpoint_stops_cleanly(tmp_path):
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    result = subprocess.run(
+        [sys.executable, "-m", "ferret.serve.demo", "--model-path", str(broken), "--port", str(free_port())],
+        capture_output=True, text=True, timeout=180, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 2
+    assert "config.json is not valid JSON" in result.stderr  # the worker's one-line reason
+    assert "ferret demo: the model worker exited with code 2 during start-up" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "ready" not in result.stdout
