@@ -200,8 +200,11 @@ def test_browser_draw_a_box_and_ask(stack):
             page.get_by_text("Parameters").click()  # open the accordion
             page.locator("#ferret-max-tokens input[type='number']").fill("24")
             page.locator("#ferret-max-tokens input[type='number']").press("Enter")
-            page.wait_for_function(  # the slider took the value (the tiny model's context is short)
-                "document.querySelector(\"#ferret-max-tokens input[type='range']\").value === '24'", timeout=10_000)
+            page.locator("#ferret-temperature input[type='number']").fill("0")  # greedy: a reproducible answer
+            page.locator("#ferret-temperature input[type='number']").press("Enter")
+            page.wait_for_function(  # the sliders took the values (the tiny model's context is short)
+                "document.querySelector(\"#ferret-max-tokens input[type='range']\").value === '24'"
+                " && document.querySelector(\"#ferret-temperature input[type='range']\").value === '0'", timeout=10_000)
             question = page.locator("#ferret-question textarea")
             assert question.input_value() == "What is the object in <region>?"  # from the example
             page.click("#ferret-send")
