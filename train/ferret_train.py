@@ -531,8 +531,9 @@ def train(cfg: TrainConfig, args: argparse.Namespace) -> int:
                 samples += batch["input_ids"].shape[0]
                 tokens += int(batch["attention_mask"].sum())
             # Loss averaged over micro-batches and ranks; samples and tokens summed over ranks.
-            stats = torch.stack([torch.stack(losses).mean(), torch.tensor(float(samples)), torch.tensor(float(tokens))])
-            stats = stats.to(device)
+            # (tokens = text tokens from the attention mask; the image's patch embeddings not counted)
+            stats = torch.stack([torch.stack(losses).mean().to(device),
+                                 torch.tensor(float(samples), device=device), torch.tensor(float(tokens), device=device)])
             dist.all_reduce(stats)
             loss, step_samples, step_tokens = stats[0].item() / world, int(stats[1].item()), int(stats[2].item())
             state.global_step += 1
