@@ -5,7 +5,7 @@ of its region's map and blends them in fp32. Backward: scatters the blended grad
 four corners with fp32 atomics. Layouts as `reference.point_features`: "official" reads the
 transposed location (row from x, column from y), "aligned" the true one.
 
-Points get no gradient here (they come from masks); the map gets an exact one.
+The maps get an exact gradient; points needing one are routed to the reference (see below).
 """
 
 from __future__ import annotations
@@ -148,7 +148,11 @@ class _PointFeatures(torch.autograd.Function):
 def point_features(
     feature_maps: torch.Tensor, points: torch.Tensor, image_index: torch.Tensor, layout: str = "official"
 ) -> torch.Tensor:
-    """Same contract as `reference.point_features` (gradient to the maps only, not to the points)."""
+    """Same contract as `reference.point_features`. The kernel's backward gives the maps their
+    gradient; points that require one (never the case for mask-sampled points) go through the
+    reference's grid_sample instead, so no gradient is silently dropped."""
+    if points.requires_grad and torch.is_grad_enabled():
+        return reference.point_features(feature_maps, points, image_index, layout)
     if layout not in reference.LAYOUTS:
         raise ValueError(f"layout must be one of {reference.LAYOUTS}, got {layout!r}")
     side = reference._grid_side(feature_maps)
