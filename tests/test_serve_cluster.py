@@ -29,15 +29,19 @@ EXPIRATION = 1.5
 
 
 class Server:
-    """A uvicorn server in a daemon thread."""
+    """A uvicorn server in a daemon thread (``port`` given when the app must know it first)."""
 
-    def __init__(self, app):
-        self.port = free_port()
+    def __init__(self, app, port: int | None = None, wait: bool = True):
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
-        deadline = time.monotonic() + 20
+        if wait:
+            self.wait_started()
+
+    def wait_started(self, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
         while not self.server.started:
             assert time.monotonic() < deadline, "server did not start"
             time.sleep(0.05)
@@ -68,13 +72,8 @@ def cluster(engine, tmp_path_factory):
             ChatEngine(engine.chat, model_name), f"http://127.0.0.1:{port}", controller_server.url,
             heartbeat_interval=0.3, allowed_image_dir=allowed,
         )
-        worker_app = build_worker_app(worker)
-        server = Server.__new__(Server)
-        server.port, server.url = port, worker.worker_address
-        server.server = uvicorn.Server(uvicorn.Config(worker_app, host="127.0.0.1", port=port, log_level="warning"))
-        server.thread = threading.Thread(target=server.server.run, daemon=True)
-        server.thread.start()
-        servers[name], workers[name] = server, worker
+        servers[name] = Server(build_worker_app(worker), port, wait=False)  # all three start together
+        workers[name] = worker
     deadline = time.monotonic() + 20
     while len(controller.workers) < 3 or not all(s.server.started for s in servers.values()):
         assert time.monotonic() < deadline, "workers did not register"
@@ -262,3 +261,28 @@ def test_a_dead_worker_expires_and_its_model_disappears(cluster):
     with pytest.raises(ServeError, match="no worker serves model 'tiny-b'"):
         client.worker_address("tiny-b")
     assert list(client.stream(payload()))[-1]["done"]  # the others keep serving
+
+
+def test_worker_reports_its_queue_soon_after_a_request(engine):
+    controller = Controller(heartbeat_expiration=120)
+    controller_server = Server(build_controller_app(controller))
+    port = free_port()
+    worker = ModelWorker(ChatEngine(engine.chat, "tiny"), f"http://127.0.0.1:{port}", controller_server.url,
+                         heartbeat_interval=60)  # the periodic beat alone would come far too late
+    worker_server = Server(build_worker_app(worker), port)
+    try:
+        deadline = time.monotonic() + 20
+        while worker.worker_address not in controller.workers:
+            assert time.monotonic() < deadline, "the worker did not register"
+            time.sleep(0.05)
+        client = ControllerClient(controller_server.url)
+        assert list(client.stream(payload(max_new_tokens=2)))[-1]["done"]
+        # Dispatch counted the request; the worker's early heartbeat brings the count back to 0.
+        deadline = time.monotonic() + 5
+        while controller.workers[worker.worker_address].queue_length != 0:
+            assert time.monotonic() < deadline, "no heartbeat after the request finished"
+            time.sleep(0.05)
+    finally:
+        worker.stop()
+        worker_server.stop()
+        controller_server.stop()

@@ -69,6 +69,7 @@ class ModelWorker:
         self._count_lock = threading.Lock()
         self._semaphore: asyncio.Semaphore | None = None
         self._stop = threading.Event()
+        self._wake = threading.Event()  # set when the queue length changed: heartbeat early
         self._heartbeat_thread: threading.Thread | None = None
 
     # -- controller link --------------------------------------------------------------------
@@ -128,7 +129,13 @@ class ModelWorker:
             logger.warning("cannot register with controller %s yet: %s (will retry)", self.controller_address, error)
 
         def loop():
-            while not self._stop.wait(self.heartbeat_interval):
+            while not self._stop.is_set():
+                # Every interval, and soon after a request finishes, so the controller's
+                # least-loaded dispatch sees the real queue (bursts coalesce into one beat).
+                self._wake.wait(self.heartbeat_interval)
+                if self._stop.is_set():
+                    break
+                self._wake.clear()
                 self.send_heartbeat()
 
         self._heartbeat_thread = threading.Thread(target=loop, name="worker-heartbeat", daemon=True)
@@ -136,6 +143,7 @@ class ModelWorker:
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
 
     # -- generation -------------------------------------------------------------------------
 
@@ -160,6 +168,7 @@ class ModelWorker:
                     yield text
         finally:
             self._count(-1)
+            self._wake.set()
 
     async def open_stream(self, request: GenerateRequest) -> AsyncIterator[str]:
         """``stream_text`` with its first piece already produced, so that a request the model
