@@ -80,6 +80,13 @@ def test_regions_from_json():
     assert isinstance(region, FreeForm) and np.array_equal(region.mask, mask)
 
 
+def test_mask_with_alpha_uses_the_painted_pixels():
+    layer = Image.new("RGBA", (40, 30), (255, 255, 255, 0))  # transparent white: not the region
+    layer.paste((255, 0, 0, 255), (5, 6, 15, 16))
+    region = region_from_json({"type": "mask", "mask": encode_image(layer)}, 40, 30)
+    assert region.mask.sum() == 100 and region.bbox == (5, 6, 14, 15)
+
+
 @pytest.mark.parametrize(
     "obj, fragment",
     [
@@ -89,7 +96,7 @@ def test_regions_from_json():
         ({"type": "box", "box": [1, 2, "x", 4]}, "finite numbers"),
         ({"type": "point", "point": [40, 3]}, "outside"),
         ({"type": "mask", "mask": encode_image(Image.new("L", (40, 30), 0))}, "empty"),
-        ({"type": "mask", "mask": encode_image(Image.new("L", (8, 8), 255))}, "8x8 but the image is 40x30"),
+        ({"type": "mask", "mask": encode_image(Image.new("L", (8, 8), 255))}, "region mask is 8x8 but the image is 40x30"),
         ({"type": "polygon"}, "unknown region type"),
         ([1, 2, 3, 4], "must be an object"),
     ],

@@ -37,10 +37,9 @@ def _numbers(text: str, n: int, flag: str) -> list[float]:
 
 def parse_region_args(args: argparse.Namespace, image) -> list:
     """The region given by --box / --point / --mask, checked against the image."""
-    import numpy as np
-
-    from ferret.processing import ImageLoadError, load_image
+    from ferret.processing import MAX_IMAGE_PIXELS, ImageLoadError
     from ferret.regions import Box, FreeForm, Point, RegionError, region_to_grid
+    from ferret.serve.protocol import RequestError, decode_mask
 
     try:
         if args.box is not None:
@@ -48,10 +47,13 @@ def parse_region_args(args: argparse.Namespace, image) -> list:
         elif args.point is not None:
             region = Point(*_numbers(args.point, 2, "--point"))
         elif args.mask is not None:
-            mask = load_image(args.mask).convert("L")
-            if mask.size != image.size:
-                raise CliError(f"--mask is {mask.size[0]}x{mask.size[1]} but the image is {image.size[0]}x{image.size[1]}")
-            region = FreeForm(np.asarray(mask) > 0)
+            path = Path(args.mask)
+            if not path.is_file():
+                raise CliError(f"--mask file {args.mask!r} does not exist")
+            try:
+                region = FreeForm(decode_mask(path.read_bytes(), image.size, MAX_IMAGE_PIXELS, what="--mask"))
+            except RequestError as error:
+                raise CliError(str(error)) from None
         else:
             return []
         region_to_grid(region, *image.size)  # inside the image, not degenerate once clipped

@@ -34,6 +34,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ferret.processing import ImageLoadError, load_image
 from ferret.regions import Box, FreeForm, GroundedRegion, Point, Region, RegionError
+from ferret.serve.drawing import stroke_mask
 
 __all__ = [
     "RequestError",
@@ -42,6 +43,7 @@ __all__ = [
     "GenerateRequest",
     "ServeLimits",
     "decode_image",
+    "decode_mask",
     "encode_image",
     "region_from_json",
     "region_to_json",
@@ -126,19 +128,19 @@ def _b64decode(data: str, what: str) -> bytes:
         raise RequestError(f"{what} is not valid base64") from None
 
 
-def decode_image(data: str | bytes, max_pixels: int = ServeLimits.max_image_pixels, what: str = "image") -> Image.Image:
-    """Base64 / data-URL string (or raw bytes) -> RGB image; refuses corrupt or oversized images.
-
-    The size is read from the header before any pixel is decoded, so a huge image costs nothing.
-    """
+def _raw_bytes(data: str | bytes, what: str) -> bytes:
     raw = data if isinstance(data, (bytes, bytearray)) else _b64decode(data, what)
     if not raw:
         raise RequestError(f"{what} is empty")
+    return bytes(raw)
+
+
+def _check_header(raw: bytes, max_pixels: int, what: str) -> tuple[int, int]:
+    """The image's (width, height) from its header; refuses unreadable or oversized images."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            header = Image.open(io.BytesIO(raw))
-            width, height = header.size
+            width, height = Image.open(io.BytesIO(raw)).size
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
             raise RequestError(f"{what} is not a readable image (corrupt or unknown format)") from None
     if width * height > max_pixels:
@@ -147,10 +149,40 @@ def decode_image(data: str | bytes, max_pixels: int = ServeLimits.max_image_pixe
             f"{max_pixels / 1e6:.1f} MP limit; downscale it first",
             status=413,
         )
+    return width, height
+
+
+def decode_image(data: str | bytes, max_pixels: int = ServeLimits.max_image_pixels, what: str = "image") -> Image.Image:
+    """Base64 / data-URL string (or raw bytes) -> RGB image; refuses corrupt or oversized images.
+
+    The size is read from the header before any pixel is decoded, so a huge image costs nothing.
+    """
+    raw = _raw_bytes(data, what)
+    _check_header(raw, max_pixels, what)
     try:
-        return load_image(bytes(raw))
+        return load_image(raw)
     except ImageLoadError as error:
         raise RequestError(f"{what}: {error}") from None
+
+
+def decode_mask(
+    data: str | bytes, size: tuple[int, int], max_pixels: int = ServeLimits.max_image_pixels, what: str = "region mask"
+) -> np.ndarray:
+    """A mask image (base64 / bytes) -> (H, W) bool array for an image of ``size`` = (W, H).
+
+    With an alpha channel the painted (non-transparent) pixels are the region, else the nonzero
+    ones, so both a black/white mask and a transparent stroke layer work.
+    """
+    raw = _raw_bytes(data, what)
+    width, height = _check_header(raw, max_pixels, what)
+    if (width, height) != tuple(size):
+        raise RequestError(f"{what} is {width}x{height} but the image is {size[0]}x{size[1]}")
+    try:
+        with Image.open(io.BytesIO(raw)) as picture:
+            picture.load()
+            return stroke_mask(picture, (width, height))
+    except (OSError, SyntaxError, ValueError):
+        raise RequestError(f"{what} is corrupt or truncated") from None
 
 
 def encode_image(image: Image.Image, fmt: str = "PNG") -> str:
@@ -193,14 +225,9 @@ def region_from_json(obj: Any, width: int, height: int, max_pixels: int = ServeL
                 raise RegionError(f"point [{x}, {y}] lies outside the {width}x{height} image")
             return Point(x, y)
         if kind == "mask":
-            mask_image = decode_image(obj.get("mask"), max_pixels, what="region mask") if isinstance(obj.get("mask"), str) else None
-            if mask_image is None:
+            if not isinstance(obj.get("mask"), str):
                 raise RequestError("mask region needs 'mask': a base64 PNG")
-            if mask_image.size != (width, height):
-                raise RegionError(
-                    f"region mask is {mask_image.size[0]}x{mask_image.size[1]} but the image is {width}x{height}"
-                )
-            return FreeForm(np.asarray(mask_image.convert("L")) > 0)
+            return FreeForm(decode_mask(obj["mask"], (width, height), max_pixels))
     except RegionError as error:
         raise RequestError(f"invalid region: {error}") from None
     raise RequestError(f"unknown region type {kind!r}: use 'box', 'point' or 'mask'")
