@@ -247,6 +247,14 @@ def test_api_key_guards_worker_and_openai_endpoints(engine):
         server.stop()
 
 
+def test_a_forgotten_worker_registers_again_on_its_next_heartbeat(cluster):
+    controller, worker = cluster["controller"], cluster["workers"]["a"]
+    controller.remove_worker(worker.worker_address)  # e.g. the controller restarted
+    assert worker.worker_address not in controller.workers
+    worker.send_heartbeat()
+    assert controller.workers[worker.worker_address].model_names == ["tiny"]
+
+
 def test_a_dead_worker_expires_and_its_model_disappears(cluster):
     controller = cluster["controller"]
     dead = cluster["servers"]["c"]
