@@ -250,8 +250,7 @@ def test_api_key_guards_worker_and_openai_endpoints(engine):
 def test_a_forgotten_worker_registers_again_on_its_next_heartbeat(cluster):
     controller, worker = cluster["controller"], cluster["workers"]["a"]
     controller.remove_worker(worker.worker_address)  # e.g. the controller restarted
-    assert worker.worker_address not in controller.workers
-    worker.send_heartbeat()
+    worker.send_heartbeat()  # (its own heartbeat thread may beat us to it: same path)
     assert controller.workers[worker.worker_address].model_names == ["tiny"]
 
 
