@@ -253,6 +253,16 @@ def measure_pair(name, ours, ref, device, repeats, ref_repeats, backward_ours=No
     return row
 
 
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
@@ -285,7 +295,7 @@ def main(argv: list[str] | None = None) -> dict:
             cases = tuple(tuple(int(v) for v in case.split("x")) for case in args.cases.split(","))
         except ValueError:
             parser.error(f"--cases must look like 1x1,16x2, got {args.cases!r}")
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
     result = {
         "device": device.type, "device_name": device_name, "dtype": str(dtype).replace("torch.", ""),
         "torch": torch.__version__, "threads": torch.get_num_threads(), "clock": args.clock,
