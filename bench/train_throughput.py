@@ -2,6 +2,9 @@
 
     python bench/train_throughput.py                # CPU, tiny Ferret, synthetic GRIT batches
     python bench/train_throughput.py --steps 8 --batch 4 --geometry released
+    python bench/train_throughput.py --model embedded --batch 8   # the shipped default model's
+        architecture (train/configs/embedded.yaml: 112 px CLIP 192x4 trained, LLaMA 256x4, released
+        sampler geometry), its tokenizer, tower trainable as in its training run
 
 A training step is what train/ferret_train.py does per micro-batch without DeepSpeed:
 forward (vision tower, projector, region sampler, LLaMA), backward, AdamW step, zero_grad.
@@ -49,6 +52,25 @@ def make_batches(batch: int, count: int, seed: int, tokenizer, image_processor) 
     return [collate(items[i * batch:(i + 1) * batch]) for i in range(count)]
 
 
+def build_embedded_architecture(seed: int):
+    """(model, tokenizer, description): randomly initialised, shaped as the embedded model."""
+    from transformers import AutoTokenizer
+
+    from ferret.model.tiny import build_tiny_model
+    from ferret.training_config import load_train_config
+
+    cfg = load_train_config(str(REPO / "train" / "configs" / "embedded.yaml"))
+    tokenizer = AutoTokenizer.from_pretrained(str(REPO / cfg.model.tokenizer))
+    model, tokenizer = build_tiny_model(tokenizer, seed=seed, **cfg.model.tiny_overrides)
+    model.get_vision_tower().requires_grad_(not cfg.model.freeze_vision_tower)
+    params = sum(p.numel() for p in model.parameters())
+    c, v = model.config, model.config.vision_tower_config()
+    description = (f"embedded ({params:,} params: LLaMA {c.hidden_size}x{c.num_hidden_layers}, CLIP {v.hidden_size}x"
+                   f"{v.num_hidden_layers} {v.image_size} px trainable, sampler {c.sampler_num_init_point}/"
+                   f"{c.sampler_num_sub_point}/k{c.sampler_num_neighbor})")
+    return model, tokenizer, description
+
+
 def train_step(model, optimizer, batch: dict, seed: int) -> float:
     generator = torch.Generator().manual_seed(seed)
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"].long(), labels=batch["labels"],
@@ -64,6 +86,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=6, help="timed steps per backend")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--geometry", choices=sorted(GEOMETRIES), default="released")
+    parser.add_argument("--model", choices=("tiny", "embedded"), default="tiny",
+                        help="tiny: ferret.model.tiny with --geometry; embedded: the architecture of "
+                             "train/configs/embedded.yaml (its own sampler geometry; --geometry is ignored)")
     parser.add_argument("--backends", default="reference,fast")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(REPO / "bench" / "results"))
@@ -73,8 +98,13 @@ def main(argv: list[str] | None = None) -> dict:
     from ferret.processing import build_image_processor
 
     torch.manual_seed(args.seed)
-    model, tokenizer = build_tiny_model(seed=args.seed, **GEOMETRIES[args.geometry])
-    model.get_vision_tower().requires_grad_(False)
+    if args.model == "embedded":
+        model, tokenizer, description = build_embedded_architecture(args.seed)
+        args.geometry = "embedded"
+    else:
+        model, tokenizer = build_tiny_model(seed=args.seed, **GEOMETRIES[args.geometry])
+        model.get_vision_tower().requires_grad_(False)
+        description = "ferret.model.tiny (2-layer LLaMA 64, 2-layer CLIP 32, 112 px)"
     model.train()
     image_processor = build_image_processor(model.config.vision_tower_config().image_size)
     batches = make_batches(args.batch, args.steps + 1, args.seed, tokenizer, image_processor)
@@ -118,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
         "device": platform.processor() or platform.machine(),
         "torch_threads": torch.get_num_threads(),
         "dtype": "float32",
-        "model": "ferret.model.tiny (2-layer LLaMA 64, 2-layer CLIP 32, 112 px)",
+        "model": description,
         "sampler_geometry": args.geometry,
         "shapes": {"batch": args.batch, "timed_steps": args.steps, "regions_in_run": regions,
                    "max_tokens": max(int(b["input_ids"].shape[1]) for b in batches)},
@@ -130,7 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"{row['speedup_vs_' + reference]:>8.2f}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / "train_throughput_cpu.json"
+    path = out / ("train_throughput_cpu.json" if args.model == "tiny" else f"train_throughput_{args.model}_cpu.json")
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
     return result

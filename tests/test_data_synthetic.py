@@ -165,3 +165,33 @@ def test_scene_objects_keep_min_visibility():
         assert config.min_side <= scene.width <= config.max_side
         names = [o.name for o in scene.objects]
         assert len(set(names)) == len(names)
+
+
+def test_chained_turns_keep_every_question_and_render_through_the_loader(tmp_path):
+    from transformers import AutoTokenizer
+
+    from ferret.data.grit import DataSource, GritDataConfig, GritDataset
+    from ferret.processing import build_image_processor
+
+    single = generate(str(tmp_path / "single"), n=30, seed=5, workers=1)
+    chained = generate(str(tmp_path / "chained"), n=30, seed=5, workers=1, config=SyntheticConfig(turns_per_sample=3))
+    # Same questions and answers, fewer records: 5 pairs per scene -> a 3-turn and a 2-turn sample.
+    assert chained["subtask_counts"] == single["subtask_counts"]
+    assert chained["samples_per_split"]["train"] == 2 * single["samples_per_split"]["train"] // 5
+    flat = [t for s in _load(tmp_path / "single", "train.json") for t in s["conversations"]]
+    records = _load(tmp_path / "chained", "train.json")
+    turns = [t for s in records for t in s["conversations"]]
+    strip = lambda t: t["value"].replace("<image>\n", "")  # noqa: E731
+    assert [strip(t) for t in turns] == [strip(t) for t in flat]
+    for record in records:
+        n = len(record["conversations"])
+        assert record["conversations"][0]["value"].startswith("<image>\n")
+        assert all("<image>" not in t["value"] for t in record["conversations"][1:])
+        assert len(record["box_x1y1x2y2"]) == len(record["masks"]) == n == 2 * len(record["turn_tasks"])
+    tokenizer = AutoTokenizer.from_pretrained("ferret/assets/tokenizer")
+    dataset = GritDataset.from_sources([DataSource(str(tmp_path / "chained" / "train.json"))], tokenizer,
+                                       build_image_processor(56), GritDataConfig())
+    region_id = tokenizer.convert_tokens_to_ids("<region_fea>")
+    for i in range(len(dataset)):
+        item = dataset[i]
+        assert int((item["input_ids"] == region_id).sum()) == len(item["region_masks"])

@@ -161,10 +161,12 @@ def build_model(cfg: TrainConfig):
 
 
 def prepare_trainable(model, cfg: TrainConfig, rank: int):
-    """Freeze the vision tower, optionally wrap the LLM in LoRA, switch on gradient checkpointing."""
+    """Freeze (or unfreeze) the vision tower, optionally wrap the LLM in LoRA, switch on gradient checkpointing."""
     tower = model.get_vision_tower()
-    if tower is not None and cfg.model.freeze_vision_tower:
-        tower.requires_grad_(False)
+    if tower is not None:
+        # Both ways: a built or loaded model arrives with its tower frozen, so unfreezing
+        # (model.freeze_vision_tower: false, e.g. a tower trained from scratch) must be explicit.
+        tower.requires_grad_(not cfg.model.freeze_vision_tower)
     if cfg.model.gradient_checkpointing:
         # Non-reentrant checkpointing needs no input-grad hook, even with a frozen embedding (LoRA).
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

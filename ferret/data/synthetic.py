@@ -96,6 +96,10 @@ class SyntheticConfig:
     # benchmarks refer with plain boxes and points; training only on segment-cut masks would
     # never show the model a box that also holds a neighbour's pixels.
     unsegmented_region_prob: float = 0.4
+    # Up to this many question/answer pairs of a scene are chained into one multi-turn sample
+    # (1: every sample is single-turn). Chaining shares the image and system prompt among the
+    # turns, so a small model gets several supervised answers per forward pass.
+    turns_per_sample: int = 1
     # Upper bound of a per-pixel noise sigma over the whole image (objects included). Off by
     # default: the model sees 64-112 px inputs, where resizing averages such noise away, and
     # noise triples PNG size and encode time. Backgrounds are textured/noisy regardless.
@@ -500,6 +504,35 @@ def build_samples(scene: Scene, seed: int, count: int, config: SyntheticConfig =
     return samples
 
 
+def chain_turns(samples: list[dict]) -> dict:
+    """One multi-turn GRIT sample asking the questions of `samples` (all about one scene) in turn.
+
+    Per-turn fields (boxes, masks, region formats, scribbles) are concatenated; only the first
+    human turn keeps the image placeholder. `task`/`subtask` are the first turn's, `turn_tasks`
+    lists every turn's "task/subtask".
+    """
+    if len(samples) == 1:
+        return samples[0]
+    first = samples[0]
+    record = {k: v for k, v in first.items() if k not in ("conversations", "box_x1y1x2y2", "masks",
+                                                          "region_format", "scribbles")}
+    record.update(conversations=[], box_x1y1x2y2=[], masks=[], turn_tasks=[])
+    has_free_form = any("scribbles" in x for x in samples)
+    if has_free_form:
+        record.update(region_format=[], scribbles=[])
+    for k, sample in enumerate(samples):
+        human, gpt = sample["conversations"]
+        question = human["value"] if k == 0 else human["value"].replace(f"{IMAGE_TOKEN}\n", "", 1)
+        record["conversations"] += [{"from": "human", "value": question}, dict(gpt)]
+        record["box_x1y1x2y2"] += sample["box_x1y1x2y2"]
+        record["masks"] += sample["masks"]
+        record["turn_tasks"].append(f"{sample['task']}/{sample['subtask']}")
+        if has_free_form:
+            record["region_format"] += sample.get("region_format", [None, None])
+            record["scribbles"] += sample.get("scribbles", [[], []])
+    return record
+
+
 def scene_record(scene: Scene) -> dict:
     """Eval-ready record of a scene: its objects with names, attributes, boxes and masks."""
     return {
@@ -536,7 +569,9 @@ def _make_scene(job: tuple[str, int, int, int, SyntheticConfig]) -> tuple[dict, 
     out_dir, scene_id, seed, count, config = job
     scene = render_scene(scene_id, seed, config)
     Image.fromarray(scene.image).save(os.path.join(out_dir, scene.image_name), compress_level=1)
-    return scene_record(scene), build_samples(scene, seed, count, config)
+    samples = build_samples(scene, seed, count, config)
+    k = config.turns_per_sample
+    return scene_record(scene), [chain_turns(samples[i:i + k]) for i in range(0, len(samples), k)]
 
 
 def generate(out_dir: str, n: int, seed: int = 0, config: SyntheticConfig = SyntheticConfig(),
@@ -568,15 +603,16 @@ def generate(out_dir: str, n: int, seed: int = 0, config: SyntheticConfig = Synt
     for split in ("val", "test"):
         with open(os.path.join(out_dir, f"scenes_{split}.json"), "w") as handle:
             json.dump(scenes_by_split[split], handle)
+    # Counted per question/answer pair (a chained sample holds several).
+    turn_labels = [t for v in by_split.values() for x in v for t in x.get("turn_tasks", [f"{x['task']}/{x['subtask']}"])]
     summary = {
         "seed": seed,
         "samples": n,
         "scenes": num_scenes,
         "samples_per_split": {s: len(v) for s, v in by_split.items()},
         "scenes_per_split": {s: len(v) for s, v in scenes_by_split.items()},
-        "task_counts": dict(sorted(Counter(x["task"] for v in by_split.values() for x in v).items())),
-        "subtask_counts": dict(sorted(Counter(f"{x['task']}/{x['subtask']}" for v in by_split.values()
-                                              for x in v).items())),
+        "task_counts": dict(sorted(Counter(t.split("/")[0] for t in turn_labels).items())),
+        "subtask_counts": dict(sorted(Counter(turn_labels).items())),
         "free_form_samples": sum("scribbles" in x for v in by_split.values() for x in v),
         "config": asdict(config),
         "colors": list(COLORS),
@@ -597,11 +633,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples-per-scene", type=int, default=SyntheticConfig.samples_per_scene)
     parser.add_argument("--min-side", type=int, default=SyntheticConfig.min_side)
     parser.add_argument("--max-side", type=int, default=SyntheticConfig.max_side)
+    parser.add_argument("--turns-per-sample", type=int, default=SyntheticConfig.turns_per_sample,
+                        help="chain up to this many question/answer pairs of a scene into one sample")
     args = parser.parse_args(argv)
+    if args.turns_per_sample < 1:
+        parser.error(f"--turns-per-sample must be >= 1, got {args.turns_per_sample}")
     if not 32 <= args.min_side <= args.max_side:
         parser.error(f"need 32 <= --min-side <= --max-side, got {args.min_side}, {args.max_side}")
     config = SyntheticConfig(samples_per_scene=args.samples_per_scene, min_side=args.min_side,
-                             max_side=args.max_side)
+                             max_side=args.max_side, turns_per_sample=args.turns_per_sample)
     summary = generate(args.out, args.n, args.seed, config, args.workers)
     print(json.dumps({k: summary[k] for k in ("samples", "scenes", "samples_per_split", "task_counts",
                                               "subtask_counts", "free_form_samples", "seconds")}, indent=2))
