@@ -108,6 +108,12 @@ class GeoRegionSampler(nn.Module):
             dim_bias=self.dim_projector.bias,
         )
 
+    def _check_feature_map(self, feature_map: torch.Tensor) -> None:
+        if feature_map.dim() != 3 or feature_map.shape[-1] != self.input_dim:
+            raise ValueError(
+                f"feature_map must be [B, HW, {self.input_dim}], got shape {tuple(feature_map.shape)}"
+            )
+
     # ----------------------------------------------------------------- the layered API
 
     def sample_points(self, masks, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -118,10 +124,7 @@ class GeoRegionSampler(nn.Module):
         self, feature_map: torch.Tensor, points: torch.Tensor, image_index: torch.Tensor
     ) -> torch.Tensor:
         """feature_map [B, S*S, input_dim], points [R, N, 2], image_index [R] -> [R, N, input_dim]."""
-        if feature_map.dim() != 3 or feature_map.shape[-1] != self.input_dim:
-            raise ValueError(
-                f"feature_map must be [B, HW, {self.input_dim}], got shape {tuple(feature_map.shape)}"
-            )
+        self._check_feature_map(feature_map)
         return ops.point_features(feature_map, points, image_index, layout=self.feature_layout)
 
     def forward_points(
@@ -164,13 +167,26 @@ class GeoRegionSampler(nn.Module):
             saying which image each mask belongs to (grouping then reads image_index on the host).
         Images without regions get None.
         """
+        self._check_feature_map(feature_maps)
         num_images = feature_maps.shape[0]
         masks, index, counts = _pack_masks(region_masks, image_index, num_images, feature_maps.device)
         if not masks:
             return [None] * num_images
         points = self.sample_points(masks, generator).to(feature_maps.device)
-        features = self.point_features(feature_maps, points, index)
-        embeddings = self.forward_points(points, features, generator=generator)
+        # One call from the maps (not point_features + forward_points): the fast backends
+        # project stage 1 once per image on the map, since bilinear sampling is linear.
+        weight_dtype = self.flatten_projector.weight.dtype
+        embeddings = ops.geo_region_sampler_from_maps(
+            feature_maps.to(weight_dtype),
+            points,
+            index,
+            self.params(),
+            num_sub_point=self.num_sub_point,
+            num_neighbor=self.num_neighbor,
+            pool=self.pooler_mode,
+            generator=generator,
+            layout=self.feature_layout,
+        )
         return _split_per_image(embeddings, index, counts, num_images)
 
 
