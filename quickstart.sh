@@ -27,10 +27,18 @@ if [ ! -f "$venv/.ferret-installed" ] || [ pyproject.toml -nt "$venv/.ferret-ins
 fi
 
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+# Keep the working directory off sys.path: the repository's kernels/ folder would otherwise
+# shadow the unrelated `kernels` package that bitsandbytes and transformers probe for.
+export PYTHONSAFEPATH=1
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/ferret/torch_extensions}
 case "$what" in
     demo) exec ferret demo "$@" ;;
     test)
+        # The browser test drives Debian's chromium; install it where we may (root + apt).
+        if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+            (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null \
+                || echo "quickstart: could not install chromium; the browser test will be skipped" >&2
+        fi
         export TRITON_INTERPRET=1
         exec python -m pytest kernels/ tests/ "$@" ;;
     *) echo "usage: bash quickstart.sh demo|test [args...]" >&2; exit 2 ;;
