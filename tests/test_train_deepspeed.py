@@ -68,7 +68,8 @@ def train(workspace: Path, name: str, *overrides: str, env: dict | None = None, 
 
 
 def tail(proc: subprocess.CompletedProcess) -> str:
-    return f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
+    errors = [line for line in proc.stderr.splitlines() if "Error" in line or "error" in line][:20]
+    return "\n".join(["stdout:", proc.stdout[-2000:], "errors:", *errors, "stderr:", proc.stderr[-3000:]])
 
 
 def curve(out: Path) -> dict[int, dict]:

@@ -76,7 +76,7 @@ def resolve(path: str) -> str:
 # --------------------------------------------------------------------------- model
 
 
-def assemble_from_parts(cfg: TrainConfig):
+def assemble_from_parts(cfg: TrainConfig, dtype: torch.dtype = torch.float32):
     """(model, tokenizer): a new Ferret from a LLaMA/Vicuna folder, a CLIP folder and LLaVA's projector.
 
     As the released run starts: `<region_fea>` appended to the vocabulary (its embedding row
@@ -101,7 +101,7 @@ def assemble_from_parts(cfg: TrainConfig):
         architectures=["FerretLlamaForCausalLM"],
     )
     # Weights not in the LLaMA folder (tower, projector, sampler) start at their initialisers.
-    model = FerretLlamaForCausalLM.from_pretrained(base, config=config, dtype=torch.float32)
+    model = FerretLlamaForCausalLM.from_pretrained(base, config=config, dtype=dtype)
     if REGION_TOKEN not in tokenizer.get_vocab():
         tokenizer.add_tokens([REGION_TOKEN], special_tokens=True)
     if len(tokenizer) > vocab:
@@ -127,8 +127,11 @@ def assemble_from_parts(cfg: TrainConfig):
     return model, tokenizer
 
 
-def build_model(cfg: TrainConfig):
-    """(model, tokenizer, image_processor) from the configured source (see ModelSection)."""
+def build_model(cfg: TrainConfig, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer, image_processor) from the configured source (see ModelSection).
+
+    Pretrained weights load in `dtype` (bf16 for bf16 runs: half the host memory per rank).
+    """
     from ferret.model.builder import load_pretrained
     from ferret.processing import build_image_processor
 
@@ -140,9 +143,9 @@ def build_model(cfg: TrainConfig):
     if m.mm_projector and not Path(resolve(m.mm_projector)).is_file():
         raise FileNotFoundError(f"model.mm_projector: file {m.mm_projector} does not exist")
     if m.pretrained:
-        tokenizer, model, image_processor, _ = load_pretrained(resolve(m.pretrained), device="cpu")
+        tokenizer, model, image_processor, _ = load_pretrained(resolve(m.pretrained), device="cpu", dtype=dtype)
     elif m.base_llm:
-        model, tokenizer = assemble_from_parts(cfg)
+        model, tokenizer = assemble_from_parts(cfg, dtype)
         image_processor = build_image_processor(model.config.vision_tower_config().image_size)
     else:
         from ferret.model.tiny import build_tiny_model
@@ -330,6 +333,12 @@ class RegionPassScheduler:
             self._encode_regions = self.base.encode_regions
             self.base.encode_images = self._encode_images_and_regions  # instance attributes: this model only
             self.base.encode_regions = self._cached_encode_regions
+            # The model's own fallback for skipped modules (0 x the sum of their weights, read
+            # outside the module's forward) meets ZeRO-3's partitioned, empty weights; the region
+            # module never needs it here, since it runs on every batch.
+            unused = getattr(self.base, "_unused_trainable_modules", None)
+            if unused is not None:
+                self.base._unused_trainable_modules = lambda used_image, used_regions: unused(used_image, True)
 
     def arm(self, region_masks, generator: torch.Generator) -> None:
         self.region_masks, self.generator, self.cached = region_masks, generator, None
@@ -435,7 +444,7 @@ def train(cfg: TrainConfig, args: argparse.Namespace) -> int:
     torch.manual_seed(cfg.train.seed + rank)
 
     # ---- model, data
-    model, tokenizer, image_processor = build_model(cfg)
+    model, tokenizer, image_processor = build_model(cfg, compute_dtype)
     model = prepare_trainable(model, cfg, rank)
     region_pass = RegionPassScheduler(model)
     dataset = build_dataset(cfg, tokenizer, image_processor)
