@@ -2,7 +2,7 @@
 
     ferret ask --image IMG [--box x1,y1,x2,y2 | --point x,y | --mask MASK.png] [--model-path PATH]
                [--load-4bit | --load-8bit] [--max-new-tokens N] "question"
-    ferret demo      # one-call inference with a tiny RANDOM model on a shipped sample image
+    ferret demo      # the default (embedded) model on a shipped sample image; no model: a tiny RANDOM one
 
 Bad input (missing image, malformed coordinates, missing checkpoint, ...) prints one line on
 stderr and exits with status 2.
@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     ask.set_defaults(run=run_ask)
 
-    demo = commands.add_parser("demo", help="run one-call inference with a tiny random model (no download)")
+    demo = commands.add_parser("demo", help="ask the default (embedded) model about a shipped example image (no download)")
     demo.add_argument("--max-new-tokens", type=int, default=24)
     demo.set_defaults(run=run_demo)
     return parser
@@ -123,29 +123,51 @@ def run_ask(args) -> int:
 
 
 def run_demo(args) -> int:
+    """Ask the default model (the embedded one, or $FERRET_MODEL_PATH) about a shipped example:
+    name a boxed object, then ground another one. Without any trained model, a tiny RANDOM one
+    runs the same pipeline (and says so)."""
     from ferret.chat import FerretChat
-    from ferret.model.tiny import build_tiny_model
-    from ferret.processing import build_image_processor
+    from ferret.model.builder import NoDefaultModelError, resolve_model_path
     from ferret.regions import Box
 
     started = time.perf_counter()
-    print("NOTE: this demo uses a tiny, RANDOMLY INITIALISED Ferret built in-process (no weights are")
-    print("      downloaded). It exercises the whole pipeline; its answer is meaningless noise.")
     example = json.loads((EXAMPLES / "examples.json").read_text())[0]
-    target = example["objects"][0]
+    target, other = example["objects"][0], example["objects"][1]
     image_path = EXAMPLES / example["file"]
-    model, tokenizer = build_tiny_model(seed=0)
-    image_size = model.config.vision_tower_config().image_size
-    chat = FerretChat(tokenizer, model, build_image_processor(image_size), context_len=model.config.max_position_embeddings)
-    question = "What is the object in <region>?"
+    try:
+        model_path = resolve_model_path(None)
+    except NoDefaultModelError:
+        model_path = None
+    if model_path is not None:
+        print(f"Model: {model_path} (the default model; its MODEL_CARD.md says what it can and cannot do)")
+        chat = FerretChat.from_pretrained(model_path, device="cpu")
+    else:
+        chat = _random_tiny_chat()
     region = Box(*target["box"])
     print(f"Image: {image_path} ({example['width']}x{example['height']})")
-    print(f"Question: {question}   region: box {target['box']} (the {target['label']})")
-    answer = chat.ask(str(image_path), question, regions=[region], max_new_tokens=args.max_new_tokens)
-    print(f"Prompt text sent: {answer.history.turns[0][0]}")
-    print_answer(answer)
-    print(f"(random model; answer meaningless) done in {time.perf_counter() - started:.1f} s")
+    questions = [("What is the object <region>?", [region], f"box {target['box']} (the {target['label']})"),
+                 (f"What is the location of the {other['label']} in the image?", [], f"true box {other['box']}")]
+    for question, regions, note in questions:
+        print(f"Question: {question}   ({note})")
+        answer = chat.ask(str(image_path), question, regions=regions, max_new_tokens=args.max_new_tokens)
+        print(f"Prompt text sent: {answer.history.turns[0][0]}")
+        print_answer(answer)
+    suffix = "" if model_path is not None else " (random model; answers meaningless)"
+    print(f"done in {time.perf_counter() - started:.1f} s{suffix}")
     return 0
+
+
+def _random_tiny_chat():
+    from ferret.chat import FerretChat
+    from ferret.model.tiny import build_tiny_model
+    from ferret.processing import build_image_processor
+
+    print("NOTE: no trained model is available, so this demo uses a tiny, RANDOMLY INITIALISED Ferret")
+    print("      built in-process (no weights are downloaded). It exercises the whole pipeline; its")
+    print("      answers are meaningless noise.")
+    model, tokenizer = build_tiny_model(seed=0)
+    image_size = model.config.vision_tower_config().image_size
+    return FerretChat(tokenizer, model, build_image_processor(image_size), context_len=model.config.max_position_embeddings)
 
 
 def main(argv: list[str] | None = None) -> int:

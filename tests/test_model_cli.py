@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -52,8 +53,12 @@ def test_ask_with_a_mask_file(model_dir, tmp_path, capsys):
         (["ask", "--image", str(SHAPES), "q"], "no model path given"),
     ],
 )
-def test_bad_input_is_one_line_and_exit_2(argv, message, capsys, monkeypatch):
+def test_bad_input_is_one_line_and_exit_2(argv, message, capsys, monkeypatch, tmp_path):
+    from ferret.model import builder
+
     monkeypatch.delenv("FERRET_MODEL_PATH", raising=False)
+    # "no model path given" needs the embedded model gone too (a stripped install).
+    monkeypatch.setattr(builder, "EMBEDDED_MODEL_DIR", tmp_path / "no-embedded-model")
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("ferret: error: ") and message in err and err.count("\n") == 1, err
@@ -67,13 +72,29 @@ def test_argument_errors_exit_2_in_one_line(capsys):
     assert "not allowed with argument" in err and err.count("\n") == 1
 
 
-def test_demo_runs_fast_and_says_the_model_is_random():
+def test_demo_runs_fast_and_answers_with_the_default_model():
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "ferret", "demo", "--max-new-tokens", "8"],
-                          capture_output=True, text=True, timeout=120)
+    env = {k: v for k, v in os.environ.items() if k != "FERRET_MODEL_PATH"}
+    proc = subprocess.run([sys.executable, "-m", "ferret", "demo", "--max-new-tokens", "24"],
+                          capture_output=True, text=True, timeout=120, env=env)
     elapsed = time.perf_counter() - started
     assert proc.returncode == 0, proc.stderr
-    assert "RANDOMLY INITIALISED" in proc.stdout and "meaningless" in proc.stdout, proc.stdout
+    assert "assets/model" in proc.stdout and "RANDOM" not in proc.stdout, proc.stdout  # the embedded model
     assert "[125, 200, 375, 533] <region_fea>" in proc.stdout  # the region went into the prompt
-    assert "Answer: " in proc.stdout and "Traceback" not in proc.stderr
+    # Both questions answered in the trained formats: an object name, then the asked object and
+    # its box (the shipped model's accuracy is MODEL_CARD.md's and tests/test_embedded_model.py's).
+    assert "Answer: A" in proc.stdout and "Answer: The blue square [" in proc.stdout, proc.stdout
+    assert "blue square: [" in proc.stdout, proc.stdout
+    assert "Traceback" not in proc.stderr
     assert elapsed < 60, f"demo took {elapsed:.1f} s"
+
+
+def test_demo_without_any_model_says_the_model_is_random(monkeypatch, capsys, tmp_path):
+    from ferret.model import builder
+
+    monkeypatch.delenv("FERRET_MODEL_PATH", raising=False)
+    monkeypatch.setattr(builder, "EMBEDDED_MODEL_DIR", tmp_path / "no-embedded-model")
+    assert main(["demo", "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "RANDOMLY INITIALISED" in out and "meaningless" in out, out
+    assert "[125, 200, 375, 533] <region_fea>" in out and "Answer: " in out
