@@ -2,7 +2,8 @@
 
     ferret ask --image IMG [--box x1,y1,x2,y2 | --point x,y | --mask MASK.png] [--model-path PATH]
                [--load-4bit | --load-8bit] [--max-new-tokens N] "question"
-    ferret demo      # the default (embedded) model on a shipped sample image; no model: a tiny RANDOM one
+    ferret demo      # the gradio demo stack (controller, worker, web page) on the default model
+    ferret try       # the default (embedded) model on a shipped sample image; no model: a tiny RANDOM one
 
 Bad input (missing image, malformed coordinates, missing checkpoint, ...) prints one line on
 stderr and exits with status 2.
@@ -79,9 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     ask.set_defaults(run=run_ask)
 
-    demo = commands.add_parser("demo", help="ask the default (embedded) model about a shipped example image (no download)")
-    demo.add_argument("--max-new-tokens", type=int, default=24)
-    demo.set_defaults(run=run_demo)
+    # `demo` (the gradio stack) is handed to ferret.serve.demo in main(); listed here for --help.
+    commands.add_parser("demo", help="serve the gradio demo (controller + worker + web page); see ferret demo --help",
+                        add_help=False)
+    quick = commands.add_parser("try", help="ask the default (embedded) model about a shipped example image, no server")
+    quick.add_argument("--max-new-tokens", type=int, default=24)
+    quick.set_defaults(run=run_try)
     return parser
 
 
@@ -122,7 +126,7 @@ def run_ask(args) -> int:
     return 0
 
 
-def run_demo(args) -> int:
+def run_try(args) -> int:
     """Ask the default model (the embedded one, or $FERRET_MODEL_PATH) about a shipped example:
     name a boxed object, then ground another one. Without any trained model, a tiny RANDOM one
     runs the same pipeline (and says so)."""
@@ -171,7 +175,12 @@ def _random_tiny_chat():
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["demo"]:
+        from ferret.serve.demo import main as serve_demo
+
+        return serve_demo(argv[1:])
+    args = build_parser().parse_args(argv)
     try:
         return args.run(args)
     except (ValueError, FileNotFoundError, FileExistsError, OSError) as error:

@@ -1,4 +1,4 @@
-"""The `ferret` console script: `ask` on a saved tiny model, `demo`, and one-line exit-2 errors."""
+"""The `ferret` console script: `ask` on a saved tiny model, `try`, `demo` routing, and one-line exit-2 errors."""
 
 from __future__ import annotations
 
@@ -72,10 +72,10 @@ def test_argument_errors_exit_2_in_one_line(capsys):
     assert "not allowed with argument" in err and err.count("\n") == 1
 
 
-def test_demo_runs_fast_and_answers_with_the_default_model():
+def test_try_runs_fast_and_answers_with_the_default_model():
     started = time.perf_counter()
     env = {k: v for k, v in os.environ.items() if k != "FERRET_MODEL_PATH"}
-    proc = subprocess.run([sys.executable, "-m", "ferret", "demo", "--max-new-tokens", "24"],
+    proc = subprocess.run([sys.executable, "-m", "ferret", "try", "--max-new-tokens", "24"],
                           capture_output=True, text=True, timeout=120, env=env)
     elapsed = time.perf_counter() - started
     assert proc.returncode == 0, proc.stderr
@@ -89,12 +89,20 @@ def test_demo_runs_fast_and_answers_with_the_default_model():
     assert elapsed < 60, f"demo took {elapsed:.1f} s"
 
 
-def test_demo_without_any_model_says_the_model_is_random(monkeypatch, capsys, tmp_path):
+def test_try_without_any_model_says_the_model_is_random(monkeypatch, capsys, tmp_path):
     from ferret.model import builder
 
     monkeypatch.delenv("FERRET_MODEL_PATH", raising=False)
     monkeypatch.setattr(builder, "EMBEDDED_MODEL_DIR", tmp_path / "no-embedded-model")
-    assert main(["demo", "--max-new-tokens", "4"]) == 0
+    assert main(["try", "--max-new-tokens", "4"]) == 0
     out = capsys.readouterr().out
     assert "RANDOMLY INITIALISED" in out and "meaningless" in out, out
     assert "[125, 200, 375, 533] <region_fea>" in out and "Answer: " in out
+
+
+def test_demo_is_the_serving_stack_launcher(capsys, tmp_path):
+    # `ferret demo` hands its arguments to ferret.serve.demo, which refuses a missing model
+    # folder before starting any process.
+    missing = tmp_path / "no-such-model"
+    assert main(["demo", "--model-path", str(missing)]) == 2
+    assert "is not a folder" in capsys.readouterr().err
