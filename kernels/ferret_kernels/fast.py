@@ -471,7 +471,7 @@ def geo_region_sampler(
     """Same contract as `reference.geo_region_sampler`. `stage_fn` swaps the per-stage
     implementation (the Triton backend passes its own); default: the fast `sampler_stage`."""
     num_sub_point, num_neighbor = tuple(num_sub_point), tuple(num_neighbor)
-    _check_inputs(points, features, params, num_sub_point, num_neighbor)
+    reference.check_sampler_inputs(points, features, params, num_sub_point, num_neighbor)
     stage_fn = stage_fn or sampler_stage
     xy, hidden = points, features
     for stage, stage_params in enumerate(params.stages):
@@ -502,7 +502,7 @@ def geo_region_sampler_from_maps(
     reference._grid_side(feature_maps)
     if feature_maps.shape[-1] != params.input_dim:
         raise ValueError(f"feature maps have width {feature_maps.shape[-1]}, the weights expect {params.input_dim}")
-    _check_inputs(points, points.new_empty(*points.shape[:2], params.input_dim), params, num_sub_point, num_neighbor)
+    reference.check_sampler_inputs(points, points.new_empty(*points.shape[:2], params.input_dim), params, num_sub_point, num_neighbor)
     width = params.input_dim
     stage = params.stages[0]
     dtype = feature_maps.dtype
@@ -548,23 +548,3 @@ class SamplerKernels(NamedTuple):
 
 
 FAST_KERNELS = SamplerKernels(farthest_point_sample, knn_indices, sample_maps, group_pool, sampler_stage)
-
-
-def _check_inputs(points, features, params, num_sub_point, num_neighbor) -> None:
-    """The reference's input validation (same messages), without running the reference."""
-    if points.dim() != 3 or points.shape[-1] != 2:
-        raise ValueError(f"points must be [R, N, 2], got shape {tuple(points.shape)}")
-    if features.shape[:2] != points.shape[:2]:
-        raise ValueError(f"features {tuple(features.shape)} do not match points {tuple(points.shape)} in [R, N]")
-    if len(num_neighbor) != len(num_sub_point):
-        raise ValueError(f"num_sub_point {num_sub_point} and num_neighbor {num_neighbor} differ in length")
-    params.validate(num_sub_point)
-    if features.shape[-1] != params.input_dim:
-        raise ValueError(f"features have width {features.shape[-1]}, the weights expect {params.input_dim}")
-    available = points.shape[1]
-    for stage, (sub, k) in enumerate(zip(num_sub_point, num_neighbor)):
-        if not (1 <= sub <= available and 1 <= k <= available):
-            raise ValueError(
-                f"stage {stage}: num_sub_point {sub} and num_neighbor {k} must be in [1, {available}] (points available)"
-            )
-        available = sub
