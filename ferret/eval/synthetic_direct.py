@@ -1,6 +1,6 @@
 """Direct checks of the embedded model on the synthetic test split (what the benchmarks leave out).
 
-    python ferret/assets/model/eval_direct.py --data data/synth --out ferret/assets/model/eval [--model-path PATH]
+    python -m ferret.eval.synthetic_direct --data data/synth --out ferret/assets/model/eval [--model-path PATH]
 
 For the first `--max-scenes` test scenes (`scenes_test.json`) and every object in them:
   * referring classification: "What is the object <region>?" with the object as a box (its
