@@ -438,11 +438,14 @@ def sampler_stage(
     pool: str = "max",
     fps_start: torch.Tensor | int | None = None,
     generator: torch.Generator | None = None,
+    kernels: "SamplerKernels | None" = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same contract as `reference.sampler_stage`, computed with the folded projections."""
-    anchor_index = farthest_point_sample(xy, num_sub_point, fps_start, generator)
+    """Same contract as `reference.sampler_stage`, computed with the folded projections.
+    `kernels` swaps FPS, kNN and the group pool (the Triton backend passes its own)."""
+    kernels = kernels or FAST_KERNELS
+    anchor_index = kernels.fps(xy, num_sub_point, fps_start, generator)
     anchor_xy = reference.gather_points(xy, anchor_index)
-    neighbour_index = knn_indices(anchor_xy, xy, num_neighbor)
+    neighbour_index = kernels.knn(anchor_xy, xy, num_neighbor)
     folded, w_a, w_b, bias = fold_stage_weights(stage_params, xy.shape[0] * xy.shape[1])
     point_xy = xy.to(features.dtype)
     point_u = point_projection(features, point_xy, stage_params, folded, w_a)
@@ -453,7 +456,9 @@ def sampler_stage(
         w_b,
         bias,
     )
-    pooled = group_pool(point_u, anchor_v, neighbour_index, stage_params.ln_weight, stage_params.ln_bias, stage_params.ln_eps, pool)
+    pooled = kernels.group_pool(
+        point_u, anchor_v, neighbour_index, stage_params.ln_weight, stage_params.ln_bias, stage_params.ln_eps, pool
+    )
     return anchor_xy, pooled
 
 
@@ -502,7 +507,9 @@ def geo_region_sampler_from_maps(
     reference._grid_side(feature_maps)
     if feature_maps.shape[-1] != params.input_dim:
         raise ValueError(f"feature maps have width {feature_maps.shape[-1]}, the weights expect {params.input_dim}")
-    reference.check_sampler_inputs(points, points.new_empty(*points.shape[:2], params.input_dim), params, num_sub_point, num_neighbor)
+    # Validation only reads shapes: a zero-stride view stands in for the [R, N, C] features.
+    feature_shape = points.new_empty(()).expand(*points.shape[:2], params.input_dim)
+    reference.check_sampler_inputs(points, feature_shape, params, num_sub_point, num_neighbor)
     width = params.input_dim
     stage = params.stages[0]
     dtype = feature_maps.dtype

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from . import fast, reference
+from . import fast
 from .fps import farthest_point_sample
 from .group_pool import group_pool
 from .knn import knn_indices
@@ -31,21 +31,10 @@ def sampler_stage(
     fps_start: torch.Tensor | int | None = None,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same contract as `reference.sampler_stage`."""
-    anchor_index = farthest_point_sample(xy, num_sub_point, fps_start, generator)
-    anchor_xy = reference.gather_points(xy, anchor_index)
-    neighbour_index = knn_indices(anchor_xy, xy, num_neighbor)
-    folded, w_a, w_b, bias = fast.fold_stage_weights(stage_params, xy.shape[0] * xy.shape[1])
-    point_u = fast.point_projection(features, xy.to(features.dtype), stage_params, folded, w_a)
-    anchor_v = fast.anchor_projection(
-        reference.gather_points(features, anchor_index),
-        anchor_xy.to(features.dtype),
-        reference.gather_points(point_u, anchor_index),
-        w_b,
-        bias,
+    """Same contract as `reference.sampler_stage`: `fast.sampler_stage` with the Triton kernels."""
+    return fast.sampler_stage(
+        xy, features, stage_params, num_sub_point, num_neighbor, pool, fps_start, generator, kernels=TRITON_KERNELS
     )
-    pooled = group_pool(point_u, anchor_v, neighbour_index, stage_params.ln_weight, stage_params.ln_bias, stage_params.ln_eps, pool)
-    return anchor_xy, pooled
 
 
 def geo_region_sampler(
