@@ -94,3 +94,47 @@ def test_resolve_image_and_box_conversion(tmp_path):
     assert resolve_image(str(tmp_path), records[0]).endswith(records[0].file_name)
     with pytest.raises(ValueError, match=r"\[x, y, w, h\]"):
         xywh_to_xyxy([1, 2, 3])
+
+
+def test_bad_entries_list_collects_unusable_entries_instead_of_raising(tmp_path):
+    data = json.loads(json.dumps(REFEXP))
+    data["images"].append({"id": 9, "file_name": "x.jpg", "caption": "no box", "width": 10, "height": 10})
+    data["images"].append({"id": 10, "file_name": "y.jpg", "caption": "bad size", "width": "wide", "height": 10})
+    data["annotations"].append({"id": 4, "image_id": 10, "bbox": [0, 0, 1, 1]})
+    path = _write(tmp_path, "mixed.json", data)
+    with pytest.raises(DataFormatError, match=r"images\[2\] \(id 9\) has 0 annotations"):
+        load_refexp(path)
+    bad = []
+    records = load_refexp(path, bad_entries=bad)
+    assert [r.image_id for r in records] == [7, 8]
+    assert len(bad) == 2 and "has 0 annotations" in bad[0] and "positive integers" in bad[1]
+    # A file-level problem is never an entry to skip.
+    data["annotations"].append({"bbox": [0, 0, 1, 1]})
+    with pytest.raises(DataFormatError, match="annotation 3 needs an 'image_id'"):
+        load_refexp(_write(tmp_path, "orphan.json", data), bad_entries=[])
+
+
+def test_flickr_entity_text_and_boxes_follow_the_spans(tmp_path):
+    caption = "Two Men, and a dog."
+    data = {
+        "images": [{"id": 3, "file_name": "9.jpg", "caption": caption, "width": 50, "height": 40,
+                    "tokens_positive_eval": [[[0, 8]], [[13, 18]]]}],
+        "annotations": [
+            {"image_id": 3, "bbox": [1, 1, 5, 5], "tokens_positive": [[0, 3], [4, 7]]},
+            {"image_id": 3, "bbox": [10, 1, 5, 5], "tokens_positive": [[4, 7]]},
+            {"image_id": 3, "bbox": [20, 20, 5, 5], "tokens_positive": [[15, 18]]},
+            {"image_id": 3, "bbox": [30, 30, 5, 5], "tokens_positive": [[8, 12]]},  # touches neither phrase
+        ],
+    }
+    (record,) = load_flickr(_write(tmp_path, "f.json", data))
+    assert record.entities == ("two men", "a dog")
+    assert record.entity_text(0) == "Two Men," and record.entity_text(1) == "a dog"
+    assert record.entity_boxes(0) == ((1.0, 1.0, 6.0, 6.0), (10.0, 1.0, 15.0, 6.0))
+    assert record.entity_boxes(1) == ((20.0, 20.0, 25.0, 25.0),)
+    data["annotations"][0]["tokens_positive"] = [[5, 2]]
+    with pytest.raises(DataFormatError, match="tokens_positive"):
+        load_flickr(_write(tmp_path, "badspan.json", data))
+    data["annotations"][0]["tokens_positive"] = [[0, 3]]
+    data["images"][0]["tokens_positive_eval"] = [[0, 3]]  # one list level missing
+    with pytest.raises(DataFormatError, match="not a list of \\[start, end\\] spans"):
+        load_flickr(_write(tmp_path, "flat.json", data))

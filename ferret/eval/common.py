@@ -24,6 +24,8 @@ from typing import Any
 
 from tqdm import tqdm
 
+from ferret.data.errors import DataFormatError
+
 PREDICTIONS_GLOB = "predictions_*.jsonl"
 METRICS_FILE = "metrics.json"
 
@@ -162,17 +164,18 @@ def read_json_file(path: str | os.PathLike) -> Any:
         raise EvalSetupError(f"malformed json in {path} at line {err.lineno}: {err.msg}") from err
 
 
-def read_coco_tables(path: str, what: str) -> tuple[list[dict], dict]:
-    """(`images`, annotations grouped by `image_id`) of an MDETR-style COCO json."""
-    data = read_json_file(path)
-    if not isinstance(data, dict) or not isinstance(data.get("images"), list) \
-            or not isinstance(data.get("annotations"), list):
-        raise EvalSetupError(f"{path} is not a {what} json (needs 'images' and 'annotations' lists)")
-    by_image: dict = {}
-    for ann in data["annotations"]:
-        if isinstance(ann, dict):
-            by_image.setdefault(ann.get("image_id"), []).append(ann)
-    return data["images"], by_image
+def read_records(data_paths: Iterable[str], reader: Callable[..., list], loaded: LoadedSamples
+                 ) -> Iterable[tuple[str, Any]]:
+    """(file, record) for every usable entry of the annotation files, read by a
+    `ferret.data.formats` reader. Missing files and unusable entries are recorded in `loaded`
+    and skipped; a file that is not json or not of the reader's format stops the evaluation."""
+    for path in existing_files(data_paths, loaded):
+        try:
+            records = reader(path, bad_entries=loaded.bad_annotations)
+        except DataFormatError as err:
+            raise EvalSetupError(str(err)) from err
+        for record in records:
+            yield path, record
 
 
 # ----------------------------------------------------------------------------- generation

@@ -6,7 +6,8 @@
 Annotation file: the released MDETR-style json. Each entry of `images` is one caption
 (`caption`, `file_name`, `width`, `height`, `tokens_positive_eval`: one list of character
 spans per entity phrase); `annotations` hold its boxes (`image_id`, `bbox` in COCO xywh,
-`tokens_positive` spans telling which phrase a box belongs to).
+`tokens_positive` spans telling which phrase a box belongs to). The file is read by
+`ferret.data.formats.load_flickr`; an unusable caption is counted, not fatal.
 
 Protocol (released): ask "What are the locations of <objs>?" with the caption's phrases
 (lower case, commas removed) joined by ", "; the predicted boxes of a phrase are the boxes the
@@ -27,11 +28,11 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from ferret.eval.common import (AnswerFn, EvalSample, LoadedSamples, existing_files, read_coco_tables,
-                                require_samples, run_task, summary_line, task_parser)
-from ferret.eval.metrics import clip_box, decode_grounded_boxes, hit_at_k, merge_boxes, phrases_match, recall, xywh_to_xyxy
+from ferret.data.formats import FlickrRecord, load_flickr
+from ferret.eval.common import (AnswerFn, EvalSample, LoadedSamples, read_records, require_samples, run_task,
+                                summary_line, task_parser)
+from ferret.eval.metrics import clip_box, decode_grounded_boxes, hit_at_k, merge_boxes, phrases_match, recall
 
-QUESTION = "What are the locations of <objs>?"
 TOP_K = (1, 5, 10)
 PROTOCOLS = ("any_box", "merged_box")
 # An annotated phrase in a Flickr30k Entities sentence file: "[/EN#18/people/other A man]".
@@ -49,60 +50,55 @@ def read_sentence_phrases(path: str | os.PathLike) -> list[list[dict]]:
     return sentences
 
 
-def flickr_question(phrases: list[str]) -> str:
-    return QUESTION.replace("<objs>", ", ".join(phrases))
-
-
-def _spans_overlap(a: list[int], b: list[int]) -> bool:
-    return a[0] < b[1] and b[0] < a[1]
-
-
 def load_samples(data_paths: list[str], images_dir: str, entities_dir: str | None = None) -> LoadedSamples:
-    """Samples of MDETR-style json files; with `entities_dir` (the Flickr30k Entities folder with
-    Sentences/) each phrase also gets its coarse types, for the per-type recall."""
+    """One sample per caption of the `ferret.data.formats.load_flickr` records; with
+    `entities_dir` (the Flickr30k Entities folder with Sentences/) each phrase also gets its
+    coarse types, for the per-type recall. A caption that cannot be scored is counted, not fatal."""
     loaded = LoadedSamples(samples=[])
-    for path in existing_files(data_paths, loaded):
-        images, anns_by_image = read_coco_tables(path, "Flickr30k Entities")
-        for entry in images:
-            image_id = entry.get("id") if isinstance(entry, dict) else None
-            try:
-                sample = _caption_sample(entry, anns_by_image.get(image_id, []), images_dir)
-                if entities_dir is not None:
-                    _add_phrase_types(sample, entry, entities_dir)
-            except (KeyError, TypeError, ValueError, IndexError, OSError) as err:
-                loaded.bad_annotations.append(f"{path} image entry {image_id}: {err}")
-                continue
-            loaded.samples.append(sample)
+    for path, record in read_records(data_paths, load_flickr, loaded):
+        try:
+            sample = _caption_sample(record, images_dir)
+            if entities_dir is not None:
+                _add_phrase_types(sample, record, entities_dir)
+        except (ValueError, OSError) as err:
+            loaded.bad_annotations.append(f"{path} image entry {record.image_id}: {err}")
+            continue
+        loaded.samples.append(sample)
     return require_samples(loaded, "Flickr30k samples", data_paths)
 
 
-def _caption_sample(entry: dict, anns: list[dict], images_dir: str) -> EvalSample:
-    caption = str(entry["caption"])
-    width, height = int(entry["width"]), int(entry["height"])
+def _caption_sample(record: FlickrRecord, images_dir: str) -> EvalSample:
     phrases = []
-    for spans in entry["tokens_positive_eval"]:
-        start, end = spans[0]
-        text = caption[start:end]
-        boxes = [clip_box(xywh_to_xyxy(a["bbox"]), width, height) for a in anns
-                 if any(_spans_overlap(s, [start, end]) for s in a.get("tokens_positive", []))]
+    for index, phrase in enumerate(record.entities):
+        text = record.entity_text(index)
+        boxes = [clip_box(box, record.width, record.height) for box in record.entity_boxes(index)]
         if not boxes:
             raise ValueError(f"phrase {text!r} has no box")
-        phrases.append({"phrase": text.lower().replace(",", "").strip(), "text": text, "boxes": boxes})
+        phrases.append({"phrase": phrase, "text": text, "boxes": boxes})
     if not phrases:
         raise ValueError("caption has no phrase to ground")
-    sample_id = (f"{entry['original_img_id']}_{entry['sentence_id']}"
-                 if "original_img_id" in entry and "sentence_id" in entry else str(entry["id"]))
+    extras = record.extras
+    sample_id = (f"{extras['original_img_id']}_{extras['sentence_id']}"
+                 if "original_img_id" in extras and "sentence_id" in extras else str(record.image_id))
     return EvalSample(
         sample_id=sample_id,
-        image=os.path.join(images_dir, str(entry["file_name"])),
-        question=flickr_question([p["phrase"] for p in phrases]),
-        meta={"caption": caption, "phrases": phrases, "width": width, "height": height},
+        image=os.path.join(images_dir, record.file_name),
+        question=record.question,
+        meta={"caption": record.caption, "phrases": phrases, "width": record.width, "height": record.height},
     )
 
 
-def _add_phrase_types(sample: EvalSample, entry: dict, entities_dir: str) -> None:
-    sentences = read_sentence_phrases(Path(entities_dir) / "Sentences" / f"{entry['original_img_id']}.txt")
-    annotated = sentences[int(entry["sentence_id"])]
+def _add_phrase_types(sample: EvalSample, record: FlickrRecord, entities_dir: str) -> None:
+    try:
+        image_name, sentence = record.extras["original_img_id"], int(record.extras["sentence_id"])
+    except (KeyError, TypeError, ValueError):
+        raise ValueError("needs 'original_img_id' and an integer 'sentence_id' to find its "
+                         "Flickr30k Entities sentence") from None
+    sentences_path = Path(entities_dir) / "Sentences" / f"{image_name}.txt"
+    sentences = read_sentence_phrases(sentences_path)
+    if not 0 <= sentence < len(sentences):
+        raise ValueError(f"sentence {sentence} is not in {sentences_path} ({len(sentences)} sentences)")
+    annotated = sentences[sentence]
     for phrase in sample.meta["phrases"]:
         match = next((a for a in annotated if a["phrase"] == phrase["text"]), None)
         if match is None:

@@ -6,7 +6,8 @@
 
 Annotation files are the released MDETR-style json (`finetune_refcoco_testA.json`, ...): each
 entry of `images` is one expression (`caption`, `file_name`, `width`, `height`, `dataset_name`)
-with exactly one entry of `annotations` (same `image_id`, `bbox` in COCO xywh pixels).
+with exactly one entry of `annotations` (same `image_id`, `bbox` in COCO xywh pixels); they are
+read by `ferret.data.formats.load_refexp`, and an unusable entry is counted, not fatal.
 Protocol (released): ask "What is the location of <expression> in the image?" (commas
 removed), take the first box of the answer, map it from the 0-999 grid to pixels and count a
 hit when its IoU with the true box is >= 0.5.
@@ -21,17 +22,12 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from ferret.eval.common import (AnswerFn, EvalSample, LoadedSamples, existing_files, read_coco_tables,
-                                require_samples, run_task, summary_line, task_parser)
-from ferret.eval.metrics import IOU_THRESHOLD, box_iou, clip_box, decode_grounded_boxes, xywh_to_xyxy
+from ferret.data.formats import load_refexp
+from ferret.eval.common import (AnswerFn, EvalSample, LoadedSamples, read_records, require_samples, run_task,
+                                summary_line, task_parser)
+from ferret.eval.metrics import IOU_THRESHOLD, box_iou, clip_box, decode_grounded_boxes
 
-QUESTION = "What is the location of <obj> in the image?"
 _SPLIT_IN_NAME = re.compile(r"_(val|testA|testB|test|train)$")
-
-
-def refcoco_question(expression: str) -> str:
-    """The released prompt; the expression loses its commas (released `remove_punctuation`)."""
-    return QUESTION.replace("<obj>", expression.replace(",", "").strip())
 
 
 def split_name(data_path: str | os.PathLike, dataset_name: str | None) -> str:
@@ -43,30 +39,18 @@ def split_name(data_path: str | os.PathLike, dataset_name: str | None) -> str:
 
 
 def load_samples(data_paths: list[str], images_dir: str) -> LoadedSamples:
+    """One sample per expression of the `ferret.data.formats.load_refexp` records."""
     loaded = LoadedSamples(samples=[])
-    for path in existing_files(data_paths, loaded):
-        images, anns_by_image = read_coco_tables(path, "RefCOCO")
-        for entry in images:
-            image_id = entry.get("id") if isinstance(entry, dict) else None
-            try:
-                anns = anns_by_image.get(image_id, [])
-                if len(anns) != 1:
-                    raise ValueError(f"expected one box, found {len(anns)}")
-                width, height = int(entry["width"]), int(entry["height"])
-                true_box = clip_box(xywh_to_xyxy(anns[0]["bbox"]), width, height)
-                expression = str(entry["caption"])
-                file_name = str(entry["file_name"])
-            except (KeyError, TypeError, ValueError) as err:
-                loaded.bad_annotations.append(f"{path} image entry {image_id}: {err}")
-                continue
-            split = split_name(path, entry.get("dataset_name"))
-            loaded.samples.append(EvalSample(
-                sample_id=f"{split}:{image_id}",
-                image=os.path.join(images_dir, file_name),
-                question=refcoco_question(expression),
-                meta={"split": split, "expression": expression, "box": true_box,
-                      "width": width, "height": height},
-            ))
+    for path, record in read_records(data_paths, load_refexp, loaded):
+        split = split_name(path, record.dataset_name)
+        loaded.samples.append(EvalSample(
+            sample_id=f"{split}:{record.image_id}",
+            image=os.path.join(images_dir, record.file_name),
+            question=record.question,
+            meta={"split": split, "expression": record.caption,
+                  "box": clip_box(record.box, record.width, record.height),
+                  "width": record.width, "height": record.height},
+        ))
     return require_samples(loaded, "RefCOCO samples", data_paths)
 
 
