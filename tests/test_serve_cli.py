@@ -111,3 +111,15 @@ def test_interactive_multi_turn_from_stdin(tiny_model, capsys, monkeypatch):
     assert code == 0, err
     assert out.count("USER: ") == 2 and out.count("ASSISTANT: ") == 2
     assert "ignored" not in out
+
+
+def test_grounding_report_is_in_image_pixels():
+    from ferret.regions import parse_grounding
+    from ferret.serve.cli import format_grounding
+
+    # Grid 0-999 -> pixels of a 400x300 image: g * side / 1000.
+    regions = parse_grounding("The blue square [250, 500, 500, 999] and a dot [100, 200].", 400, 300)
+    assert format_grounding(regions) == ("Grounded regions (image pixels):\n"
+                                         "  The blue square: [100.0, 150.0, 200.0, 299.7]\n"
+                                         "  a dot: [40.0, 60.0]")
+    assert format_grounding([]) == "Grounded regions: none"

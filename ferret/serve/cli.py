@@ -1,4 +1,4 @@
-"""Ask Ferret about an image from the terminal.
+"""Ask Ferret about an image from the terminal (also run as ``ferret ask``, same flags).
 
     python -m ferret.serve.cli --image IMG [--box x1,y1,x2,y2 | --point x,y | --mask MASK.png] \
         [--model-path PATH] [--load-4bit | --load-8bit] [--save-vis OUT.png] "question"
@@ -6,8 +6,9 @@
 Coordinates are pixels of the image (box corners inclusive). Write ``<region>`` in the question
 where the region goes, or it is appended. Without a question the CLI reads questions from stdin,
 one per line, as one conversation (the region belongs to the first question; an empty line or
-end of input stops). The answer streams to stdout; ``--save-vis`` writes the image with the
-referred region and the answer's boxes drawn. Bad input: one line on stderr, exit status 2.
+end of input stops). The answer streams to stdout; the regions it grounds follow on stderr in
+image pixels; ``--save-vis`` writes the image with the referred region and the answer's boxes
+drawn. Bad input: one line on stderr, exit status 2.
 """
 
 from __future__ import annotations
@@ -16,13 +17,22 @@ import argparse
 import sys
 from pathlib import Path
 
-__all__ = ["main", "parse_region_args"]
+__all__ = ["OneLineErrorParser", "format_grounding", "main", "parse_region_args"]
 
 EXIT_BAD_INPUT = 2
+PROG = "python -m ferret.serve.cli"
+ERROR_PREFIX = "ferret-cli"
 
 
 class CliError(ValueError):
     """Bad input on the command line (reported as one line, exit 2)."""
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one stderr line and exit status 2 (no usage dump)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _numbers(text: str, n: int, flag: str) -> list[float]:
@@ -62,9 +72,9 @@ def parse_region_args(args: argparse.Namespace, image) -> list:
     return [region]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m ferret.serve.cli", description="Ask Ferret about an image (refer with a box, point or mask)."
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    parser = OneLineErrorParser(
+        prog=prog, description="Ask Ferret about an image (refer with a box, point or mask)."
     )
     parser.add_argument("question", nargs="?", help="the question; omit it for an interactive conversation")
     parser.add_argument("--image", required=True, help="image file")
@@ -84,9 +94,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _fail(message: str) -> int:
-    print(f"ferret-cli: error: {message}", file=sys.stderr)
+def _fail(message: str, prefix: str = ERROR_PREFIX) -> int:
+    lines = message.strip().splitlines()
+    print(f"{prefix}: error: {lines[0] if lines else 'failed'}", file=sys.stderr)
     return EXIT_BAD_INPUT
+
+
+def format_grounding(regions) -> str:
+    """The answer's grounded regions in image pixels: a heading, then one line per region."""
+    if not regions:
+        return "Grounded regions: none"
+    lines = ["Grounded regions (image pixels):"]
+    for region in regions:
+        coords = region.box if region.box is not None else region.point
+        lines.append(f"  {region.phrase or '(no phrase)'}: [" + ", ".join(f"{v:.1f}" for v in coords) + "]")
+    return "\n".join(lines)
 
 
 def _save_vis(path: str, image, regions, answer_regions) -> None:
@@ -97,26 +119,34 @@ def _save_vis(path: str, image, regions, answer_regions) -> None:
     print(f"[saved {path}]", file=sys.stderr)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def main(argv: list[str] | None = None, prog: str = PROG, error_prefix: str = ERROR_PREFIX) -> int:
+    """Run the CLI; `prog` and `error_prefix` name it in help and errors (``ferret ask``)."""
+    parser = build_parser(prog)
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # argparse already printed its one-line usage error
         return EXIT_BAD_INPUT if exit_.code else 0
+    try:
+        return _run(args)
+    except CliError as error:
+        return _fail(str(error), error_prefix)
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.question is not None and not args.question.strip():
-        return _fail("the question is empty")
+        raise CliError("the question is empty")
     if args.save_vis and not Path(args.save_vis).resolve().parent.is_dir():
-        return _fail(f"--save-vis folder {str(Path(args.save_vis).parent)!r} does not exist")
+        raise CliError(f"--save-vis folder {str(Path(args.save_vis).parent)!r} does not exist")
     if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
-        return _fail("need --max-new-tokens >= 1, --temperature >= 0 and 0 < --top-p <= 1")
+        raise CliError("need --max-new-tokens >= 1, --temperature >= 0 and 0 < --top-p <= 1")
 
     from ferret.processing import ImageLoadError, load_image
 
     try:
         image = load_image(args.image)
         regions = parse_region_args(args, image)
-    except (ImageLoadError, CliError) as error:
-        return _fail(str(error))
+    except ImageLoadError as error:
+        raise CliError(str(error)) from None
 
     from ferret.chat import FerretChat
     from ferret.regions import parse_grounding
@@ -125,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         chat = FerretChat.from_pretrained(args.model_path, load_4bit=args.load_4bit, load_8bit=args.load_8bit,
                                           device=args.device)
     except (FileNotFoundError, ValueError, ImportError) as error:
-        return _fail(f"cannot load the model: {error}")
+        raise CliError(f"cannot load the model: {error}") from None
 
     interactive = args.question is None
     questions = iter([args.question]) if not interactive else (line.rstrip("\n") for line in sys.stdin)
@@ -148,11 +178,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(piece, end="", flush=True)
         except ValueError as error:
             print(file=sys.stdout)
-            return _fail(str(error))
+            raise CliError(str(error)) from None
         print(flush=True)
         answer = "".join(pieces).strip()
         turns.append(Turn(question, answer, turn_regions))
         all_answer_regions = parse_grounding(answer, *image.size)
+        print(format_grounding(all_answer_regions), file=sys.stderr)
         turn_regions = []
     if args.save_vis:
         _save_vis(args.save_vis, image, regions, all_answer_regions)
