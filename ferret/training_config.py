@@ -61,6 +61,8 @@ class DataSection:
     model_max_length: int = 2048
     point_input_sample: str = "segment_mask|center"
     num_workers: int = 0
+    # Scene records (the synthetic world's scenes_train.json) for the dense readout loss.
+    scene_records: str | None = None
 
 
 @dataclass
@@ -98,6 +100,9 @@ class TrainSection:
     tensorboard: bool = True
     export_hf: bool = True  # write a Hugging Face folder (output_dir/hf) at the end
     shuffle: bool = True
+    # > 0: add this times ferret.dense_supervision's readout loss on the image tokens (towers
+    # trained from scratch; needs data.scene_records).
+    dense_loss_weight: float = 0.0
 
 
 @dataclass
@@ -149,6 +154,10 @@ class TrainConfig:
         _non_negative("train.save_steps", t.save_steps)
         _non_negative("train.save_total_limit", t.save_total_limit)
         _positive("train.logging_steps", t.logging_steps)
+        _non_negative("train.dense_loss_weight", t.dense_loss_weight)
+        if t.dense_loss_weight > 0 and not d.scene_records:
+            raise TrainConfigError("data.scene_records: train.dense_loss_weight > 0 needs the scene records "
+                                   "(scenes_train.json) its targets come from")
         for name in ("adam_beta1", "adam_beta2"):
             if not 0.0 <= getattr(t, name) < 1.0:
                 raise TrainConfigError(f"train.{name}: {getattr(t, name)} is not in [0, 1)")

@@ -220,7 +220,7 @@ def lr_multiplier(step: int, warmup: int, total: int, kind: str) -> float:
 # --------------------------------------------------------------------------- data
 
 
-def build_dataset(cfg: TrainConfig, tokenizer, image_processor):
+def build_dataset(cfg: TrainConfig, tokenizer, image_processor, model):
     from ferret.data.grit import DataSource, GritDataConfig, GritDataset
 
     multiples = cfg.data.data_multiple or [None] * len(cfg.data.data_path)
@@ -232,7 +232,41 @@ def build_dataset(cfg: TrainConfig, tokenizer, image_processor):
     data_config = GritDataConfig(
         point_strategy=cfg.data.point_input_sample, max_length=cfg.data.model_max_length, seed=cfg.train.seed
     )
-    return GritDataset.from_sources(sources, tokenizer, image_processor, data_config)
+    patch_targets = None
+    if cfg.data.scene_records:
+        from ferret.dense_supervision import ScenePatchTargets
+
+        path = resolve(cfg.data.scene_records)
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"data.scene_records: file {cfg.data.scene_records} does not exist")
+        vision = model.config.vision_tower_config()
+        patch_targets = ScenePatchTargets.from_file(path, grid=vision.image_size // vision.patch_size)
+    return GritDataset.from_sources(sources, tokenizer, image_processor, data_config, patch_targets=patch_targets)
+
+
+class DenseReadout:
+    """The dense auxiliary loss (ferret.dense_supervision) on the projected image tokens of the
+    forward pass just run, captured by a hook on the projector (the model is not modified)."""
+
+    def __init__(self, model):
+        from ferret.dense_supervision import DenseVocabulary
+
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.vocabulary = DenseVocabulary.synthetic()
+        self.tokens: torch.Tensor | None = None
+        base.model.mm_projector.register_forward_hook(self._capture)
+
+    def _capture(self, _module, _inputs, output) -> None:
+        self.tokens = output
+
+    def loss(self, batch: dict, device: torch.device) -> torch.Tensor:
+        from ferret.dense_supervision import dense_readout_loss
+
+        tokens, self.tokens = self.tokens, None
+        if tokens is None or "patch_color" not in batch:
+            raise RuntimeError("dense readout: no image tokens or no patch targets in this batch")
+        return dense_readout_loss(tokens, batch["patch_color"].to(device), batch["patch_shape"].to(device),
+                                  batch["patch_box"].to(device), self.vocabulary)
 
 
 class ResumableDistributedSampler(torch.utils.data.Sampler):
@@ -447,7 +481,8 @@ def train(cfg: TrainConfig, args: argparse.Namespace) -> int:
     model, tokenizer, image_processor = build_model(cfg, compute_dtype)
     model = prepare_trainable(model, cfg, rank)
     region_pass = RegionPassScheduler(model)
-    dataset = build_dataset(cfg, tokenizer, image_processor)
+    dataset = build_dataset(cfg, tokenizer, image_processor, model)
+    readout = DenseReadout(model) if cfg.train.dense_loss_weight > 0 else None
     from ferret.data.collate import FerretCollator
 
     sampler = ResumableDistributedSampler(len(dataset), rank, world, cfg.train.seed, cfg.train.shuffle)
@@ -524,7 +559,7 @@ def train(cfg: TrainConfig, args: argparse.Namespace) -> int:
         batches = iter(torch.utils.data.DataLoader(dataset, **loader_kwargs))
         while state.global_step < total_steps:
             step_start = time.perf_counter()
-            losses, samples, tokens = [], 0, 0
+            losses, dense_losses, samples, tokens = [], [], 0, 0
             lr = scheduler.get_last_lr()[0]  # the rate this step applies
             for micro_step in range(accum):
                 batch = next(batches)
@@ -536,17 +571,26 @@ def train(cfg: TrainConfig, args: argparse.Namespace) -> int:
                 inputs = move_batch(batch, device, compute_dtype)
                 region_pass.arm(inputs["region_masks"], generator)
                 outputs = engine(**inputs, region_generator=generator)
-                engine.backward(outputs.loss)
+                loss = outputs.loss
+                if readout is not None:
+                    # Every rank runs the same graph whether or not this batch has targets.
+                    dense = readout.loss(batch, device) if "patch_color" in batch else loss.new_zeros(())
+                    loss = loss + cfg.train.dense_loss_weight * dense
+                    dense_losses.append(dense.detach().float())
+                engine.backward(loss)
                 engine.step()
                 losses.append(outputs.loss.detach().float())
                 samples += batch["input_ids"].shape[0]
                 tokens += int(batch["attention_mask"].sum())
             # Loss averaged over micro-batches and ranks; samples and tokens summed over ranks.
             # (tokens = text tokens from the attention mask; the image's patch embeddings not counted)
+            dense_mean = torch.stack(dense_losses).mean() if dense_losses else torch.zeros(())
             stats = torch.stack([torch.stack(losses).mean().to(device),
-                                 torch.tensor(float(samples), device=device), torch.tensor(float(tokens), device=device)])
+                                 torch.tensor(float(samples), device=device), torch.tensor(float(tokens), device=device),
+                                 dense_mean.to(device)])
             dist.all_reduce(stats)
             loss, step_samples, step_tokens = stats[0].item() / world, int(stats[1].item()), int(stats[2].item())
+            dense_loss = stats[3].item() / world
             state.global_step += 1
             state.step_in_epoch += 1
             state.samples_seen += step_samples
@@ -567,12 +611,15 @@ def train(cfg: TrainConfig, args: argparse.Namespace) -> int:
                     "samples_per_s": step_samples / elapsed,
                     "tokens_per_s": step_tokens / elapsed,
                 }
+                if readout is not None:
+                    record["dense_loss"] = dense_loss
                 metrics.log(record)
                 progress.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}")
                 progress.write(
                     f"step {state.global_step}/{total_steps} loss {loss:.4f} lr {record['lr']:.3e} "
                     f"grad_norm {grad_norm:.3f} samples/s {record['samples_per_s']:.2f} "
                     f"tokens/s {record['tokens_per_s']:.1f}"
+                    + (f" dense_loss {dense_loss:.4f}" if readout is not None else "")
                 )
             progress.update(1)
             epoch_done = state.step_in_epoch == steps_per_epoch

@@ -20,7 +20,8 @@ class FerretCollator:
     that is also a real token id is handled), pixel_values (B, 3, S, S) when every item has an
     image, region_masks (list of lists of (W, H) bool), image_sizes (list of (W, H) or None),
     skipped (Counter of bad samples the items passed over, by reason; sum it over batches: the
-    DataLoader workers' own counts never reach the main process), tasks (when items carry one).
+    DataLoader workers' own counts never reach the main process), tasks (when items carry one),
+    patch_color / patch_shape (B, N) and patch_box (B, N, 4) when every item carries dense targets.
     """
 
     pad_token_id: int
@@ -59,6 +60,11 @@ class FerretCollator:
             batch["pixel_values"] = torch.stack(images)
         elif any(image is not None for image in images):
             raise ValueError("a batch mixes samples with and without images")
+        # Dense patch targets (ferret.dense_supervision) only when every item has them: a batch
+        # mixing scenes with and without records trains the readout on none of them.
+        for key in ("patch_color", "patch_shape", "patch_box"):
+            if all(key in item for item in items):
+                batch[key] = torch.stack([item[key] for item in items])
         if any("task" in item for item in items):
             batch["tasks"] = [item.get("task") for item in items]
         return batch

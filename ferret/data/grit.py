@@ -340,7 +340,7 @@ class GritDataset(Dataset):
     """
 
     def __init__(self, samples: list[dict], tokenizer, image_processor, config: GritDataConfig = GritDataConfig(),
-                 skipped: Counter | None = None, max_fallbacks: int = 16):
+                 skipped: Counter | None = None, max_fallbacks: int = 16, patch_targets=None):
         if not samples:
             raise ValueError("GritDataset got no usable samples (see the skipped counts in the log)")
         self.samples = samples
@@ -349,6 +349,9 @@ class GritDataset(Dataset):
         self.config = config
         self.skipped: Counter = skipped if skipped is not None else Counter()
         self.max_fallbacks = max_fallbacks
+        # Optional ferret.dense_supervision.ScenePatchTargets: per-patch targets for samples whose
+        # `scene_id` it knows (the synthetic world's training scenes).
+        self.patch_targets = patch_targets
         self.epoch = 0
         self._blank: torch.Tensor | None = None
         self.region_token_id = tokenizer.convert_tokens_to_ids(REGION_TOKEN)
@@ -357,12 +360,12 @@ class GritDataset(Dataset):
 
     @classmethod
     def from_sources(cls, sources: Sequence[DataSource], tokenizer, image_processor,
-                     config: GritDataConfig = GritDataConfig()) -> "GritDataset":
+                     config: GritDataConfig = GritDataConfig(), patch_targets=None) -> "GritDataset":
         skipped: Counter = Counter()
         samples = mix_sources(sources, config.seed, config.check_images, skipped)
         if sum(skipped.values()):
             logger.warning("skipped %d samples at load time: %s", sum(skipped.values()), dict(skipped))
-        return cls(samples, tokenizer, image_processor, config, skipped)
+        return cls(samples, tokenizer, image_processor, config, skipped, patch_targets=patch_targets)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -451,4 +454,6 @@ class GritDataset(Dataset):
         }
         if "task" in sample:
             item["task"] = sample["task"]
+        if self.patch_targets is not None and "image" in sample and sample.get("scene_id") in self.patch_targets:
+            item.update(self.patch_targets[sample["scene_id"]])
         return item

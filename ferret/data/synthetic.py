@@ -21,8 +21,9 @@ Sample json (released GRIT fields, plus the extensions marked *):
     *scribbles      with free_form turns: per turn and box, the RLE of a scribble drawn on the
                     object; the prompt then shows the scribble's box and the region mask is the
                     scribble (see ferret.data.grit).
-Test and validation scenes are also exported as plain records (scenes_test.json,
-scenes_val.json): each object's name, colour, shape, size class, box, visible-area mask RLE.
+Every split's scenes are also exported as plain records (scenes_train.json, scenes_val.json,
+scenes_test.json): each object's name, colour, shape, size class, box, visible-area mask RLE.
+Evaluation scores against them; training reads them for the dense readout loss.
 """
 
 from __future__ import annotations
@@ -600,7 +601,7 @@ def generate(out_dir: str, n: int, seed: int = 0, config: SyntheticConfig = Synt
     for split in SPLITS:
         with open(os.path.join(out_dir, f"{split}.json"), "w") as handle:
             json.dump(by_split[split], handle)
-    for split in ("val", "test"):
+    for split in SPLITS:
         with open(os.path.join(out_dir, f"scenes_{split}.json"), "w") as handle:
             json.dump(scenes_by_split[split], handle)
     # Counted per question/answer pair (a chained sample holds several).

@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", required=True)
     parser.add_argument("--model-path", default=None, help="model folder; default: the embedded model")
     parser.add_argument("--max-scenes", type=int, default=40, help="first N test scenes (0: all)")
+    parser.add_argument("--split", default="test", choices=["test", "val"], help="which held-out scenes")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args(argv)
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     start = time.perf_counter()
     data = Path(args.data)
-    scenes = read_json_file(data / "scenes_test.json")
+    scenes = read_json_file(data / f"scenes_{args.split}.json")
     scenes = scenes[:args.max_scenes] if args.max_scenes else scenes
     rng = np.random.default_rng([args.seed, 31])
     questions = [q for scene in scenes for q in scene_questions(scene, data, rng)]
@@ -113,7 +114,8 @@ def main(argv: list[str] | None = None) -> dict:
                           "expected": q["expected"], "answer": text})
     yes_no = results.get("yes_no_present", []) + results.get("yes_no_absent", [])
     report = {
-        "data": str(data), "model_path": args.model_path, "num_scenes": len(scenes), "seed": args.seed,
+        "data": str(data), "split": args.split, "model_path": args.model_path, "num_scenes": len(scenes),
+        "seed": args.seed,
         "accuracy": {check: round(float(np.mean(v)), 4) for check, v in sorted(results.items())},
         "counts": {check: len(v) for check, v in sorted(results.items())},
         "yes_no_accuracy": round(float(np.mean(yes_no)), 4) if yes_no else None,

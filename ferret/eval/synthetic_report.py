@@ -31,8 +31,8 @@ REPORT_FILE = "synthetic_report.json"
 POPE_SETTINGS = ("random", "popular", "adversarial")
 
 
-def load_scenes(data_dir: str | Path, max_scenes: int | None = None) -> list[dict]:
-    path = Path(data_dir) / "scenes_test.json"
+def load_scenes(data_dir: str | Path, max_scenes: int | None = None, split: str = "test") -> list[dict]:
+    path = Path(data_dir) / f"scenes_{split}.json"
     scenes = read_json_file(path)
     if not isinstance(scenes, list):
         raise EvalSetupError(f"{path} must hold a list of scene records")
@@ -187,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-scenes", type=int, default=40,
                         help="only the first N test scenes (default 40, ~20 questions each, to bound CPU time; "
                              "0 for all)")
+    parser.add_argument("--split", default="test", choices=["test", "val"],
+                        help="which held-out scenes (val: for choosing settings without touching test)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -202,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None, answer_fn: AnswerFn | None = None) -> dict:
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
-    scenes = load_scenes(args.data, args.max_scenes)
+    scenes = load_scenes(args.data, args.max_scenes, args.split)
     out = Path(args.out)
     files = export_all(scenes, out / "benchmarks", args.seed)
     if answer_fn is None:
@@ -218,7 +220,7 @@ def main(argv: list[str] | None = None, answer_fn: AnswerFn | None = None) -> di
         "lvis": (lvis.main, str(Path(args.data) / "images")),
         "pope": (pope.main, images),
     }
-    report: dict = {"data": str(args.data), "model_path": args.model_path, "num_scenes": len(scenes),
+    report: dict = {"data": str(args.data), "split": args.split, "model_path": args.model_path, "num_scenes": len(scenes),
                     "seed": args.seed, "summary": {}, "tasks": {}}
     for task, (task_main, image_dir) in runs.items():
         extra = ["--seed", str(args.seed)] if task == "lvis" else []

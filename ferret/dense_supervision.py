@@ -1,0 +1,159 @@
+"""Dense auxiliary supervision of the image tokens, for towers trained from scratch.
+
+The released Ferret starts from a pretrained CLIP, whose patch features already say what is
+where. A tower trained from scratch on the language loss alone gets almost no signal through
+the LLM, and a small model then learns to answer from the question only. This module gives the
+image tokens a direct target, built from the scene records that the synthetic world writes
+(`scenes_<split>.json`: every object's colour, shape, box and visible mask):
+
+* per patch of the tower's grid, the object covering most of the patch (background when none
+  covers `min_cover` of it): its colour class, its shape class, and its box normalised to [0, 1];
+* read out of the first channels of the *projected* image tokens, the vectors the LLM receives
+  (colour logits, then shape logits, then the 4 box values), so no head is added: the exported
+  model keeps the plain Ferret architecture, and the LLM sees in its input the very quantities
+  it must name and localise.
+
+Loss = CE(colour) + CE(shape) + box_weight * L1(box) on covered patches. Only the training
+script uses it (`train.dense_loss_weight` > 0 with `data.scene_records`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class DenseVocabulary:
+    """Class names of the readout; index 0 of each is the background."""
+
+    colors: tuple[str, ...]
+    shapes: tuple[str, ...]
+
+    @property
+    def num_colors(self) -> int:
+        return len(self.colors) + 1
+
+    @property
+    def num_shapes(self) -> int:
+        return len(self.shapes) + 1
+
+    @property
+    def channels(self) -> int:
+        """Channels of the image token the readout uses: colour logits, shape logits, box."""
+        return self.num_colors + self.num_shapes + 4
+
+    @classmethod
+    def synthetic(cls) -> "DenseVocabulary":
+        from ferret.data.synthetic import COLORS, SHAPES
+
+        return cls(tuple(COLORS), tuple(SHAPES))
+
+
+def patch_coverage(mask_hw: np.ndarray, grid: int) -> np.ndarray:
+    """[grid, grid] fraction of each patch covered by the mask, for an image resized straight to a
+    square (Ferret's `square_nocrop`): patch (i, j) spans rows i*H/grid..(i+1)*H/grid."""
+    if mask_hw.ndim != 2 or mask_hw.shape[0] < 1 or mask_hw.shape[1] < 1:
+        raise ValueError(f"patch_coverage needs a 2-D mask, got shape {mask_hw.shape}")
+    height, width = mask_hw.shape
+    # Integral image: the covered area of any pixel-aligned rectangle in four look-ups.
+    integral = np.zeros((height + 1, width + 1), dtype=np.float64)
+    integral[1:, 1:] = np.cumsum(np.cumsum(mask_hw.astype(np.float64), axis=0), axis=1)
+    ys = np.rint(np.linspace(0, height, grid + 1)).astype(int)
+    xs = np.rint(np.linspace(0, width, grid + 1)).astype(int)
+    area = (integral[ys[1:]][:, xs[1:]] - integral[ys[:-1]][:, xs[1:]]
+            - integral[ys[1:]][:, xs[:-1]] + integral[ys[:-1]][:, xs[:-1]])
+    cells = np.outer(np.diff(ys), np.diff(xs)).astype(np.float64)
+    return area / np.maximum(cells, 1.0)
+
+
+def scene_patch_targets(record: Mapping, grid: int, vocabulary: DenseVocabulary,
+                        min_cover: float = 0.2) -> dict[str, torch.Tensor]:
+    """Targets for one scene record: colour [grid*grid], shape [grid*grid] (long, 0 = background)
+    and box [grid*grid, 4] (x1/W, y1/H, x2/W, y2/H of the patch's object; zeros on background)."""
+    from ferret.data.rle import decode_rle
+
+    width, height = int(record["width"]), int(record["height"])
+    cells = grid * grid
+    best = np.zeros(cells)
+    color = torch.zeros(cells, dtype=torch.long)
+    shape = torch.zeros(cells, dtype=torch.long)
+    box = torch.zeros(cells, 4)
+    for obj in record["objects"]:
+        if obj["color"] not in vocabulary.colors or obj["shape"] not in vocabulary.shapes:
+            raise ValueError(f"scene {record.get('scene_id')}: object {obj.get('name')!r} is outside the "
+                             f"dense vocabulary ({len(vocabulary.colors)} colours, {len(vocabulary.shapes)} shapes)")
+        cover = patch_coverage(decode_rle(obj["mask"], (height, width)), grid).reshape(-1)
+        wins = (cover >= min_cover) & (cover > best)
+        if not wins.any():
+            continue
+        best[wins] = cover[wins]
+        where = torch.from_numpy(np.nonzero(wins)[0])
+        color[where] = vocabulary.colors.index(obj["color"]) + 1
+        shape[where] = vocabulary.shapes.index(obj["shape"]) + 1
+        x1, y1, x2, y2 = obj["box"]
+        box[where] = torch.tensor([x1 / width, y1 / height, x2 / width, y2 / height], dtype=torch.float32)
+    return {"patch_color": color, "patch_shape": shape, "patch_box": box}
+
+
+class ScenePatchTargets:
+    """scene_id -> patch targets, computed once per scene (the records of a scenes_*.json)."""
+
+    def __init__(self, records: Sequence[Mapping], grid: int, vocabulary: DenseVocabulary | None = None,
+                 min_cover: float = 0.2):
+        self.records = {int(r["scene_id"]): r for r in records}
+        self.grid, self.min_cover = grid, min_cover
+        self.vocabulary = vocabulary or DenseVocabulary.synthetic()
+        self._cache: dict[int, dict[str, torch.Tensor]] = {}
+
+    @classmethod
+    def from_file(cls, path: str, grid: int, **kwargs) -> "ScenePatchTargets":
+        import json
+
+        with open(path) as handle:
+            records = json.load(handle)
+        if not isinstance(records, list) or not all(isinstance(r, dict) and "scene_id" in r for r in records):
+            raise ValueError(f"{path}: expected a list of scene records with scene_id (a scenes_<split>.json)")
+        return cls(records, grid, **kwargs)
+
+    def __contains__(self, scene_id) -> bool:
+        return scene_id is not None and int(scene_id) in self.records
+
+    def __getitem__(self, scene_id) -> dict[str, torch.Tensor]:
+        key = int(scene_id)
+        if key not in self._cache:
+            self._cache[key] = scene_patch_targets(self.records[key], self.grid, self.vocabulary, self.min_cover)
+        return self._cache[key]
+
+
+def dense_readout_loss(image_tokens: torch.Tensor, patch_color: torch.Tensor, patch_shape: torch.Tensor,
+                       patch_box: torch.Tensor, vocabulary: DenseVocabulary, box_weight: float = 5.0) -> torch.Tensor:
+    """Loss of the readout from projected image tokens [B, N, hidden] (N = grid*grid patches, a
+    leading CLS token dropped) against targets [B, N] / [B, N, 4]."""
+    cells = patch_color.shape[-1]
+    tokens = image_tokens[:, -cells:].float()
+    if tokens.shape[-1] < vocabulary.channels:
+        raise ValueError(f"image tokens have {tokens.shape[-1]} channels; the readout needs {vocabulary.channels}")
+    nc, ns = vocabulary.num_colors, vocabulary.num_shapes
+    loss = F.cross_entropy(tokens[..., :nc].reshape(-1, nc), patch_color.reshape(-1))
+    loss = loss + F.cross_entropy(tokens[..., nc : nc + ns].reshape(-1, ns), patch_shape.reshape(-1))
+    covered = patch_color > 0
+    if covered.any():
+        predicted = tokens[..., nc + ns : nc + ns + 4][covered]
+        loss = loss + box_weight * F.l1_loss(predicted, patch_box[covered].to(predicted.dtype))
+    return loss
+
+
+def dense_readout_accuracy(image_tokens: torch.Tensor, patch_color: torch.Tensor, patch_shape: torch.Tensor,
+                           vocabulary: DenseVocabulary) -> dict[str, float]:
+    """Per-patch colour and shape accuracy of the readout (for logging)."""
+    cells = patch_color.shape[-1]
+    tokens = image_tokens[:, -cells:].float()
+    nc, ns = vocabulary.num_colors, vocabulary.num_shapes
+    color = (tokens[..., :nc].argmax(-1) == patch_color).float().mean().item()
+    shape = (tokens[..., nc : nc + ns].argmax(-1) == patch_shape).float().mean().item()
+    return {"patch_color_acc": color, "patch_shape_acc": shape}

@@ -1,0 +1,140 @@
+"""Dense readout targets and loss (ferret.dense_supervision) and their plumbing into data and config."""
+
+import numpy as np
+import pytest
+import torch
+
+from ferret.data.collate import FerretCollator
+from ferret.data.rle import encode_rle
+from ferret.dense_supervision import (
+    DenseVocabulary,
+    ScenePatchTargets,
+    dense_readout_accuracy,
+    dense_readout_loss,
+    patch_coverage,
+    scene_patch_targets,
+)
+
+VOCAB = DenseVocabulary(colors=("red", "blue"), shapes=("circle", "square"))
+
+
+def test_patch_coverage_by_hand():
+    mask = np.zeros((4, 6), dtype=bool)
+    mask[0:2, 0:3] = True  # exactly the top-left patch of a 2x2 grid
+    mask[2, 3] = True  # one pixel of the bottom-right patch (2 x 3 = 6 pixels)
+    cover = patch_coverage(mask, 2)
+    np.testing.assert_allclose(cover, [[1.0, 0.0], [0.0, 1 / 6]])
+
+
+def test_patch_coverage_uneven_cells_sum_to_area():
+    rng = np.random.default_rng(0)
+    mask = rng.random((37, 53)) < 0.3
+    cover = patch_coverage(mask, 8)
+    ys = np.rint(np.linspace(0, 37, 9)).astype(int)
+    xs = np.rint(np.linspace(0, 53, 9)).astype(int)
+    cells = np.outer(np.diff(ys), np.diff(xs))
+    assert (cover * cells).sum() == pytest.approx(mask.sum())
+    assert cover[0, 0] == pytest.approx(mask[: ys[1], : xs[1]].mean())
+
+
+def test_patch_coverage_rejects_bad_mask():
+    with pytest.raises(ValueError, match="2-D mask"):
+        patch_coverage(np.zeros((3,), dtype=bool), 2)
+
+
+def _record(objects):
+    return {"scene_id": 7, "width": 8, "height": 8, "objects": objects}
+
+
+def _object(color, shape, y0, y1, x0, x1):
+    mask = np.zeros((8, 8), dtype=bool)
+    mask[y0:y1, x0:x1] = True
+    return {"name": f"{color} {shape}", "color": color, "shape": shape, "box": [x0, y0, x1 - 1, y1 - 1],
+            "mask": encode_rle(mask)}
+
+
+def test_scene_patch_targets_assigns_the_most_covering_object():
+    record = _record([
+        _object("red", "circle", 0, 4, 0, 4),  # top-left patch, fully
+        _object("blue", "square", 0, 4, 3, 8),  # top-right patch fully, 1/4 of top-left
+    ])
+    targets = scene_patch_targets(record, 2, VOCAB, min_cover=0.2)
+    assert targets["patch_color"].tolist() == [1, 2, 0, 0]
+    assert targets["patch_shape"].tolist() == [1, 2, 0, 0]
+    torch.testing.assert_close(targets["patch_box"][1], torch.tensor([3 / 8, 0.0, 7 / 8, 3 / 8]))
+    assert targets["patch_box"][2:].abs().sum() == 0
+
+
+def test_scene_patch_targets_threshold_and_vocabulary_errors():
+    small = _record([_object("red", "circle", 0, 1, 0, 1)])  # 1 of 16 pixels of its patch
+    assert scene_patch_targets(small, 2, VOCAB, min_cover=0.2)["patch_color"].sum() == 0
+    assert scene_patch_targets(small, 2, VOCAB, min_cover=0.05)["patch_color"].tolist() == [1, 0, 0, 0]
+    with pytest.raises(ValueError, match="outside the dense vocabulary"):
+        scene_patch_targets(_record([_object("green", "circle", 0, 4, 0, 4)]), 2, VOCAB)
+
+
+def test_scene_patch_targets_cache_and_file_errors(tmp_path):
+    targets = ScenePatchTargets([_record([_object("red", "circle", 0, 4, 0, 4)])], grid=2, vocabulary=VOCAB)
+    assert 7 in targets and 8 not in targets and None not in targets
+    assert targets[7] is targets["7"]
+    bad = tmp_path / "scenes.json"
+    bad.write_text('{"not": "a list"}')
+    with pytest.raises(ValueError, match="scenes_<split>.json"):
+        ScenePatchTargets.from_file(str(bad), grid=2)
+
+
+def test_readout_loss_is_low_for_a_perfect_readout_and_trains():
+    color = torch.tensor([[1, 2, 0, 0]])
+    shape = torch.tensor([[1, 2, 0, 0]])
+    box = torch.tensor([[[0.0, 0.0, 0.5, 0.5], [0.4, 0.0, 0.9, 0.5], [0, 0, 0, 0], [0, 0, 0, 0]]])
+    perfect = torch.zeros(1, 4, 16)
+    perfect[0, torch.arange(4), color[0]] = 20.0
+    perfect[0, torch.arange(4), VOCAB.num_colors + shape[0]] = 20.0
+    perfect[0, :, VOCAB.num_colors + VOCAB.num_shapes:VOCAB.channels] = box[0]
+    assert dense_readout_loss(perfect, color, shape, box, VOCAB).item() < 1e-6
+    assert dense_readout_accuracy(perfect, color, shape, VOCAB) == {"patch_color_acc": 1.0, "patch_shape_acc": 1.0}
+
+    # A leading CLS token is dropped; the loss trains the channels it reads.
+    tokens = torch.zeros(1, 5, 16, requires_grad=True)
+    start = dense_readout_loss(tokens, color, shape, box, VOCAB).item()
+    optimizer = torch.optim.Adam([tokens], lr=0.05)
+    for _ in range(200):
+        optimizer.zero_grad()
+        dense_readout_loss(tokens, color, shape, box, VOCAB).backward()
+        optimizer.step()
+    assert dense_readout_loss(tokens, color, shape, box, VOCAB).item() < 0.2 * start
+    assert tokens.grad[0, 0].abs().sum() == 0
+    assert tokens.grad[0, 1:, :VOCAB.channels].abs().sum() > 0  # the CLS position is not read
+    assert tokens.grad[0, 1:, VOCAB.channels:].abs().sum() == 0  # nor the channels past the readout
+
+
+def test_readout_loss_needs_enough_channels():
+    with pytest.raises(ValueError, match="readout needs 10"):
+        dense_readout_loss(torch.zeros(1, 4, 8), torch.zeros(1, 4, dtype=torch.long),
+                           torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, 4), VOCAB)
+
+
+def test_collator_stacks_targets_only_when_every_item_has_them():
+    def item(with_targets):
+        out = {"input_ids": torch.tensor([1, 2]), "labels": torch.tensor([-100, 2]),
+               "pixel_values": torch.zeros(3, 4, 4), "region_masks": []}
+        if with_targets:
+            out.update(patch_color=torch.tensor([1, 0]), patch_shape=torch.tensor([2, 0]), patch_box=torch.zeros(2, 4))
+        return out
+
+    batch = FerretCollator(pad_token_id=0)([item(True), item(True)])
+    assert batch["patch_color"].shape == (2, 2) and batch["patch_box"].shape == (2, 2, 4)
+    assert "patch_color" not in FerretCollator(pad_token_id=0)([item(True), item(False)])
+
+
+def test_config_needs_scene_records_for_the_dense_loss():
+    from ferret.training_config import TrainConfigError, config_from_dict
+
+    base = {"model": {"tiny": True}, "data": {"data_path": ["x.json"]}}
+    with pytest.raises(TrainConfigError, match="data.scene_records"):
+        config_from_dict({**base, "train": {"dense_loss_weight": 1.0}})
+    with pytest.raises(TrainConfigError, match="train.dense_loss_weight"):
+        config_from_dict({**base, "train": {"dense_loss_weight": -1.0}})
+    ok = config_from_dict({**base, "data": {"data_path": ["x.json"], "scene_records": "s.json"},
+                           "train": {"dense_loss_weight": 0.5}})
+    assert ok.train.dense_loss_weight == 0.5
