@@ -11,10 +11,13 @@ image tokens a direct target, built from the scene records that the synthetic wo
 * read out of the first channels of the *projected* image tokens, the vectors the LLM receives
   (colour logits, then shape logits, then the 4 box values), so no head is added: the exported
   model keeps the plain Ferret architecture, and the LLM sees in its input the very quantities
-  it must name and localise.
+  it must name and localise;
+* likewise per referred region: the object the region mask overlaps most, read out of the first
+  channels of the region sampler's embedding (the `<region_fea>` input of the LLM).
 
-Loss = CE(colour) + CE(shape) + box_weight * L1(box) on covered patches. Only the training
-script uses it (`train.dense_loss_weight` > 0 with `data.scene_records`).
+Loss = CE(colour) + CE(shape) + box_weight * L1(box) on covered patches, + CE(colour) +
+CE(shape) of the regions. Only the training script uses it (`train.dense_loss_weight` > 0 with
+`data.scene_records`).
 """
 
 from __future__ import annotations
@@ -129,6 +132,36 @@ class ScenePatchTargets:
             self._cache[key] = scene_patch_targets(self.records[key], self.grid, self.vocabulary, self.min_cover)
         return self._cache[key]
 
+    def region_targets(self, scene_id, region_masks: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """region_color / region_shape [R] of the referred regions ((W, H) bool masks)."""
+        return region_object_targets(self.records[int(scene_id)], region_masks, self.vocabulary)
+
+
+def region_object_targets(record: Mapping, region_masks: Sequence[torch.Tensor],
+                          vocabulary: DenseVocabulary) -> dict[str, torch.Tensor]:
+    """Colour and shape class [R] of the object each (W, H) region mask overlaps most (0 when it
+    overlaps none: a region on the background)."""
+    from ferret.data.rle import decode_rle
+
+    width, height = int(record["width"]), int(record["height"])
+    color = torch.zeros(len(region_masks), dtype=torch.long)
+    shape = torch.zeros(len(region_masks), dtype=torch.long)
+    if not region_masks:
+        return {"region_color": color, "region_shape": shape}
+    objects = torch.stack([torch.from_numpy(decode_rle(o["mask"], (height, width)).T.copy())
+                           for o in record["objects"]])  # [K, W, H] like the region masks
+    for r, mask in enumerate(region_masks):
+        if tuple(mask.shape) != (width, height):
+            raise ValueError(f"scene {record.get('scene_id')}: region mask {tuple(mask.shape)} is not the "
+                             f"image's (W, H) = {(width, height)}")
+        overlap = (objects & mask.bool().unsqueeze(0)).flatten(1).sum(1)
+        if int(overlap.max()) == 0:
+            continue
+        obj = record["objects"][int(overlap.argmax())]
+        color[r] = vocabulary.colors.index(obj["color"]) + 1
+        shape[r] = vocabulary.shapes.index(obj["shape"]) + 1
+    return {"region_color": color, "region_shape": shape}
+
 
 def dense_readout_loss(image_tokens: torch.Tensor, patch_color: torch.Tensor, patch_shape: torch.Tensor,
                        patch_box: torch.Tensor, vocabulary: DenseVocabulary, box_weight: float = 5.0) -> torch.Tensor:
@@ -139,13 +172,24 @@ def dense_readout_loss(image_tokens: torch.Tensor, patch_color: torch.Tensor, pa
     if tokens.shape[-1] < vocabulary.channels:
         raise ValueError(f"image tokens have {tokens.shape[-1]} channels; the readout needs {vocabulary.channels}")
     nc, ns = vocabulary.num_colors, vocabulary.num_shapes
-    loss = F.cross_entropy(tokens[..., :nc].reshape(-1, nc), patch_color.reshape(-1))
-    loss = loss + F.cross_entropy(tokens[..., nc : nc + ns].reshape(-1, ns), patch_shape.reshape(-1))
+    loss = class_readout_loss(tokens, patch_color, patch_shape, vocabulary)
     covered = patch_color > 0
     if covered.any():
         predicted = tokens[..., nc + ns : nc + ns + 4][covered]
         loss = loss + box_weight * F.l1_loss(predicted, patch_box[covered].to(predicted.dtype))
     return loss
+
+
+def class_readout_loss(tokens: torch.Tensor, color: torch.Tensor, shape: torch.Tensor,
+                       vocabulary: DenseVocabulary) -> torch.Tensor:
+    """CE of the colour logits (first channels) + CE of the shape logits (next ones) of [..., hidden]
+    vectors against [...] class targets: the readout of patches and of regions alike."""
+    nc, ns = vocabulary.num_colors, vocabulary.num_shapes
+    if tokens.shape[-1] < nc + ns:
+        raise ValueError(f"vectors have {tokens.shape[-1]} channels; the class readout needs {nc + ns}")
+    tokens = tokens.float()
+    return (F.cross_entropy(tokens[..., :nc].reshape(-1, nc), color.reshape(-1))
+            + F.cross_entropy(tokens[..., nc : nc + ns].reshape(-1, ns), shape.reshape(-1)))
 
 
 def dense_readout_accuracy(image_tokens: torch.Tensor, patch_color: torch.Tensor, patch_shape: torch.Tensor,

@@ -138,3 +138,21 @@ def test_config_needs_scene_records_for_the_dense_loss():
     ok = config_from_dict({**base, "data": {"data_path": ["x.json"], "scene_records": "s.json"},
                            "train": {"dense_loss_weight": 0.5}})
     assert ok.train.dense_loss_weight == 0.5
+
+
+def test_region_object_targets_pick_the_most_overlapped_object():
+    from ferret.dense_supervision import region_object_targets
+
+    record = _record([_object("red", "circle", 0, 4, 0, 4), _object("blue", "square", 4, 8, 4, 8)])
+    box = torch.zeros(8, 8, dtype=torch.bool)  # (W, H): x 2..6, y 3..7 -> 1 red pixel row... mostly blue
+    box[2:7, 3:8] = True
+    background = torch.zeros(8, 8, dtype=torch.bool)
+    background[0, 7] = True  # x 0, y 7: no object
+    point_on_red = torch.zeros(8, 8, dtype=torch.bool)
+    point_on_red[1, 2] = True
+    out = region_object_targets(record, [box, background, point_on_red], VOCAB)
+    assert out["region_color"].tolist() == [2, 0, 1]
+    assert out["region_shape"].tolist() == [2, 0, 1]
+    assert region_object_targets(record, [], VOCAB)["region_color"].shape == (0,)
+    with pytest.raises(ValueError, match="not the image's"):
+        region_object_targets(record, [torch.zeros(4, 8, dtype=torch.bool)], VOCAB)

@@ -277,3 +277,25 @@ def test_training_batches_without_image_or_regions_still_give_every_module_a_gra
     with torch.no_grad():  # inference never pays for it
         merged = model.prepare_multimodal_inputs(text)
     assert torch.equal(merged.inputs_embeds[0], model.get_input_embeddings()(text[0]))
+
+
+def test_training_runs_the_region_module_on_every_image_without_changing_the_embeddings(tiny_tokenizer):
+    # DeepSpeed ranks must run the same modules whatever their batch holds: in a training step
+    # the region module also runs on an image with no region (placeholder mask), with a zero
+    # gradient, and the embeddings are those of inference.
+    model, tokenizer = build_tiny_model(tiny_tokenizer, seed=7)
+    ids = torch.tensor([_ids(tokenizer)])
+    image = torch.randn(1, 3, 112, 112)
+    calls = []
+    model.model.region_geo_sampler.register_forward_hook(lambda *args: calls.append(1))
+    model.eval()
+    with torch.no_grad():
+        expected = model.prepare_multimodal_inputs(ids, images=image).inputs_embeds
+    assert calls == []  # inference skips it
+    model.train()
+    merged = model.prepare_multimodal_inputs(ids, images=image)
+    assert calls == [1]
+    torch.testing.assert_close(merged.inputs_embeds.detach(), expected)
+    merged.inputs_embeds.sum().backward()
+    grads = [p.grad for p in model.model.region_geo_sampler.parameters()]
+    assert grads and all(g is not None and torch.all(g == 0) for g in grads)

@@ -214,3 +214,29 @@ def test_lora_run_trains_adapters_projector_and_sampler(workspace):
     for name in changed:
         assert (name.startswith(("model.mm_projector.", "model.region_geo_sampler."))
                 or (name.startswith("model.layers.") and "_proj." in name and "norm" not in name)), name
+
+
+def test_dense_readout_run_logs_and_lowers_the_auxiliary_loss(workspace):
+    # The synthetic world writes scenes_train.json; the readout loss reads the patch and region
+    # targets from it through hooks, on both ranks, and the export stays the plain architecture.
+    proc = train(workspace, "dense", "train.dense_loss_weight=1.0",
+                 f"data.scene_records={workspace / 'synth' / 'scenes_train.json'}",
+                 "train.max_steps=6", "train.save_steps=0", "train.learning_rate=5e-3")
+    out = workspace / "dense"
+    metrics = curve(out)
+    dense = [metrics[s]["dense_loss"] for s in range(1, 7)]
+    assert all(d > 0 for d in dense) and "dense_loss" in proc.stdout
+    assert sum(dense[-2:]) / 2 < sum(dense[:2]) / 2, dense
+
+    from ferret.model.builder import load_pretrained
+    from ferret.model.tiny import build_tiny_model
+
+    tokenizer, model, _, _ = load_pretrained(out / "hf", device="cpu")
+    assert set(model.state_dict()) == set(build_tiny_model(tokenizer, seed=0)[0].state_dict())
+
+
+def test_dense_readout_config_errors_name_the_key(workspace):
+    proc = train(workspace, "dense_bad", "train.dense_loss_weight=1.0",
+                 f"data.scene_records={workspace / 'missing_scenes.json'}", expect_ok=False)
+    # each rank exits 2 with one line naming the key (torchrun itself then exits 1)
+    assert proc.returncode != 0 and "ferret_train: error: data.scene_records: file" in proc.stderr

@@ -245,8 +245,10 @@ def build_dataset(cfg: TrainConfig, tokenizer, image_processor, model):
 
 
 class DenseReadout:
-    """The dense auxiliary loss (ferret.dense_supervision) on the projected image tokens of the
-    forward pass just run, captured by a hook on the projector (the model is not modified)."""
+    """The dense auxiliary loss (ferret.dense_supervision) on the projected image tokens and the
+    region embeddings of the forward pass just run, captured by hooks (the model is not modified).
+    A training step runs the region module once, on every image in batch order (see
+    FerretLlamaForCausalLM.prepare_multimodal_inputs), so its output lines up with the batch."""
 
     def __init__(self, model):
         from ferret.dense_supervision import DenseVocabulary
@@ -254,19 +256,34 @@ class DenseReadout:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.vocabulary = DenseVocabulary.synthetic()
         self.tokens: torch.Tensor | None = None
-        base.model.mm_projector.register_forward_hook(self._capture)
+        self.regions: list | None = None
+        base.model.mm_projector.register_forward_hook(self._capture_tokens)
+        region_module = getattr(base.model, "region_geo_sampler", None)
+        if region_module is not None:
+            region_module.register_forward_hook(self._capture_regions)
 
-    def _capture(self, _module, _inputs, output) -> None:
+    def _capture_tokens(self, _module, _inputs, output) -> None:
         self.tokens = output
 
-    def loss(self, batch: dict, device: torch.device) -> torch.Tensor:
-        from ferret.dense_supervision import dense_readout_loss
+    def _capture_regions(self, _module, _inputs, output) -> None:
+        self.regions = output
 
-        tokens, self.tokens = self.tokens, None
+    def loss(self, batch: dict, device: torch.device) -> torch.Tensor:
+        from ferret.dense_supervision import class_readout_loss, dense_readout_loss
+
+        tokens, regions, self.tokens, self.regions = self.tokens, self.regions, None, None
         if tokens is None or "patch_color" not in batch:
             raise RuntimeError("dense readout: no image tokens or no patch targets in this batch")
-        return dense_readout_loss(tokens, batch["patch_color"].to(device), batch["patch_shape"].to(device),
+        loss = dense_readout_loss(tokens, batch["patch_color"].to(device), batch["patch_shape"].to(device),
                                   batch["patch_box"].to(device), self.vocabulary)
+        if regions is not None and "region_color" in batch and len(regions) == len(batch["region_color"]):
+            rows = [i for i, c in enumerate(batch["region_color"]) if len(c)]
+            if rows:
+                embeddings = torch.cat([regions[i][: len(batch["region_color"][i])] for i in rows])
+                color = torch.cat([batch["region_color"][i] for i in rows]).to(device)
+                shape = torch.cat([batch["region_shape"][i] for i in rows]).to(device)
+                loss = loss + class_readout_loss(embeddings, color, shape, self.vocabulary)
+        return loss
 
 
 class ResumableDistributedSampler(torch.utils.data.Sampler):
@@ -337,70 +354,6 @@ def move_batch(batch: dict, device: torch.device, float_dtype: torch.dtype) -> d
     if "pixel_values" in batch:
         inputs["images"] = batch["pixel_values"].to(device=device, dtype=float_dtype)
     return inputs
-
-
-class RegionPassScheduler:
-    """Runs the region module exactly once per micro-batch, on every image, on every rank.
-
-    ZeRO-2 reduces gradients from per-parameter hooks, and ZeRO-3 gathers parameters with
-    collectives as modules run and records that module order once (counting one backward hook
-    per output tensor), then expects it at every step on every rank. The model itself runs its
-    region module only when a batch refers to a region, and returns one tensor per image that
-    has one, so both would follow the data and the ranks would deadlock. This wrapper,
-    installed on the model instance by the training script only, computes the region
-    embeddings right after the image encoder with a dummy mask for each image that has no
-    region (so the module always returns one tensor per image), hands the real ones to the
-    model's own `encode_regions` call, and adds 0 x the sum of all of them to the image
-    embeddings, giving unused region parameters an exact zero gradient. Embedding values are
-    those the model would compute; only the random draws of the point sampling shift.
-    """
-
-    def __init__(self, model):
-        self.base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        core = self.base.model
-        self.module = getattr(core, "region_geo_sampler", None) or getattr(core, "region_fea_adapter", None)
-        self.region_masks = None
-        self.generator: torch.Generator | None = None
-        self.cached: tuple[list, list] | None = None  # (masks passed, embeddings)
-        if self.module is not None:
-            self._encode_images = self.base.encode_images
-            self._encode_regions = self.base.encode_regions
-            self.base.encode_images = self._encode_images_and_regions  # instance attributes: this model only
-            self.base.encode_regions = self._cached_encode_regions
-            # The model's own fallback for skipped modules (0 x the sum of their weights, read
-            # outside the module's forward) meets ZeRO-3's partitioned, empty weights; the region
-            # module never needs it here, since it runs on every batch.
-            unused = getattr(self.base, "_unused_trainable_modules", None)
-            if unused is not None:
-                self.base._unused_trainable_modules = lambda used_image, used_regions: unused(used_image, True)
-
-    def arm(self, region_masks, generator: torch.Generator) -> None:
-        self.region_masks, self.generator, self.cached = region_masks, generator, None
-
-    def _encode_images_and_regions(self, images: torch.Tensor):
-        features, projected = self._encode_images(images)
-        if self.region_masks is None or len(self.region_masks) != images.shape[0]:
-            return features, projected  # not a training batch of one image per sample: leave as is
-        masks_in, self.region_masks = self.region_masks, None
-        grid = features[:, -self.base.get_vision_tower().num_patches :]
-        # Every image gets at least one mask (a dummy where it has none), so the module returns
-        # one tensor per image: ZeRO-3 counts its backward hooks per output tensor.
-        dummy = torch.ones(4, 4, dtype=torch.bool, device=features.device)
-        padded = [list(masks) if len(masks) else [dummy] for masks in masks_in]
-        embeddings = self._encode_regions(grid, padded, self.generator)
-        rows = [i for i, masks in enumerate(masks_in) if len(masks)]
-        self.cached = ([m for i in rows for m in masks_in[i]], [embeddings[i] for i in rows])
-        anchor = sum(e.sum() for e in embeddings if e is not None) * 0.0
-        return features, projected + anchor.to(projected.dtype)
-
-    def _cached_encode_regions(self, feature_maps, region_masks, generator=None):
-        if self.cached is not None:
-            masks, embeddings = self.cached
-            flat = [m for group in region_masks for m in group]
-            if len(flat) == len(masks) and all(a is b for a, b in zip(flat, masks)):
-                self.cached = None
-                return embeddings
-        return self._encode_regions(feature_maps, region_masks, generator)
 
 
 # --------------------------------------------------------------------------- logging
@@ -480,7 +433,8 @@ def train(cfg: TrainConfig, args: argparse.Namespace) -> int:
     # ---- model, data
     model, tokenizer, image_processor = build_model(cfg, compute_dtype)
     model = prepare_trainable(model, cfg, rank)
-    region_pass = RegionPassScheduler(model)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    region_module = getattr(base.model, "region_geo_sampler", None)
     dataset = build_dataset(cfg, tokenizer, image_processor, model)
     readout = DenseReadout(model) if cfg.train.dense_loss_weight > 0 else None
     from ferret.data.collate import FerretCollator
@@ -504,14 +458,14 @@ def train(cfg: TrainConfig, args: argparse.Namespace) -> int:
         optimizer, lambda s: lr_multiplier(s, warmup, total_steps, cfg.train.lr_scheduler)
     )
     ds_config = deepspeed_config(cfg, micro, accum, bf16)
-    if on_gpu and ds_config.get("zero_optimization", {}).get("stage") == 3 and region_pass.module is not None:
+    if on_gpu and ds_config.get("zero_optimization", {}).get("stage") == 3 and region_module is not None:
         # The region sampler reads its sub-modules' weights directly (folded kernels), so ZeRO-3
         # must gather the whole module at once instead of hooking each child. (Not on CPU:
         # DeepSpeed 0.19's leaf path calls record_stream on CPU gradients and fails; the small
         # CPU models keep every sampler weight below the persistence threshold anyway.)
         from deepspeed.utils import set_z3_leaf_modules
 
-        set_z3_leaf_modules(model, [type(region_pass.module)])
+        set_z3_leaf_modules(model, [type(region_module)])
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
         config=ds_config,
@@ -569,7 +523,6 @@ def train(cfg: TrainConfig, args: argparse.Namespace) -> int:
                     region_seed(cfg.train.seed, state.global_step, rank, micro_step)
                 )
                 inputs = move_batch(batch, device, compute_dtype)
-                region_pass.arm(inputs["region_masks"], generator)
                 outputs = engine(**inputs, region_generator=generator)
                 loss = outputs.loss
                 if readout is not None:

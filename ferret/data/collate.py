@@ -21,7 +21,8 @@ class FerretCollator:
     image, region_masks (list of lists of (W, H) bool), image_sizes (list of (W, H) or None),
     skipped (Counter of bad samples the items passed over, by reason; sum it over batches: the
     DataLoader workers' own counts never reach the main process), tasks (when items carry one),
-    patch_color / patch_shape (B, N) and patch_box (B, N, 4) when every item carries dense targets.
+    patch_color / patch_shape (B, N), patch_box (B, N, 4) and region_color / region_shape (lists of
+    [R_i]) when every item carries dense targets.
     """
 
     pad_token_id: int
@@ -65,6 +66,9 @@ class FerretCollator:
         for key in ("patch_color", "patch_shape", "patch_box"):
             if all(key in item for item in items):
                 batch[key] = torch.stack([item[key] for item in items])
+        for key in ("region_color", "region_shape"):  # [R_i] per item, like region_masks
+            if all(key in item for item in items):
+                batch[key] = [item[key] for item in items]
         if any("task" in item for item in items):
             batch["tasks"] = [item.get("task") for item in items]
         return batch

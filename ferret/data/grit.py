@@ -456,4 +456,5 @@ class GritDataset(Dataset):
             item["task"] = sample["task"]
         if self.patch_targets is not None and "image" in sample and sample.get("scene_id") in self.patch_targets:
             item.update(self.patch_targets[sample["scene_id"]])
+            item.update(self.patch_targets.region_targets(sample["scene_id"], masks))
         return item

@@ -200,23 +200,41 @@ class FerretLlamaForCausalLM(LlamaForCausalLM):
             features, projected = self.encode_images(selected)
             for row, sample in enumerate(image_samples):
                 image_embeds[sample] = projected[row]
-            if region_samples:
+            region_module_trains = self.training and torch.is_grad_enabled() and self._region_module_trains()
+            if region_samples or region_module_trains:
                 tower = self.get_vision_tower()
                 grid = features[:, -tower.num_patches :]  # drop CLS if the config kept it
-                rows = [image_samples.index(i) for i in region_samples]
+                if region_module_trains:
+                    # A training step runs the region module on every image (a placeholder mask
+                    # where an image refers to no region) and adds 0 x all its outputs below: every
+                    # rank then runs the same modules in the same order and every weight gets a
+                    # gradient, whatever the batch holds. DeepSpeed needs both: ZeRO-2 reduces from
+                    # per-parameter hooks, ZeRO-3 replays the gather order it recorded at step 1.
+                    placeholder = torch.ones(4, 4, dtype=torch.bool, device=grid.device)
+                    targets = image_samples
+                    masks = [list(region_masks[i]) if i in region_samples else [placeholder] for i in targets]
+                    rows = list(range(len(image_samples)))
+                else:
+                    targets = region_samples
+                    masks = [region_masks[i] for i in region_samples]
+                    rows = [image_samples.index(i) for i in region_samples]
                 if isinstance(generator, (list, tuple)):
                     # One generator per sample: each sample's region sampling is then independent
                     # of what else is in the batch (batched answers == one-by-one answers).
                     if len(generator) != batch:
                         raise ValueError(f"{len(generator)} region generators for a batch of {batch}")
                     sampled = [
-                        self.encode_regions(grid[row : row + 1], [region_masks[i]], generator[i])[0]
-                        for row, i in zip(rows, region_samples)
+                        self.encode_regions(grid[row : row + 1], [sample_masks], generator[i])[0]
+                        for row, sample_masks, i in zip(rows, masks, targets)
                     ]
                 else:
-                    sampled = self.encode_regions(grid[rows], [region_masks[i] for i in region_samples], generator)
-                for sample, feats in zip(region_samples, sampled):
-                    region_embeds[sample] = feats
+                    sampled = self.encode_regions(grid[rows], masks, generator)
+                for sample, feats in zip(targets, sampled):
+                    if sample in region_samples:
+                        region_embeds[sample] = feats
+                if region_module_trains:
+                    anchor = sum(feats.sum() for feats in sampled if feats is not None) * 0.0
+                    image_embeds = [e if e is None else e + anchor.to(e.dtype) for e in image_embeds]
 
         merged = splice_multimodal_embeddings(
             input_ids,
@@ -229,10 +247,15 @@ class FerretLlamaForCausalLM(LlamaForCausalLM):
             padding_side=padding_side,
         )
         if self.training and torch.is_grad_enabled():
-            unused = self._unused_trainable_modules(bool(image_samples), bool(region_samples))
+            # (With an image, the region module already ran above.)
+            unused = self._unused_trainable_modules(bool(image_samples), bool(image_samples) or bool(region_samples))
             if unused:
                 merged.inputs_embeds = merged.inputs_embeds + _zero_touch(unused).to(merged.inputs_embeds.dtype)
         return merged
+
+    def _region_module_trains(self) -> bool:
+        module = getattr(self.model, "region_geo_sampler", None) or getattr(self.model, "region_fea_adapter", None)
+        return module is not None and any(p.requires_grad for p in module.parameters())
 
     def _unused_trainable_modules(self, used_image: bool, used_regions: bool) -> list[nn.Module]:
         """Multimodal modules this batch did not run (text-only batch, or no regions)."""
