@@ -8,6 +8,7 @@ from ferret.data.collate import FerretCollator
 from ferret.data.rle import encode_rle
 from ferret.dense_supervision import (
     DenseVocabulary,
+    NameDirections,
     ScenePatchTargets,
     dense_readout_accuracy,
     dense_readout_loss,
@@ -16,6 +17,10 @@ from ferret.dense_supervision import (
 )
 
 VOCAB = DenseVocabulary(colors=("red", "blue"), shapes=("circle", "square"))
+HIDDEN = 88
+# Name directions on channels past the 80 digit channels (unit basis vectors), so a hand-built
+# "perfect" token can hold both exactly.
+DIRECTIONS = NameDirections(color=torch.eye(HIDDEN)[80:82], shape=torch.eye(HIDDEN)[82:84])
 
 
 def test_patch_coverage_by_hand():
@@ -61,7 +66,8 @@ def test_scene_patch_targets_assigns_the_most_covering_object():
     targets = scene_patch_targets(record, 2, VOCAB, min_cover=0.2)
     assert targets["patch_color"].tolist() == [1, 2, 0, 0]
     assert targets["patch_shape"].tolist() == [1, 2, 0, 0]
-    torch.testing.assert_close(targets["patch_box"][1], torch.tensor([3 / 8, 0.0, 7 / 8, 3 / 8]))
+    # the box on Ferret's 0-999 grid, int(v * 1000 / side): x 3..7, y 0..3 of 8 pixels
+    assert targets["patch_box"][1].tolist() == [375, 0, 875, 375]
     assert targets["patch_box"][2:].abs().sum() == 0
 
 
@@ -83,35 +89,81 @@ def test_scene_patch_targets_cache_and_file_errors(tmp_path):
         ScenePatchTargets.from_file(str(bad), grid=2)
 
 
+def _perfect_tokens(color, shape, box):
+    cells = color.shape[-1]
+    tokens = torch.zeros(1, cells, HIDDEN)
+    for c in range(cells):
+        if color[0, c]:
+            tokens[0, c] += 20.0 * DIRECTIONS.color[color[0, c] - 1]
+        else:  # background: every name's logit below the background's 0
+            tokens[0, c] -= 20.0 * DIRECTIONS.color.sum(0)
+        if shape[0, c]:
+            tokens[0, c] += 20.0 * DIRECTIONS.shape[shape[0, c] - 1]
+        else:
+            tokens[0, c] -= 20.0 * DIRECTIONS.shape.sum(0)
+    tokens[0, :, :4] = box[0].float() / 1000
+    # the dedicated class channels after the box: colour logits (3), shape logits (3)
+    tokens[0, torch.arange(cells), 4 + color[0]] = 20.0
+    tokens[0, torch.arange(cells), 4 + VOCAB.num_colors + shape[0]] = 20.0
+    return tokens
+
+
 def test_readout_loss_is_low_for_a_perfect_readout_and_trains():
     color = torch.tensor([[1, 2, 0, 0]])
     shape = torch.tensor([[1, 2, 0, 0]])
-    box = torch.tensor([[[0.0, 0.0, 0.5, 0.5], [0.4, 0.0, 0.9, 0.5], [0, 0, 0, 0], [0, 0, 0, 0]]])
-    perfect = torch.zeros(1, 4, 16)
-    perfect[0, torch.arange(4), color[0]] = 20.0
-    perfect[0, torch.arange(4), VOCAB.num_colors + shape[0]] = 20.0
-    perfect[0, :, VOCAB.num_colors + VOCAB.num_shapes:VOCAB.channels] = box[0]
-    assert dense_readout_loss(perfect, color, shape, box, VOCAB).item() < 1e-6
-    assert dense_readout_accuracy(perfect, color, shape, VOCAB) == {"patch_color_acc": 1.0, "patch_shape_acc": 1.0}
+    box = torch.tensor([[[0, 0, 500, 500], [400, 0, 900, 510], [0, 0, 0, 0], [0, 0, 0, 0]]])
+    perfect = _perfect_tokens(color, shape, box)
+    assert dense_readout_loss(perfect, color, shape, box, DIRECTIONS).item() < 1e-6
+    assert dense_readout_accuracy(perfect, color, shape, DIRECTIONS) == {"patch_color_acc": 1.0,
+                                                                        "patch_shape_acc": 1.0}
+    wrong_box = box.clone()
+    wrong_box[0, 1, 0] = 100  # x1 of a covered patch 300 grid units off: L1 0.3 over its 8 values
+    assert dense_readout_loss(perfect, color, shape, wrong_box, DIRECTIONS).item() == pytest.approx(0.3 / 8, abs=1e-5)
+    wrong_box = box.clone()
+    wrong_box[0, 2, 0] = 100  # background patches have no box target
+    assert dense_readout_loss(perfect, color, shape, wrong_box, DIRECTIONS).item() < 1e-6
+    swapped = perfect[:, [1, 0, 2, 3]]  # red circle and blue square swapped: the names are wrong
+    assert dense_readout_accuracy(swapped, color, shape, DIRECTIONS)["patch_color_acc"] == 0.5
 
     # A leading CLS token is dropped; the loss trains the channels it reads.
-    tokens = torch.zeros(1, 5, 16, requires_grad=True)
-    start = dense_readout_loss(tokens, color, shape, box, VOCAB).item()
+    tokens = torch.zeros(1, 5, HIDDEN + 3, requires_grad=True)
+    wide = NameDirections(color=torch.eye(HIDDEN + 3)[80:82], shape=torch.eye(HIDDEN + 3)[82:84])
+    start = dense_readout_loss(tokens, color, shape, box, wide).item()
     optimizer = torch.optim.Adam([tokens], lr=0.05)
     for _ in range(200):
         optimizer.zero_grad()
-        dense_readout_loss(tokens, color, shape, box, VOCAB).backward()
+        dense_readout_loss(tokens, color, shape, box, wide).backward()
         optimizer.step()
-    assert dense_readout_loss(tokens, color, shape, box, VOCAB).item() < 0.2 * start
-    assert tokens.grad[0, 0].abs().sum() == 0
-    assert tokens.grad[0, 1:, :VOCAB.channels].abs().sum() > 0  # the CLS position is not read
-    assert tokens.grad[0, 1:, VOCAB.channels:].abs().sum() == 0  # nor the channels past the readout
+    assert dense_readout_loss(tokens, color, shape, box, wide).item() < 0.2 * start
+    assert tokens.grad[0, 0].abs().sum() == 0  # the CLS position is not read
+    assert tokens.grad[0, 1:, :10].abs().sum() > 0 and tokens.grad[0, 1:, 80:84].abs().sum() > 0
+    assert tokens.grad[0, 1:, 10:80].abs().sum() == 0 and tokens.grad[0, 1:, 84:].abs().sum() == 0
 
 
 def test_readout_loss_needs_enough_channels():
     with pytest.raises(ValueError, match="readout needs 10"):
         dense_readout_loss(torch.zeros(1, 4, 8), torch.zeros(1, 4, dtype=torch.long),
-                           torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, 4), VOCAB)
+                           torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, 4, dtype=torch.long),
+                           NameDirections(torch.zeros(2, 8), torch.zeros(2, 8)))
+
+
+def test_name_directions_come_from_single_token_word_embeddings():
+    from ferret.model.tiny import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    weight = torch.randn(len(tokenizer), 32)
+    vocab = DenseVocabulary(colors=("red",), shapes=("circle",))
+    try:
+        directions = NameDirections.from_embeddings(weight, tokenizer, vocab)
+    except ValueError as err:  # the tiny tokenizer may split a name: then the error names it
+        assert "one token" in str(err)
+    else:
+        (rid,) = [i for i in tokenizer.encode(" red", add_special_tokens=False)
+                  if tokenizer.convert_ids_to_tokens(i) not in ("▁", " ")]
+        torch.testing.assert_close(directions.color[0], torch.nn.functional.normalize(weight[rid], dim=0))
+        assert directions.color.norm(dim=-1).tolist() == pytest.approx([1.0])
+    with pytest.raises(ValueError, match="one token"):
+        NameDirections.from_embeddings(weight, tokenizer, DenseVocabulary(colors=("xq zzv",), shapes=("circle",)))
 
 
 def test_collator_stacks_targets_only_when_every_item_has_them():
@@ -119,7 +171,8 @@ def test_collator_stacks_targets_only_when_every_item_has_them():
         out = {"input_ids": torch.tensor([1, 2]), "labels": torch.tensor([-100, 2]),
                "pixel_values": torch.zeros(3, 4, 4), "region_masks": []}
         if with_targets:
-            out.update(patch_color=torch.tensor([1, 0]), patch_shape=torch.tensor([2, 0]), patch_box=torch.zeros(2, 4))
+            out.update(patch_color=torch.tensor([1, 0]), patch_shape=torch.tensor([2, 0]),
+                       patch_box=torch.zeros(2, 4, dtype=torch.long))
         return out
 
     batch = FerretCollator(pad_token_id=0)([item(True), item(True)])

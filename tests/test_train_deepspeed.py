@@ -219,7 +219,13 @@ def test_lora_run_trains_adapters_projector_and_sampler(workspace):
 def test_dense_readout_run_logs_and_lowers_the_auxiliary_loss(workspace):
     # The synthetic world writes scenes_train.json; the readout loss reads the patch and region
     # targets from it through hooks, on both ranks, and the export stays the plain architecture.
-    proc = train(workspace, "dense", "train.dense_loss_weight=1.0",
+    # The readout needs each colour and shape name as one token: a tokenizer trained on the world.
+    from ferret.data.build_tokenizer import build
+    from ferret.data.synthetic import generate
+
+    generate(str(workspace / "tokenizer_corpus"), n=300, seed=5, workers=1)  # every colour and shape
+    build(str(workspace / "tokenizer_corpus"), str(workspace / "world_tokenizer"), vocab_size=600)
+    proc = train(workspace, "dense", "train.dense_loss_weight=1.0", f"model.tokenizer={workspace / 'world_tokenizer'}",
                  f"data.scene_records={workspace / 'synth' / 'scenes_train.json'}",
                  "train.max_steps=6", "train.save_steps=0", "train.learning_rate=5e-3")
     out = workspace / "dense"
@@ -240,3 +246,7 @@ def test_dense_readout_config_errors_name_the_key(workspace):
                  f"data.scene_records={workspace / 'missing_scenes.json'}", expect_ok=False)
     # each rank exits 2 with one line naming the key (torchrun itself then exits 1)
     assert proc.returncode != 0 and "ferret_train: error: data.scene_records: file" in proc.stderr
+    # the generic tiny tokenizer splits "red" in two: the readout cannot find its word embedding
+    proc = train(workspace, "dense_split_names", "train.dense_loss_weight=1.0",
+                 f"data.scene_records={workspace / 'synth' / 'scenes_train.json'}", expect_ok=False)
+    assert proc.returncode != 0 and "train.dense_loss_weight: the readout needs 'red' to be one token" in proc.stderr

@@ -250,11 +250,20 @@ class DenseReadout:
     A training step runs the region module once, on every image in batch order (see
     FerretLlamaForCausalLM.prepare_multimodal_inputs), so its output lines up with the batch."""
 
-    def __init__(self, model):
-        from ferret.dense_supervision import DenseVocabulary
+    def __init__(self, model, tokenizer):
+        from ferret.dense_supervision import DenseVocabulary, NameDirections
 
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.vocabulary = DenseVocabulary.synthetic()
+        if base.config.hidden_size < self.vocabulary.channels:
+            raise TrainConfigError(f"train.dense_loss_weight: the readout needs {self.vocabulary.channels} channels "
+                                   f"of the image tokens, the model's hidden_size is {base.config.hidden_size}")
+        self.embeddings = base.get_input_embeddings()
+        self.tokenizer = tokenizer
+        try:
+            NameDirections.from_embeddings(self.embeddings.weight, tokenizer, self.vocabulary)
+        except ValueError as err:
+            raise TrainConfigError(f"train.dense_loss_weight: {err}") from None
         self.tokens: torch.Tensor | None = None
         self.regions: list | None = None
         base.model.mm_projector.register_forward_hook(self._capture_tokens)
@@ -269,20 +278,33 @@ class DenseReadout:
         self.regions = output
 
     def loss(self, batch: dict, device: torch.device) -> torch.Tensor:
-        from ferret.dense_supervision import class_readout_loss, dense_readout_loss
+        from ferret.dense_supervision import NameDirections, class_readout_loss, dense_readout_loss
 
         tokens, regions, self.tokens, self.regions = self.tokens, self.regions, None, None
         if tokens is None or "patch_color" not in batch:
             raise RuntimeError("dense readout: no image tokens or no patch targets in this batch")
+        # The word embeddings move every step: the name directions are read afresh (gathered
+        # first under ZeRO-3, which keeps only a shard of each weight between forwards).
+        weight = self.embeddings.weight
+        if weight.numel() == 0:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([weight]):
+                directions = NameDirections.from_embeddings(weight, self.tokenizer, self.vocabulary)
+        else:
+            directions = NameDirections.from_embeddings(weight, self.tokenizer, self.vocabulary)
         loss = dense_readout_loss(tokens, batch["patch_color"].to(device), batch["patch_shape"].to(device),
-                                  batch["patch_box"].to(device), self.vocabulary)
-        if regions is not None and "region_color" in batch and len(regions) == len(batch["region_color"]):
+                                  batch["patch_box"].to(device), directions)
+        if regions is not None and "region_color" in batch:
+            if len(regions) != len(batch["region_color"]):
+                raise RuntimeError(f"dense readout: the region module returned {len(regions)} entries for a batch "
+                                   f"of {len(batch['region_color'])}; it must run once on every image")
             rows = [i for i, c in enumerate(batch["region_color"]) if len(c)]
             if rows:
                 embeddings = torch.cat([regions[i][: len(batch["region_color"][i])] for i in rows])
                 color = torch.cat([batch["region_color"][i] for i in rows]).to(device)
                 shape = torch.cat([batch["region_shape"][i] for i in rows]).to(device)
-                loss = loss + class_readout_loss(embeddings, color, shape, self.vocabulary)
+                loss = loss + class_readout_loss(embeddings, color, shape, directions)
         return loss
 
 
@@ -436,7 +458,7 @@ def train(cfg: TrainConfig, args: argparse.Namespace) -> int:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     region_module = getattr(base.model, "region_geo_sampler", None)
     dataset = build_dataset(cfg, tokenizer, image_processor, model)
-    readout = DenseReadout(model) if cfg.train.dense_loss_weight > 0 else None
+    readout = DenseReadout(model, tokenizer) if cfg.train.dense_loss_weight > 0 else None
     from ferret.data.collate import FerretCollator
 
     sampler = ResumableDistributedSampler(len(dataset), rank, world, cfg.train.seed, cfg.train.shuffle)
