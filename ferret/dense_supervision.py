@@ -10,14 +10,13 @@ image tokens a direct target, built from the scene records that the synthetic wo
   covers `min_cover` of it): its colour class, its shape class, and its box on Ferret's 0-999
   grid (the numbers the answer writes);
 * read out of the *projected* image tokens, the vectors the LLM receives, so no head is added
-  and the exported model keeps the plain Ferret architecture: the colour and shape logits are
-  the tokens' projections on the LLM's own word embeddings of the names (" blue", " square";
-  the background's logit is 0), so an image token of a blue square reads, to the LLM, like the
-  words "blue square", which it already learns to copy into answers; the same classes are
-  also read from dedicated channels (see `class_readout_loss`), after the box, regressed in
-  the first 4 channels (x1, y1, x2, y2 divided by 1000);
+  and the exported model keeps the plain Ferret architecture: the box regressed in the first 4
+  channels (x1, y1, x2, y2 divided by 1000), colour and shape logits in the next ones, and the
+  same classes also as projections on the LLM's own word embeddings of the names (" blue",
+  " square"; background logit 0), so an image token of a blue square reads, to the LLM, like
+  the words "blue square", which it already learns to copy into answers;
 * likewise per referred region: the object the region mask overlaps most, read out of the region
-  sampler's embedding (the `<region_fea>` input of the LLM) on the same name directions.
+  sampler's embedding (the `<region_fea>` input of the LLM).
 
 Loss = CE(colour) + CE(shape) (both readouts) + L1(box) on covered patches, + CE(colour) +
 CE(shape) (both readouts) of the regions. (Classifying the box's hundreds and tens digits instead of regressing it was tried: in
@@ -211,12 +210,13 @@ def region_object_targets(record: Mapping, region_masks: Sequence[torch.Tensor],
 
 
 def dense_readout_loss(image_tokens: torch.Tensor, patch_color: torch.Tensor, patch_shape: torch.Tensor,
-                       patch_box: torch.Tensor, directions: NameDirections) -> torch.Tensor:
+                       patch_box: torch.Tensor, vocabulary: DenseVocabulary,
+                       directions: NameDirections | None = None) -> torch.Tensor:
     """Loss of the readout from projected image tokens [B, N, hidden] (N = grid*grid patches, a
     leading CLS token dropped) against targets [B, N] and grid boxes [B, N, 4]."""
     cells = patch_color.shape[-1]
     tokens = image_tokens[:, -cells:].float()
-    loss = class_readout_loss(tokens, patch_color, patch_shape, directions)
+    loss = class_readout_loss(tokens, patch_color, patch_shape, vocabulary, directions)
     covered = patch_color > 0
     if covered.any():
         predicted = tokens[..., :BOX_CHANNELS][covered]
@@ -225,29 +225,28 @@ def dense_readout_loss(image_tokens: torch.Tensor, patch_color: torch.Tensor, pa
 
 
 def class_readout_loss(vectors: torch.Tensor, color: torch.Tensor, shape: torch.Tensor,
-                       directions: NameDirections) -> torch.Tensor:
-    """Colour and shape CE of [..., hidden] vectors against [...] class targets, twice: on the
-    name directions (`class_logits`) and on dedicated channels (colour logits, then shape logits,
-    after the box channels). The patches' and the regions' readout alike.
-
-    Why both: with the name directions alone the tower learnt colours but stayed at chance on
-    shapes for 750 steps (the shape words' embeddings start alike and move with the language
-    loss); dedicated channels learnt shapes within 300 steps, but the LLM read them later."""
-    color_logits, shape_logits = class_logits(vectors, directions)
-    nc, ns = color_logits.shape[-1], shape_logits.shape[-1]
+                       vocabulary: DenseVocabulary, directions: NameDirections | None = None) -> torch.Tensor:
+    """Colour and shape CE of [..., hidden] vectors against [...] class targets, read on dedicated
+    channels (colour logits, then shape logits, after the box channels) and, with `directions`,
+    also on the names' word embeddings (`class_logits`), so that the vector reads to the LLM
+    like the words of its object's name."""
+    nc, ns = vocabulary.num_colors, vocabulary.num_shapes
     if vectors.shape[-1] < BOX_CHANNELS + nc + ns:
         raise ValueError(f"vectors have {vectors.shape[-1]} channels; the readout needs {BOX_CHANNELS + nc + ns}")
     own = vectors[..., BOX_CHANNELS : BOX_CHANNELS + nc + ns].float()
+    pairs = [(own[..., :nc], color), (own[..., nc:], shape)]
+    if directions is not None:
+        pairs += list(zip(class_logits(vectors, directions), (color, shape)))
     loss = 0.0
-    for logits, target in ((color_logits, color), (shape_logits, shape),
-                           (own[..., :nc], color), (own[..., nc:], shape)):
+    for logits, target in pairs:
         loss = loss + F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
     return loss
 
 
 def dense_readout_accuracy(image_tokens: torch.Tensor, patch_color: torch.Tensor, patch_shape: torch.Tensor,
-                           directions: NameDirections) -> dict[str, float]:
-    """Per-patch colour and shape accuracy of the readout (for logging)."""
-    color_logits, shape_logits = class_logits(image_tokens[:, -patch_color.shape[-1]:], directions)
-    return {"patch_color_acc": (color_logits.argmax(-1) == patch_color).float().mean().item(),
-            "patch_shape_acc": (shape_logits.argmax(-1) == patch_shape).float().mean().item()}
+                           vocabulary: DenseVocabulary) -> dict[str, float]:
+    """Per-patch colour and shape accuracy of the readout's dedicated channels (for logging)."""
+    nc, ns = vocabulary.num_colors, vocabulary.num_shapes
+    own = image_tokens[:, -patch_color.shape[-1]:, BOX_CHANNELS : BOX_CHANNELS + nc + ns]
+    return {"patch_color_acc": (own[..., :nc].argmax(-1) == patch_color).float().mean().item(),
+            "patch_shape_acc": (own[..., nc:].argmax(-1) == patch_shape).float().mean().item()}

@@ -115,7 +115,8 @@ def test_consolidate_checks_against_the_config(folders, tmp_path):
     assert run_cli(consolidate_main, ["--src", str(root / "target"), "--dst", str(tmp_path / "c"), "--dtype", "float16"]) == 0
     out = load_state_dict(tmp_path / "c")
     assert all(t.dtype == torch.float16 for t in out.values())
-    assert (tmp_path / "c" / "config.json").is_file()
+    config = json.loads((tmp_path / "c" / "config.json").read_text())
+    assert config["dtype"] == "float16"  # the config names the stored dtype
     # A checkpoint whose weights don't match its config is refused.
     broken = tmp_path / "broken"
     broken.mkdir()

@@ -9,6 +9,7 @@ from ferret.data.rle import encode_rle
 from ferret.dense_supervision import (
     DenseVocabulary,
     NameDirections,
+    class_readout_loss,
     ScenePatchTargets,
     dense_readout_accuracy,
     dense_readout_loss,
@@ -18,8 +19,8 @@ from ferret.dense_supervision import (
 
 VOCAB = DenseVocabulary(colors=("red", "blue"), shapes=("circle", "square"))
 HIDDEN = 88
-# Name directions on channels past the 80 digit channels (unit basis vectors), so a hand-built
-# "perfect" token can hold both exactly.
+# Name directions on channels past the readout's own (unit basis vectors), so a hand-built
+# "perfect" vector can hold both exactly.
 DIRECTIONS = NameDirections(color=torch.eye(HIDDEN)[80:82], shape=torch.eye(HIDDEN)[82:84])
 
 
@@ -92,17 +93,8 @@ def test_scene_patch_targets_cache_and_file_errors(tmp_path):
 def _perfect_tokens(color, shape, box):
     cells = color.shape[-1]
     tokens = torch.zeros(1, cells, HIDDEN)
-    for c in range(cells):
-        if color[0, c]:
-            tokens[0, c] += 20.0 * DIRECTIONS.color[color[0, c] - 1]
-        else:  # background: every name's logit below the background's 0
-            tokens[0, c] -= 20.0 * DIRECTIONS.color.sum(0)
-        if shape[0, c]:
-            tokens[0, c] += 20.0 * DIRECTIONS.shape[shape[0, c] - 1]
-        else:
-            tokens[0, c] -= 20.0 * DIRECTIONS.shape.sum(0)
     tokens[0, :, :4] = box[0].float() / 1000
-    # the dedicated class channels after the box: colour logits (3), shape logits (3)
+    # the class channels after the box: colour logits (3), shape logits (3)
     tokens[0, torch.arange(cells), 4 + color[0]] = 20.0
     tokens[0, torch.arange(cells), 4 + VOCAB.num_colors + shape[0]] = 20.0
     return tokens
@@ -113,38 +105,50 @@ def test_readout_loss_is_low_for_a_perfect_readout_and_trains():
     shape = torch.tensor([[1, 2, 0, 0]])
     box = torch.tensor([[[0, 0, 500, 500], [400, 0, 900, 510], [0, 0, 0, 0], [0, 0, 0, 0]]])
     perfect = _perfect_tokens(color, shape, box)
-    assert dense_readout_loss(perfect, color, shape, box, DIRECTIONS).item() < 1e-6
-    assert dense_readout_accuracy(perfect, color, shape, DIRECTIONS) == {"patch_color_acc": 1.0,
-                                                                        "patch_shape_acc": 1.0}
+    assert dense_readout_loss(perfect, color, shape, box, VOCAB).item() < 1e-6
+    assert dense_readout_accuracy(perfect, color, shape, VOCAB) == {"patch_color_acc": 1.0, "patch_shape_acc": 1.0}
     wrong_box = box.clone()
     wrong_box[0, 1, 0] = 100  # x1 of a covered patch 300 grid units off: L1 0.3 over its 8 values
-    assert dense_readout_loss(perfect, color, shape, wrong_box, DIRECTIONS).item() == pytest.approx(0.3 / 8, abs=1e-5)
+    assert dense_readout_loss(perfect, color, shape, wrong_box, VOCAB).item() == pytest.approx(0.3 / 8, abs=1e-5)
     wrong_box = box.clone()
     wrong_box[0, 2, 0] = 100  # background patches have no box target
-    assert dense_readout_loss(perfect, color, shape, wrong_box, DIRECTIONS).item() < 1e-6
+    assert dense_readout_loss(perfect, color, shape, wrong_box, VOCAB).item() < 1e-6
     swapped = perfect[:, [1, 0, 2, 3]]  # red circle and blue square swapped: the names are wrong
-    assert dense_readout_accuracy(swapped, color, shape, DIRECTIONS)["patch_color_acc"] == 0.5
+    assert dense_readout_accuracy(swapped, color, shape, VOCAB)["patch_color_acc"] == 0.5
 
     # A leading CLS token is dropped; the loss trains the channels it reads.
-    tokens = torch.zeros(1, 5, HIDDEN + 3, requires_grad=True)
-    wide = NameDirections(color=torch.eye(HIDDEN + 3)[80:82], shape=torch.eye(HIDDEN + 3)[82:84])
-    start = dense_readout_loss(tokens, color, shape, box, wide).item()
+    tokens = torch.zeros(1, 5, HIDDEN, requires_grad=True)
+    start = dense_readout_loss(tokens, color, shape, box, VOCAB).item()
     optimizer = torch.optim.Adam([tokens], lr=0.05)
     for _ in range(200):
         optimizer.zero_grad()
-        dense_readout_loss(tokens, color, shape, box, wide).backward()
+        dense_readout_loss(tokens, color, shape, box, VOCAB).backward()
         optimizer.step()
-    assert dense_readout_loss(tokens, color, shape, box, wide).item() < 0.2 * start
+    assert dense_readout_loss(tokens, color, shape, box, VOCAB).item() < 0.2 * start
     assert tokens.grad[0, 0].abs().sum() == 0  # the CLS position is not read
-    assert tokens.grad[0, 1:, :10].abs().sum() > 0 and tokens.grad[0, 1:, 80:84].abs().sum() > 0
-    assert tokens.grad[0, 1:, 10:80].abs().sum() == 0 and tokens.grad[0, 1:, 84:].abs().sum() == 0
+    assert tokens.grad[0, 1:, :10].abs().sum() > 0
+    assert tokens.grad[0, 1:, 10:].abs().sum() == 0  # nor the channels past the readout
+
+
+def test_region_readout_also_reads_the_name_directions():
+    color, shape = torch.tensor([1, 2]), torch.tensor([2, 0])
+    vectors = torch.zeros(2, HIDDEN)
+    vectors[torch.arange(2), 4 + color] = 20.0
+    vectors[torch.arange(2), 4 + VOCAB.num_colors + shape] = 20.0
+    channels_only = class_readout_loss(vectors, color, shape, VOCAB)
+    assert channels_only.item() < 1e-6
+    # the same vectors say nothing along the name directions: that readout is at chance
+    both = class_readout_loss(vectors, color, shape, VOCAB, DIRECTIONS)
+    assert both.item() == pytest.approx(2 * np.log(3), abs=1e-4)
+    vectors[0] += 20.0 * DIRECTIONS.color[0] + 20.0 * DIRECTIONS.shape[1]
+    vectors[1] += 20.0 * DIRECTIONS.color[1] - 20.0 * DIRECTIONS.shape.sum(0)
+    assert class_readout_loss(vectors, color, shape, VOCAB, DIRECTIONS).item() < 1e-6
 
 
 def test_readout_loss_needs_enough_channels():
     with pytest.raises(ValueError, match="readout needs 10"):
         dense_readout_loss(torch.zeros(1, 4, 8), torch.zeros(1, 4, dtype=torch.long),
-                           torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, 4, dtype=torch.long),
-                           NameDirections(torch.zeros(2, 8), torch.zeros(2, 8)))
+                           torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, 4, dtype=torch.long), VOCAB)
 
 
 def test_name_directions_come_from_single_token_word_embeddings():

@@ -294,7 +294,7 @@ class DenseReadout:
         else:
             directions = NameDirections.from_embeddings(weight, self.tokenizer, self.vocabulary)
         loss = dense_readout_loss(tokens, batch["patch_color"].to(device), batch["patch_shape"].to(device),
-                                  batch["patch_box"].to(device), directions)
+                                  batch["patch_box"].to(device), self.vocabulary, directions)
         if regions is not None and "region_color" in batch:
             if len(regions) != len(batch["region_color"]):
                 raise RuntimeError(f"dense readout: the region module returned {len(regions)} entries for a batch "
@@ -304,7 +304,7 @@ class DenseReadout:
                 embeddings = torch.cat([regions[i][: len(batch["region_color"][i])] for i in rows])
                 color = torch.cat([batch["region_color"][i] for i in rows]).to(device)
                 shape = torch.cat([batch["region_shape"][i] for i in rows]).to(device)
-                loss = loss + class_readout_loss(embeddings, color, shape, directions)
+                loss = loss + class_readout_loss(embeddings, color, shape, self.vocabulary, directions)
         return loss
 
 

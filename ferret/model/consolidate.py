@@ -58,6 +58,14 @@ def consolidate(src_path, dst_path, overwrite: bool = False, dtype: torch.dtype 
     if dtype is not None:
         state = {n: t.to(dtype) if t.is_floating_point() else t for n, t in state.items()}
     save_checkpoint(state, dst, metadata_from=src)
+    if dtype is not None:  # the config names the dtype the weights are stored in
+        import json
+
+        config_path = dst / "config.json"
+        config = json.loads(config_path.read_text())
+        for key in ("dtype", "torch_dtype"):
+            config[key] = str(dtype).removeprefix("torch.")
+        config_path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
