@@ -204,7 +204,7 @@ def test_browser_draw_a_box_and_ask(stack):
             page.locator("#ferret-temperature input[type='number']").press("Enter")
             page.wait_for_function(  # the sliders took the values (the tiny model's context is short)
                 "document.querySelector(\"#ferret-max-tokens input[type='range']\").value === '24'"
-                " && document.querySelector(\"#ferret-temperature input[type='range']\").value === '0'", timeout=10_000)
+                " && document.querySelector(\"#ferret-temperature input[type='range']\").value === '0'", timeout=30_000)
             question = page.locator("#ferret-question textarea")
             assert question.input_value() == "What is the object in <region>?"  # from the example
             page.click("#ferret-send")
