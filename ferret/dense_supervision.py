@@ -74,20 +74,26 @@ class NameDirections:
     color: torch.Tensor
     shape: torch.Tensor
 
-    @classmethod
-    def from_embeddings(cls, embedding_weight: torch.Tensor, tokenizer,
-                        vocabulary: DenseVocabulary) -> "NameDirections":
-        def rows(names: Sequence[str]) -> torch.Tensor:
-            ids = []
+    @staticmethod
+    def token_ids(tokenizer, vocabulary: DenseVocabulary) -> tuple[list[int], list[int]]:
+        """The single-token ids of " <colour>" and " <shape>"; a name split in pieces is an error."""
+        def ids(names: Sequence[str]) -> list[int]:
+            out = []
             for name in names:
                 found = tokenizer.encode(" " + name, add_special_tokens=False)
                 found = [i for i in found if tokenizer.convert_ids_to_tokens(i) not in ("▁", " ")]
                 if len(found) != 1:
                     raise ValueError(f"the readout needs {name!r} to be one token; the tokenizer gives {found}")
-                ids.append(found[0])
-            return F.normalize(embedding_weight.detach()[ids].float(), dim=-1)
+                out.append(found[0])
+            return out
 
-        return cls(rows(vocabulary.colors), rows(vocabulary.shapes))
+        return ids(vocabulary.colors), ids(vocabulary.shapes)
+
+    @classmethod
+    def from_embeddings(cls, embedding_weight: torch.Tensor, token_ids: tuple[list[int], list[int]]) -> "NameDirections":
+        """Directions from the current word embeddings, for `token_ids` (colour ids, shape ids)."""
+        weight = embedding_weight.detach()
+        return cls(*(F.normalize(weight[list(ids)].float(), dim=-1) for ids in token_ids))
 
 
 def class_logits(vectors: torch.Tensor, directions: NameDirections) -> tuple[torch.Tensor, torch.Tensor]:

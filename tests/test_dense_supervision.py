@@ -158,7 +158,7 @@ def test_name_directions_come_from_single_token_word_embeddings():
     weight = torch.randn(len(tokenizer), 32)
     vocab = DenseVocabulary(colors=("red",), shapes=("circle",))
     try:
-        directions = NameDirections.from_embeddings(weight, tokenizer, vocab)
+        directions = NameDirections.from_embeddings(weight, NameDirections.token_ids(tokenizer, vocab))
     except ValueError as err:  # the tiny tokenizer may split a name: then the error names it
         assert "one token" in str(err)
     else:
@@ -167,7 +167,7 @@ def test_name_directions_come_from_single_token_word_embeddings():
         torch.testing.assert_close(directions.color[0], torch.nn.functional.normalize(weight[rid], dim=0))
         assert directions.color.norm(dim=-1).tolist() == pytest.approx([1.0])
     with pytest.raises(ValueError, match="one token"):
-        NameDirections.from_embeddings(weight, tokenizer, DenseVocabulary(colors=("xq zzv",), shapes=("circle",)))
+        NameDirections.token_ids(tokenizer, DenseVocabulary(colors=("xq zzv",), shapes=("circle",)))
 
 
 def test_collator_stacks_targets_only_when_every_item_has_them():

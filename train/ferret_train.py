@@ -17,6 +17,7 @@ optimizer step k; FERRET_TRAIN_CRASH_IN_SAVE=k makes it exit while checkpoint k 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -259,9 +260,8 @@ class DenseReadout:
             raise TrainConfigError(f"train.dense_loss_weight: the readout needs {self.vocabulary.channels} channels "
                                    f"of the image tokens, the model's hidden_size is {base.config.hidden_size}")
         self.embeddings = base.get_input_embeddings()
-        self.tokenizer = tokenizer
         try:
-            NameDirections.from_embeddings(self.embeddings.weight, tokenizer, self.vocabulary)
+            self.name_ids = NameDirections.token_ids(tokenizer, self.vocabulary)
         except ValueError as err:
             raise TrainConfigError(f"train.dense_loss_weight: {err}") from None
         self.tokens: torch.Tensor | None = None
@@ -286,13 +286,13 @@ class DenseReadout:
         # The word embeddings move every step: the name directions are read afresh (gathered
         # first under ZeRO-3, which keeps only a shard of each weight between forwards).
         weight = self.embeddings.weight
+        gathered = contextlib.nullcontext()
         if weight.numel() == 0:
             import deepspeed
 
-            with deepspeed.zero.GatheredParameters([weight]):
-                directions = NameDirections.from_embeddings(weight, self.tokenizer, self.vocabulary)
-        else:
-            directions = NameDirections.from_embeddings(weight, self.tokenizer, self.vocabulary)
+            gathered = deepspeed.zero.GatheredParameters([weight])
+        with gathered:
+            directions = NameDirections.from_embeddings(weight, self.name_ids)
         loss = dense_readout_loss(tokens, batch["patch_color"].to(device), batch["patch_shape"].to(device),
                                   batch["patch_box"].to(device), self.vocabulary, directions)
         if regions is not None and "region_color" in batch:
