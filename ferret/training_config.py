@@ -63,6 +63,9 @@ class DataSection:
     num_workers: int = 0
     # Scene records (the synthetic world's scenes_train.json) for the dense readout loss.
     scene_records: str | None = None
+    # Pad each batch to a multiple of this many tokens (1: to its longest sample). On CPU, bf16
+    # matmuls build a oneDNN kernel per shape; few shapes keep that cache small.
+    pad_to_multiple_of: int = 1
 
 
 @dataclass
@@ -103,6 +106,13 @@ class TrainSection:
     # > 0: add this times ferret.dense_supervision's readout loss on the image tokens (towers
     # trained from scratch; needs data.scene_records).
     dense_loss_weight: float = 0.0
+    # > 0: before the main loop, train the vision tower and projector alone on that readout for
+    # this many steps (per-rank batch per_device_batch_size x vision_warmup_batch_multiple).
+    # A tower trained from scratch learns shapes from the readout in a few thousand cheap steps,
+    # which the LLM's slow steps cannot afford.
+    vision_warmup_steps: int = 0
+    vision_warmup_batch_multiple: int = 1
+    vision_warmup_learning_rate: float = 1e-3
 
 
 @dataclass
@@ -135,6 +145,7 @@ class TrainConfig:
                 raise TrainConfigError("data.data_multiple: multipliers must be >= 0")
         _positive("data.model_max_length", d.model_max_length)
         _non_negative("data.num_workers", d.num_workers)
+        _positive("data.pad_to_multiple_of", d.pad_to_multiple_of)
         _positive("lora.r", lo.r)
         _positive("lora.alpha", lo.alpha)
         if not 0.0 <= lo.dropout < 1.0:
@@ -158,6 +169,12 @@ class TrainConfig:
         if t.dense_loss_weight > 0 and not d.scene_records:
             raise TrainConfigError("data.scene_records: train.dense_loss_weight > 0 needs the scene records "
                                    "(scenes_train.json) its targets come from")
+        _non_negative("train.vision_warmup_steps", t.vision_warmup_steps)
+        _positive("train.vision_warmup_batch_multiple", t.vision_warmup_batch_multiple)
+        _positive("train.vision_warmup_learning_rate", t.vision_warmup_learning_rate)
+        if t.vision_warmup_steps > 0 and t.dense_loss_weight <= 0:
+            raise TrainConfigError("train.vision_warmup_steps: the warm-up trains on the dense readout; "
+                                   "set train.dense_loss_weight > 0 (and data.scene_records)")
         for name in ("adam_beta1", "adam_beta2"):
             if not 0.0 <= getattr(t, name) < 1.0:
                 raise TrainConfigError(f"train.{name}: {getattr(t, name)} is not in [0, 1)")

@@ -195,6 +195,20 @@ def test_config_needs_scene_records_for_the_dense_loss():
     ok = config_from_dict({**base, "data": {"data_path": ["x.json"], "scene_records": "s.json"},
                            "train": {"dense_loss_weight": 0.5}})
     assert ok.train.dense_loss_weight == 0.5
+    with pytest.raises(TrainConfigError, match="train.vision_warmup_steps: the warm-up trains on the dense readout"):
+        config_from_dict({**base, "train": {"vision_warmup_steps": 10}})
+    with pytest.raises(TrainConfigError, match="train.vision_warmup_batch_multiple"):
+        config_from_dict({**base, "train": {"vision_warmup_batch_multiple": 0}})
+
+
+def test_collator_pads_to_a_multiple_within_max_length():
+    def item(n):
+        return {"input_ids": torch.arange(1, n + 1), "labels": torch.arange(1, n + 1)}
+
+    assert FerretCollator(0, pad_to_multiple_of=8)([item(3), item(9)])["input_ids"].shape == (2, 16)
+    batch = FerretCollator(0, max_length=12, pad_to_multiple_of=8)([item(3), item(9)])
+    assert batch["input_ids"].shape == (2, 12)  # rounding stops at max_length
+    assert batch["attention_mask"].sum(1).tolist() == [3, 9] and (batch["labels"][:, 9:] == -100).all()
 
 
 def test_region_object_targets_pick_the_most_overlapped_object():

@@ -7,12 +7,14 @@ from ferret.eval import metrics as M
 
 
 def test_box_conversions_round_trip():
-    assert M.xywh_to_xyxy([10, 20, 30, 40]) == [10, 20, 40, 60]
-    assert M.xyxy_to_xywh([10, 20, 40, 60]) == [10, 20, 30, 40]
+    from ferret.data.formats import xywh_to_xyxy
+
+    assert list(xywh_to_xyxy([10, 20, 30, 40])) == [10, 20, 40, 60]
+    assert M.xyxy_to_xywh(xywh_to_xyxy([10, 20, 30, 40])) == [10, 20, 30, 40]
     with pytest.raises(ValueError, match="four"):
-        M.xywh_to_xyxy([1, 2, 3])
-    with pytest.raises(ValueError, match="four"):
-        M.xywh_to_xyxy(["a", 2, 3, 4])
+        M.xyxy_to_xywh([1, 2, 3])
+    with pytest.raises(ValueError, match=r"\[x, y, w, h\]"):
+        xywh_to_xyxy(["a", 2, 3, 4])
 
 
 def test_box_iou_hand_computed():

@@ -71,6 +71,20 @@ def test_splice_left_padding_mirrors_right_padding():
     assert left.labels is None
 
 
+def test_splice_keeps_the_inputs_padded_width():
+    # A collator padding to a multiple pads every row: the spliced batch keeps that width (plus
+    # the image rows), so the LLM sees few distinct shapes; the padding stays masked.
+    embed = torch.nn.Embedding(10, 4)
+    ids = torch.tensor([[1, IMAGE_TOKEN_INDEX, 4, 0, 0, 0], [1, 2, IMAGE_TOKEN_INDEX, 0, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 0, 0, 0]])
+    image = [torch.ones(3, 4), torch.ones(3, 4)]
+    out = splice_multimodal_embeddings(ids, mask, None, embed, image, [None, None], 9)
+    assert out.inputs_embeds.shape == (2, 8, 4)
+    assert out.attention_mask.tolist() == [[1] * 5 + [0] * 3] * 2
+    tight = splice_multimodal_embeddings(ids[:, :3], mask[:, :3], None, embed, image, [None, None], 9)
+    torch.testing.assert_close(out.inputs_embeds[:, :5], tight.inputs_embeds)
+
+
 def test_splice_rejects_region_token_count_mismatch():
     embed = torch.nn.Embedding(10, 4)
     ids = torch.tensor([[1, IMAGE_TOKEN_INDEX, 9, 9]])

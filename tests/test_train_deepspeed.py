@@ -216,16 +216,21 @@ def test_lora_run_trains_adapters_projector_and_sampler(workspace):
                 or (name.startswith("model.layers.") and "_proj." in name and "norm" not in name)), name
 
 
-def test_dense_readout_run_logs_and_lowers_the_auxiliary_loss(workspace):
-    # The synthetic world writes scenes_train.json; the readout loss reads the patch and region
-    # targets from it through hooks, on both ranks, and the export stays the plain architecture.
-    # The readout needs each colour and shape name as one token: a tokenizer trained on the world.
+@pytest.fixture(scope="module")
+def world_tokenizer(workspace) -> Path:
+    """The readout needs each colour and shape name as one token: a tokenizer trained on the world."""
     from ferret.data.build_tokenizer import build
     from ferret.data.synthetic import generate
 
     generate(str(workspace / "tokenizer_corpus"), n=300, seed=5, workers=1)  # every colour and shape
     build(str(workspace / "tokenizer_corpus"), str(workspace / "world_tokenizer"), vocab_size=600)
-    proc = train(workspace, "dense", "train.dense_loss_weight=1.0", f"model.tokenizer={workspace / 'world_tokenizer'}",
+    return workspace / "world_tokenizer"
+
+
+def test_dense_readout_run_logs_and_lowers_the_auxiliary_loss(workspace, world_tokenizer):
+    # The synthetic world writes scenes_train.json; the readout loss reads the patch and region
+    # targets from it through hooks, on both ranks, and the export stays the plain architecture.
+    proc = train(workspace, "dense", "train.dense_loss_weight=1.0", f"model.tokenizer={world_tokenizer}",
                  f"data.scene_records={workspace / 'synth' / 'scenes_train.json'}",
                  "train.max_steps=6", "train.save_steps=0", "train.learning_rate=5e-3")
     out = workspace / "dense"
@@ -239,6 +244,23 @@ def test_dense_readout_run_logs_and_lowers_the_auxiliary_loss(workspace):
 
     tokenizer, model, _, _ = load_pretrained(out / "hf", device="cpu")
     assert set(model.state_dict()) == set(build_tiny_model(tokenizer, seed=0)[0].state_dict())
+
+
+def test_vision_warm_up_trains_the_tower_alone_before_the_loop(workspace, world_tokenizer):
+    # Stage 1 (train.vision_warmup_steps): tower + projector on the readout only, gradients
+    # averaged over the 2 ranks; its loss falls, then the DeepSpeed loop runs as usual.
+    proc = train(workspace, "warmup", "train.dense_loss_weight=1.0", f"model.tokenizer={world_tokenizer}",
+                 f"data.scene_records={workspace / 'synth' / 'scenes_train.json'}", "train.vision_warmup_steps=12",
+                 "train.vision_warmup_learning_rate=5e-3", "train.max_steps=2", "train.save_steps=0")
+    line = next(l for l in proc.stdout.splitlines() if "vision warm-up done" in l)
+    first, last = (float(v) for v in line.split("readout loss ")[1].split(" (")[0].split(" -> "))
+    assert last < first, line
+    assert "step 2/2" in proc.stdout
+    # a resumed run does not warm up again: the tower's state is in the checkpoint
+    again = train(workspace, "warmup", "train.dense_loss_weight=1.0", f"model.tokenizer={world_tokenizer}",
+                  f"data.scene_records={workspace / 'synth' / 'scenes_train.json'}", "train.vision_warmup_steps=12",
+                  "train.max_steps=3", "train.save_steps=0", resume=True)
+    assert "vision warm-up" not in again.stdout and "resumed from" in again.stdout
 
 
 def test_dense_readout_config_errors_name_the_key(workspace):

@@ -31,6 +31,7 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "ferr
 
 import warnings  # noqa: E402
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 # DeepSpeed's ZeRO code calls a collective that torch deprecates; one warning per step is noise.
@@ -308,6 +309,102 @@ class DenseReadout:
         return loss
 
 
+def warm_up_region_masks(records, rng: np.random.Generator) -> list[torch.Tensor]:
+    """One referred region per scene record for the warm-up: a random object's visible mask or,
+    half the time, its whole box (as chat and the benchmarks refer), as a (W, H) bool mask."""
+    from ferret.data.rle import decode_rle
+
+    masks = []
+    for record in records:
+        obj = record["objects"][int(rng.integers(len(record["objects"])))]
+        width, height = int(record["width"]), int(record["height"])
+        mask = torch.zeros(width, height, dtype=torch.bool)
+        if rng.random() < 0.5:
+            mask[:] = torch.from_numpy(decode_rle(obj["mask"], (height, width)).T.copy())
+        else:
+            x1, y1, x2, y2 = (int(v) for v in obj["box"])
+            mask[x1 : x2 + 1, y1 : y2 + 1] = True
+        masks.append(mask)
+    return masks
+
+
+def warm_up_vision(model, readout: DenseReadout, patch_targets, image_processor, cfg: TrainConfig,
+                   rank: int, world: int, device: torch.device) -> float:
+    """Stage 1, for a tower trained from scratch: the vision tower, projector and region sampler
+    alone, trained on the dense readout (no LLM forward): `train.vision_warmup_steps` steps of
+    world x per_device_batch_size x vision_warmup_batch_multiple scenes drawn from the scene
+    records, each step also one referred object (its visible mask or its box) in
+    per_device_batch_size of them for the sampler. Plain AdamW in fp32 (bf16 autocast when the run
+    is bf16), gradients averaged over the ranks, linear warm-up then cosine; every rank ends with
+    the same weights. Returns the mean loss of the last tenth of the steps."""
+    from ferret.dense_supervision import NameDirections, class_readout_loss, dense_readout_loss, region_object_targets
+    from ferret.processing import preprocess_images
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    sampler = getattr(base.model, "region_geo_sampler", None)
+    modules = [base.model.vision_tower, base.model.mm_projector] + ([sampler] if sampler is not None else [])
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    if not params:
+        raise TrainConfigError("train.vision_warmup_steps: the vision tower and projector have nothing to train")
+    stored_dtype = params[0].dtype
+    for module in modules:
+        module.float()
+    steps, t = cfg.train.vision_warmup_steps, cfg.train
+    optimizer = torch.optim.AdamW(params, lr=t.vision_warmup_learning_rate, weight_decay=0.0)
+    per_rank = t.per_device_batch_size * t.vision_warmup_batch_multiple
+    image_root = Path(resolve(cfg.data.scene_records)).parent
+    scene_ids = sorted(patch_targets.records)
+    directions = NameDirections.from_embeddings(readout.embeddings.weight, readout.name_ids)  # fixed: the LLM waits
+    draw = torch.Generator().manual_seed(cfg.train.seed)  # same draw on every rank; each takes its slice
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16" or device.type == "cuda")
+    start, losses = time.perf_counter(), []
+    for step in range(steps):
+        picks = torch.randint(len(scene_ids), (world * per_rank,), generator=draw)[rank * per_rank:(rank + 1) * per_rank]
+        records = [patch_targets.records[scene_ids[i]] for i in picks.tolist()]
+        pixels = preprocess_images([str(image_root / r["image"]) for r in records], image_processor).to(device)
+        targets = [patch_targets[r["scene_id"]] for r in records]
+        with autocast:
+            features, tokens = base.encode_images(pixels)
+        loss = dense_readout_loss(tokens.float(), *(torch.stack([x[k] for x in targets]).to(device)
+                                                    for k in ("patch_color", "patch_shape", "patch_box")),
+                                  readout.vocabulary, directions)
+        if sampler is not None:
+            chosen = records[: t.per_device_batch_size]
+            masks = warm_up_region_masks(chosen, np.random.default_rng([t.seed, step, rank]))
+            with autocast:
+                embeddings = base.encode_regions(features[: len(chosen)], [[m] for m in masks],
+                                                 generator=torch.Generator().manual_seed(region_seed(t.seed, step, rank, 0)))
+            classes = [region_object_targets(r, [m], readout.vocabulary) for r, m in zip(chosen, masks)]
+            loss = loss + class_readout_loss(torch.cat(embeddings).float(),
+                                             torch.cat([c["region_color"] for c in classes]).to(device),
+                                             torch.cat([c["region_shape"] for c in classes]).to(device),
+                                             readout.vocabulary, directions)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grads = [p.grad for p in params if p.grad is not None]  # (the tower's unused layers have none)
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        for g, part in zip(grads, torch.split(flat / world, [g.numel() for g in grads])):
+            g.copy_(part.view_as(g))
+        torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
+        for group in optimizer.param_groups:
+            group["lr"] = t.vision_warmup_learning_rate * lr_multiplier(step, min(30, steps // 10), steps, "cosine")
+        optimizer.step()
+        losses.append(loss.item())
+        if rank == 0 and (step + 1) % 100 == 0:
+            print(f"[ferret_train] vision warm-up {step + 1}/{steps} readout loss {loss.item():.4f} "
+                  f"({time.perf_counter() - start:.0f} s)", flush=True)
+    for module in modules:
+        module.to(stored_dtype)
+    # first and last tenth's mean: a falling loss says the tower learned
+    tenth = max(1, steps // 10)
+    first, last = sum(losses[:tenth]) / tenth, sum(losses[-tenth:]) / tenth
+    if rank == 0:
+        print(f"[ferret_train] vision warm-up done: {steps} steps, readout loss {first:.4f} -> {last:.4f} "
+              f"({time.perf_counter() - start:.0f} s)", flush=True)
+    return last
+
+
 class ResumableDistributedSampler(torch.utils.data.Sampler):
     """This rank's share of a seeded per-epoch permutation, skipping the first `start` of them.
 
@@ -488,6 +585,13 @@ def train(cfg: TrainConfig, args: argparse.Namespace) -> int:
         from deepspeed.utils import set_z3_leaf_modules
 
         set_z3_leaf_modules(model, [type(region_module)])
+    # ---- stage 1: the vision tower alone on the dense readout (skipped when resuming: its result
+    # is in the checkpoint)
+    resume_folder = None
+    if args.resume is not None:
+        resume_folder = read_latest(ckpt_root) if args.resume == "latest" else Path(args.resume)
+    if cfg.train.vision_warmup_steps > 0 and resume_folder is None:
+        warm_up_vision(model, readout, dataset.patch_targets, image_processor, cfg, rank, world, device)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
         config=ds_config,
@@ -496,7 +600,7 @@ def train(cfg: TrainConfig, args: argparse.Namespace) -> int:
     # ---- resume
     state = TrainerState(world_size=world, micro_batch_size=micro, accumulation_steps=accum)
     if args.resume is not None:
-        folder = read_latest(ckpt_root) if args.resume == "latest" else Path(args.resume)
+        folder = resume_folder
         if folder is None:
             if rank == 0:
                 print(f"[ferret_train] --resume: no checkpoint in {ckpt_root} yet, starting from step 0")
@@ -528,7 +632,8 @@ def train(cfg: TrainConfig, args: argparse.Namespace) -> int:
     last_loss = float("nan")
     last_saved = state.global_step if args.resume else -1
     loader_kwargs = dict(batch_size=micro, sampler=sampler, drop_last=True, num_workers=cfg.data.num_workers,
-                         collate_fn=FerretCollator(tokenizer.pad_token_id, cfg.data.model_max_length))
+                         collate_fn=FerretCollator(tokenizer.pad_token_id, cfg.data.model_max_length,
+                                                    cfg.data.pad_to_multiple_of))
     while state.global_step < total_steps:
         sampler.set_epoch(state.epoch, start=state.step_in_epoch * micro * accum)
         dataset.set_epoch(state.epoch)

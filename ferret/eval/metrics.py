@@ -23,12 +23,7 @@ BoxLike = Sequence[float]
 
 # ----------------------------------------------------------------------------- boxes
 
-def xywh_to_xyxy(box: BoxLike) -> list[float]:
-    """COCO `[x, y, w, h]` -> `[x1, y1, x2, y2]`."""
-    x, y, w, h = _four_numbers(box)
-    return [x, y, x + w, y + h]
-
-
+# (COCO `[x, y, w, h]` -> xyxy is ferret.data.formats.xywh_to_xyxy, where the annotations are read.)
 def xyxy_to_xywh(box: BoxLike) -> list[float]:
     """`[x1, y1, x2, y2]` -> COCO `[x, y, w, h]`."""
     x1, y1, x2, y2 = _four_numbers(box)

@@ -94,13 +94,18 @@ def splice_multimodal_embeddings(
         if sample_labels is not None:
             sequence_labels.append(sample_labels)
 
-    return _pad_batch(sequences, sequence_labels if labels is not None else None, padding_side)
+    # The batch keeps the input's padded width (plus the image rows): a collator that pads to a
+    # multiple of some length then gives the LLM few distinct shapes (on CPU, each new bf16 shape
+    # builds and caches new oneDNN kernels). Without extra input padding this is the longest row.
+    image_rows = max((e.shape[0] - 1 for e in image_embeds if e is not None), default=0)
+    return _pad_batch(sequences, sequence_labels if labels is not None else None, padding_side,
+                      min_length=input_ids.shape[1] + image_rows)
 
 
 def _pad_batch(
-    sequences: list[torch.Tensor], labels: list[torch.Tensor] | None, padding_side: str
+    sequences: list[torch.Tensor], labels: list[torch.Tensor] | None, padding_side: str, min_length: int = 0
 ) -> MultimodalInputs:
-    longest = max(seq.shape[0] for seq in sequences)
+    longest = max(min_length, max(seq.shape[0] for seq in sequences))
     reference = sequences[0]
     batch = len(sequences)
     mask = torch.zeros((batch, longest), dtype=torch.long, device=reference.device)
