@@ -345,7 +345,8 @@ def warm_up_vision(model, readout: DenseReadout, patch_targets, image_processor,
     modules = [base.model.vision_tower, base.model.mm_projector] + ([sampler] if sampler is not None else [])
     params = [p for m in modules for p in m.parameters() if p.requires_grad]
     if not params:
-        raise TrainConfigError("train.vision_warmup_steps: the vision tower and projector have nothing to train")
+        raise TrainConfigError("train.vision_warmup_steps: the vision tower, projector and region sampler are "
+                               "all frozen; there is nothing to warm up")
     stored_dtype = params[0].dtype
     for module in modules:
         module.float()
@@ -356,7 +357,8 @@ def warm_up_vision(model, readout: DenseReadout, patch_targets, image_processor,
     scene_ids = sorted(patch_targets.records)
     directions = NameDirections.from_embeddings(readout.embeddings.weight, readout.name_ids)  # fixed: the LLM waits
     draw = torch.Generator().manual_seed(cfg.train.seed)  # same draw on every rank; each takes its slice
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16" or device.type == "cuda")
+    bf16 = t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda")  # as the main loop
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     start, losses = time.perf_counter(), []
     for step in range(steps):
         picks = torch.randint(len(scene_ids), (world * per_rank,), generator=draw)[rank * per_rank:(rank + 1) * per_rank]
