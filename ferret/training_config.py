@@ -106,8 +106,8 @@ class TrainSection:
     # > 0: add this times ferret.dense_supervision's readout loss on the image tokens (towers
     # trained from scratch; needs data.scene_records).
     dense_loss_weight: float = 0.0
-    # > 0: before the main loop, train the vision tower and projector alone on that readout for
-    # this many steps (per-rank batch per_device_batch_size x vision_warmup_batch_multiple).
+    # > 0: before the main loop, train the vision tower, projector and region sampler alone on that
+    # readout for this many steps (per-rank batch per_device_batch_size x vision_warmup_batch_multiple).
     # A tower trained from scratch learns shapes from the readout in a few thousand cheap steps,
     # which the LLM's slow steps cannot afford.
     vision_warmup_steps: int = 0

@@ -341,8 +341,8 @@ def warm_up_vision(model, readout: DenseReadout, patch_targets, image_processor,
     from ferret.processing import preprocess_images
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    sampler = getattr(base.model, "region_geo_sampler", None)
-    modules = [base.model.vision_tower, base.model.mm_projector] + ([sampler] if sampler is not None else [])
+    region_module = getattr(base.model, "region_geo_sampler", None)
+    modules = [base.model.vision_tower, base.model.mm_projector] + ([region_module] if region_module is not None else [])
     params = [p for m in modules for p in m.parameters() if p.requires_grad]
     if not params:
         raise TrainConfigError("train.vision_warmup_steps: the vision tower, projector and region sampler are "
@@ -370,7 +370,7 @@ def warm_up_vision(model, readout: DenseReadout, patch_targets, image_processor,
         loss = dense_readout_loss(tokens.float(), *(torch.stack([x[k] for x in targets]).to(device)
                                                     for k in ("patch_color", "patch_shape", "patch_box")),
                                   readout.vocabulary, directions)
-        if sampler is not None:
+        if region_module is not None:
             chosen = records[: t.per_device_batch_size]
             masks = warm_up_region_masks(chosen, np.random.default_rng([t.seed, step, rank]))
             with autocast:
@@ -587,7 +587,7 @@ def train(cfg: TrainConfig, args: argparse.Namespace) -> int:
         from deepspeed.utils import set_z3_leaf_modules
 
         set_z3_leaf_modules(model, [type(region_module)])
-    # ---- stage 1: the vision tower alone on the dense readout (skipped when resuming: its result
+    # ---- stage 1: the vision side alone on the dense readout (skipped when resuming: its result
     # is in the checkpoint)
     resume_folder = None
     if args.resume is not None:

@@ -42,8 +42,9 @@ class FerretCollator:
             if seq.shape != tgt.shape:
                 raise ValueError(f"input_ids and labels differ in length: {tuple(seq.shape)} vs {tuple(tgt.shape)}")
         longest = max(len(seq) for seq in sequences)
+        # (rows are already cut to max_length, so rounding up stops there)
         rounded = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        longest = min(rounded, max(longest, self.max_length or rounded))
+        longest = min(rounded, self.max_length or rounded)
         input_ids = torch.full((len(items), longest), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(items), longest), IGNORE_INDEX, dtype=torch.long)
         attention_mask = torch.zeros((len(items), longest), dtype=torch.bool)
