@@ -46,6 +46,7 @@ __all__ = [
     "knn_indices",
     "bilinear_corners",
     "sample_maps",
+    "scatter_corners",
     "sampler_stage",
     "geo_region_sampler",
     "geo_region_sampler_from_maps",
@@ -393,16 +394,23 @@ class _BilinearRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         cells, weights = ctx.saved_tensors
-        channels = grad_out.shape[-1]
-        grad_rows = grad_out.new_zeros(ctx.num_rows, channels)
-        flat = grad_out.reshape(-1, channels)
-        flat_cells, flat_weights = cells.reshape(4, -1), weights.reshape(4, -1, 1)
-        step = max(1, _CHUNK_BYTES // (4 * channels))
-        for start in range(0, flat.shape[0], step):
-            stop = min(flat.shape[0], start + step)
-            for corner in range(4):
-                grad_rows.index_add_(0, flat_cells[corner, start:stop], flat[start:stop] * flat_weights[corner, start:stop])
-        return grad_rows, None, None
+        return scatter_corners(grad_out.reshape(-1, grad_out.shape[-1]), cells, weights, ctx.num_rows), None, None
+
+
+def scatter_corners(grad_points: torch.Tensor, cells: torch.Tensor, weights: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """Gradient of bilinear sampling wrt the map rows: grad_points [P, C] scattered to the four
+    corners (`bilinear_corners` cells/weights [4, ...] over the same P points) -> [num_rows, C].
+    index_add_ is deterministic on CUDA under torch.use_deterministic_algorithms(True), which is
+    why the Triton backward comes here in that mode."""
+    channels = grad_points.shape[1]
+    grad_rows = grad_points.new_zeros(num_rows, channels)
+    flat_cells, flat_weights = cells.reshape(4, -1), weights.reshape(4, -1, 1)
+    step = max(1, _CHUNK_BYTES // (4 * channels))
+    for start in range(0, grad_points.shape[0], step):
+        stop = min(grad_points.shape[0], start + step)
+        for corner in range(4):
+            grad_rows.index_add_(0, flat_cells[corner, start:stop], grad_points[start:stop] * flat_weights[corner, start:stop])
+    return grad_rows
 
 
 def sample_maps(feature_maps: torch.Tensor, points: torch.Tensor, image_index: torch.Tensor, layout: str = "official") -> torch.Tensor:

@@ -4,6 +4,8 @@ Each program keeps its region's coordinates and running nearest-anchor distances
 (N <= BLOCK_N) and loops over the samples: store the current index, update the distances, argmax
 with ties -> lowest index (as `reference.farthest_point_sample`). No host synchronisation: the
 start indices are a device tensor (random ones drawn from a torch.Generator on the device).
+Compiled without multiply-add fusion (EXACT_FP): dx*dx + dy*dy must round like torch's two
+products and one add, or a near-tie picks another anchor and every later step differs.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import triton
 import triton.language as tl
 
 from . import reference
-from ._triton import check_device, next_power_of_2
+from ._triton import EXACT_FP, check_device, device_guard, next_power_of_2
 
 __all__ = ["farthest_point_sample"]
 
@@ -51,14 +53,16 @@ def farthest_point_sample(
     num_regions, num_points, _ = xy.shape
     if not 1 <= num_samples <= num_points:
         raise ValueError(f"num_samples must be in [1, {num_points}], got {num_samples}")
-    check_device(xy)
     start = reference._start_index(start_index, num_regions, num_points, xy.device, generator)
+    check_device(xy, start)
     coords = xy.detach().float().contiguous()
     out = torch.empty(num_regions, num_samples, dtype=torch.long, device=xy.device)
     if num_regions == 0:
         return out
     block = next_power_of_2(num_points)
-    _fps_kernel[(num_regions,)](
-        coords, start.contiguous(), out, num_points, num_samples, BLOCK_N=block, num_warps=4 if block <= 1024 else 8
-    )
+    with device_guard(xy):
+        _fps_kernel[(num_regions,)](
+            coords, start.contiguous(), out, num_points, num_samples,
+            BLOCK_N=block, num_warps=4 if block <= 1024 else 8, **EXACT_FP,
+        )
     return out

@@ -11,7 +11,8 @@ Design (shared by the fast and Triton backends, so the same generator gives the 
    replacement, exactly the reference's distribution. Since then all P pixels are in the picked
    list, no prefix sum is needed.
 Step 3 (and the (x/W, y/H) normalisation) is a Triton kernel here; steps 1-2 are torch ops on the
-device, in `fast` (which also has a torch step 3: the CPU route).
+device, in `fast` (which also has a torch step 3: the CPU route). The division is IEEE (div_rn:
+Triton's `/` compiles to the 2-ulp div.full.f32), so the points equal the fast path's bit for bit.
 An empty mask raises ValueError naming the region on CPU; on CUDA a device-side assert fires
 (checking on the host would need a synchronisation).
 """
@@ -23,7 +24,7 @@ import triton
 import triton.language as tl
 
 from . import reference
-from ._triton import check_device, next_power_of_2
+from ._triton import check_device, device_guard, next_power_of_2
 from .fast import pack_masks, pick_mask_pixels
 
 __all__ = ["sample_mask_points"]
@@ -47,8 +48,8 @@ def _finish_points_kernel(
     x = (pixel // padded_height).to(tl.float32)
     y = (pixel % padded_height).to(tl.float32)
     base = out_ptr + (region * num_points + slots) * 2
-    tl.store(base, x / width, mask=valid)
-    tl.store(base + 1, y / height, mask=valid)
+    tl.store(base, tl.math.div_rn(x, width), mask=valid)
+    tl.store(base + 1, tl.math.div_rn(y, height), mask=valid)
 
 
 def sample_mask_points(masks, num_points: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -62,8 +63,9 @@ def sample_mask_points(masks, num_points: int, generator: torch.Generator | None
     num_regions = packed.shape[0]
     out = torch.empty(num_regions, num_points, 2, dtype=torch.float32, device=packed.device)
     block = min(1024, next_power_of_2(num_points))
-    _finish_points_kernel[(num_regions, triton.cdiv(num_points, block))](
-        picked.contiguous(), counts.contiguous(), uniform.contiguous(), sizes.contiguous(), out,
-        picked.shape[1], num_points, packed.shape[2], BLOCK=block,
-    )
+    with device_guard(packed):
+        _finish_points_kernel[(num_regions, triton.cdiv(num_points, block))](
+            picked.contiguous(), counts.contiguous(), uniform.contiguous(), sizes.contiguous(), out,
+            picked.shape[1], num_points, packed.shape[2], BLOCK=block,
+        )
     return out

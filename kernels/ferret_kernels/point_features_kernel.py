@@ -2,8 +2,13 @@
 
 Forward: one program per (region, block of points, block of channels) gathers the four corner rows
 of its region's map and blends them in fp32. Backward: scatters the blended gradient back to the
-four corners with fp32 atomics. Layouts as `reference.point_features`: "official" reads the
-transposed location (row from x, column from y), "aligned" the true one.
+four corners with relaxed fp32 atomics (order-free sums need no acquire/release); under
+torch.use_deterministic_algorithms(True) it is torch's deterministic index_add_ instead
+(`fast.scatter_corners`). Layouts as `reference.point_features`: "official" reads the transposed
+location (row from x, column from y), "aligned" the true one.
+
+Addressing: one int64 base pointer per map / output row block, int32 offsets inside it (a tile of
+64-bit pointers costs two registers per element; the launcher checks the offsets fit).
 
 The maps get an exact gradient; points needing one are routed to the reference (see below).
 """
@@ -14,8 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import reference
-from ._triton import check_device, next_power_of_2
+from . import fast, reference
+from ._triton import blocks, check_device, deterministic, device_guard, next_power_of_2
 
 __all__ = ["point_features", "bilinear_corners"]
 
@@ -29,8 +34,8 @@ def bilinear_corners(px, py, side, OFFICIAL: tl.constexpr):
     else:
         gx = 2.0 * px - 1.0
         gy = 2.0 * py - 1.0
-    ix = (gx + 1.0) / 2.0 * (side - 1)
-    iy = (gy + 1.0) / 2.0 * (side - 1)
+    ix = (gx + 1.0) * 0.5 * (side - 1)  # * 0.5 == / 2.0 exactly, without a division instruction
+    iy = (gy + 1.0) * 0.5 * (side - 1)
     x0f = tl.floor(ix)
     y0f = tl.floor(iy)
     x1f = x0f + 1.0
@@ -47,9 +52,8 @@ def bilinear_corners(px, py, side, OFFICIAL: tl.constexpr):
 @triton.jit
 def _corner(map_base, x, y, side, channels, c_offsets, c_valid, p_valid):
     inside = p_valid & (x >= 0) & (x < side) & (y >= 0) & (y < side)
-    cell = (y * side + x).to(tl.int64)
-    ptrs = map_base + cell[:, None] * channels + c_offsets[None, :]
-    return tl.load(ptrs, mask=inside[:, None] & c_valid[None, :], other=0.0).to(tl.float32)
+    offsets = (y * side + x)[:, None] * channels + c_offsets[None, :]  # int32 within one map
+    return tl.load(map_base + offsets, mask=inside[:, None] & c_valid[None, :], other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -67,21 +71,21 @@ def _point_features_fwd(
     py = tl.load(point_base + p_offsets * 2 + 1, mask=p_valid, other=0.0).to(tl.float32)
     x0, y0, w00, w01, w10, w11 = bilinear_corners(px, py, side, OFFICIAL)
     image = tl.load(image_ptr + region).to(tl.int64)
-    map_base = maps_ptr + image * side * side * channels
+    map_base = maps_ptr + image * (side * side * channels)
     acc = _corner(map_base, x0, y0, side, channels, c_offsets, c_valid, p_valid) * w00[:, None]
     acc += _corner(map_base, x0 + 1, y0, side, channels, c_offsets, c_valid, p_valid) * w01[:, None]
     acc += _corner(map_base, x0, y0 + 1, side, channels, c_offsets, c_valid, p_valid) * w10[:, None]
     acc += _corner(map_base, x0 + 1, y0 + 1, side, channels, c_offsets, c_valid, p_valid) * w11[:, None]
-    out_ptrs = out_ptr + (region * num_points + p_offsets.to(tl.int64))[:, None] * channels + c_offsets[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=p_valid[:, None] & c_valid[None, :])
+    out_base = out_ptr + region * num_points * channels
+    out_offsets = p_offsets[:, None] * channels + c_offsets[None, :]
+    tl.store(out_base + out_offsets, acc.to(out_ptr.dtype.element_ty), mask=p_valid[:, None] & c_valid[None, :])
 
 
 @triton.jit
 def _scatter_corner(grad_base, x, y, side, channels, c_offsets, c_valid, p_valid, values):
     inside = p_valid & (x >= 0) & (x < side) & (y >= 0) & (y < side)
-    cell = (y * side + x).to(tl.int64)
-    ptrs = grad_base + cell[:, None] * channels + c_offsets[None, :]
-    tl.atomic_add(ptrs, values, mask=inside[:, None] & c_valid[None, :])
+    offsets = (y * side + x)[:, None] * channels + c_offsets[None, :]
+    tl.atomic_add(grad_base + offsets, values, mask=inside[:, None] & c_valid[None, :], sem="relaxed")
 
 
 @triton.jit
@@ -98,20 +102,24 @@ def _point_features_bwd(
     px = tl.load(point_base + p_offsets * 2, mask=p_valid, other=0.0).to(tl.float32)
     py = tl.load(point_base + p_offsets * 2 + 1, mask=p_valid, other=0.0).to(tl.float32)
     x0, y0, w00, w01, w10, w11 = bilinear_corners(px, py, side, OFFICIAL)
-    grad_ptrs = grad_out_ptr + (region * num_points + p_offsets.to(tl.int64))[:, None] * channels + c_offsets[None, :]
-    grad = tl.load(grad_ptrs, mask=p_valid[:, None] & c_valid[None, :], other=0.0).to(tl.float32)
+    grad_base_out = grad_out_ptr + region * num_points * channels
+    grad_offsets = p_offsets[:, None] * channels + c_offsets[None, :]
+    grad = tl.load(grad_base_out + grad_offsets, mask=p_valid[:, None] & c_valid[None, :], other=0.0).to(tl.float32)
     image = tl.load(image_ptr + region).to(tl.int64)
-    grad_base = grad_maps_ptr + image * side * side * channels
+    grad_base = grad_maps_ptr + image * (side * side * channels)
     _scatter_corner(grad_base, x0, y0, side, channels, c_offsets, c_valid, p_valid, grad * w00[:, None])
     _scatter_corner(grad_base, x0 + 1, y0, side, channels, c_offsets, c_valid, p_valid, grad * w01[:, None])
     _scatter_corner(grad_base, x0, y0 + 1, side, channels, c_offsets, c_valid, p_valid, grad * w10[:, None])
     _scatter_corner(grad_base, x0 + 1, y0 + 1, side, channels, c_offsets, c_valid, p_valid, grad * w11[:, None])
 
 
-def _grid(num_regions: int, num_points: int, channels: int) -> tuple[tuple[int, int, int], int, int]:
-    block_c = min(128, next_power_of_2(channels))
-    block_p = min(32, next_power_of_2(num_points))
-    return (num_regions, triton.cdiv(num_points, block_p), triton.cdiv(channels, block_c)), block_p, block_c
+def _launch(kernel_name: str, num_regions: int, num_points: int, channels: int, side: int):
+    """(grid, constexprs + num_warps). Regions go on grid axis 0 (2^31 - 1 blocks; axes 1-2 allow 65535)."""
+    if max(side * side, num_points) * channels >= 2**31:
+        raise ValueError(f"a map ({side}x{side}x{channels}) or a region's points ({num_points}x{channels}) exceed int32 offsets")
+    config = blocks(kernel_name, BLOCK_P=min(32, next_power_of_2(num_points)), BLOCK_C=min(128, next_power_of_2(channels)), num_warps=4)
+    grid = (num_regions, triton.cdiv(num_points, config["BLOCK_P"]), triton.cdiv(channels, config["BLOCK_C"]))
+    return grid, config
 
 
 class _PointFeatures(torch.autograd.Function):
@@ -120,12 +128,12 @@ class _PointFeatures(torch.autograd.Function):
         num_regions, num_points, _ = points.shape
         channels = feature_maps.shape[-1]
         out = torch.empty(num_regions, num_points, channels, dtype=feature_maps.dtype, device=feature_maps.device)
-        grid, block_p, block_c = _grid(num_regions, num_points, channels)
+        grid, config = _launch("point_features_fwd", num_regions, num_points, channels, side)
         if num_regions and num_points:
-            _point_features_fwd[grid](
-                feature_maps, points, image_index, out, num_points, channels, side,
-                OFFICIAL=official, BLOCK_P=block_p, BLOCK_C=block_c,
-            )
+            with device_guard(feature_maps):
+                _point_features_fwd[grid](
+                    feature_maps, points, image_index, out, num_points, channels, side, OFFICIAL=official, **config
+                )
         ctx.save_for_backward(points, image_index)
         ctx.meta = (feature_maps.shape, feature_maps.dtype, side, official)
         return out
@@ -134,14 +142,21 @@ class _PointFeatures(torch.autograd.Function):
     def backward(ctx, grad_out):
         points, image_index = ctx.saved_tensors
         maps_shape, maps_dtype, side, official = ctx.meta
-        grad_maps = torch.zeros(maps_shape, dtype=torch.float32, device=grad_out.device)
         num_regions, num_points, _ = points.shape
-        grid, block_p, block_c = _grid(num_regions, num_points, maps_shape[-1])
+        channels = maps_shape[-1]
+        if deterministic():
+            cells, weights = fast.bilinear_corners(points, side, "official" if official else "aligned", torch.float32)
+            cells = cells + (image_index * side * side).view(1, -1, 1)
+            grad_rows = fast.scatter_corners(grad_out.float().reshape(-1, channels), cells, weights, maps_shape[0] * side * side)
+            return grad_rows.view(maps_shape).to(maps_dtype), None, None, None, None
+        grad_maps = torch.zeros(maps_shape, dtype=torch.float32, device=grad_out.device)
+        grid, config = _launch("point_features_bwd", num_regions, num_points, channels, side)
         if num_regions and num_points:
-            _point_features_bwd[grid](
-                grad_out.contiguous(), points, image_index, grad_maps, num_points, maps_shape[-1], side,
-                OFFICIAL=official, BLOCK_P=block_p, BLOCK_C=block_c,
-            )
+            with device_guard(grad_maps):
+                _point_features_bwd[grid](
+                    grad_out.contiguous(), points, image_index, grad_maps, num_points, channels, side,
+                    OFFICIAL=official, **config,
+                )
         return grad_maps.to(maps_dtype), None, None, None, None
 
 
@@ -159,7 +174,7 @@ def point_features(
     if points.dim() != 3 or points.shape[-1] != 2:
         raise ValueError(f"points must be [R, N, 2], got shape {tuple(points.shape)}")
     reference._check_image_index(image_index, points.shape[0], feature_maps.shape[0])
-    check_device(feature_maps, points)
+    check_device(feature_maps, points, image_index)
     return _PointFeatures.apply(
         feature_maps.contiguous(), points.detach().float().contiguous(), image_index.to(torch.int64).contiguous(),
         side, layout == "official",
