@@ -10,6 +10,7 @@ generate call; `stream` yields the answer text as it is produced.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -27,10 +28,14 @@ ImageInput = str | Image.Image
 
 @dataclass(frozen=True)
 class ChatHistory:
-    """Earlier turns about one image: user texts (with region coordinates), replies, region masks."""
+    """Earlier turns about one image: user texts (with region coordinates), replies, region masks.
+
+    ``region_masks`` may also hold the regions themselves (Point / Box / FreeForm): their masks
+    are then built only once the request is known to fit the model's context.
+    """
 
     turns: tuple[tuple[str, str], ...] = ()
-    region_masks: tuple[torch.Tensor, ...] = ()
+    region_masks: tuple[torch.Tensor | Region, ...] = ()
     image_size: tuple[int, int] | None = None  # (width, height); None for a text-only chat
 
 
@@ -87,6 +92,7 @@ class FerretChat:
         top_p: float = 1.0,
         max_new_tokens: int = 128,
     ) -> Answer:
+        _check_sampling(temperature, top_p, max_new_tokens)
         request = self._prepare(image, question, regions, history, max_new_tokens)
         return self._answer([request], temperature, top_p, max_new_tokens)[0]
 
@@ -98,6 +104,7 @@ class FerretChat:
         max_new_tokens: int = 128,
     ) -> list[Answer]:
         """Answer (image, question[, regions[, history]]) requests in one padded generate call."""
+        _check_sampling(temperature, top_p, max_new_tokens)
         if not requests:
             return []
         prepared = []
@@ -116,30 +123,56 @@ class FerretChat:
         temperature: float = 0.0,
         top_p: float = 1.0,
         max_new_tokens: int = 128,
+        cancel: threading.Event | None = None,
     ) -> Iterator[str]:
-        """Yield pieces of the answer text as they are generated (joined, they equal `ask(...).text`)."""
-        from transformers import TextIteratorStreamer
+        """Yield pieces of the answer text as they are generated (joined, they equal `ask(...).text`).
 
+        Generation stops within one decoding step once ``cancel`` is set, or once the caller stops
+        iterating (closing this generator joins the generation thread).
+        """
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+        _check_sampling(temperature, top_p, max_new_tokens)
+        stop = threading.Event()
+
+        def stopped() -> bool:
+            return stop.is_set() or (cancel is not None and cancel.is_set())
+
+        if stopped():
+            return
         request = self._prepare(image, question, regions, history, max_new_tokens)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         inputs = self._batch_inputs([request])
+        del request  # the masks now live only in `inputs`, released when generation ends
         failure: list[BaseException] = []
+
+        class _Cancelled(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return torch.full((input_ids.shape[0],), stopped(), dtype=torch.bool, device=input_ids.device)
 
         def run() -> None:
             try:
-                self.model.generate(**inputs, **self._sampling(temperature, top_p, max_new_tokens), streamer=streamer)
+                self.model.generate(
+                    **inputs, **self._sampling(temperature, top_p, max_new_tokens), streamer=streamer,
+                    stopping_criteria=StoppingCriteriaList([_Cancelled()]),
+                )
             except BaseException as error:  # surface it in the caller's thread
                 failure.append(error)
                 streamer.end()
+            finally:
+                inputs.clear()
 
-        worker = threading.Thread(target=run, daemon=True)
+        worker = threading.Thread(target=run, daemon=True, name="ferret-generate")
         worker.start()
-        produced = ""
-        for piece in streamer:
-            produced += piece
-            yield piece
-        worker.join()
-        if failure:
+        try:
+            for piece in streamer:
+                if stopped():
+                    break
+                yield piece
+        finally:
+            stop.set()  # a caller that stops early stops the generation (at its next step)
+            worker.join()
+        if failure and not (cancel is not None and cancel.is_set()):
             raise failure[0]
 
     # ----------------------------------------------------------------- internals
@@ -164,7 +197,6 @@ class FerretChat:
         if size is None and (regions or REGION_PLACEHOLDER in question):
             raise ValueError("regions need an image")
         user_text = build_question(question.strip(), regions, *size) if size is not None else question.strip()
-        masks = list(history.region_masks) + [region_mask(region, *size) for region in regions]
 
         conversation = ferret_v1()
         user, assistant = conversation.roles
@@ -181,6 +213,9 @@ class FerretChat:
                 f"the conversation needs {length} positions (prompt + image + {max_new_tokens} new tokens) "
                 f"but the model's context is {self.context_len}; shorten it or start a new one"
             )
+        # Masks (one byte per image pixel each) are built only now that the request fits.
+        masks = [m if isinstance(m, torch.Tensor) else region_mask(m, *size) for m in history.region_masks]
+        masks += [region_mask(region, *size) for region in regions]
         return _Request(input_ids, pixels, masks, size, user_text, history)
 
     @staticmethod
@@ -212,10 +247,7 @@ class FerretChat:
         )
 
     def _sampling(self, temperature: float, top_p: float, max_new_tokens: int) -> dict:
-        if temperature < 0 or not 0 < top_p <= 1:
-            raise ValueError(f"temperature must be >= 0 and top_p in (0, 1], got {temperature} and {top_p}")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        _check_sampling(temperature, top_p, max_new_tokens)
         options = dict(
             max_new_tokens=max_new_tokens,
             eos_token_id=self.tokenizer.eos_token_id,
@@ -242,3 +274,30 @@ class FerretChat:
             )
             answers.append(Answer(text=text, regions=regions, history=history))
         return answers
+
+
+def _check_sampling(temperature, top_p, max_new_tokens) -> None:
+    """ValueError unless temperature is a finite number >= 0, top_p a number in (0, 1] and
+    max_new_tokens an integer >= 1 (checked before any work)."""
+
+    def show(value) -> str:
+        try:
+            text = repr(value)
+        except ValueError:  # an int too long to print
+            return f"an {type(value).__name__} too large to print"
+        return text if len(text) <= 40 else text[:37] + "..."
+
+    def real(value) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        try:
+            return math.isfinite(value)
+        except OverflowError:  # an int too large for a float
+            return False
+
+    if not real(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0, got {show(temperature)}")
+    if not real(top_p) or not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be a number in (0, 1], got {show(top_p)}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {show(max_new_tokens)}")

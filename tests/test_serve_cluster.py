@@ -143,8 +143,8 @@ def test_least_loaded_dispatch_uses_both_workers_of_a_model(cluster):
     picked = []
     original = controller.get_worker_address
 
-    def recording(model):
-        address = original(model)
+    def recording(model, *args):
+        address = original(model, *args)
         picked.append(address)
         return address
 

@@ -13,19 +13,23 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ipaddress
 import logging
 import random
+import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from ferret.serve.auth import auth_headers, install_api_key_check, resolve_api_key
-from ferret.serve.protocol import RequestError, ServeLimits, UnknownModelError, read_json_body
+from ferret.serve.auth import ApiKeyError, add_api_key_arguments, auth_headers, install_api_key_check, resolve_api_key
+from ferret.serve.protocol import RequestError, ServeLimits, UnknownModelError, is_finite_number, read_json_body, short
 
 logger = logging.getLogger("ferret.serve.controller")
 
@@ -33,14 +37,95 @@ DEFAULT_HEARTBEAT_EXPIRATION = 30.0
 DISPATCH_METHODS = ("shortest_queue", "lottery")
 
 
+DEFAULT_REFRESH_TIMEOUT = 2.0
+MAX_MODEL_NAMES = 64
+MAX_NAME_LENGTH = 256
+MAX_QUEUE_LENGTH = 1_000_000
+MAX_SPEED = 1_000_000.0
+
+
 @dataclass
 class WorkerInfo:
     model_names: list[str]
     speed: float
     queue_length: int
-    check_heart_beat: bool
     last_heart_beat: float
     memory_bytes: int | None = None
+    heartbeat_interval: float | None = None
+    failed: bool = False  # a client reported that a request to it failed; cleared by its next heartbeat
+    check_heart_beat: bool = True  # always: a worker cannot opt out of expiry
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return is_finite_number(value)
+
+
+def validate_worker_status(status) -> dict:
+    """A worker's status object, checked field by field (RequestError 400 on anything malformed)."""
+    if not isinstance(status, dict):
+        raise RequestError(f"worker_status must be an object, got {short(status)}")
+    names = status.get("model_names")
+    if not isinstance(names, list) or not names or len(names) > MAX_MODEL_NAMES:
+        raise RequestError(f"worker_status.model_names must be a list of 1 to {MAX_MODEL_NAMES} model names, got {short(names)}")
+    for name in names:
+        if not isinstance(name, str) or not name.strip() or len(name) > MAX_NAME_LENGTH or not name.isprintable():
+            raise RequestError(f"worker_status.model_names holds an invalid name: {short(name)}")
+    speed = status.get("speed", 1)
+    if speed is None:
+        speed = 1
+    if not _is_real(speed) or not 0 < speed <= MAX_SPEED:
+        raise RequestError(f"worker_status.speed must be a number in (0, {MAX_SPEED:g}], got {short(speed)}")
+    queue_length = status.get("queue_length", 0)
+    if queue_length is None:
+        queue_length = 0
+    if not _is_int(queue_length) or not 0 <= queue_length <= MAX_QUEUE_LENGTH:
+        raise RequestError(f"worker_status.queue_length must be an integer in [0, {MAX_QUEUE_LENGTH}], got {short(queue_length)}")
+    memory = status.get("memory_bytes")
+    if memory is not None and (not _is_int(memory) or memory < 0 or memory > 2**60):
+        raise RequestError(f"worker_status.memory_bytes must be a non-negative integer, got {short(memory)}")
+    interval = status.get("heartbeat_interval")
+    if interval is not None and (not _is_real(interval) or not 0 < interval <= 3600):
+        raise RequestError(f"worker_status.heartbeat_interval must be a number of seconds in (0, 3600], got {short(interval)}")
+    return {"model_names": list(names), "speed": float(speed), "queue_length": int(queue_length),
+            "memory_bytes": memory, "heartbeat_interval": None if interval is None else float(interval)}
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_worker_url(url, api_key: str | None, allowed_hosts: frozenset[str] = frozenset()) -> str:
+    """The URL a worker registers: ``http(s)://host:port`` and nothing else (no path, query or
+    credentials). Without an API key the host must be loopback or in ``allowed_hosts``."""
+    if not isinstance(url, str) or len(url) > 2048:
+        raise RequestError("worker_name must be the worker's URL (http://host:port)")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise RequestError(f"worker_name {short(url)} is not a valid URL") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise RequestError("worker_name must be the worker's URL (http://host:port)")
+    if parts.username is not None or parts.password is not None or parts.query or parts.fragment or parts.path not in ("", "/"):
+        raise RequestError(f"worker_name {short(url)} must be just scheme://host:port (no path, query or credentials)")
+    host = parts.hostname
+    if not api_key and not _is_loopback(host) and host.lower() not in allowed_hosts:
+        raise RequestError(
+            f"worker host {short(host)} is not loopback: without an API key the controller accepts only loopback "
+            "workers (or hosts given with --allow-worker-host)",
+            status=403,
+        )
+    netloc = f"[{host}]" if ":" in host else host
+    return f"{parts.scheme}://{netloc}" + (f":{port}" if port is not None else "")
 
 
 class Controller:
@@ -52,6 +137,8 @@ class Controller:
         heartbeat_expiration: float = DEFAULT_HEARTBEAT_EXPIRATION,
         api_key: str | None = None,
         clock=time.monotonic,
+        allowed_worker_hosts=(),
+        refresh_timeout: float = DEFAULT_REFRESH_TIMEOUT,
     ):
         if dispatch_method not in DISPATCH_METHODS:
             raise ValueError(f"dispatch method must be one of {DISPATCH_METHODS}, got {dispatch_method!r}")
@@ -61,6 +148,8 @@ class Controller:
         self.heartbeat_expiration = heartbeat_expiration
         self.api_key = api_key
         self.clock = clock
+        self.allowed_worker_hosts = frozenset(h.strip().lower() for h in allowed_worker_hosts if h.strip())
+        self.refresh_timeout = refresh_timeout
         self.workers: dict[str, WorkerInfo] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -68,28 +157,32 @@ class Controller:
 
     # -- registry ---------------------------------------------------------------------------
 
-    def register_worker(self, worker_name: str, check_heart_beat: bool, worker_status: dict | None) -> bool:
-        """Add or refresh a worker; without a status the worker is asked for one. False if unreachable."""
+    def register_worker(self, worker_name: str, check_heart_beat: bool = True, worker_status: dict | None = None) -> bool:
+        """Add or refresh a worker; without a status the worker is asked for one. False if
+        unreachable; RequestError if its status is malformed (nothing is stored then).
+        ``check_heart_beat`` is accepted for compatibility and ignored: every worker expires."""
         if worker_status is None:
             worker_status = self.fetch_worker_status(worker_name)
             if worker_status is None:
                 return False
+        status = validate_worker_status(worker_status)
         info = WorkerInfo(
-            model_names=list(worker_status["model_names"]),
-            speed=float(worker_status.get("speed", 1) or 1),
-            queue_length=int(worker_status.get("queue_length", 0)),
-            check_heart_beat=bool(check_heart_beat),
+            model_names=status["model_names"],
+            speed=status["speed"],
+            queue_length=status["queue_length"],
             last_heart_beat=self.clock(),
-            memory_bytes=worker_status.get("memory_bytes"),
+            memory_bytes=status["memory_bytes"],
+            heartbeat_interval=status["heartbeat_interval"],
         )
         with self._lock:
             self.workers[worker_name] = info
         logger.info("registered worker %s serving %s", worker_name, info.model_names)
         return True
 
-    def fetch_worker_status(self, worker_name: str) -> dict | None:
+    def fetch_worker_status(self, worker_name: str, timeout: float | None = None) -> dict | None:
         try:
-            response = httpx.post(worker_name + "/worker_get_status", headers=auth_headers(self.api_key), timeout=5)
+            response = httpx.post(worker_name + "/worker_get_status", headers=auth_headers(self.api_key),
+                                  timeout=timeout or self.refresh_timeout)
             response.raise_for_status()
             return response.json()
         except (httpx.HTTPError, ValueError) as error:
@@ -101,12 +194,25 @@ class Controller:
             self.workers.pop(worker_name, None)
 
     def refresh_all_workers(self) -> None:
+        """Ask every worker for its status at once (each with ``refresh_timeout``): one slow or
+        dead worker never delays the others. Unreachable or malformed ones are dropped."""
         with self._lock:
-            checked = {name: info.check_heart_beat for name, info in self.workers.items()}
-        for name, check_heart_beat in checked.items():
-            if not self.register_worker(name, check_heart_beat, None):
+            names = list(self.workers)
+        if not names:
+            return
+
+        def refresh(name: str) -> None:
+            try:
+                ok = self.register_worker(name, True, None)
+            except RequestError as error:
+                logger.warning("worker %s sent a malformed status: %s", name, error)
+                ok = False
+            if not ok:
                 logger.info("removing unreachable worker %s", name)
                 self.remove_worker(name)
+
+        with ThreadPoolExecutor(max_workers=min(32, len(names)), thread_name_prefix="controller-refresh") as pool:
+            list(pool.map(refresh, names))
 
     def receive_heart_beat(self, worker_name: str, queue_length: int) -> bool:
         with self._lock:
@@ -115,12 +221,39 @@ class Controller:
                 return False
             info.queue_length = int(queue_length)
             info.last_heart_beat = self.clock()
+            info.failed = False
             return True
+
+    def report_failure(self, worker_name: str, probe: bool = True) -> bool:
+        """A client could not get an answer from ``worker_name``: dispatch skips it from now on,
+        and a quick health probe either clears it (it answers) or removes it (it does not)."""
+        with self._lock:
+            info = self.workers.get(worker_name)
+            if info is None:
+                return False
+            info.failed = True
+        if probe:
+            threading.Thread(target=self._probe, args=(worker_name,), name="controller-probe", daemon=True).start()
+        return True
+
+    def _probe(self, worker_name: str) -> None:
+        try:
+            alive = httpx.get(worker_name + "/health", timeout=self.refresh_timeout).status_code == 200
+        except httpx.HTTPError:
+            alive = False
+        if not alive:
+            logger.info("worker %s failed a request and its health probe: removed", worker_name)
+            self.remove_worker(worker_name)
+            return
+        with self._lock:
+            info = self.workers.get(worker_name)
+            if info is not None:
+                info.failed = False
 
     def remove_expired_workers(self) -> list[str]:
         deadline = self.clock() - self.heartbeat_expiration
         with self._lock:
-            expired = [n for n, w in self.workers.items() if w.check_heart_beat and w.last_heart_beat < deadline]
+            expired = [n for n, w in self.workers.items() if w.last_heart_beat < deadline]
             for name in expired:
                 del self.workers[name]
         for name in expired:
@@ -133,12 +266,28 @@ class Controller:
         with self._lock:
             return sorted({m for w in self.workers.values() for m in w.model_names})
 
-    def get_worker_address(self, model_name: str) -> str:
-        """The address of a worker serving ``model_name``; UnknownModelError when none does."""
+    def _healthy(self, info: WorkerInfo, now: float) -> bool:
+        if info.failed:
+            return False
+        if info.heartbeat_interval is not None and now - info.last_heart_beat > 2 * info.heartbeat_interval + 1:
+            return False  # a heartbeat is overdue
+        return True
+
+    def get_worker_address(self, model_name: str, exclude=()) -> str:
+        """The address of a worker serving ``model_name``, preferring workers whose heartbeats and
+        requests are not failing; UnknownModelError when none serves it, 503 when the only ones
+        left are in ``exclude`` (a client retrying elsewhere)."""
+        excluded = set(exclude)
         with self._lock:
-            candidates = [(n, w) for n, w in self.workers.items() if model_name in w.model_names]
-            if not candidates:
+            serving = [(n, w) for n, w in self.workers.items() if model_name in w.model_names]
+            if not serving:
                 raise UnknownModelError(f"no worker serves model {model_name!r}; available: {self._models_locked()}")
+            candidates = [(n, w) for n, w in serving if n not in excluded]
+            if not candidates:
+                raise RequestError(f"no other worker serves model {model_name!r}", status=503)
+            now = self.clock()
+            healthy = [(n, w) for n, w in candidates if self._healthy(w, now)]
+            candidates = healthy or candidates  # all failing: still try rather than refuse
             if self.dispatch_method == "lottery":
                 names, infos = zip(*candidates)
                 return random.choices(names, weights=[w.speed for w in infos])[0]
@@ -155,7 +304,7 @@ class Controller:
                 "model_names": self._models_locked(),
                 "workers": {
                     name: {"model_names": w.model_names, "queue_length": w.queue_length, "speed": w.speed,
-                           "memory_bytes": w.memory_bytes}
+                           "memory_bytes": w.memory_bytes, "failed": w.failed}
                     for name, w in self.workers.items()
                 },
                 "queue_length": sum(w.queue_length for w in self.workers.values()),
@@ -207,17 +356,23 @@ def build_app(controller: Controller, limits: ServeLimits = ServeLimits()) -> Fa
     @app.post("/register_worker")
     async def register_worker(request: Request):
         data = await body(request)
-        name = data.get("worker_name")
+        name = check_worker_url(data.get("worker_name"), controller.api_key, controller.allowed_worker_hosts)
         status = data.get("worker_status")
-        if not isinstance(name, str) or not name.startswith(("http://", "https://")):
-            raise RequestError("worker_name must be the worker's URL (http://host:port)")
-        if status is not None and not (isinstance(status, dict) and isinstance(status.get("model_names"), list)):
-            raise RequestError("worker_status must be an object with a 'model_names' list")
+        if status is not None:
+            validate_worker_status(status)  # refused before anything is stored
         # Without a status the controller asks the worker: a blocking call, kept off the event loop.
-        registered = await run_in_threadpool(controller.register_worker, name, bool(data.get("check_heart_beat", True)), status)
+        registered = await run_in_threadpool(controller.register_worker, name, True, status)
         if not registered:
             raise RequestError(f"worker {name} did not answer /worker_get_status", status=502)
         return {"ok": True}
+
+    @app.post("/report_worker_failure")
+    async def report_worker_failure(request: Request):
+        data = await body(request)
+        name = data.get("worker_name")
+        if not isinstance(name, str):
+            raise RequestError("request needs 'worker_name' (the URL of the worker that failed)")
+        return {"known": controller.report_failure(name)}
 
     @app.post("/refresh_all_workers")
     async def refresh_all_workers():
@@ -234,14 +389,20 @@ def build_app(controller: Controller, limits: ServeLimits = ServeLimits()) -> Fa
         model = data.get("model")
         if not isinstance(model, str):
             raise RequestError("request needs 'model' (a model name from /list_models)")
-        return {"address": controller.get_worker_address(model)}
+        exclude = data.get("exclude")
+        if exclude is None:
+            exclude = []
+        if not isinstance(exclude, list) or not all(isinstance(e, str) for e in exclude):
+            raise RequestError("exclude must be a list of worker URLs")
+        return {"address": controller.get_worker_address(model, exclude)}
 
     @app.post("/receive_heart_beat")
     async def receive_heart_beat(request: Request):
         data = await body(request)
         name, queue_length = data.get("worker_name"), data.get("queue_length", 0)
-        if not isinstance(name, str) or isinstance(queue_length, bool) or not isinstance(queue_length, int):
-            raise RequestError("heartbeat needs 'worker_name' (str) and 'queue_length' (int)")
+        if (not isinstance(name, str) or isinstance(queue_length, bool) or not isinstance(queue_length, int)
+                or not 0 <= queue_length <= MAX_QUEUE_LENGTH):
+            raise RequestError(f"heartbeat needs 'worker_name' (str) and 'queue_length' (int in [0, {MAX_QUEUE_LENGTH}])")
         return {"exist": controller.receive_heart_beat(name, queue_length)}
 
     @app.post("/worker_get_status")
@@ -258,7 +419,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dispatch-method", choices=DISPATCH_METHODS, default="shortest_queue")
     parser.add_argument("--heartbeat-expiration", type=float, default=DEFAULT_HEARTBEAT_EXPIRATION,
                         help="seconds without a heartbeat after which a worker is dropped")
-    parser.add_argument("--api-key", default=None, help="require this key on every request (or set $FERRET_API_KEY)")
+    parser.add_argument("--allow-worker-host", action="append", default=[], metavar="HOST",
+                        help="without an API key, also accept workers registering from HOST (repeatable; "
+                             "default: loopback workers only)")
+    parser.add_argument("--refresh-timeout", type=float, default=DEFAULT_REFRESH_TIMEOUT,
+                        help="seconds each worker has to answer a refresh (all are asked at once)")
+    add_api_key_arguments(parser)
     return parser
 
 
@@ -268,7 +434,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s controller %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    controller = Controller(args.dispatch_method, args.heartbeat_expiration, resolve_api_key(args.api_key))
+    try:
+        api_key = resolve_api_key(args.api_key, args.api_key_file)
+    except ApiKeyError as error:
+        print(f"controller: {error}", file=sys.stderr)
+        return 2
+    controller = Controller(args.dispatch_method, args.heartbeat_expiration, api_key,
+                            allowed_worker_hosts=args.allow_worker_host, refresh_timeout=args.refresh_timeout)
     uvicorn.run(build_app(controller), host=args.host, port=args.port, log_level="warning")
     return 0
 

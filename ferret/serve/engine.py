@@ -8,12 +8,14 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+from ferret.constants import IMAGE_TOKEN, REGION_TOKEN
 from ferret.processing import build_question
-from ferret.regions import parse_grounding, region_mask
-from ferret.serve.protocol import GenerateRequest, RequestError, Turn, UnknownModelError
+from ferret.regions import Box, parse_grounding
+from ferret.serve.protocol import GenerateRequest, PendingMask, RequestError, Turn, UnknownModelError
 
 __all__ = ["ChatEngine", "chat_history", "default_model_name", "format_bytes"]
 
@@ -38,22 +40,35 @@ def format_bytes(n: int | None) -> str:
     return f"{n:.1f} GiB"
 
 
+def _checkable(regions: list) -> list:
+    """Regions for a text-only check: a mask not decoded yet stands in as a box (same text shape)."""
+    return [Box(0, 0, 1, 1) if isinstance(r, PendingMask) else r for r in regions]
+
+
+def _check_literal_tokens(text: str, where: str) -> None:
+    if REGION_TOKEN in text or IMAGE_TOKEN in text:
+        raise RequestError(f"{where} contains a literal {REGION_TOKEN} or {IMAGE_TOKEN}; send regions as region objects")
+
+
 def chat_history(turns: list[Turn], image_size: tuple[int, int]):
     """Earlier turns as a ``ferret.chat.ChatHistory`` (None when there are none); RequestError
-    names the turn whose question and regions do not fit together."""
+    names the turn whose question and regions do not fit together. The history carries the
+    regions, not their masks: FerretChat builds the masks once the request fits the context."""
     from ferret.chat import ChatHistory
 
     if not turns:
         return None
     width, height = image_size
-    texts, masks = [], []
+    texts, regions = [], []
     for i, turn in enumerate(turns):
+        _check_literal_tokens(turn.question, f"history[{i}].question")
+        _check_literal_tokens(turn.answer, f"history[{i}].answer")
         try:
-            texts.append((build_question(turn.question, turn.regions, width, height), turn.answer))
-            masks += [region_mask(region, width, height) for region in turn.regions]
+            texts.append((build_question(turn.question, _checkable(turn.regions), width, height), turn.answer))
         except ValueError as error:
             raise RequestError(f"history[{i}]: invalid question/regions: {error}") from None
-    return ChatHistory(turns=tuple(texts), region_masks=tuple(masks), image_size=(width, height))
+        regions += turn.regions
+    return ChatHistory(turns=tuple(texts), region_masks=tuple(regions), image_size=(width, height))
 
 
 class ChatEngine:
@@ -95,8 +110,9 @@ class ChatEngine:
         if request.model is not None and request.model != self.model_name:
             raise UnknownModelError(f"this worker serves {self.model_name!r}, not {request.model!r}")
         self.history(request)
+        _check_literal_tokens(request.question, "the question")
         try:
-            build_question(request.question, request.regions, *request.image.size)
+            build_question(request.question, _checkable(request.regions), *request.image.size)
         except ValueError as error:
             raise RequestError(f"invalid question/regions: {error}") from None
 
@@ -104,8 +120,9 @@ class ChatEngine:
     def history(request: GenerateRequest):
         return chat_history(request.history, request.image.size)
 
-    def stream(self, request: GenerateRequest) -> Iterator[str]:
-        """Yield the answer accumulated so far after each decoded piece."""
+    def stream(self, request: GenerateRequest, cancel: threading.Event | None = None) -> Iterator[str]:
+        """Yield the answer accumulated so far after each decoded piece; stops within one decoding
+        step once ``cancel`` is set."""
         text = ""
         for piece in self.chat.stream(
             request.image,
@@ -115,6 +132,7 @@ class ChatEngine:
             temperature=request.temperature,
             top_p=request.top_p,
             max_new_tokens=request.max_new_tokens,
+            cancel=cancel,
         ):
             if piece:  # the decoder may emit empty pieces while a multi-byte character is incomplete
                 text += piece

@@ -22,17 +22,19 @@ from pathlib import Path
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
+from starlette.concurrency import run_in_threadpool
 
-from ferret.serve.auth import auth_headers, install_api_key_check, resolve_api_key
+from ferret.processing import MAX_IMAGE_PIXELS
+from ferret.serve.auth import ApiKeyError, add_api_key_arguments, auth_headers, install_api_key_check, resolve_api_key
 from ferret.serve.engine import ChatEngine, format_bytes
 from ferret.serve.protocol import (
     GenerateRequest,
     RequestError,
     ServeLimits,
+    check_generate_request,
     chunk,
+    decode_request,
     grounded_to_json,
-    parse_generate_request,
     read_json_body,
 )
 
@@ -68,6 +70,8 @@ class ModelWorker:
         self._queue_length = 0
         self._count_lock = threading.Lock()
         self._semaphore: asyncio.Semaphore | None = None
+        self._pending_bytes = 0
+        self._tasks: set = set()
         self._stop = threading.Event()
         self._wake = threading.Event()  # set when the queue length changed: heartbeat early
         self._heartbeat_thread: threading.Thread | None = None
@@ -89,6 +93,7 @@ class ModelWorker:
             "queue_length": self.queue_length,
             "memory_bytes": self.engine.memory_bytes,
             "quantization": self.engine.quantization,
+            "heartbeat_interval": self.heartbeat_interval,
         }
 
     def register(self) -> None:
@@ -151,37 +156,109 @@ class ModelWorker:
         with self._count_lock:
             self._queue_length += delta
 
-    def prepare(self, data: dict) -> GenerateRequest:
-        """JSON object -> checked request (RequestError on anything wrong)."""
-        request = parse_generate_request(data, self.limits)
+    def admit(self, declared_bytes: int | None) -> "Admission":
+        """Reserve room for one request's body (and what is decoded from it) in the process-wide
+        budget ``limits.max_pending_bytes``; 503 when the worker already holds too much."""
+        return Admission(self, declared_bytes)
+
+    def check(self, data: dict) -> GenerateRequest:
+        """JSON object -> checked request, pixels not decoded yet (RequestError on anything wrong)."""
+        request = check_generate_request(data, self.limits)
         self.engine.check(request)
         return request
 
-    async def stream_text(self, request: GenerateRequest) -> AsyncIterator[str]:
-        """The answer so far after each piece; at most `limit_model_concurrency` run at once."""
+    def prepare(self, data: dict) -> GenerateRequest:
+        """JSON object -> checked and decoded request (RequestError on anything wrong)."""
+        return decode_request(self.check(data))
+
+    async def stream_text(
+        self, request: GenerateRequest, http_request: Request | None = None, admission: "Admission | None" = None
+    ) -> AsyncIterator[str]:
+        """The answer so far after each piece; at most `limit_model_concurrency` run at once.
+
+        Everything that costs memory in proportion to the request (decoding the image and masks,
+        building region masks, generating) runs inside that limit, in one thread per request. The
+        generation stops within one decoding step when the client disconnects (``http_request``)
+        or stops reading, and the limit is released once it has stopped.
+        """
         if self._semaphore is None:
             self._semaphore = asyncio.Semaphore(self.limit_model_concurrency)
-        self._count(+1)
-        try:
-            async with self._semaphore:
-                async for text in iterate_in_threadpool(self.engine.stream(request)):
-                    yield text
-        finally:
-            self._count(-1)
-            self._wake.set()
+        loop = asyncio.get_running_loop()
+        cancel = threading.Event()
+        pieces: asyncio.Queue = asyncio.Queue()
+        done = asyncio.Event()
 
-    async def open_stream(self, request: GenerateRequest) -> AsyncIterator[str]:
+        def put(kind: str, value=None) -> None:
+            loop.call_soon_threadsafe(pieces.put_nowait, (kind, value))
+
+        def produce() -> None:
+            try:
+                decoded = decode_request(request)
+                for text in self.engine.stream(decoded, cancel):
+                    put("text", text)
+                    if cancel.is_set():
+                        break
+                put("end")
+            except BaseException as error:  # noqa: BLE001 - handed to the consumer
+                put("error", error)
+            finally:
+                decoded = None
+                release_memory()
+                loop.call_soon_threadsafe(done.set)
+
+        async def generation() -> None:
+            self._count(+1)
+            try:
+                async with self._semaphore:
+                    if cancel.is_set():
+                        put("end")
+                        return
+                    threading.Thread(target=produce, name="ferret-request", daemon=True).start()
+                    await done.wait()
+            finally:
+                self._count(-1)
+                self._wake.set()
+                if admission is not None:
+                    admission.release()
+
+        task = asyncio.ensure_future(generation())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        watcher = asyncio.ensure_future(_watch_disconnect(http_request, cancel)) if http_request is not None else None
+        try:
+            while True:
+                kind, value = await pieces.get()
+                if kind == "text":
+                    yield value
+                elif kind == "end":
+                    return
+                else:
+                    raise value
+        finally:
+            cancel.set()  # the client is gone or done: stop generating at the next step
+            if watcher is not None:
+                watcher.cancel()
+
+    async def open_stream(
+        self, request: GenerateRequest, http_request: Request | None = None, admission: "Admission | None" = None
+    ) -> AsyncIterator[str]:
         """``stream_text`` with its first piece already produced, so that a request the model
         refuses (a ValueError before any token: context too long, bad region) becomes a
         RequestError here, before the HTTP status is sent."""
-        texts = self.stream_text(request)
+        texts = self.stream_text(request, http_request, admission)
         try:
             first = await texts.__anext__()
         except StopAsyncIteration:
             first = None
+        except RequestError:
+            await texts.aclose()
+            raise
         except ValueError as error:
             await texts.aclose()
-            raise RequestError(str(error)) from None
+            raise RequestError(str(error).splitlines()[0] if str(error) else "invalid request") from None
+        except BaseException:
+            await texts.aclose()
+            raise
 
         async def resumed():
             try:
@@ -201,14 +278,87 @@ class ModelWorker:
                 yield chunk(text)
         except Exception as error:  # reported in-band: the HTTP status is already sent
             logger.exception("generation failed")
-            yield chunk(text, error_code=1, error=f"generation failed: {type(error).__name__}: {error}")
+            yield chunk(text, error_code=1, error=f"generation failed: {type(error).__name__}")
             return
+        finally:
+            await texts.aclose()
         regions = grounded_to_json(self.engine.grounding(text, request))
         yield chunk(text, done=True, regions=regions)
 
 
+class Admission:
+    """One request's share of the worker's pending-bytes budget (released exactly once)."""
+
+    def __init__(self, worker: ModelWorker, declared_bytes: int | None):
+        self.worker = worker
+        # The body, then the bytes decoded from its base64 (about 3/4 of it), live until the end.
+        self.bytes = 2 * min(declared_bytes or worker.limits.max_body_bytes, worker.limits.max_body_bytes)
+        with worker._count_lock:
+            if worker._pending_bytes + self.bytes > worker.limits.max_pending_bytes and worker._pending_bytes:
+                raise RequestError(
+                    f"the worker is busy ({worker._pending_bytes / 2**20:.0f} MiB of requests pending, limit "
+                    f"{worker.limits.max_pending_bytes / 2**20:.0f} MiB); retry later",
+                    status=503,
+                )
+            worker._pending_bytes += self.bytes
+        self._released = False
+
+    def release(self) -> None:
+        with self.worker._count_lock:
+            if not self._released:
+                self._released = True
+                self.worker._pending_bytes -= self.bytes
+
+
+async def _watch_disconnect(http_request: Request, cancel: threading.Event) -> None:
+    """Set ``cancel`` when the client of ``http_request`` disconnects (its body is already read)."""
+    try:
+        while not cancel.is_set():
+            message = await http_request.receive()
+            if message.get("type") == "http.disconnect":
+                cancel.set()
+                return
+    except (asyncio.CancelledError, RuntimeError):
+        return
+
+
+def release_memory() -> None:
+    """Give freed heap memory back to the system (glibc keeps it in its arenas otherwise)."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc():
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+_LIBC = _load_libc()
+
+
+def limit_heap_growth(threshold: int = 1 << 20) -> None:
+    """Serve allocations above ``threshold`` bytes (images, masks) from mmap, returned to the system
+    when freed, instead of letting glibc's adaptive threshold keep them in its heap."""
+    if _LIBC is not None:
+        try:
+            _LIBC.mallopt(-3, threshold)  # M_MMAP_THRESHOLD
+        except AttributeError:
+            pass
+
+
 def error_response(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status)
+
+
+def _declared_length(request: Request) -> int | None:
+    declared = request.headers.get("content-length")
+    return int(declared) if declared is not None and declared.isdigit() and len(declared) < 16 else None
 
 
 def build_app(worker: ModelWorker) -> FastAPI:
@@ -237,10 +387,16 @@ def build_app(worker: ModelWorker) -> FastAPI:
 
     @app.post("/worker_generate_stream")
     async def worker_generate_stream(request: Request):
-        data = await read_json_body(request, worker.limits)
-        prepared = await run_in_threadpool(worker.prepare, data)
-        texts = await worker.open_stream(prepared)
-        return StreamingResponse(worker.stream_chunks(prepared, texts), media_type="application/x-ndjson")
+        admission = worker.admit(_declared_length(request))
+        try:
+            data = await read_json_body(request, worker.limits)
+            checked = await run_in_threadpool(worker.check, data)  # no pixels decoded yet
+            del data
+            texts = await worker.open_stream(checked, request, admission)
+        except BaseException:
+            admission.release()
+            raise
+        return StreamingResponse(worker.stream_chunks(checked, texts), media_type="application/x-ndjson")
 
     app.include_router(build_openai_router(worker))
     return app
@@ -262,13 +418,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--add_region_feature", "--add-region-feature", action="store_true",
                         help="accepted for compatibility: region features are always used when regions are given")
-    parser.add_argument("--limit-model-concurrency", type=int, default=1)
+    parser.add_argument("--limit-model-concurrency", type=int, default=1,
+                        help="requests decoded and generated at once (the rest wait; default 1)")
     parser.add_argument("--heartbeat-interval", type=float, default=DEFAULT_HEARTBEAT_INTERVAL)
-    parser.add_argument("--max-image-pixels", type=int, default=ServeLimits.max_image_pixels)
-    parser.add_argument("--max-new-tokens-limit", type=int, default=ServeLimits.max_new_tokens)
+    defaults = ServeLimits()
+    parser.add_argument("--max-image-pixels", type=int, default=defaults.max_image_pixels,
+                        help=f"largest image, width x height (default {defaults.max_image_pixels}; at most {MAX_IMAGE_PIXELS})")
+    parser.add_argument("--max-new-tokens-limit", type=int, default=defaults.max_new_tokens)
+    parser.add_argument("--max-regions", type=int, default=defaults.max_regions, help="regions per turn")
+    parser.add_argument("--max-conversation-regions", type=int, default=defaults.max_conversation_regions,
+                        help="regions in one request, all turns together")
+    parser.add_argument("--max-history-turns", type=int, default=defaults.max_history_turns)
+    parser.add_argument("--max-region-mask-pixels", type=int, default=defaults.max_region_mask_pixels,
+                        help="regions in the conversation x image pixels (each region's mask costs one byte a pixel)")
+    parser.add_argument("--max-pending-bytes", type=int, default=defaults.max_pending_bytes,
+                        help="request bodies this worker holds at once (busy: 503)")
     parser.add_argument("--allowed-image-dir", default=None,
                         help="folder whose images the OpenAI API may read by local path (default: none)")
-    parser.add_argument("--api-key", default=None, help="require this key on every request (or set $FERRET_API_KEY)")
+    add_api_key_arguments(parser)
     return parser
 
 
@@ -277,9 +444,24 @@ def main(argv: list[str] | None = None) -> int:
 
     import uvicorn
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not 1 <= args.max_image_pixels <= MAX_IMAGE_PIXELS:
+        parser.error(f"--max-image-pixels must be in [1, {MAX_IMAGE_PIXELS}]")
+    for flag in ("max_new_tokens_limit", "max_regions", "max_conversation_regions", "max_region_mask_pixels",
+                 "max_pending_bytes", "limit_model_concurrency"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1")
+    if args.max_history_turns < 0:
+        parser.error("--max-history-turns must be >= 0")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    try:
+        api_key = resolve_api_key(args.api_key, args.api_key_file)
+    except ApiKeyError as error:
+        print(f"model_worker: {error}", file=sys.stderr)
+        return 2
+    limit_heap_growth()
     try:
         engine = ChatEngine.load(args.model_path, args.load_4bit, args.load_8bit, args.device, args.model_name)
     except (FileNotFoundError, ValueError) as error:
@@ -289,12 +471,16 @@ def main(argv: list[str] | None = None) -> int:
         "loaded %s (%s) footprint %s", engine.model_name, engine.quantization or "full precision",
         format_bytes(engine.memory_bytes),
     )
-    limits = ServeLimits(max_image_pixels=args.max_image_pixels, max_new_tokens=args.max_new_tokens_limit)
+    limits = ServeLimits(
+        max_image_pixels=args.max_image_pixels, max_new_tokens=args.max_new_tokens_limit, max_regions=args.max_regions,
+        max_conversation_regions=args.max_conversation_regions, max_history_turns=args.max_history_turns,
+        max_region_mask_pixels=args.max_region_mask_pixels, max_pending_bytes=args.max_pending_bytes,
+    )
     worker = ModelWorker(
         engine,
         args.worker_address or f"http://{args.host}:{args.port}",
         args.controller_address,
-        api_key=resolve_api_key(args.api_key),
+        api_key=api_key,
         limit_model_concurrency=args.limit_model_concurrency,
         heartbeat_interval=args.heartbeat_interval,
         limits=limits,

@@ -34,21 +34,25 @@ from ferret.processing import REGION_PLACEHOLDER
 from ferret.regions import Box, Point, RegionError, grid_to_box, grid_to_point
 from ferret.serve.protocol import (
     GenerateRequest,
+    PendingImage,
     RequestError,
     Turn,
     UnknownModelError,
+    _check_header,
+    _raw_bytes,
+    check_region_budget,
     checked_max_new_tokens,
     checked_number,
-    decode_image,
     grounded_to_json,
     read_json_body,
     region_from_json,
+    short,
 )
 
 if TYPE_CHECKING:
     from ferret.serve.model_worker import ModelWorker
 
-__all__ = ["build_openai_router", "parse_chat_completion", "extract_text_regions", "resolve_local_image"]
+__all__ = ["build_openai_router", "parse_chat_completion", "extract_text_regions", "count_text_regions", "resolve_local_image"]
 
 # "[a, b, c, d] <region_fea>" or "[a, b] <region_fea>": a region written as Ferret reads it.
 _REGION_IN_TEXT = re.compile(
@@ -68,17 +72,22 @@ def extract_text_regions(text: str, width: int, height: int) -> tuple[str, list]
     def replace(match: re.Match) -> str:
         numbers = [float(g) for g in match.groups() if g is not None]
         if any(not 0 <= v <= 999 for v in numbers):
-            raise RequestError(f"region {match.group(0)!r} has coordinates outside the 0-999 grid")
+            raise RequestError(f"region {short(match.group(0))} has coordinates outside the 0-999 grid")
         try:
             if len(numbers) == 2:
                 regions.append(Point(*grid_to_point(numbers, width, height)))
             else:
                 regions.append(Box(*grid_to_box(numbers, width, height)))
         except RegionError as error:
-            raise RequestError(f"invalid region {match.group(0)!r}: {error}") from None
+            raise RequestError(f"invalid region {short(match.group(0))}: {error}") from None
         return REGION_PLACEHOLDER
 
     return _REGION_IN_TEXT.sub(replace, text), regions
+
+
+def count_text_regions(text: str) -> int:
+    """How many grid regions (``[...] <region_fea>``) ``text`` writes (nothing is built)."""
+    return sum(1 for _ in _REGION_IN_TEXT.finditer(text))
 
 
 def resolve_local_image(reference: str, allowed_dir: Path | None) -> Path:
@@ -114,7 +123,10 @@ def _message_parts(message: dict, index: int) -> tuple[str, list[str]]:
         if not isinstance(part, dict):
             raise RequestError(f"messages[{index}].content parts must be objects")
         if part.get("type") == "text":
-            texts.append(str(part.get("text", "")))
+            text = part.get("text", "")
+            if not isinstance(text, str):
+                raise RequestError(f"messages[{index}] has a text part whose text is not a string: {short(text)}")
+            texts.append(text)
         elif part.get("type") == "image_url":
             url = part.get("image_url")
             url = url.get("url") if isinstance(url, dict) else url
@@ -122,21 +134,33 @@ def _message_parts(message: dict, index: int) -> tuple[str, list[str]]:
                 raise RequestError(f"messages[{index}] has an image_url part without a url")
             images.append(url)
         else:
-            raise RequestError(f"messages[{index}] has an unsupported content part type {part.get('type')!r}")
+            raise RequestError(f"messages[{index}] has an unsupported content part type {short(part.get('type'))}")
     return " ".join(t for t in texts if t), images
 
 
-def _load_reference(reference: str, worker: "ModelWorker"):
+def _load_reference(reference: str, worker: "ModelWorker") -> PendingImage:
+    """The image a reference names, its header checked (pixels are decoded later, inside the
+    worker's concurrency limit)."""
+    limits = worker.limits
     if reference.startswith("data:"):
-        return decode_image(reference, worker.limits.max_image_pixels)
-    if reference.startswith(("http://", "https://")):
+        raw, what = _raw_bytes(reference, "image"), "image"
+    elif reference.startswith(("http://", "https://")):
         raise RequestError("remote image URLs are not fetched by this server; send a data URL")
-    path = resolve_local_image(reference, worker.allowed_image_dir)
-    return decode_image(path.read_bytes(), worker.limits.max_image_pixels, what=f"image {path.name!r}")
+    else:
+        path = resolve_local_image(reference, worker.allowed_image_dir)
+        what = f"image {path.name!r}"
+        size = path.stat().st_size
+        if size > limits.max_body_bytes:
+            raise RequestError(
+                f"{what} is {size / 2**20:.1f} MiB, over the {limits.max_body_bytes / 2**20:g} MiB limit", status=413
+            )
+        raw = path.read_bytes()
+    return PendingImage(raw, _check_header(raw, limits.max_image_pixels, what), what)
 
 
 def parse_chat_completion(data: dict, worker: "ModelWorker") -> tuple[GenerateRequest, bool]:
-    """An OpenAI chat request -> (GenerateRequest, stream?)."""
+    """An OpenAI chat request -> (GenerateRequest, stream?), checked against the worker's limits;
+    the image is a PendingImage (and mask regions PendingMasks) until the worker decodes them."""
     messages = data.get("messages")
     if not isinstance(messages, list) or not messages:
         raise RequestError("request needs a non-empty 'messages' list")
@@ -150,11 +174,13 @@ def parse_chat_completion(data: dict, worker: "ModelWorker") -> tuple[GenerateRe
         if message["role"] != "system":
             turns.append((message["role"], text))
     model = data.get("model")
+    if model is not None and not isinstance(model, str):
+        raise RequestError(f"model must be a string, got {short(model)}")
     if model is not None and model not in worker.model_names:
-        raise UnknownModelError(f"model {model!r} is not served here; available: {worker.model_names}")
+        raise UnknownModelError(f"model {short(model)} is not served here; available: {worker.model_names}")
     stream = data.get("stream", False)
     if not isinstance(stream, bool):
-        raise RequestError(f"stream must be true or false, got {stream!r}")
+        raise RequestError(f"stream must be true or false, got {short(stream)}")
     if not image_refs:
         raise RequestError("Ferret needs an image: add an image_url part (data URL or allowed local path)")
     if not turns or turns[-1][0] != "user":
@@ -162,19 +188,30 @@ def parse_chat_completion(data: dict, worker: "ModelWorker") -> tuple[GenerateRe
     image = _load_reference(image_refs[0], worker)
     width, height = image.size
 
-    history, pending = [], None
+    limits = worker.limits
+    exchanges, pending = [], None
     for role, text in turns[:-1]:
         if role == "user":
             pending = text
         elif pending is not None:
-            question, regions = extract_text_regions(pending, width, height)
-            history.append(Turn(question, text, regions))
+            exchanges.append((pending, text))
             pending = None
-    question, regions = extract_text_regions(turns[-1][1], width, height)
-    extra = data.get("regions") or []
+    if len(exchanges) > limits.max_history_turns:
+        raise RequestError(f"the conversation has {len(exchanges)} earlier exchanges, over the limit of {limits.max_history_turns}")
+    extra = data.get("regions")
+    if extra is None:
+        extra = []
     if not isinstance(extra, list):
         raise RequestError("regions must be a list of region objects")
-    regions += [region_from_json(r, width, height, worker.limits.max_image_pixels) for r in extra]
+    # Regions are counted (a regex scan) before any of them is built, then the budget is checked.
+    counts = [count_text_regions(asked) for asked, _ in exchanges] + [count_text_regions(turns[-1][1]) + len(extra)]
+    check_region_budget(counts, width, height, limits)
+    history = []
+    for asked, answer in exchanges:
+        question, regions = extract_text_regions(asked, width, height)
+        history.append(Turn(question, answer, regions))
+    question, regions = extract_text_regions(turns[-1][1], width, height)
+    regions += [region_from_json(r, width, height, limits.max_image_pixels, decode=False) for r in extra]
     if not question.strip():
         raise RequestError("the last user message has no text")
 
@@ -210,17 +247,30 @@ def build_openai_router(worker: "ModelWorker") -> APIRouter:
 
     @router.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        data = await read_json_body(request, worker.limits)
-        generate, stream = await run_in_threadpool(parse_chat_completion, data, worker)
+        from ferret.serve.model_worker import _declared_length
+
+        admission = worker.admit(_declared_length(request))
+        try:
+            data = await read_json_body(request, worker.limits)
+            generate, stream = await run_in_threadpool(parse_chat_completion, data, worker)
+            del data
+            # Waits for the concurrency limit; a client that disconnects meanwhile (or later,
+            # streamed or not) cancels its generation.
+            texts = await worker.open_stream(generate, request, admission)
+        except BaseException:
+            admission.release()
+            raise
         completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         model = worker.model_names[0]
 
-        texts = await worker.open_stream(generate)
         if not stream:
             text = ""
-            async for text in texts:
-                pass
+            try:
+                async for text in texts:
+                    pass
+            finally:
+                await texts.aclose()
             return {
                 "id": completion_id,
                 "object": "chat.completion",
@@ -244,8 +294,10 @@ def build_openai_router(worker: "ModelWorker") -> APIRouter:
                     if delta:
                         yield _sse({**base, "choices": [{"index": 0, "delta": {"content": delta}, "finish_reason": None}]})
             except Exception as error:  # the status line is sent; report in-band
-                yield _sse({"error": {"message": f"generation failed: {error}", "type": "server_error"}})
+                yield _sse({"error": {"message": f"generation failed: {type(error).__name__}", "type": "server_error"}})
                 return
+            finally:
+                await texts.aclose()
             yield _sse({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
             yield _sse("[DONE]")
 
