@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", required=True)
     parser.add_argument("--model-path", default=None, help="model folder; default: the embedded model")
     parser.add_argument("--max-scenes", type=int, default=40, help="first N test scenes (0: all)")
-    parser.add_argument("--split", default="test", choices=["test", "val"], help="which held-out scenes")
+    parser.add_argument("--split", default="test", choices=["test", "val", "ood"], help="which held-out scenes")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args(argv)

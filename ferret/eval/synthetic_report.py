@@ -187,8 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-scenes", type=int, default=40,
                         help="only the first N test scenes (default 40, ~20 questions each, to bound CPU time; "
                              "0 for all)")
-    parser.add_argument("--split", default="test", choices=["test", "val"],
-                        help="which held-out scenes (val: for choosing settings without touching test)")
+    parser.add_argument("--split", default="test", choices=["test", "val", "ood"],
+                        help="which held-out scenes (val: for choosing settings without touching test; ood: the "
+                             "out-of-generator scenes of ferret.eval.ood_scenes)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=64)
