@@ -11,7 +11,8 @@ on them with the two existing evaluations (`--max-scenes 0`: all scenes, the def
     python -m ferret.eval.synthetic_direct --data data/ood --split ood --max-scenes 0 --out results/ood/direct [--model-path PATH]
 
 or render, run both and check the goals of issue 13 (grounding Acc@0.5 >= 0.75, naming >= 0.90
-for box, point and free-form regions) in one command, which writes `<eval>/ood_summary.json`:
+for box, point and free-form regions) in one command, which writes `<eval>/ood_summary.json`
+(with both scores per canvas kind and per background kind):
 
     python -m ferret.eval.ood_scenes --out data/ood --n 60 --seed 0 --evaluate results/ood [--model-path PATH]
 
@@ -20,7 +21,8 @@ it shares only the names (`COLORS`, `SHAPES`, `SIZE_CLASSES`) and the record for
 (`SceneObject`, `Scene`, `scene_record`). What differs from the generator's distribution:
   * canvases (cycled by scene id): "compact" 200-300 x 150-225, "large" 400-640 x 330-480 (both
     sides above the generator's 320), "wide" 480-640 wide with aspect 2.1-2.6 and "tall" 400-480
-    high with aspect 0.42-0.48 (the generator's sides are 160-320 each, aspect 0.5-2);
+    high with aspect 0.42-0.48, so 168-230 wide (the generator's sides are 160-320 each, aspect
+    0.5-2; the model squashes every image to a square, so wide and tall canvases distort more);
   * backgrounds (cycled by scene id): plain (white, gray, near-black or pastel), gaussian noise
     (sigma 8-22 over the whole image, colour or mono), salt-and-pepper (1.5-5 % of all pixels),
     linear gradient and radial gradient between two contrasting neutral colours;
@@ -35,8 +37,8 @@ it shares only the names (`COLORS`, `SHAPES`, `SIZE_CLASSES`) and the record for
     of the generator's gaps between size classes. The record's `size` is the nearest class:
     small below 0.12, medium below 0.185, large above (fractions of the shorter side);
   * light occlusion allowed in 40 % of scenes (`occlusion_allowed`; an occluded object keeps
-    >= 80 % of its pixels); otherwise objects keep 3 px apart. Same-coloured objects never touch; an object's colour is
-    at least 100 RGB units from the background under it.
+    >= 80 % of its pixels); otherwise objects keep 3 px apart. Same-coloured objects never
+    touch; an object's colour is at least 100 RGB units from the background under it.
 Names stay unique per scene ("blue square"), as in the generator. Everything follows from
 `--seed`: one generator per scene, seeded with (seed, scene_id). `ferret/assets/examples/
 ood_example.png` is scene 2 of `--seed 0` (640x256, salt-and-pepper, five objects, one occluded).
