@@ -172,7 +172,8 @@ class GeoRegionSampler(nn.Module):
         masks, index, counts = _pack_masks(region_masks, image_index, num_images, feature_maps.device)
         if not masks:
             return [None] * num_images
-        points = self.sample_points(masks, generator).to(feature_maps.device)
+        # On the maps' device (the collator's masks are CPU tensors): a GPU run samples on the GPU.
+        points = self.sample_points([mask.to(feature_maps.device) for mask in masks], generator)
         # One call from the maps (not point_features + forward_points): the fast backends
         # project stage 1 once per image on the map, since bilinear sampling is linear.
         weight_dtype = self.flatten_projector.weight.dtype

@@ -6,7 +6,7 @@ blends the four bilinear corners of each into a [BLOCK_P, BLOCK_C] fp32 tile and
 at the end -- the [R, N, C] point features are never built. Backward scatters grad / count to the
 corners with relaxed fp32 atomics, one program per (block of pixels, region, channel block): the
 pixel blocks go on grid axis 0, the only axis allowed more than 65535 blocks (a 4-megapixel mask
-pooled over every pixel has 65536 blocks of 64). Under torch.use_deterministic_algorithms(True)
+pooled over every pixel has 262144 blocks of 16). Under torch.use_deterministic_algorithms(True)
 the backward is torch instead: a [cells, regions] weight matrix built by index_add_ (deterministic
 on CUDA in that mode), times the per-region gradients.
 """
@@ -113,8 +113,7 @@ class _MaskPool(torch.autograd.Function):
         if num_regions > MAX_GRID_YZ:
             raise ValueError(f"at most {MAX_GRID_YZ} regions per call, got {num_regions}")
         out = torch.empty(num_regions, channels, dtype=torch.float32, device=feature_maps.device)
-        block_p = min(32, next_power_of_2(num_picked))
-        config = blocks("mask_pool_fwd", BLOCK_P=block_p, BLOCK_C=min(128, next_power_of_2(channels)), num_warps=4)
+        config = blocks("mask_pool_fwd", BLOCK_P=min(16, next_power_of_2(num_picked)), BLOCK_C=min(128, next_power_of_2(channels)), num_warps=4)
         with device_guard(feature_maps):
             _mask_pool_fwd[(num_regions, triton.cdiv(channels, config["BLOCK_C"]))](
                 feature_maps, picked, counts, sizes, image_index, out, num_picked, padded_height, channels, side,
@@ -134,7 +133,8 @@ class _MaskPool(torch.autograd.Function):
         num_regions, num_picked = picked.shape
         channels = maps_shape[-1]
         grad_maps = torch.zeros(maps_shape, dtype=torch.float32, device=grad_out.device)
-        config = blocks("mask_pool_bwd", BLOCK_P=min(64, next_power_of_2(num_picked)), BLOCK_C=min(128, next_power_of_2(channels)), num_warps=4)
+        # Four atomic [BLOCK_P, BLOCK_C] scatters: a small tile keeps sm_80 free of spills.
+        config = blocks("mask_pool_bwd", BLOCK_P=min(16, next_power_of_2(num_picked)), BLOCK_C=min(64, next_power_of_2(channels)), num_warps=4)
         grid = (triton.cdiv(num_picked, config["BLOCK_P"]), num_regions, triton.cdiv(channels, config["BLOCK_C"]))
         with device_guard(grad_maps):
             _mask_pool_bwd[grid](

@@ -113,11 +113,17 @@ def _point_features_bwd(
     _scatter_corner(grad_base, x0 + 1, y0 + 1, side, channels, c_offsets, c_valid, p_valid, grad * w11[:, None])
 
 
+# (BLOCK_P, BLOCK_C) caps: the backward's four atomic [BLOCK_P, BLOCK_C] scatters need a smaller
+# tile than the forward's loads to stay clear of spills on sm_80 (bench/results/ptxas_report.json).
+_TILES = {"point_features_fwd": (32, 128), "point_features_bwd": (16, 64)}
+
+
 def _launch(kernel_name: str, num_regions: int, num_points: int, channels: int, side: int):
     """(grid, constexprs + num_warps). Regions go on grid axis 0 (2^31 - 1 blocks; axes 1-2 allow 65535)."""
     if max(side * side, num_points) * channels >= 2**31:
         raise ValueError(f"a map ({side}x{side}x{channels}) or a region's points ({num_points}x{channels}) exceed int32 offsets")
-    config = blocks(kernel_name, BLOCK_P=min(32, next_power_of_2(num_points)), BLOCK_C=min(128, next_power_of_2(channels)), num_warps=4)
+    max_p, max_c = _TILES[kernel_name]
+    config = blocks(kernel_name, BLOCK_P=min(max_p, next_power_of_2(num_points)), BLOCK_C=min(max_c, next_power_of_2(channels)), num_warps=4)
     grid = (num_regions, triton.cdiv(num_points, config["BLOCK_P"]), triton.cdiv(channels, config["BLOCK_C"]))
     return grid, config
 
