@@ -184,6 +184,26 @@ class ScenePatchTargets:
             self._cache[key] = scene_patch_targets(self.records[key], self.grid, self.vocabulary, self.min_cover)
         return self._cache[key]
 
+    def answer_box_cells(self, scene_id, boxes: Sequence[Sequence[float]]) -> torch.Tensor:
+        """[len(boxes), grid*grid] bool: the cells covered (>= min_cover, else the single most
+        covered cell) by the object each answer box belongs to (the scene object whose box
+        overlaps it most). The targets of ferret.training.grounding.AttentionSupervision."""
+        from ferret.data.rle import decode_rle
+        from ferret.eval.metrics import box_iou
+
+        record = self.records[int(scene_id)]
+        width, height = int(record["width"]), int(record["height"])
+        out = torch.zeros(len(boxes), self.grid * self.grid, dtype=torch.bool)
+        for i, box in enumerate(boxes):
+            overlaps = [box_iou(tuple(box), tuple(o["box"])) for o in record["objects"]]
+            obj = record["objects"][int(np.argmax(overlaps))]
+            cover = patch_coverage(decode_rle(obj["mask"], (height, width)), self.grid).reshape(-1)
+            cells = cover >= self.min_cover
+            if not cells.any():
+                cells[int(cover.argmax())] = True
+            out[i] = torch.from_numpy(cells)
+        return out
+
     def region_targets(self, scene_id, region_masks: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
         """region_color / region_shape [R] of the referred regions ((W, H) bool masks)."""
         return region_object_targets(self.records[int(scene_id)], region_masks, self.vocabulary)

@@ -8,7 +8,10 @@ Behaviour, chosen to match what Ferret's code expects of the Vicuna tokenizer:
   back to their UTF-8 bytes, so nothing becomes ``<unk>``.
 * spaces become ``▁`` and start a word (metaspace); no dummy space is prepended, so
   ``decode(encode(x)) == x`` for every string.
-* digits are split one by one, as LLaMA does, so grid coordinates cost one token per digit.
+* digits are split one by one, as LLaMA does, so grid coordinates cost one token per digit;
+  or, with ``number_tokens=True``, every integer 0-999 is one token (Ferret's 0-999 grid: one
+  token per coordinate, whose embedding can carry the value; see ``number_token_ids``). The text
+  is the same either way ("[345, 120, 560, 780]").
 * ``<region_fea>`` and ``<image>`` are special tokens with one id each, appended after the
   learned vocabulary (``<region_fea>`` first, like the released checkpoint's id 32000).
 """
@@ -26,7 +29,7 @@ from transformers import PreTrainedTokenizerFast
 from ferret.constants import IMAGE_TOKEN, REGION_TOKEN
 from ferret.conversation import FERRET_V1_SYSTEM
 
-__all__ = ["SPECIAL_TOKENS", "TEMPLATE_TEXTS", "train_bpe_tokenizer", "add_ferret_tokens"]
+__all__ = ["SPECIAL_TOKENS", "TEMPLATE_TEXTS", "train_bpe_tokenizer", "add_ferret_tokens", "number_token_ids"]
 
 UNK, BOS, EOS = "<unk>", "<s>", "</s>"
 SPECIAL_TOKENS = (UNK, BOS, EOS)
@@ -75,6 +78,46 @@ def _with_byte_tokens(trained: Tokenizer) -> Tokenizer:
     return tok
 
 
+NUMBER_RANGE = 1000  # Ferret's coordinate grid: 0..999
+
+
+def _with_number_tokens(tok: Tokenizer) -> Tokenizer:
+    """Make every integer 0..999 one token: digit runs stay whole in pre-tokenisation, the 990
+    multi-digit numbers join the vocabulary, and BPE merges (placed before the learned ones)
+    build them. A three-digit number has both merge paths ("34"+"5" and "3"+"45"), so whichever
+    pair merges first, the number ends whole; longer runs split into numbers ("1000" -> "100", "0")."""
+    spec = json.loads(tok.to_str())
+    for pre in spec["pre_tokenizer"]["pretokenizers"]:
+        if pre["type"] == "Digits":
+            pre["individual_digits"] = False
+    vocab = spec["model"]["vocab"]
+    merges = []
+    for n in range(10, NUMBER_RANGE):
+        text = str(n)
+        if text not in vocab:
+            vocab[text] = len(vocab)
+        if n < 100:
+            merges.append([text[0], text[1]])
+        else:
+            merges.append([text[:2], text[2]])
+            if text[1] != "0":  # "1"+"05" never arises: "05" is no token
+                merges.append([text[0], text[1:]])
+    spec["model"]["merges"] = merges + [m for m in spec["model"]["merges"] if m not in merges]
+    return Tokenizer.from_str(json.dumps(spec))
+
+
+def number_token_ids(tokenizer) -> list[int] | None:
+    """Ids of the tokens "0".."999" (index = value) when the tokenizer writes each as one token
+    (``train_bpe_tokenizer(number_tokens=True)``), else None."""
+    ids = []
+    for value in range(NUMBER_RANGE):
+        found = tokenizer.encode(str(value), add_special_tokens=False)
+        if len(found) != 1:
+            return None
+        ids.append(found[0])
+    return ids
+
+
 def add_ferret_tokens(tokenizer) -> int:
     """Add ``<region_fea>`` (and ``<image>``) as special tokens to a transformers tokenizer.
 
@@ -89,6 +132,7 @@ def train_bpe_tokenizer(
     texts: Iterable[str],
     vocab_size: int = 2000,
     save_dir: str | os.PathLike | None = None,
+    number_tokens: bool = False,
 ) -> PreTrainedTokenizerFast:
     """Train a LLaMA-like BPE tokenizer (see the module docstring) on ``texts`` plus the
     ferret_v1 template texts. Deterministic for the same texts. ``vocab_size`` counts everything
@@ -115,6 +159,8 @@ def train_bpe_tokenizer(
     )
     base.train_from_iterator(corpus, trainer=trainer)
     tok = _with_byte_tokens(base)
+    if number_tokens:
+        tok = _with_number_tokens(tok)
     tok.add_special_tokens(
         [AddedToken(t, special=True, normalized=False) for t in (REGION_TOKEN, IMAGE_TOKEN)]
     )

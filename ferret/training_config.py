@@ -113,6 +113,18 @@ class TrainSection:
     vision_warmup_steps: int = 0
     vision_warmup_batch_multiple: int = 1
     vision_warmup_learning_rate: float = 1e-3
+    # > 0: add this times ferret.training.grounding's attention supervision (one head of one decoder
+    # layer pushed, from the answer's box positions, onto the image cells of the box's object;
+    # needs data.scene_records).
+    attention_supervision_weight: float = 0.0
+    attention_supervision_layer: int = -2
+    attention_supervision_head: int = 0
+    # > 0 (needs a tokenizer with one token per number 0-999): add this times a cross-entropy
+    # against a Gaussian of std number_smoothing_sigma grid units around each number label.
+    number_smoothing_weight: float = 0.0
+    number_smoothing_sigma: float = 4.0
+    # Start the number tokens' embedding rows as a smooth code of their value (number tokenizers).
+    init_number_rows: bool = False
 
 
 @dataclass
@@ -175,6 +187,12 @@ class TrainConfig:
         if t.vision_warmup_steps > 0 and t.dense_loss_weight <= 0:
             raise TrainConfigError("train.vision_warmup_steps: the warm-up trains on the dense readout; "
                                    "set train.dense_loss_weight > 0 (and data.scene_records)")
+        _non_negative("train.attention_supervision_weight", t.attention_supervision_weight)
+        if t.attention_supervision_weight > 0 and not d.scene_records:
+            raise TrainConfigError("data.scene_records: train.attention_supervision_weight > 0 needs the scene "
+                                   "records (scenes_train.json) its targets come from")
+        _non_negative("train.number_smoothing_weight", t.number_smoothing_weight)
+        _positive("train.number_smoothing_sigma", t.number_smoothing_sigma)
         for name in ("adam_beta1", "adam_beta2"):
             if not 0.0 <= getattr(t, name) < 1.0:
                 raise TrainConfigError(f"train.{name}: {getattr(t, name)} is not in [0, 1)")

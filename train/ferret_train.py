@@ -241,8 +241,7 @@ def build_dataset(cfg: TrainConfig, tokenizer, image_processor, model):
         path = resolve(cfg.data.scene_records)
         if not Path(path).is_file():
             raise FileNotFoundError(f"data.scene_records: file {cfg.data.scene_records} does not exist")
-        vision = model.config.vision_tower_config()
-        patch_targets = ScenePatchTargets.from_file(path, grid=vision.image_size // vision.patch_size)
+        patch_targets = ScenePatchTargets.from_file(path, grid=model.get_vision_tower().grid_size)
     return GritDataset.from_sources(sources, tokenizer, image_processor, data_config, patch_targets=patch_targets)
 
 
@@ -307,6 +306,30 @@ class DenseReadout:
                 shape = torch.cat([batch["region_shape"][i] for i in rows]).to(device)
                 loss = loss + class_readout_loss(embeddings, color, shape, self.vocabulary, directions)
         return loss
+
+
+def grounding_supervision(model, tokenizer, cfg: TrainConfig):
+    """(AttentionSupervision or None, number token ids or None) for ferret.training.grounding's
+    training-only losses; also starts the number rows as a smooth code when configured."""
+    from ferret.tokenizer import number_token_ids
+    from ferret.training.grounding import AttentionSupervision, init_number_rows
+
+    t = cfg.train
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    number_ids = number_token_ids(tokenizer)
+    if (t.number_smoothing_weight > 0 or t.init_number_rows) and number_ids is None:
+        raise TrainConfigError("train.number_smoothing_weight / train.init_number_rows: the tokenizer does not write "
+                               "each number 0-999 as one token (build it with number tokens)")
+    if t.init_number_rows:
+        init_number_rows(base, number_ids)
+    supervision = None
+    if t.attention_supervision_weight > 0:
+        try:
+            supervision = AttentionSupervision(model, tokenizer, t.attention_supervision_layer,
+                                               t.attention_supervision_head)
+        except ValueError as err:
+            raise TrainConfigError(f"train.attention_supervision_layer/head: {err}") from None
+    return supervision, (torch.tensor(number_ids) if number_ids is not None else None)
 
 
 def warm_up_region_masks(records, rng: np.random.Generator) -> list[torch.Tensor]:
@@ -558,6 +581,7 @@ def train(cfg: TrainConfig, args: argparse.Namespace) -> int:
     region_module = getattr(base.model, "region_geo_sampler", None)
     dataset = build_dataset(cfg, tokenizer, image_processor, model)
     readout = DenseReadout(model, tokenizer) if cfg.train.dense_loss_weight > 0 else None
+    attention_supervision, number_ids = grounding_supervision(model, tokenizer, cfg)
     from ferret.data.collate import FerretCollator
 
     sampler = ResumableDistributedSampler(len(dataset), rank, world, cfg.train.seed, cfg.train.shuffle)
@@ -643,6 +667,7 @@ def train(cfg: TrainConfig, args: argparse.Namespace) -> int:
         while state.global_step < total_steps:
             step_start = time.perf_counter()
             losses, dense_losses, samples, tokens = [], [], 0, 0
+            attention_losses, attention_masses = [], []
             lr = scheduler.get_last_lr()[0]  # the rate this step applies
             for micro_step in range(accum):
                 batch = next(batches)
@@ -659,6 +684,18 @@ def train(cfg: TrainConfig, args: argparse.Namespace) -> int:
                     dense = readout.loss(batch, device) if "patch_color" in batch else loss.new_zeros(())
                     loss = loss + cfg.train.dense_loss_weight * dense
                     dense_losses.append(dense.detach().float())
+                if attention_supervision is not None:
+                    attend = attention_supervision.loss(batch) if "answer_cells" in batch else loss.new_zeros(())
+                    loss = loss + cfg.train.attention_supervision_weight * attend
+                    attention_losses.append(attend.detach().float())
+                    attention_masses.append(attention_supervision.last_mass)
+                if number_ids is not None and cfg.train.number_smoothing_weight > 0:
+                    from ferret.training.grounding import number_smoothing_loss, spliced_labels
+
+                    labels = spliced_labels(batch["input_ids"], batch["labels"], base.get_vision_tower().num_patches,
+                                            outputs.logits.shape[1]).to(device)
+                    smooth = number_smoothing_loss(outputs.logits, labels, number_ids, cfg.train.number_smoothing_sigma)
+                    loss = loss + cfg.train.number_smoothing_weight * smooth
                 engine.backward(loss)
                 engine.step()
                 losses.append(outputs.loss.detach().float())
@@ -695,6 +732,10 @@ def train(cfg: TrainConfig, args: argparse.Namespace) -> int:
                 }
                 if readout is not None:
                     record["dense_loss"] = dense_loss
+                if attention_supervision is not None:
+                    # (rank 0's micro-batches: a monitor of how far the head looks at the object)
+                    record["attention_loss"] = torch.stack(attention_losses).mean().item()
+                    record["attention_mass"] = float(np.nanmean(attention_masses))
                 metrics.log(record)
                 progress.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}")
                 progress.write(
@@ -702,6 +743,7 @@ def train(cfg: TrainConfig, args: argparse.Namespace) -> int:
                     f"grad_norm {grad_norm:.3f} samples/s {record['samples_per_s']:.2f} "
                     f"tokens/s {record['tokens_per_s']:.1f}"
                     + (f" dense_loss {dense_loss:.4f}" if readout is not None else "")
+                    + (f" attention_mass {record['attention_mass']:.3f}" if attention_supervision is not None else "")
                 )
             progress.update(1)
             epoch_done = state.step_in_epoch == steps_per_epoch

@@ -1,6 +1,6 @@
 """Train the small BPE tokenizer on a synthetic GRIT corpus.
 
-    python -m ferret.data.build_tokenizer --data data/synth --out ferret/assets/tokenizer --vocab-size 600
+    python -m ferret.data.build_tokenizer --data data/synth --out ferret/assets/tokenizer --vocab-size 600 [--number-tokens]
 
 The corpus is every training conversation written in the ferret_v1 template, with its
 placeholders replaced by grid boxes (human turns with ` <region_fea>`), plus the template
@@ -75,7 +75,8 @@ def check_saved(out: str, probe: str) -> None:
         raise RuntimeError("the saved tokenizer does not round-trip its training text")
 
 
-def build(data_dir: str, out: str, vocab_size: int, max_samples: int | None = None) -> dict:
+def build(data_dir: str, out: str, vocab_size: int, max_samples: int | None = None,
+          number_tokens: bool = False) -> dict:
     from ferret.tokenizer import train_bpe_tokenizer
 
     train_path = os.path.join(data_dir, "train.json")
@@ -85,7 +86,7 @@ def build(data_dir: str, out: str, vocab_size: int, max_samples: int | None = No
     if not samples:
         raise ValueError(f"{train_path} holds no usable samples")
     texts = corpus_texts(samples)
-    tokenizer = train_bpe_tokenizer(texts, vocab_size=vocab_size, save_dir=out)
+    tokenizer = train_bpe_tokenizer(texts, vocab_size=vocab_size, save_dir=out, number_tokens=number_tokens)
     check_saved(out, texts[0])
     stats = token_stats(tokenizer, samples[:2000])
     stats.update(vocab_size=len(tokenizer), region_token_id=tokenizer.convert_tokens_to_ids(REGION_TOKEN),
@@ -99,8 +100,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="folder to save the tokenizer in")
     parser.add_argument("--vocab-size", type=int, default=600)
     parser.add_argument("--max-samples", type=int, default=None, help="train on the first N samples only")
+    parser.add_argument("--number-tokens", action="store_true",
+                        help="one token per integer 0-999 (coordinates) instead of one per digit")
     args = parser.parse_args(argv)
-    print(json.dumps(build(args.data, args.out, args.vocab_size, args.max_samples), indent=2))
+    print(json.dumps(build(args.data, args.out, args.vocab_size, args.max_samples, args.number_tokens), indent=2))
 
 
 if __name__ == "__main__":

@@ -246,6 +246,20 @@ def mix_sources(sources: Sequence[DataSource], seed: int = 0, check_images: bool
 # ---------------------------------------------------------------- rendering
 
 
+def answer_boxes(sample: dict) -> list[list[float]]:
+    """The pixel boxes the assistant turns write, in text order (placeholders in order of
+    appearance, turn after turn)."""
+    box_lists = sample.get("box_x1y1x2y2")
+    if box_lists is None:
+        return []
+    out = []
+    for t, turn in enumerate(sample["conversations"]):
+        if turn["from"] in ("human", "user"):
+            continue
+        out += [list(box_lists[t][int(m.group(1))]) for m in PLACEHOLDER_RE.finditer(turn["value"])]
+    return out
+
+
 def _open_first_turn_with_image(messages: list[tuple[str, str]]) -> list[tuple[str, str]]:
     """`<image>\\n` opens the first user turn, wherever the source put it (released behaviour)."""
     cleaned = [(role, text.replace(IMAGE_TOKEN, "").strip() if IMAGE_TOKEN in text else text)
@@ -457,4 +471,5 @@ class GritDataset(Dataset):
         if self.patch_targets is not None and "image" in sample and sample.get("scene_id") in self.patch_targets:
             item.update(self.patch_targets[sample["scene_id"]])
             item.update(self.patch_targets.region_targets(sample["scene_id"], masks))
+            item["answer_cells"] = self.patch_targets.answer_box_cells(sample["scene_id"], answer_boxes(sample))
         return item

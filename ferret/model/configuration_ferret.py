@@ -9,13 +9,19 @@ Released `config.json` files (model_type "ferret") carry `mm_vision_tower`, `mm_
   the default whenever a config lacks the field (every released config); new models should pass
   "aligned" (see `ferret.model.tiny` and the training entry point).
 * `vision_config`: an optional embedded CLIPVisionConfig dict, so that a model's own vision tower
-  can be built from the config alone with no hub access.
+  can be built from the config alone with no hub access; with `model_type: ferret_conv_vision`
+  it describes the small conv tower of models trained from scratch (`ConvVisionConfig`).
 """
 
 from __future__ import annotations
 
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, CLIPVisionConfig, LlamaConfig, PreTrainedConfig
+
+from ferret.model.vision_tower import ConvVisionConfig
+
+CONV_TOWER_TYPE = ConvVisionConfig.model_type
+CONV_TOWER_FIELDS = ("image_size", "channels", "strides", "blocks_per_stage", "norm_groups")
 
 FEATURE_LAYOUTS = ("official", "aligned")
 POOLER_MODES = ("max", "mean")
@@ -93,12 +99,15 @@ class FerretConfig(LlamaConfig):
     def is_multimodal(self) -> bool:
         return self.mm_vision_tower is not None or self.vision_config is not None
 
-    def vision_tower_config(self) -> CLIPVisionConfig:
-        """The CLIPVisionConfig of the tower, resolved without any network access.
+    def vision_tower_config(self) -> CLIPVisionConfig | ConvVisionConfig:
+        """The tower's config, resolved without any network access: a ConvVisionConfig when the
+        embedded `vision_config` says `model_type: ferret_conv_vision`, else a CLIPVisionConfig.
 
         Order: the embedded `vision_config`; a known hub name; a local folder's config.json.
         """
         if self.vision_config is not None:
+            if self.vision_config.get("model_type") == CONV_TOWER_TYPE:
+                return ConvVisionConfig(**{k: v for k, v in self.vision_config.items() if k != "model_type"})
             return CLIPVisionConfig(**self.vision_config)
         name = self.mm_vision_tower
         if name is None:
@@ -119,9 +128,17 @@ class FerretConfig(LlamaConfig):
 
 
 def _normalise_vision_config(vision_config: dict | PreTrainedConfig) -> dict:
-    """A JSON-stable dict of the CLIPVisionConfig fields that differ from the defaults."""
+    """A JSON-stable dict of the tower config: the conv tower's own fields (with its model_type),
+    or the CLIPVisionConfig fields that differ from the defaults."""
     if isinstance(vision_config, PreTrainedConfig):
         vision_config = vision_config.to_dict()
+    if vision_config.get("model_type") == CONV_TOWER_TYPE:
+        fields = {k: vision_config[k] for k in CONV_TOWER_FIELDS if k in vision_config}
+        try:
+            conv = ConvVisionConfig(**fields)
+        except (TypeError, ValueError) as error:
+            raise FerretConfigError(f"vision_config is not a valid conv tower config: {error}") from None
+        return {"model_type": CONV_TOWER_TYPE, **{k: getattr(conv, k) for k in CONV_TOWER_FIELDS}}
     fields = {k: v for k, v in vision_config.items() if k not in ("model_type", "transformers_version")}
     try:
         config = CLIPVisionConfig(**fields)

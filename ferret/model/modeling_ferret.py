@@ -25,7 +25,7 @@ from ferret.constants import IMAGE_TOKEN_INDEX
 from ferret.model.configuration_ferret import FerretConfig
 from ferret.model.multimodal_inputs import MultimodalInputs, splice_multimodal_embeddings
 from ferret.model.region_adapter import MaskPoolingRegionAdapter
-from ferret.model.vision_tower import FerretVisionTower
+from ferret.model.vision_tower import ConvVisionTower, FerretVisionTower, build_vision_tower
 
 RegionMasks = Sequence[Sequence[torch.Tensor]]
 
@@ -77,7 +77,7 @@ class FerretModel(LlamaModel):
     def __init__(self, config: FerretConfig):
         super().__init__(config)
         if config.is_multimodal:
-            self.vision_tower = FerretVisionTower(
+            self.vision_tower = build_vision_tower(
                 config.vision_tower_config(),
                 select_layer=config.mm_vision_select_layer,
                 select_feature=config.mm_vision_select_feature,
@@ -126,7 +126,7 @@ class FerretLlamaForCausalLM(LlamaForCausalLM):
 
     # ----------------------------------------------------------------- parts
 
-    def get_vision_tower(self) -> FerretVisionTower | None:
+    def get_vision_tower(self) -> FerretVisionTower | ConvVisionTower | None:
         return getattr(self.model, "vision_tower", None)
 
     @property

@@ -1,0 +1,207 @@
+"""Training-only supervision that teaches a small LLM trained from scratch to ground.
+
+A tiny LLM trained on the answer loss alone learns the answer format and copies the object's
+name from the question, then writes an average box: it never learns to read the image (issue
+13's probes: 6-9 % of its boxes overlapped any object). The synthetic world knows where every
+object is, so training adds:
+
+* **Attention supervision** (`AttentionSupervision`). One attention head of one decoder layer is
+  pushed, from every answer position that writes a box (the `[` and the tokens inside the
+  brackets), onto the image tokens of the object that box belongs to: loss = -log(attention mass
+  on the object's cells). The head's queries and keys are recomputed from the layer's input
+  (captured by a forward pre-hook), so the model and its attention kernel are unchanged and the
+  exported model carries nothing of it.
+* **Number tokens with a smooth code** (`init_number_rows`, `number_smoothing_loss`). With one
+  token per integer 0-999 (`ferret.tokenizer.number_token_ids`), the input and output embedding
+  rows of the numbers start as a sinusoidal code of the value (nearby values: similar rows), and
+  an optional loss spreads each number's target over its neighbours (a Gaussian on the 0-999
+  grid), so "off by 3" costs less than "off by 300".
+
+Per-sample targets: `answer_box_cells` (which cells each answer box's object covers) is built by
+`ferret.dense_supervision.ScenePatchTargets` from the scene records.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ferret.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+
+
+def bracket_token_ids(tokenizer) -> tuple[set[int], set[int]]:
+    """Ids of the tokens holding "[" and those holding "]" (BPE may glue them to a space or dot)."""
+    vocab = tokenizer.get_vocab()
+    return ({i for t, i in vocab.items() if "[" in t}, {i for t, i in vocab.items() if "]" in t})
+
+
+def answer_box_spans(input_ids: torch.Tensor, labels: torch.Tensor, open_ids: set[int],
+                     close_ids: set[int]) -> list[tuple[int, int]]:
+    """[start, end) of every box the answers write, in text order: from the supervised token
+    holding "[" up to (not including) the next token holding "]". Each of these positions
+    predicts a piece of the box. A box cut by truncation (no "]") is dropped."""
+    ids = input_ids.tolist()
+    supervised = (labels != IGNORE_INDEX).tolist()
+    spans, start = [], None
+    for j, (token, answer) in enumerate(zip(ids, supervised)):
+        if not answer:
+            start = None
+            continue
+        if token in open_ids and token not in close_ids:
+            start = j
+        elif token in close_ids and start is not None:
+            spans.append((start, j))
+            start = None
+    return spans
+
+
+def spliced_index(input_ids_row: torch.Tensor, num_image_tokens: int) -> tuple[int, callable]:
+    """(image start in the spliced sequence, map text index -> spliced index) for one sample whose
+    single image placeholder expands into `num_image_tokens` embeddings."""
+    where = (input_ids_row == IMAGE_TOKEN_INDEX).nonzero()
+    if len(where) != 1:
+        raise ValueError(f"attention supervision needs exactly one image per sample, found {len(where)}")
+    p = int(where[0])
+    return p, (lambda j: j if j < p else j + num_image_tokens - 1)
+
+
+class AttentionSupervision:
+    """-log(attention mass on the answer box's object) for one head of one decoder layer.
+
+    Installs a forward pre-hook on `layers[layer].self_attn` that keeps the layer's input hidden
+    states and rotary embeddings of the last forward; `loss(batch)` then recomputes that head's
+    attention rows at the box positions. Call `loss` after each training forward."""
+
+    def __init__(self, model, tokenizer, layer: int, head: int):
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        layers = base.model.layers
+        if not -len(layers) <= layer < len(layers):
+            raise ValueError(f"attention supervision: layer {layer} outside the model's {len(layers)} layers")
+        self.attention = layers[layer].self_attn
+        heads = base.config.num_attention_heads
+        if not 0 <= head < heads:
+            raise ValueError(f"attention supervision: head {head} outside the model's {heads} heads")
+        self.head = head
+        self.head_dim = self.attention.head_dim
+        self.kv_head = head // (heads // base.config.num_key_value_heads)
+        self.num_image_tokens = base.get_vision_tower().num_patches
+        self.open_ids, self.close_ids = bracket_token_ids(tokenizer)
+        self.rotary = apply_rotary_pos_emb
+        self.captured: tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.attention.register_forward_pre_hook(self._capture, with_kwargs=True)
+        self.last_mass = float("nan")
+
+    def _capture(self, _module, args, kwargs):
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        self.captured = (hidden, kwargs["position_embeddings"])
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        if self.captured is None:
+            raise RuntimeError("attention supervision: no forward pass captured")
+        hidden, (cos, sin) = self.captured
+        self.captured = None
+        attn, d = self.attention, self.head_dim
+        w_q = attn.q_proj.weight[self.head * d:(self.head + 1) * d]
+        w_k = attn.k_proj.weight[self.kv_head * d:(self.kv_head + 1) * d]
+        b_q = attn.q_proj.bias[self.head * d:(self.head + 1) * d] if attn.q_proj.bias is not None else None
+        b_k = attn.k_proj.bias[self.kv_head * d:(self.kv_head + 1) * d] if attn.k_proj.bias is not None else None
+        total, count, masses = hidden.new_zeros((), dtype=torch.float32), 0, []
+        for row, cells in enumerate(batch["answer_cells"]):
+            spans = answer_box_spans(batch["input_ids"][row], batch["labels"][row], self.open_ids, self.close_ids)
+            spans = spans[: len(cells)]
+            if not spans:
+                continue
+            image_start, to_spliced = spliced_index(batch["input_ids"][row], self.num_image_tokens)
+            queries = [to_spliced(j) for s, e in spans for j in range(s, e)]
+            targets = torch.cat([cells[i].unsqueeze(0).expand(e - s, -1) for i, (s, e) in enumerate(spans)])
+            last = max(queries) + 1
+            h = hidden[row, :last].float()
+            q = F.linear(h[queries], w_q.float(), None if b_q is None else b_q.float())
+            k = F.linear(h, w_k.float(), None if b_k is None else b_k.float())
+            q_rot, _ = self.rotary(q[None, None], q[None, None], cos[row:row + 1, queries].float(),
+                                   sin[row:row + 1, queries].float())
+            _, k_rot = self.rotary(k[None, None], k[None, None], cos[row:row + 1, :last].float(),
+                                   sin[row:row + 1, :last].float())
+            logits = (q_rot[0, 0] @ k_rot[0, 0].T) / math.sqrt(d)  # [Q, last]
+            causal = torch.arange(last, device=logits.device)[None, :] <= torch.tensor(queries, device=logits.device)[:, None]
+            logits = logits.masked_fill(~causal, float("-inf"))
+            on_object = torch.zeros_like(causal)
+            on_object[:, image_start:image_start + self.num_image_tokens] = targets.to(logits.device).bool()
+            log_all = torch.logsumexp(logits, dim=-1)
+            log_object = torch.logsumexp(logits.masked_fill(~on_object, float("-inf")), dim=-1)
+            total = total + (log_all - log_object).sum()
+            count += len(queries)
+            masses.append((log_object - log_all).exp().detach())
+        self.last_mass = torch.cat(masses).mean().item() if masses else float("nan")
+        return total / max(count, 1)
+
+
+# ------------------------------------------------------------------ number tokens
+
+
+def smooth_number_code(values: torch.Tensor, width: int, min_period: float = 6.0, max_period: float = 4000.0) -> torch.Tensor:
+    """[len(values), width] sinusoidal code of integers on the 0-999 grid: sin/cos pairs at periods
+    spaced geometrically from `min_period` to `max_period`, unit norm. The dot product of two
+    codes is a kernel that peaks at equal values and falls off with their distance."""
+    pairs = width // 2
+    periods = torch.logspace(math.log10(max_period), math.log10(min_period), pairs, dtype=torch.float64)
+    angles = 2 * math.pi * values.double()[:, None] / periods[None, :]
+    code = torch.zeros(len(values), width, dtype=torch.float64)
+    code[:, 0:2 * pairs:2], code[:, 1:2 * pairs:2] = angles.sin(), angles.cos()
+    return F.normalize(code, dim=-1).float()
+
+
+@torch.no_grad()
+def init_number_rows(model, number_ids: Sequence[int]) -> None:
+    """Start the input and output embedding rows of the number tokens as the smooth code of their
+    value, scaled to the mean norm of the other rows."""
+    ids = torch.tensor(list(number_ids))
+    for matrix in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
+        others = torch.ones(matrix.shape[0], dtype=torch.bool)
+        others[ids] = False
+        scale = matrix[others].float().norm(dim=-1).mean()
+        code = smooth_number_code(torch.arange(len(ids)), matrix.shape[1])
+        matrix[ids] = (code * scale).to(matrix.dtype)
+
+
+def spliced_labels(input_ids: torch.Tensor, labels: torch.Tensor, num_image_tokens: int, width: int) -> torch.Tensor:
+    """The labels as the model's forward sees them after each image placeholder became
+    `num_image_tokens` embeddings (IGNORE on those), right padded to `width`."""
+    out = torch.full((labels.shape[0], width), IGNORE_INDEX, dtype=labels.dtype, device=labels.device)
+    for row in range(labels.shape[0]):
+        where = (input_ids[row] == IMAGE_TOKEN_INDEX).nonzero()
+        if len(where) == 0:
+            n = min(width, labels.shape[1])
+            out[row, :n] = labels[row, :n]
+            continue
+        p = int(where[0])
+        tail = labels[row, p + 1:]
+        n = min(width - (p + num_image_tokens), len(tail))
+        out[row, :p] = labels[row, :p]
+        if n > 0:
+            out[row, p + num_image_tokens:p + num_image_tokens + n] = tail[:n]
+    return out
+
+
+def number_smoothing_loss(logits: torch.Tensor, labels: torch.Tensor, number_ids: torch.Tensor,
+                          sigma: float) -> torch.Tensor:
+    """Cross-entropy of the next-token distribution against a Gaussian (std `sigma` grid units) over
+    the number tokens around each number label. `logits` [B, T, V] and `labels` [B, T] as the
+    LM loss sees them (position t predicts label t+1)."""
+    targets = labels[:, 1:]
+    value_of = torch.full((logits.shape[-1],), -1, dtype=torch.long, device=logits.device)
+    value_of[number_ids.to(logits.device)] = torch.arange(len(number_ids), device=logits.device)
+    safe = targets.clamp(min=0)
+    values = torch.where(targets >= 0, value_of[safe], torch.full_like(safe, -1))
+    rows = values >= 0
+    if not bool(rows.any()):
+        return logits.new_zeros((), dtype=torch.float32)
+    log_probs = F.log_softmax(logits[:, :-1][rows].float(), dim=-1)[:, number_ids.to(logits.device)]
+    grid = torch.arange(len(number_ids), device=logits.device, dtype=torch.float32)
+    weights = torch.softmax(-0.5 * ((grid[None, :] - values[rows].float()[:, None]) / sigma) ** 2, dim=-1)
+    return -(weights * log_probs).sum(-1).mean()
