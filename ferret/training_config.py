@@ -51,6 +51,9 @@ class ModelSection:
     tiny_overrides: dict = field(default_factory=dict)  # extra FerretConfig fields for the tiny model
     gradient_checkpointing: bool = False
     freeze_vision_tower: bool = True  # the released recipe never trains CLIP
+    # A torch file with the tower's state dict (under "tower", as bench/probes/tower_probe.py --save
+    # writes it) to start the vision tower from, e.g. to probe the LLM stage on a trained tower.
+    vision_tower_weights: str | None = None
 
 
 @dataclass

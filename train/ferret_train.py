@@ -161,6 +161,18 @@ def build_model(cfg: TrainConfig, dtype: torch.dtype = torch.float32):
         image_processor = build_image_processor(model.config.vision_tower_config().image_size)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.unk_token
+    if m.vision_tower_weights:
+        path = resolve(m.vision_tower_weights)
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"model.vision_tower_weights: file {m.vision_tower_weights} does not exist")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        tower = model.get_vision_tower()
+        try:
+            tower.load_state_dict(state.get("tower", state) if isinstance(state, dict) else state)
+        except RuntimeError as err:
+            raise TrainConfigError(f"model.vision_tower_weights: {path} does not fit the configured tower: "
+                                   f"{str(err).splitlines()[0]}") from None
+        tower.to(dtype)
     model.config.use_cache = False
     return model, tokenizer, image_processor
 

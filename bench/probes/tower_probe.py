@@ -68,11 +68,10 @@ def unsupervised_share(records: list[dict], grid: int, min_cover: float = 0.2) -
     """Share of objects that win no cell at `grid` (the dense loss never sees them)."""
     missed = total = 0
     for record in records:
-        targets = scene_patch_targets(record, grid, DenseVocabulary.synthetic(), min_cover)
         vocabulary = DenseVocabulary.synthetic()
+        targets = scene_patch_targets(record, grid, vocabulary, min_cover)
         for obj in record["objects"]:
             c, s = vocabulary.colors.index(obj["color"]) + 1, vocabulary.shapes.index(obj["shape"]) + 1
-            box = torch.tensor(obj["box"])
             won = (targets["patch_color"] == c) & (targets["patch_shape"] == s)
             missed += int(not bool(won.any()))
             total += 1
@@ -127,6 +126,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--save", default=None, help="write the trained tower's state dict here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -174,6 +174,8 @@ def main(argv=None) -> dict:
              **evaluate(tower, head, val, vocabulary, grid)}
     result = {**info, "curve": curve, "final": final}
     print(json.dumps(final), flush=True)
+    if args.save:
+        torch.save({"config": config.to_dict(), "tower": tower.state_dict()}, args.save)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2))

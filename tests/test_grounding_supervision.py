@@ -1,0 +1,218 @@
+"""Conv vision tower, number tokens and the training-only grounding supervision
+(ferret.model.vision_tower.ConvVisionTower, ferret.tokenizer number tokens, ferret.training.grounding)."""
+
+import random
+
+import pytest
+import torch
+
+from ferret.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from ferret.model.configuration_ferret import FerretConfigError
+from ferret.model.tiny import build_tiny_model
+from ferret.model.vision_tower import ConvVisionConfig, ConvVisionTower
+from ferret.tokenizer import number_token_ids, train_bpe_tokenizer
+from ferret.training.grounding import (
+    AttentionSupervision,
+    answer_box_spans,
+    bracket_token_ids,
+    init_number_rows,
+    number_smoothing_loss,
+    smooth_number_code,
+    spliced_labels,
+)
+
+
+CONV = {"model_type": "ferret_conv_vision", "image_size": 48, "channels": [16, 32], "strides": [4, 3],
+        "blocks_per_stage": 1, "norm_groups": 8}
+
+
+@pytest.fixture(scope="module")
+def number_tokenizer():
+    from ferret.model.tiny import TINY_CORPUS
+
+    return train_bpe_tokenizer(TINY_CORPUS * 4, vocab_size=400, number_tokens=True)
+
+
+def conv_model(tokenizer, **overrides):
+    model, _ = build_tiny_model(tokenizer, mm_vision_tower="embedded-conv", mm_hidden_size=32,
+                                vision_config=CONV, **overrides)
+    return model
+
+
+# ------------------------------------------------------------------ conv tower
+
+
+def test_conv_tower_grid_and_fp32_compute_under_bf16():
+    config = ConvVisionConfig(image_size=48, channels=[16, 32], strides=[4, 3])
+    tower = ConvVisionTower(config, frozen=False)
+    assert (tower.grid_size, tower.num_patches, tower.hidden_size) == (4, 16, 32)
+    pixels = torch.randn(2, 3, 48, 48)
+    out32 = tower(pixels)
+    assert out32.shape == (2, 16, 32) and out32.dtype == torch.float32
+    tower.to(torch.bfloat16)
+    out16 = tower(pixels)
+    assert out16.dtype == torch.bfloat16
+    out16.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 for p in tower.parameters())
+    with pytest.raises(ValueError, match=r"\[B, 3, 48, 48\]"):
+        tower(torch.randn(1, 3, 32, 32))
+
+
+def test_conv_tower_config_errors_name_the_problem():
+    with pytest.raises(ValueError, match="multiple of the total stride"):
+        ConvVisionConfig(image_size=50, channels=[16], strides=[4])
+    with pytest.raises(ValueError, match="one entry per stage"):
+        ConvVisionConfig(channels=[16, 32], strides=[4])
+    with pytest.raises(FerretConfigError, match="conv tower"):
+        build_tiny_model(mm_vision_tower="x", mm_hidden_size=32, vision_config={**CONV, "norm_groups": 5})
+
+
+def test_conv_tower_model_round_trips_through_auto_classes(tmp_path, tiny_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    model = conv_model(tiny_tokenizer)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert type(loaded.model.vision_tower).__name__ == "ConvVisionTower"
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+    ids = torch.tensor([[1, IMAGE_TOKEN_INDEX, 5, 6]])
+    pixels = torch.randn(1, 3, 48, 48)
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids, images=pixels).logits, loaded(input_ids=ids, images=pixels).logits)
+
+
+# ------------------------------------------------------------------ number tokens
+
+
+def test_every_number_is_one_token_and_text_round_trips(number_tokenizer, tiny_tokenizer):
+    ids = number_token_ids(number_tokenizer)
+    assert ids is not None and len(set(ids)) == 1000
+    rng = random.Random(0)
+    for _ in range(300):
+        box = [rng.randrange(1000) for _ in range(4)]
+        text = f"The red circle [{box[0]}, {box[1]}, {box[2]}, {box[3]}]."
+        encoded = number_tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert [ids.index(i) for i in encoded if i in ids] == box
+        assert number_tokenizer.decode(encoded) == text
+    assert number_tokenizer.decode(number_tokenizer("size 1000x1000", add_special_tokens=False)["input_ids"]) == "size 1000x1000"
+    assert number_token_ids(tiny_tokenizer) is None  # digits one by one
+
+
+def test_smooth_number_code_is_a_kernel_peaked_at_equal_values():
+    code = smooth_number_code(torch.arange(1000), 256)
+    similarity = code @ code[500]
+    assert int(similarity.argmax()) == 500
+    assert similarity[500] > similarity[505] > similarity[530] > similarity[700]
+
+
+def test_init_number_rows_writes_the_code_into_both_embeddings(number_tokenizer):
+    model = conv_model(number_tokenizer)
+    ids = number_token_ids(number_tokenizer)
+    init_number_rows(model, ids)
+    rows = model.get_output_embeddings().weight[ids].detach()
+    logits = rows @ rows[345]
+    assert int(logits.argmax()) == 345 and logits[346] > logits[400]
+    assert torch.allclose(model.get_input_embeddings().weight[ids].detach().norm(dim=-1),
+                          model.get_input_embeddings().weight[ids][0].detach().norm(), atol=1e-4)
+
+
+def test_number_smoothing_loss_prefers_near_misses():
+    numbers = torch.arange(10, 1010)  # value v has id 10 + v
+    labels = torch.full((1, 3), IGNORE_INDEX)
+    labels[0, 1] = 10 + 500  # position 0 predicts the value 500
+    near, far = torch.zeros(1, 3, 1010), torch.zeros(1, 3, 1010)
+    near[0, 0, 10 + 503] = 10.0
+    far[0, 0, 10 + 800] = 10.0
+    assert number_smoothing_loss(near, labels, numbers, 4.0) < number_smoothing_loss(far, labels, numbers, 4.0)
+    assert number_smoothing_loss(near, torch.full((1, 3), IGNORE_INDEX), numbers, 4.0) == 0
+
+
+# ------------------------------------------------------------------ spans and splicing
+
+
+def test_answer_box_spans_cover_the_bracket_contents(number_tokenizer):
+    opens, closes = bracket_token_ids(number_tokenizer)
+    text = "USER: where? ASSISTANT: A red circle [12, 30, 400, 999] and a blue star [1, 2, 3, 4]."
+    ids = torch.tensor(number_tokenizer(text, add_special_tokens=False)["input_ids"])
+    labels = ids.clone()
+    answer_start = len(number_tokenizer("USER: where? ASSISTANT:", add_special_tokens=False)["input_ids"])
+    labels[:answer_start] = IGNORE_INDEX
+    spans = answer_box_spans(ids, labels, opens, closes)
+    assert len(spans) == 2
+    pieces = [number_tokenizer.decode(ids[s:e]) for s, e in spans]
+    assert pieces[0].strip() == "[12, 30, 400, 999" and pieces[1].strip() == "[1, 2, 3, 4"
+    # a box in the question (not supervised) is no span; a box cut before its "]" neither
+    labels[:] = IGNORE_INDEX
+    assert answer_box_spans(ids, labels, opens, closes) == []
+    cut = ids[: spans[1][0] + 3]
+    assert len(answer_box_spans(cut, cut.clone(), opens, closes)) == 1
+
+
+def test_spliced_labels_shift_the_text_after_the_image():
+    ids = torch.tensor([[1, IMAGE_TOKEN_INDEX, 7, 8, 0]])
+    labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 7, 8, IGNORE_INDEX]])
+    out = spliced_labels(ids, labels, num_image_tokens=3, width=7)
+    assert out.tolist() == [[IGNORE_INDEX] * 4 + [7, 8, IGNORE_INDEX]]
+
+
+# ------------------------------------------------------------------ attention supervision
+
+
+def _batch(tokenizer, grid_cells):
+    from ferret.conversation import tokenize_conversation
+
+    messages = [("USER", "<image>\nWhere is the red circle?"), ("ASSISTANT", "A red circle [12, 30, 400, 999].")]
+    ids, labels = tokenize_conversation(messages, tokenizer)
+    cells = torch.zeros(1, grid_cells, dtype=torch.bool)
+    cells[0, [5, 6]] = True
+    ids, labels = torch.as_tensor(ids).reshape(1, -1), torch.as_tensor(labels).reshape(1, -1)
+    return {"input_ids": ids, "labels": labels,
+            "attention_mask": torch.ones_like(ids, dtype=torch.bool), "answer_cells": [cells]}
+
+
+def test_attention_supervision_matches_the_model_attention(number_tokenizer):
+    model = conv_model(number_tokenizer, attn_implementation="eager")
+    supervision = AttentionSupervision(model, number_tokenizer, layer=1, head=2)
+    batch = _batch(number_tokenizer, 16)
+    pixels = torch.randn(1, 3, 48, 48)
+    with torch.no_grad():
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], images=pixels,
+                    output_attentions=True)
+    loss = supervision.loss(batch)
+    attention = out.attentions[1][0, 2]  # [T, T] of the supervised head
+    p = int((batch["input_ids"][0] == IMAGE_TOKEN_INDEX).nonzero()[0])
+    opens, closes = bracket_token_ids(number_tokenizer)
+    (s, e), = answer_box_spans(batch["input_ids"][0], batch["labels"][0], opens, closes)
+    queries = [j + 15 for j in range(s, e)]  # 16 image tokens replace 1 placeholder
+    mass = attention[queries][:, [p + 5, p + 6]].sum(-1)
+    torch.testing.assert_close(loss, -mass.log().mean(), rtol=1e-4, atol=1e-5)
+    assert supervision.last_mass == pytest.approx(mass.mean().item(), rel=1e-4)
+
+
+def test_attention_supervision_trains_the_head_onto_the_object(number_tokenizer):
+    torch.manual_seed(0)
+    model = conv_model(number_tokenizer)
+    model.train()
+    supervision = AttentionSupervision(model, number_tokenizer, layer=-1, head=0)
+    batch = _batch(number_tokenizer, 16)
+    pixels = torch.randn(1, 3, 48, 48)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    masses = []
+    for _ in range(25):
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], images=pixels,
+              labels=batch["labels"])
+        loss = supervision.loss(batch)
+        masses.append(supervision.last_mass)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert masses[0] < 0.3 and masses[-1] > 0.8
+
+
+def test_attention_supervision_rejects_a_bad_layer_or_head(number_tokenizer):
+    model = conv_model(number_tokenizer)
+    with pytest.raises(ValueError, match="layer 9"):
+        AttentionSupervision(model, number_tokenizer, layer=9, head=0)
+    with pytest.raises(ValueError, match="head 4"):
+        AttentionSupervision(model, number_tokenizer, layer=0, head=4)
