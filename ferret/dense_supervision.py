@@ -204,6 +204,15 @@ class ScenePatchTargets:
             out[i] = torch.from_numpy(cells)
         return out
 
+    def object_cells(self, scene_id, name: str) -> torch.Tensor | None:
+        """[grid*grid] bool cells of the scene's object called `name` (as answer_box_cells), or
+        None when the scene has no such object."""
+        record = self.records[int(scene_id)]
+        for obj in record["objects"]:
+            if obj["name"] == name:
+                return self.answer_box_cells(scene_id, [obj["box"]])[0]
+        return None
+
     def region_targets(self, scene_id, region_masks: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
         """region_color / region_shape [R] of the referred regions ((W, H) bool masks)."""
         return region_object_targets(self.records[int(scene_id)], region_masks, self.vocabulary)

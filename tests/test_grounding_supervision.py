@@ -216,3 +216,43 @@ def test_attention_supervision_rejects_a_bad_layer_or_head(number_tokenizer):
         AttentionSupervision(model, number_tokenizer, layer=9, head=0)
     with pytest.raises(ValueError, match="head 4"):
         AttentionSupervision(model, number_tokenizer, layer=0, head=4)
+
+
+def test_presence_answers_are_supervised_onto_the_object_or_the_bos_sink(number_tokenizer):
+    from ferret.conversation import tokenize_conversation
+
+    model = conv_model(number_tokenizer, attn_implementation="eager")
+    supervision = AttentionSupervision(model, number_tokenizer, layer=0, head=1)
+    messages = [("USER", "<image>\nIs there a red ring in the image?"), ("ASSISTANT", "No.")]
+    ids, labels = tokenize_conversation(messages, number_tokenizer)
+    ids, labels = torch.as_tensor(ids).reshape(1, -1), torch.as_tensor(labels).reshape(1, -1)
+    presence = torch.zeros(1, 17, dtype=torch.bool)
+    presence[0, 0] = True  # absent: the BOS sink
+    batch = {"input_ids": ids, "labels": labels, "answer_cells": [torch.zeros(0, 16, dtype=torch.bool)],
+             "presence_cells": [presence]}
+    with torch.no_grad():
+        out = model(input_ids=ids, images=torch.randn(1, 3, 48, 48), output_attentions=True)
+    loss = supervision.loss(batch)
+    first_answer = int((labels[0] != IGNORE_INDEX).nonzero()[0])
+    query = first_answer - 1 + 15  # after the 16 image tokens replaced the placeholder
+    torch.testing.assert_close(loss, -out.attentions[0][0, 1, query, 0].log(), rtol=1e-4, atol=1e-5)
+
+
+def test_presence_targets_from_the_question(tmp_path):
+    import numpy as np
+
+    from ferret.data.grit import presence_targets
+    from ferret.data.rle import encode_rle
+    from ferret.dense_supervision import ScenePatchTargets
+
+    mask = np.zeros((40, 40), dtype=bool)
+    mask[0:20, 0:20] = True
+    record = {"scene_id": 3, "width": 40, "height": 40, "objects": [
+        {"name": "red circle", "color": "red", "shape": "circle", "box": [0, 0, 19, 19], "mask": encode_rle(mask)}]}
+    targets = ScenePatchTargets([record], grid=2)
+    sample = {"scene_id": 3, "conversations": [
+        {"from": "human", "value": "<image>\\nIs there a red circle in the image?"}, {"from": "gpt", "value": "Yes."},
+        {"from": "human", "value": "Is there a blue star in the image?"}, {"from": "gpt", "value": "No."},
+        {"from": "human", "value": "What is it?"}, {"from": "gpt", "value": "A red circle."}]}
+    out = presence_targets(sample, targets)
+    assert out.tolist() == [[False, True, False, False, False], [True, False, False, False, False], [False] * 5]

@@ -72,7 +72,7 @@ class FerretCollator:
         for key in ("patch_color", "patch_shape", "patch_box"):
             if all(key in item for item in items):
                 batch[key] = torch.stack([item[key] for item in items])
-        for key in ("region_color", "region_shape", "answer_cells"):  # per item, like region_masks
+        for key in ("region_color", "region_shape", "answer_cells", "presence_cells"):  # per item, like region_masks
             if all(key in item for item in items):
                 batch[key] = [item[key] for item in items]
         if any("task" in item for item in items):

@@ -260,6 +260,27 @@ def answer_boxes(sample: dict) -> list[list[float]]:
     return out
 
 
+PRESENCE_RE = re.compile(r"Is there an? (.+?) in the image\?")
+
+
+def presence_targets(sample: dict, patch_targets) -> torch.Tensor:
+    """[assistant turns, 1 + cells] bool attention targets of the "Is there a X?" answers: X's cells
+    when X is in the scene, column 0 (the BOS sink) when it is not; all False for other turns."""
+    cells = patch_targets.grid ** 2
+    turns = [t for t, turn in enumerate(sample["conversations"]) if turn["from"] not in ("human", "user")]
+    out = torch.zeros(len(turns), 1 + cells, dtype=torch.bool)
+    for row, t in enumerate(turns):
+        match = PRESENCE_RE.search(sample["conversations"][t - 1]["value"]) if t > 0 else None
+        if match is None:
+            continue
+        found = patch_targets.object_cells(sample["scene_id"], match.group(1))
+        if found is None:
+            out[row, 0] = True
+        else:
+            out[row, 1:] = found
+    return out
+
+
 def _open_first_turn_with_image(messages: list[tuple[str, str]]) -> list[tuple[str, str]]:
     """`<image>\\n` opens the first user turn, wherever the source put it (released behaviour)."""
     cleaned = [(role, text.replace(IMAGE_TOKEN, "").strip() if IMAGE_TOKEN in text else text)
@@ -472,4 +493,5 @@ class GritDataset(Dataset):
             item.update(self.patch_targets[sample["scene_id"]])
             item.update(self.patch_targets.region_targets(sample["scene_id"], masks))
             item["answer_cells"] = self.patch_targets.answer_box_cells(sample["scene_id"], answer_boxes(sample))
+            item["presence_cells"] = presence_targets(sample, self.patch_targets)
         return item

@@ -8,7 +8,9 @@ object is, so training adds:
 * **Attention supervision** (`AttentionSupervision`). One attention head of one decoder layer is
   pushed, from every answer position that writes a box (the `[` and the tokens inside the
   brackets), onto the image tokens of the object that box belongs to: loss = -log(attention mass
-  on the object's cells). The head's queries and keys are recomputed from the layer's input
+  on the object's cells). For "Is there a X?" questions the position that writes "Yes"/"No" is
+  pushed onto X's cells when X is in the image, and onto the first token (BOS, an attention sink)
+  when it is not, so what the head reads there says whether X was found. The head's queries and keys are recomputed from the layer's input
   (captured by a forward pre-hook), so the model and its attention kernel are unchanged and the
   exported model carries nothing of it.
 * **Number tokens with a smooth code** (`init_number_rows`, `number_smoothing_loss`). With one
@@ -56,6 +58,19 @@ def answer_box_spans(input_ids: torch.Tensor, labels: torch.Tensor, open_ids: se
             spans.append((start, j))
             start = None
     return spans
+
+
+def answer_runs(labels: torch.Tensor) -> list[tuple[int, int]]:
+    """[start, end) of each supervised run of `labels` (one per assistant turn), in order."""
+    supervised = (labels != IGNORE_INDEX).tolist() + [False]
+    runs, start = [], None
+    for j, on in enumerate(supervised):
+        if on and start is None:
+            start = j
+        elif not on and start is not None:
+            runs.append((start, j))
+            start = None
+    return runs
 
 
 def spliced_index(input_ids_row: torch.Tensor, num_image_tokens: int) -> tuple[int, callable]:
@@ -111,14 +126,23 @@ class AttentionSupervision:
         b_q = attn.q_proj.bias[self.head * d:(self.head + 1) * d] if attn.q_proj.bias is not None else None
         b_k = attn.k_proj.bias[self.kv_head * d:(self.kv_head + 1) * d] if attn.k_proj.bias is not None else None
         total, count, masses = hidden.new_zeros((), dtype=torch.float32), 0, []
+        presence = batch.get("presence_cells")
         for row, cells in enumerate(batch["answer_cells"]):
-            spans = answer_box_spans(batch["input_ids"][row], batch["labels"][row], self.open_ids, self.close_ids)
-            spans = spans[: len(cells)]
-            if not spans:
+            ids, labels = batch["input_ids"][row], batch["labels"][row]
+            spans = answer_box_spans(ids, labels, self.open_ids, self.close_ids)[: len(cells)]
+            # one target row per query: [BOS sink, cell 0 .. cell N-1]
+            queries = [j for s, e in spans for j in range(s, e)]
+            rows = [F.pad(cells[i], (1, 0)).unsqueeze(0).expand(e - s, -1) for i, (s, e) in enumerate(spans)]
+            if presence is not None and len(presence[row]):
+                for (start, _), target in zip(answer_runs(labels), presence[row]):
+                    if bool(target.any()) and start > 0:
+                        queries.append(start - 1)  # the position that writes "Yes" / "No"
+                        rows.append(target.unsqueeze(0))
+            if not queries:
                 continue
-            image_start, to_spliced = spliced_index(batch["input_ids"][row], self.num_image_tokens)
-            queries = [to_spliced(j) for s, e in spans for j in range(s, e)]
-            targets = torch.cat([cells[i].unsqueeze(0).expand(e - s, -1) for i, (s, e) in enumerate(spans)])
+            image_start, to_spliced = spliced_index(ids, self.num_image_tokens)
+            queries = [to_spliced(j) for j in queries]
+            targets = torch.cat(rows)
             last = max(queries) + 1
             h = hidden[row, :last].float()
             q = F.linear(h[queries], w_q.float(), None if b_q is None else b_q.float())
@@ -131,7 +155,9 @@ class AttentionSupervision:
             causal = torch.arange(last, device=logits.device)[None, :] <= torch.tensor(queries, device=logits.device)[:, None]
             logits = logits.masked_fill(~causal, float("-inf"))
             on_object = torch.zeros_like(causal)
-            on_object[:, image_start:image_start + self.num_image_tokens] = targets.to(logits.device).bool()
+            targets = targets.to(logits.device).bool()
+            on_object[:, 0] = targets[:, 0]
+            on_object[:, image_start:image_start + self.num_image_tokens] = targets[:, 1:]
             log_all = torch.logsumexp(logits, dim=-1)
             log_object = torch.logsumexp(logits.masked_fill(~on_object, float("-inf")), dim=-1)
             total = total + (log_all - log_object).sum()
