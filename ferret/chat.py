@@ -299,5 +299,5 @@ def _check_sampling(temperature, top_p, max_new_tokens) -> None:
         raise ValueError(f"temperature must be a finite number >= 0, got {show(temperature)}")
     if not real(top_p) or not 0 < top_p <= 1:
         raise ValueError(f"top_p must be a number in (0, 1], got {show(top_p)}")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an integer >= 1, got {show(max_new_tokens)}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or not 1 <= max_new_tokens <= 2**31:
+        raise ValueError(f"max_new_tokens must be an integer in [1, 2**31], got {show(max_new_tokens)}")

@@ -118,10 +118,25 @@ def test_worker_and_controller_require_the_api_key(stack):
     assert status["memory_bytes"] > 0 and status["queue_length"] == 0
 
 
+def test_web_page_and_its_api_need_the_key(stack):
+    web = stack["web_url"]
+    for method, path in (("GET", "/config"), ("GET", "/gradio_api/info"), ("POST", "/gradio_api/call/ask"),
+                         ("POST", "/gradio_api/queue/join"), ("POST", "/gradio_api/upload"),
+                         ("GET", "/gradio_api/file=" + str(EXAMPLES / "shapes.png"))):
+        response = httpx.request(method, web + path, json={"data": []}, timeout=10)
+        assert response.status_code == 401, (path, response.status_code, response.text[:200])
+    page = httpx.get(web + "/", timeout=10).text
+    assert "auth_required" in page or "login" in page.lower()  # the login form, not the app
+    assert httpx.post(web + "/login", data={"username": "x", "password": "wrong"}, timeout=10).status_code >= 400
+    with httpx.Client(base_url=web, timeout=10) as session:
+        assert session.post("/login", data={"username": "anyone", "password": API_KEY}).status_code == 200
+        assert session.get("/config").status_code == 200
+
+
 def test_gradio_app_through_gradio_client(stack):
     from gradio_client import Client, handle_file
 
-    client = Client(stack["web_url"] + "/", verbose=False)
+    client = Client(stack["web_url"] + "/", verbose=False, auth=("ferret", API_KEY))
     assert "/ask" in client.view_api(print_info=False, return_format="dict")["named_endpoints"]
     answer, picture = client.predict(
         handle_file(str(EXAMPLES / "shapes.png")), "What is the object in <region>?",
@@ -179,6 +194,11 @@ def test_browser_draw_a_box_and_ask(stack):
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1100})
             page.goto(stack["web_url"] + "/", wait_until="load")
+            # The stack runs with an API key: the page asks for a login first.
+            page.locator("input[type='password']").wait_for(timeout=60_000)
+            page.locator("input[type='text']").first.fill("tester")
+            page.locator("input[type='password']").fill(API_KEY)
+            page.get_by_role("button", name=re.compile("login", re.I)).click()
             page.wait_for_selector("#ferret-send", timeout=60_000)
             page.locator("table tbody tr").first.click()  # example 1: shapes.png
             editor = page.locator("#ferret-editor")
@@ -211,9 +231,10 @@ def test_browser_draw_a_box_and_ask(stack):
             try:
                 page.wait_for_function(
                     "document.querySelector('#ferret-output img') !== null"
-                    " || document.querySelector('#ferret-chatbot').innerText.includes('⚠')", timeout=120_000)
+                    " || document.querySelector('.toast-body.error') !== null", timeout=120_000)
             finally:
                 page.screenshot(path=str(ARTIFACTS / "serve_browser.png"), full_page=True)
+            assert page.locator(".toast-body.error").count() == 0, page.locator(".toast-body.error").first.inner_text()
             chat = page.locator("#ferret-chatbot").inner_text()
             assert "region0 [" in chat and "⚠" not in chat, f"chat: {chat!r}"
             answer = chat.split("?", 1)[1].strip()
@@ -238,6 +259,15 @@ def test_browser_draw_a_box_and_ask(stack):
             page.wait_for_function("document.querySelector('#ferret-output img') === null", timeout=30_000)
             assert "region0" not in page.locator("#ferret-chatbot").inner_text()
             assert page.locator("#ferret-regions-text").inner_text().strip() == "No region marked."
+
+            # A refusal is an error, not an answer: two placeholders for no region.
+            page.locator("table tbody tr").first.click()
+            question.fill("Compare <region> with <region>?")
+            page.click("#ferret-send")
+            page.wait_for_selector(".toast-body.error", timeout=60_000)
+            error = page.locator(".toast-body.error").first.inner_text()
+            assert "placeholder" in error and "Traceback" not in error, error
+            assert "Compare" not in page.locator("#ferret-chatbot").inner_text()  # no answer bubble for it
         finally:
             browser.close()
 

@@ -14,6 +14,7 @@ drawn. Bad input: one line on stderr, exit status 2.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -137,8 +138,9 @@ def _run(args: argparse.Namespace) -> int:
         raise CliError("the question is empty")
     if args.save_vis and not Path(args.save_vis).resolve().parent.is_dir():
         raise CliError(f"--save-vis folder {str(Path(args.save_vis).parent)!r} does not exist")
-    if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
-        raise CliError("need --max-new-tokens >= 1, --temperature >= 0 and 0 < --top-p <= 1")
+    if (args.max_new_tokens < 1 or not math.isfinite(args.temperature) or args.temperature < 0
+            or not math.isfinite(args.top_p) or not 0 < args.top_p <= 1):
+        raise CliError("need --max-new-tokens >= 1, a finite --temperature >= 0 and 0 < --top-p <= 1")
 
     from ferret.processing import ImageLoadError, load_image
 

@@ -22,7 +22,7 @@ import time
 
 import httpx
 
-from ferret.serve.auth import auth_headers, resolve_api_key
+from ferret.serve.auth import ApiKeyError, add_api_key_arguments, auth_headers, resolve_api_key
 
 __all__ = ["main", "free_port", "DemoStack"]
 
@@ -53,7 +53,7 @@ class DemoStack:
 
     def __init__(self, args: argparse.Namespace):
         self.args = args
-        self.api_key = resolve_api_key(args.api_key)
+        self.api_key = resolve_api_key(args.api_key, args.api_key_file)
         self.headers = auth_headers(self.api_key)
         self.host = args.host
         self.controller_url = f"http://{self.host}:{args.controller_port or free_port(self.host)}"
@@ -64,6 +64,7 @@ class DemoStack:
 
     def _spawn(self, name: str, module: str, *argv: str) -> subprocess.Popen:
         env = dict(os.environ)
+        env.pop("FERRET_API_KEY_FILE", None)
         if self.api_key:
             env["FERRET_API_KEY"] = self.api_key  # never on the command line (visible in ps)
         process = subprocess.Popen(
@@ -161,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--limit-model-concurrency", type=int, default=1)
     parser.add_argument("--allowed-image-dir", default=None, help="folder the OpenAI API may read images from")
-    parser.add_argument("--api-key", default=None, help="protect the worker/OpenAI API (or set $FERRET_API_KEY)")
+    add_api_key_arguments(parser, "protect every server: the page's login password, the worker/OpenAI API's bearer key")
     parser.add_argument("--heartbeat-interval", type=float, default=15.0)
     parser.add_argument("--heartbeat-expiration", type=float, default=30.0)
     parser.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for the model to load")
@@ -199,6 +200,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.model_path is not None and not os.path.isdir(args.model_path):
         print(f"ferret demo: model path {args.model_path!r} is not a folder", file=sys.stderr)
         return 2
+    try:
+        resolve_api_key(args.api_key, args.api_key_file)
+    except ApiKeyError as error:
+        print(f"ferret demo: {error}", file=sys.stderr)
+        return 2
     scratch = None
     if args.model_path is None and not _default_model_available():
         scratch = tempfile.mkdtemp(prefix="ferret-demo-")
@@ -213,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         stack.start()
         status = stack.worker_status()
         print(f"Ferret demo ready: {stack.web_url}", flush=True)
+        if stack.api_key:
+            print("The page asks for a login: any user name, the API key as password.", flush=True)
         print(f"model {', '.join(status.get('model_names', []))}: memory footprint {_format_footprint(status)}", flush=True)
         print(f"OpenAI-compatible API: {stack.worker_url}/v1/chat/completions   controller: {stack.controller_url}", flush=True)
         print("Press Ctrl-C to stop.", flush=True)

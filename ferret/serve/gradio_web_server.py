@@ -11,6 +11,12 @@ image. The app talks to workers through the controller.
 
 For scripts (gradio_client) the app exposes ``/ask``: (image, question, regions JSON list in the
 wire format of ``ferret.serve.protocol``, temperature, top_p, max tokens) -> (answer, image).
+
+With an API key set (``--api-key-file``, ``$FERRET_API_KEY_FILE`` or ``$FERRET_API_KEY``) the page
+and every gradio route (``/config``, ``/gradio_api/...``, uploads, files) need a login: any user
+name, the key as password (gradio's own authentication; ``gradio_client.Client(url,
+auth=("ferret", KEY))`` for scripts). Refusals (bad input, limits, a busy or failed worker) are shown
+as errors, never as answers, and never with raw exception text.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ import hashlib
 import json
 import logging
 import os
+import secrets
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,10 +35,23 @@ from PIL import Image
 
 from ferret.processing import REGION_PLACEHOLDER
 from ferret.regions import Region, RegionError, format_region, parse_grounding
-from ferret.serve.auth import resolve_api_key
+from ferret.processing import MAX_IMAGE_PIXELS
+from ferret.serve.auth import ApiKeyError, add_api_key_arguments, resolve_api_key
 from ferret.serve.client import ControllerClient, ServeError
 from ferret.serve.drawing import draw_grounding, draw_regions, stroke_mask, stroke_to_region
-from ferret.serve.protocol import RequestError, encode_image, region_from_json, region_to_json
+from ferret.serve.protocol import (
+    RequestError,
+    ServeLimits,
+    _check_header,
+    check_region_budget,
+    checked_max_new_tokens,
+    checked_number,
+    encode_image,
+    is_finite_number,
+    loads_json,
+    region_from_json,
+    region_to_json,
+)
 
 logger = logging.getLogger("ferret.serve.gradio_web_server")
 
@@ -157,6 +178,32 @@ def chat_messages(session: dict, pending: tuple[str, str] | None = None) -> list
     return messages
 
 
+def checked_sampling(temperature, top_p, max_tokens, limits: ServeLimits) -> tuple[float, float, int]:
+    """The sliders' values (or an API caller's) as numbers within the worker's bounds; DemoError otherwise."""
+    try:
+        values = {"temperature": temperature, "top_p": top_p}
+        t = checked_number(values, "temperature", 0.2, 0.0, 2.0)
+        p = checked_number(values, "top_p", 0.7, 0.0, 1.0)
+        if is_finite_number(max_tokens) and float(max_tokens).is_integer():
+            max_tokens = int(max_tokens)  # a slider may send 24.0
+        n = checked_max_new_tokens(max_tokens, limits, "max tokens")
+    except RequestError as error:
+        raise DemoError(str(error)) from None
+    return t, p, n
+
+
+def check_conversation(session: dict, regions: list, limits: ServeLimits) -> None:
+    """Refuse (DemoError) a turn that would exceed the workers' limits, before anything is built."""
+    image = session["image"]
+    if len(session["turns"]) > limits.max_history_turns:
+        raise DemoError(f"this conversation has {len(session['turns'])} turns, over the limit of "
+                        f"{limits.max_history_turns}: press Clear to start a new one")
+    try:
+        check_region_budget([len(t["regions"]) for t in session["turns"]] + [len(regions)], *image.size, limits)
+    except RequestError as error:
+        raise DemoError(str(error)) from None
+
+
 def payload_for(session: dict, model: str, question: str, regions: list[dict], temperature, top_p, max_tokens) -> dict:
     image = session["image"]
     return {
@@ -165,9 +212,9 @@ def payload_for(session: dict, model: str, question: str, regions: list[dict], t
         "question": question,
         "regions": regions,
         "history": [{"question": t["question"], "regions": t["regions"], "answer": t["answer"]} for t in session["turns"]],
-        "temperature": float(temperature),
-        "top_p": float(top_p),
-        "max_new_tokens": int(max_tokens),
+        "temperature": temperature,
+        "top_p": top_p,
+        "max_new_tokens": max_tokens,
     }
 
 
@@ -190,7 +237,27 @@ def stream_answer(client: ControllerClient, payload: dict):
 # The app
 
 
-def build_demo(controller_url: str, model_list_mode: str = "reload", api_key: str | None = None, concurrency: int = 8):
+def load_upload(path, limits: ServeLimits) -> Image.Image:
+    """An uploaded image file, its size checked from the header before it is decoded."""
+    from ferret.processing import ImageLoadError, load_image
+
+    try:
+        raw = Path(path).read_bytes() if os.path.getsize(path) <= limits.max_body_bytes else None
+    except (OSError, TypeError, ValueError):
+        raise DemoError("the image upload could not be read") from None
+    if raw is None:
+        raise DemoError(f"the image is over the {limits.max_body_bytes / 2**20:g} MiB limit")
+    try:
+        _check_header(raw, limits.max_image_pixels, "the image")
+        return load_image(raw)
+    except RequestError as error:
+        raise DemoError(str(error)) from None
+    except ImageLoadError as error:
+        raise DemoError(str(error).splitlines()[0]) from None
+
+
+def build_demo(controller_url: str, model_list_mode: str = "reload", api_key: str | None = None, concurrency: int = 8,
+               limits: ServeLimits = ServeLimits()):
     import gradio as gr
 
     client = ControllerClient(controller_url, api_key)
@@ -211,6 +278,8 @@ def build_demo(controller_url: str, model_list_mode: str = "reload", api_key: st
 
     def on_mark(session, editor_value, mode):
         try:
+            if len(session.get("regions") or []) >= limits.max_regions:
+                raise DemoError(f"at most {limits.max_regions} regions per question")
             session = mark_stroke(session, editor_value, mode)
         except DemoError as error:
             gr.Warning(str(error))
@@ -218,18 +287,24 @@ def build_demo(controller_url: str, model_list_mode: str = "reload", api_key: st
         return session, regions_preview(session), regions_summary(session), cleared_editor(session)
 
     def run_turn(session, model, question, regions, temperature, top_p, max_tokens):
-        """Generator of (session, chatbot, output image) while one turn streams."""
+        """Generator of (session, chatbot, output image) while one turn streams; a refusal
+        raises gr.Error (shown as an error, the turn is not added to the chat)."""
         image = session["image"]
-        shown = display_question(question, regions_of(regions, image), *image.size)
+        try:
+            temperature, top_p, max_tokens = checked_sampling(temperature, top_p, max_tokens, limits)
+            check_conversation(session, regions, limits)
+            shown = display_question(question, regions_of(regions, image), *image.size)
+        except (DemoError, RequestError) as error:
+            raise gr.Error(str(error).splitlines()[0], print_exception=False) from None
         payload = payload_for(session, model, question, regions, temperature, top_p, max_tokens)
         text = ""
         try:
             for text in stream_answer(client, payload):
                 yield session, chat_messages(session, (shown, text)), gr.skip()
         except ServeError as error:
-            gr.Warning(f"the model server refused: {error}")
-            yield session, chat_messages(session, (shown, f"⚠️ {error}")), gr.skip()
-            return
+            yield session, chat_messages(session), gr.skip()  # take the refused turn back out of the chat
+            raise gr.Error(f"the model server refused: {str(error).splitlines()[0] if str(error) else 'no reason'}",
+                           print_exception=False) from None
         turn = {"question": question, "regions": regions, "answer": text, "shown": shown}
         session = dict(session, turns=[*session["turns"], turn], regions=[])
         yield session, chat_messages(session), answer_picture(image, regions, text)
@@ -274,30 +349,49 @@ def build_demo(controller_url: str, model_list_mode: str = "reload", api_key: st
         return new_session(), [], None, None, "No region marked.", None, ""
 
     def api_ask(image, question, regions_json, temperature, top_p, max_tokens):
-        """Script entry point: one question about an image; yields (answer so far, grounded image)."""
-        if image is None:
-            raise gr.Error("no image given")
+        """Script entry point: one question about an image; yields (answer so far, grounded image).
+        Every refusal is a gr.Error with a one-line reason (never a raw exception)."""
         try:
-            regions = json.loads(regions_json or "[]")
-            if not isinstance(regions, list):
-                raise ValueError("regions must be a JSON list")
-            image = image.convert("RGB")
+            yield from _api_ask(image, question, regions_json, temperature, top_p, max_tokens)
+        except gr.Error:
+            raise
+        except (DemoError, RequestError, ServeError) as error:
+            raise gr.Error(str(error).splitlines()[0] if str(error) else "refused", print_exception=False) from None
+        except Exception:  # noqa: BLE001 - logged here, never shown raw
+            logger.exception("/ask failed")
+            raise gr.Error("internal error while answering (see the web server's log)", print_exception=False) from None
+
+    def _api_ask(image, question, regions_json, temperature, top_p, max_tokens):
+        if image is None:
+            raise DemoError("no image given")
+        if not isinstance(question, str) or not question.strip():
+            raise DemoError("type a question")
+        if len(question) > limits.max_body_bytes:
+            raise DemoError("the question is too long")
+        if regions_json is not None and not isinstance(regions_json, str):
+            raise DemoError("regions must be a JSON list (as a string)")
+        if len(regions_json or "") > limits.max_body_bytes:
+            raise DemoError("the regions are too large")
+        regions = loads_json(regions_json or "[]", limits, what="regions")
+        if not isinstance(regions, list):
+            raise DemoError("regions must be a JSON list")
+        checked_sampling(temperature, top_p, max_tokens, limits)
+        image = load_upload(image, limits) if not isinstance(image, Image.Image) else image.convert("RGB")
+        session = sync_image(new_session(), image)
+        check_conversation(session, regions, limits)
+        try:
             regions_of(regions, image)
-        except (ValueError, RequestError) as error:
-            raise gr.Error(f"invalid regions: {error}") from None
+        except RequestError as error:
+            raise DemoError(f"invalid regions: {error}") from None
         models = model_choices()
         if not models:
-            raise gr.Error("no model is available")
-        session = sync_image(new_session(), image)
+            raise DemoError("no model is available: is a worker registered with the controller?")
         answer, output = "", None
-        try:
-            for session, messages, output_update in run_turn(session, models[0], question, regions, temperature, top_p, max_tokens):
-                answer = messages[-1]["content"]
-                if isinstance(output_update, Image.Image):
-                    output = output_update
-                yield answer, output
-        except ServeError as error:
-            raise gr.Error(str(error)) from None
+        for session, messages, output_update in run_turn(session, models[0], question, regions, temperature, top_p, max_tokens):
+            answer = messages[-1]["content"] if messages else ""
+            if isinstance(output_update, Image.Image):
+                output = output_update
+            yield answer, output
 
     examples = _example_rows()
     with gr.Blocks(title="Ferret") as demo:
@@ -332,13 +426,18 @@ def build_demo(controller_url: str, model_list_mode: str = "reload", api_key: st
             gr.Examples(examples=examples, inputs=[editor, question], label="Examples")
 
         with gr.Row(visible=False):
-            api_image = gr.Image(type="pil")
+            api_image = gr.Image(type="filepath", image_mode=None)  # decoded by api_ask after its size check
             api_question = gr.Textbox()
             api_regions = gr.Textbox()
             api_answer = gr.Textbox()
             api_output = gr.Image(type="pil", format="png")
             api_button = gr.Button()
-        api_button.click(api_ask, [api_image, api_question, api_regions, temperature, top_p, max_tokens],
+            # Numbers arrive as plain JSON and are checked by api_ask (a slider would echo a
+            # 5000-digit value back in its own error message, a Number would overflow on it).
+            api_temperature = gr.JSON(value=0.2)
+            api_top_p = gr.JSON(value=0.7)
+            api_max_tokens = gr.JSON(value=256)
+        api_button.click(api_ask, [api_image, api_question, api_regions, api_temperature, api_top_p, api_max_tokens],
                          [api_answer, api_output], api_name="ask", concurrency_limit=concurrency)
 
         demo.load(on_load, None, [model], api_visibility="private")
@@ -368,6 +467,18 @@ def _example_rows() -> list[list[str]]:
     return rows
 
 
+def password_check(api_key: str):
+    """gradio ``auth``: any user name, the API key as password (compared in constant time)."""
+
+    def check(_username: str, password: str) -> bool:
+        return isinstance(password, str) and secrets.compare_digest(password.encode(), api_key.encode())
+
+    return check
+
+
+AUTH_MESSAGE = "This Ferret demo is protected: log in with any user name and the server's API key as password."
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ferret.serve.gradio_web_server", description=__doc__.split("\n")[0])
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
@@ -378,21 +489,42 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--concurrency-count", type=int, default=8)
     parser.add_argument("--add_region_feature", "--add-region-feature", action="store_true",
                         help="accepted for compatibility: drawn regions are always sent as region features")
-    parser.add_argument("--api-key", default=None, help="key for the workers/controller (or set $FERRET_API_KEY)")
+    add_api_key_arguments(parser, "key of the workers/controller, and the page's login password")
+    parser.add_argument("--max-image-pixels", type=int, default=ServeLimits.max_image_pixels,
+                        help=f"largest image accepted by the page (default {ServeLimits.max_image_pixels})")
     parser.add_argument("--share", action="store_true", help="gradio share link (off: nothing leaves this machine)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not 1 <= args.max_image_pixels <= MAX_IMAGE_PIXELS:
+        parser.error(f"--max-image-pixels must be in [1, {MAX_IMAGE_PIXELS}]")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # nothing leaves the machine unasked
     logging.basicConfig(level=logging.INFO, format="%(asctime)s web %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    demo = build_demo(args.controller_url, args.model_list_mode, resolve_api_key(args.api_key), args.concurrency_count)
+    try:
+        api_key = resolve_api_key(args.api_key, args.api_key_file)
+    except ApiKeyError as error:
+        print(f"gradio_web_server: {error}", file=sys.stderr)
+        return 2
+    limits = ServeLimits(max_image_pixels=args.max_image_pixels)
+    # gradio decodes the editor's uploads itself: PIL then refuses (DecompressionBombError) any
+    # image over the limit before decoding its pixels.
+    Image.MAX_IMAGE_PIXELS = max(1, limits.max_image_pixels // 2)
+    demo = build_demo(args.controller_url, args.model_list_mode, api_key, args.concurrency_count, limits)
     demo.queue(default_concurrency_limit=args.concurrency_count)
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True,
-                footer_links=["api"], allowed_paths=[str(EXAMPLES_DIR)], ssr_mode=False)
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, **launch_options(limits, api_key))
     return 0
+
+
+def launch_options(limits: ServeLimits, api_key: str | None) -> dict:
+    """``demo.launch`` options that make the page safe: uploads capped at the body limit, no raw
+    exception text shown (only gr.Error messages), and the key as login password when set."""
+    return dict(show_error=False, footer_links=["api"], allowed_paths=[str(EXAMPLES_DIR)], ssr_mode=False,
+                max_file_size=limits.max_body_bytes,
+                auth=password_check(api_key) if api_key else None, auth_message=AUTH_MESSAGE)
 
 
 if __name__ == "__main__":
