@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import html
 import json
 import logging
 import os
@@ -67,6 +68,20 @@ INSTRUCTIONS = (
 
 class DemoError(ValueError):
     """Something the user can fix (no image, nothing drawn, too many placeholders...)."""
+
+
+class TurnRefused(DemoError):
+    """A question was refused (by the page's checks or the model server); the message says why."""
+
+
+def one_line(error: BaseException | str, default: str = "refused") -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else default
+
+
+def for_page(message: str) -> str:
+    """A message for the page: gradio renders toasts as HTML, so `<region>` must be escaped."""
+    return html.escape(message, quote=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,7 +297,7 @@ def build_demo(controller_url: str, model_list_mode: str = "reload", api_key: st
                 raise DemoError(f"at most {limits.max_regions} regions per question")
             session = mark_stroke(session, editor_value, mode)
         except DemoError as error:
-            gr.Warning(str(error))
+            gr.Warning(for_page(str(error)))
             return session, gr.skip(), regions_summary(session), gr.skip()
         return session, regions_preview(session), regions_summary(session), cleared_editor(session)
 
@@ -295,7 +310,7 @@ def build_demo(controller_url: str, model_list_mode: str = "reload", api_key: st
             check_conversation(session, regions, limits)
             shown = display_question(question, regions_of(regions, image), *image.size)
         except (DemoError, RequestError) as error:
-            raise gr.Error(str(error).splitlines()[0], print_exception=False) from None
+            raise TurnRefused(one_line(error)) from None
         payload = payload_for(session, model, question, regions, temperature, top_p, max_tokens)
         text = ""
         try:
@@ -303,8 +318,7 @@ def build_demo(controller_url: str, model_list_mode: str = "reload", api_key: st
                 yield session, chat_messages(session, (shown, text)), gr.skip()
         except ServeError as error:
             yield session, chat_messages(session), gr.skip()  # take the refused turn back out of the chat
-            raise gr.Error(f"the model server refused: {str(error).splitlines()[0] if str(error) else 'no reason'}",
-                           print_exception=False) from None
+            raise TurnRefused(f"the model server refused: {one_line(error, 'no reason')}") from None
         turn = {"question": question, "regions": regions, "answer": text, "shown": shown}
         session = dict(session, turns=[*session["turns"], turn], regions=[])
         yield session, chat_messages(session), answer_picture(image, regions, text)
@@ -320,7 +334,7 @@ def build_demo(controller_url: str, model_list_mode: str = "reload", api_key: st
             try:
                 session = mark_stroke(session, editor_value, mode)
             except DemoError as error:
-                gr.Warning(str(error))
+                gr.Warning(for_page(str(error)))
                 yield session, gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
                 return
         if not question or not question.strip():
@@ -332,9 +346,12 @@ def build_demo(controller_url: str, model_list_mode: str = "reload", api_key: st
             yield session, gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
             return
         preview, summary = regions_preview(session), regions_summary(session)
-        for session_now, messages, output in run_turn(session, model, question.strip(), session["regions"],
-                                                      temperature, top_p, max_tokens):
-            yield session_now, messages, output, "", preview, summary, cleared_editor(session_now)
+        try:
+            for session_now, messages, output in run_turn(session, model, question.strip(), session["regions"],
+                                                          temperature, top_p, max_tokens):
+                yield session_now, messages, output, "", preview, summary, cleared_editor(session_now)
+        except TurnRefused as error:
+            raise gr.Error(for_page(str(error)), print_exception=False) from None
 
     def on_regenerate(session, model, temperature, top_p, max_tokens):
         if not session.get("turns"):
@@ -343,7 +360,10 @@ def build_demo(controller_url: str, model_list_mode: str = "reload", api_key: st
             return
         last = session["turns"][-1]
         session = dict(session, turns=session["turns"][:-1])
-        yield from run_turn(session, model, last["question"], last["regions"], temperature, top_p, max_tokens)
+        try:
+            yield from run_turn(session, model, last["question"], last["regions"], temperature, top_p, max_tokens)
+        except TurnRefused as error:
+            raise gr.Error(for_page(str(error)), print_exception=False) from None
 
     def on_clear():
         return new_session(), [], None, None, "No region marked.", None, ""
@@ -355,8 +375,8 @@ def build_demo(controller_url: str, model_list_mode: str = "reload", api_key: st
             yield from _api_ask(image, question, regions_json, temperature, top_p, max_tokens)
         except gr.Error:
             raise
-        except (DemoError, RequestError, ServeError) as error:
-            raise gr.Error(str(error).splitlines()[0] if str(error) else "refused", print_exception=False) from None
+        except (DemoError, RequestError, ServeError) as error:  # a script reads the message as text
+            raise gr.Error(one_line(error), print_exception=False) from None
         except Exception:  # noqa: BLE001 - logged here, never shown raw
             logger.exception("/ask failed")
             raise gr.Error("internal error while answering (see the web server's log)", print_exception=False) from None
