@@ -174,23 +174,28 @@ def reference_group_stage(point_rows_xy, features, anchor_index, neighbour_index
     return hidden.amax(dim=2)
 
 
-def ours_group_stage(xy, features, anchor_index, neighbour_index, stage: StageParams, device):
+def ours_group_stage(xy, features, anchor_index, neighbour_index, stage: StageParams, group_pool=None):
+    """The folded stage after FPS and kNN; `group_pool` defaults to the Triton kernel on CUDA."""
     folded, w_a, w_b, bias = fast.fold_stage_weights(stage, xy.shape[0] * xy.shape[1])
     point_u = fast.point_projection(features, xy.to(features.dtype), stage, folded, w_a)
     anchor_v = fast.anchor_projection(
         reference.gather_points(features, anchor_index), reference.gather_points(xy, anchor_index).to(features.dtype),
         reference.gather_points(point_u, anchor_index), w_b, bias,
     )
-    if device.type == "cuda":
-        from ferret_kernels.group_pool import group_pool
-    else:
-        group_pool = fast.group_pool
+    if group_pool is None:
+        if features.device.type == "cuda":
+            from ferret_kernels.group_pool import group_pool
+        else:
+            group_pool = fast.group_pool
     return group_pool(point_u, anchor_v, neighbour_index, stage.ln_weight, stage.ln_bias, stage.ln_eps, "max")
 
 
 def kernel_cases(inputs: Inputs, device: torch.device):
-    """(name, ours fn, reference fn, has backward) for each kernel on this case's shapes."""
-    gen = torch.Generator(device=device).manual_seed(1)
+    """(name, ours fn, reference fn, fast-path fn, has backward) for each kernel on this case's
+    shapes. The fast path (vectorised torch on the same device) is what ours is checked against."""
+    def seeded():  # the same draws for every call: ours and the fast path pick the same pixels
+        return torch.Generator(device=device).manual_seed(1)
+
     points = reference.sample_mask_points(inputs.masks.cpu(), POINTS, torch.Generator().manual_seed(1)).to(device)
     with torch.no_grad():
         features = reference.point_features(inputs.maps, points, inputs.image_index)
@@ -198,19 +203,78 @@ def kernel_cases(inputs: Inputs, device: torch.device):
     anchors = reference.farthest_point_sample(points, SUB_POINTS[0], 0)
     anchor_xy = reference.gather_points(points, anchors)
     neighbours = reference.knn_indices(anchor_xy, points, NEIGHBOURS[0])
+    inputs.knn_geometry = (anchor_xy, points)  # for the value check of the kNN row
     stage = inputs.params.stages[0]
-    yield ("mask->points", lambda: ops.sample_mask_points(inputs.masks, POINTS, gen),
-           lambda: reference.sample_mask_points(inputs.masks, POINTS, gen), False)
-    yield ("point features", lambda: ops.point_features(inputs.maps, points, inputs.image_index),
-           lambda: reference.point_features(inputs.maps, points, inputs.image_index), True)
+    masks, maps, index = inputs.masks, inputs.maps, inputs.image_index
+    yield ("mask->points", lambda: ops.sample_mask_points(masks, POINTS, seeded()),
+           lambda: reference.sample_mask_points(masks, POINTS, seeded()),
+           lambda: ops.sample_mask_points(masks, POINTS, seeded(), backend="fast"), False)
+    yield ("point features", lambda: ops.point_features(maps, points, index),
+           lambda: reference.point_features(maps, points, index),
+           lambda: ops.point_features(maps, points, index, backend="fast"), True)
     yield (f"fps {POINTS}->{SUB_POINTS[0]}", lambda: ops.farthest_point_sample(points, SUB_POINTS[0], 0),
-           lambda: reference.farthest_point_sample(points, SUB_POINTS[0], 0), False)
+           lambda: reference.farthest_point_sample(points, SUB_POINTS[0], 0),
+           lambda: ops.farthest_point_sample(points, SUB_POINTS[0], 0, backend="fast"), False)
     yield (f"knn k={NEIGHBOURS[0]}", lambda: ops.knn_indices(anchor_xy, points, NEIGHBOURS[0]),
-           lambda: reference.knn_indices(anchor_xy, points, NEIGHBOURS[0]), False)
-    yield ("stage-1 group pool", lambda: ours_group_stage(points, features, anchors, neighbours, stage, device),
-           lambda: reference_group_stage(points, features, anchors, neighbours, stage), True)
-    yield ("mask average pool", lambda: ops.mask_average_pool(inputs.maps, inputs.masks, inputs.image_index, generator=gen),
-           lambda: reference.mask_average_pool(inputs.maps, inputs.masks, inputs.image_index, generator=gen), True)
+           lambda: reference.knn_indices(anchor_xy, points, NEIGHBOURS[0]),
+           lambda: ops.knn_indices(anchor_xy, points, NEIGHBOURS[0], backend="fast"), False)
+    yield ("stage-1 group pool", lambda: ours_group_stage(points, features, anchors, neighbours, stage),
+           lambda: reference_group_stage(points, features, anchors, neighbours, stage),
+           lambda: ours_group_stage(points, features, anchors, neighbours, stage, fast.group_pool), True)
+    yield ("mask average pool", lambda: ops.mask_average_pool(maps, masks, index, generator=seeded()),
+           lambda: reference.mask_average_pool(maps, masks, index, generator=seeded()),
+           lambda: ops.mask_average_pool(maps, masks, index, generator=seeded(), backend="fast"), True)
+
+
+# --------------------------------------------------------------------------- value checks
+
+# Ours vs the fast path on the same device and inputs: fp32 tight; bf16 within its rounding
+# (the two paths accumulate in different orders and round at different points).
+CHECK_TOLERANCE = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.bfloat16: dict(rtol=2e-2, atol=3e-2)}
+WHOLE_SAMPLER_RELATIVE = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
+
+
+def check_close(name: str, got, expected, dtype: torch.dtype) -> None:
+    """assert_close of one kernel row's outputs (exact for integer outputs), or raise."""
+    if name.startswith("knn"):  # same neighbour distances (which of exactly tied points: topk's choice)
+        query_xy, ref_xy, got_index, expected_index = got
+        distance = reference.squared_distances(query_xy, ref_xy)
+        torch.testing.assert_close(distance.gather(2, got_index).sort(-1).values,
+                                   distance.gather(2, expected_index).sort(-1).values, rtol=1e-5, atol=1e-7)
+        return
+    if not got.is_floating_point():
+        assert torch.equal(got, expected), f"{name}: {(got != expected).sum().item()} of {got.numel()} entries differ"
+        return
+    torch.testing.assert_close(got.float(), expected.float(), **CHECK_TOLERANCE[dtype], msg=lambda m: f"{name}: {m}")
+
+
+def check_values(inputs: Inputs, device: torch.device, dtype: torch.dtype, kernel_rows) -> list[str]:
+    """Ours against the fast path at this case's real shapes, before anything is timed. Returns the
+    failures (empty when all agree)."""
+    failures = []
+    try:
+        with torch.no_grad():
+            ours, fast_out = whole_sampler(inputs, "auto"), whole_sampler(inputs, "fast")
+        relative = ((ours.float() - fast_out.float()).norm() / fast_out.float().norm()).item()
+        assert relative < WHOLE_SAMPLER_RELATIVE[dtype], f"whole sampler: relative error {relative:.3g}"
+        leaves = [inputs.maps, *inputs.leaves]
+        grads = torch.autograd.grad(whole_sampler(inputs, "auto").float().sum(), leaves)
+        expected = torch.autograd.grad(whole_sampler(inputs, "fast").float().sum(), leaves)
+        for i, (a, b) in enumerate(zip(grads, expected)):
+            error = ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+            assert error < WHOLE_SAMPLER_RELATIVE[dtype], f"whole sampler gradient {i}: relative error {error:.3g}"
+    except AssertionError as error:
+        failures.append(str(error))
+    for name, ours_fn, _, fast_fn, _ in kernel_rows:
+        try:
+            with torch.no_grad():
+                got, expected = ours_fn(), fast_fn()
+            if name.startswith("knn"):
+                got = (*inputs.knn_geometry, got, expected)
+            check_close(name, got, expected, dtype)
+        except AssertionError as error:
+            failures.append(f"{name}: {error}")
+    return failures
 
 
 def grad_of(fn, tensors):
@@ -274,6 +338,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--cases", default=None, help="override the cases, e.g. 1x1,8x4")
     parser.add_argument("--no-kernels", action="store_true", help="skip the per-kernel table")
+    parser.add_argument("--no-check", action="store_true", help="skip the value check against the fast path")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/sampler_<device>.json)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -307,16 +372,22 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"device {device_name} ({device.type}), dtype {result['dtype']}, threads {result['threads']}, clock {args.clock}")
     header = f"{'case':<8}{'what':<22}{'ours fwd':>10}{'ref fwd':>10}{'x':>7}{'ours f+b':>10}{'ref f+b':>10}{'x':>7}{'ours MB':>9}{'ref MB':>9}"
     print(header)
+    all_failures: list[str] = []
     for images, per_image in cases:
         inputs = make_inputs(images, per_image, dtype, device)
         label = f"{images}x{per_image}"
+        kernel_rows = list(kernel_cases(inputs, device))
+        failures = [] if args.no_check else check_values(inputs, device, dtype, kernel_rows)
+        for failure in failures:
+            print(f"{label:<8}VALUE CHECK FAILED: {failure}")
+        all_failures += [f"{label} {failure}" for failure in failures]
         rows = [measure_pair(
             "whole sampler",
             lambda: whole_sampler(inputs, "auto"), lambda: whole_sampler(inputs, "reference"), device, repeats, ref_repeats,
             backward_of(lambda: whole_sampler(inputs, "auto"), inputs), backward_of(lambda: whole_sampler(inputs, "reference"), inputs),
         )]
         if not args.no_kernels:
-            for name, ours, ref, has_bwd in kernel_cases(inputs, device):
+            for name, ours, ref, _, has_bwd in kernel_rows:
                 tensors = [inputs.maps, *inputs.leaves]
                 rows.append(measure_pair(name, ours, ref, device, repeats, ref_repeats,
                                          grad_of(ours, tensors) if has_bwd else None, grad_of(ref, tensors) if has_bwd else None))
@@ -325,12 +396,15 @@ def main(argv: list[str] | None = None) -> dict:
                   if "ours_fwd_bwd_ms" in row else f"{'-':>10}{'-':>10}{'-':>7}")
             print(f"{label:<8}{row['name']:<22}{row['ours_fwd_ms']:>10.2f}{row['ref_fwd_ms']:>10.2f}{row['fwd_speedup']:>7.1f}"
                   f"{fb}{row['ours_peak_bytes'] / 2**20:>9.1f}{row['ref_peak_bytes'] / 2**20:>9.1f}")
-        result["cases"].append({"images": images, "regions_per_image": per_image, "regions": images * per_image, "rows": rows})
+        result["cases"].append({"images": images, "regions_per_image": per_image, "regions": images * per_image,
+                                "checked_against_fast_path": not args.no_check, "check_failures": failures, "rows": rows})
         del inputs
     out = args.out or ROOT / "bench" / "results" / f"sampler_{device.type}{'_small' if small else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")
+    if all_failures:
+        raise SystemExit(f"{len(all_failures)} value check(s) failed (ours vs the fast path): " + "; ".join(all_failures))
     return result
 
 

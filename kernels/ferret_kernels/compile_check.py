@@ -8,7 +8,7 @@ ptxas -v (shipped in the triton wheel) gives registers and spills. Shapes that g
 specialisation compile once.
 
 Covered: fps, kNN, mask points, point features fwd/bwd, group pool fwd/bwd (max pooling, the
-released and embedded pooler) and mask pool fwd/bwd, in fp32, bf16 and fp16 (the coordinate
+released and embedded pooler; the backward also in its deterministic variant) and mask pool fwd/bwd, in fp32, bf16 and fp16 (the coordinate
 kernels are fp32 whatever the model dtype), for sm_90 (sm_90a, as Triton builds it) and sm_80.
 Shapes: "released" = CLIP width 1024, adapter width 4096 (7B LLM) and 5120 (13B), 512 points,
 stages 128 -> 32, k = 24, 24 x 24 map, 336 x 336 masks; "embedded" = ferret/assets/model/config.json
@@ -121,6 +121,13 @@ def record_launches(case: str, dtype: torch.dtype) -> list[Launch]:
             beta = torch.zeros(width, dtype=dtype, requires_grad=True)
             out = group_pool.group_pool(u, v, index, gamma, beta, 1e-5, "max")
             torch.autograd.grad(out, [u, v, gamma, beta], torch.ones_like(out))
+            deterministic = torch.are_deterministic_algorithms_enabled()
+            torch.use_deterministic_algorithms(True)  # the backward's variant without atomics
+            try:
+                out = group_pool.group_pool(u, v, index, gamma, beta, 1e-5, "max")
+                torch.autograd.grad(out, [u, v, gamma, beta], torch.ones_like(out))
+            finally:
+                torch.use_deterministic_algorithms(deterministic)
             available = sub
         maps = torch.randn(images, cells, width, dtype=dtype, requires_grad=True)
         for points in (xy, xy[:, : SUB_POINTS[0]]):  # every point, then the anchors

@@ -71,20 +71,24 @@ def _mask_pool_bwd(
     num_picked, padded_height, channels, side,
     OFFICIAL: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    slots = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    slot0 = tl.program_id(0) * BLOCK_P
     region = tl.program_id(1).to(tl.int64)
-    c_offsets = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_valid = c_offsets < channels
-    px, py, valid, count = _slot_points(picked_ptr, counts_ptr, sizes_ptr, region, slots, num_picked, padded_height)
-    grad = tl.load(grad_out_ptr + region * channels + c_offsets, mask=c_valid, other=0.0).to(tl.float32)
-    grad = tl.math.div_rn(grad, tl.zeros([BLOCK_C], dtype=tl.float32) + count.to(tl.float32))
-    image = tl.load(image_ptr + region).to(tl.int64)
-    grad_base = grad_maps_ptr + image * (side * side * channels)
-    x0, y0, w00, w01, w10, w11 = bilinear_corners(px, py, side, OFFICIAL)
-    _scatter_corner(grad_base, x0, y0, side, channels, c_offsets, c_valid, valid, w00[:, None] * grad[None, :])
-    _scatter_corner(grad_base, x0 + 1, y0, side, channels, c_offsets, c_valid, valid, w01[:, None] * grad[None, :])
-    _scatter_corner(grad_base, x0, y0 + 1, side, channels, c_offsets, c_valid, valid, w10[:, None] * grad[None, :])
-    _scatter_corner(grad_base, x0 + 1, y0 + 1, side, channels, c_offsets, c_valid, valid, w11[:, None] * grad[None, :])
+    # Blocks past the region's pixel count (most of them when every pixel of a large padded mask
+    # is a slot) have nothing to scatter.
+    if slot0 < tl.minimum(tl.load(counts_ptr + region), num_picked):
+        slots = slot0 + tl.arange(0, BLOCK_P)
+        c_offsets = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_valid = c_offsets < channels
+        px, py, valid, count = _slot_points(picked_ptr, counts_ptr, sizes_ptr, region, slots, num_picked, padded_height)
+        grad = tl.load(grad_out_ptr + region * channels + c_offsets, mask=c_valid, other=0.0).to(tl.float32)
+        grad = tl.math.div_rn(grad, tl.zeros([BLOCK_C], dtype=tl.float32) + count.to(tl.float32))
+        image = tl.load(image_ptr + region).to(tl.int64)
+        grad_base = grad_maps_ptr + image * (side * side * channels)
+        x0, y0, w00, w01, w10, w11 = bilinear_corners(px, py, side, OFFICIAL)
+        _scatter_corner(grad_base, x0, y0, side, channels, c_offsets, c_valid, valid, w00[:, None] * grad[None, :])
+        _scatter_corner(grad_base, x0 + 1, y0, side, channels, c_offsets, c_valid, valid, w01[:, None] * grad[None, :])
+        _scatter_corner(grad_base, x0, y0 + 1, side, channels, c_offsets, c_valid, valid, w10[:, None] * grad[None, :])
+        _scatter_corner(grad_base, x0 + 1, y0 + 1, side, channels, c_offsets, c_valid, valid, w11[:, None] * grad[None, :])
 
 
 def _backward_deterministic(grad_out, picked, counts, sizes, image_index, maps_shape, padded_height, side, official):
