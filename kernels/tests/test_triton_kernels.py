@@ -281,7 +281,7 @@ def test_group_pool_saves_max_winners_and_small_weight_gradient_partials(monkeyp
     monkeypatch.setattr(group_pool, "_group_pool_bwd", spy)
     torch.autograd.grad(out.sum(), [u, v, gamma, beta])
     (grid, args, _), = spy.launches
-    names = group_pool._group_pool_bwd.arg_names
+    names = spy.kernel.arg_names
     partials = [a for name, a in zip(names, args) if "gamma" in name and name != "gamma_ptr"]
     assert partials and all(p.shape[0] == grid[0] < 16 for p in partials), [tuple(p.shape) for p in partials]
 
@@ -351,10 +351,11 @@ def test_every_launch_is_guarded_by_its_tensors_device(monkeypatch):
         assert active and active[-1] == DEVICE, "kernel launched outside device_guard(tensor)"
 
     spies = []
+    kernel_type = type(fps._fps_kernel)  # JITFunction, or InterpretedFunction under the interpreter
     for module in (fps, knn, mask_points, point_features_kernel, group_pool, mask_pool):
         monkeypatch.setattr(module, "device_guard", guard)
         for name, value in list(vars(module).items()):
-            if isinstance(value, type(fps._fps_kernel)) and name.startswith("_") and not name.startswith("__"):
+            if isinstance(value, kernel_type) and name.startswith("_") and not name.startswith("__"):
                 if any(s in name for s in ("_kernel", "_fwd", "_bwd")):
                     spy = LaunchSpy(value, on_launch=assert_guarded)
                     spies.append(spy)
