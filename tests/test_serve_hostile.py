@@ -333,6 +333,10 @@ def test_region_limits_apply_on_the_worker_and_openai_paths(stack):
     messages.append({"role": "user", "content": [{"type": "text", "text": "And [25, 33, 75, 100] <region_fea>?"}, image]})
     response = httpx.post(url + "/v1/chat/completions", json={"max_tokens": 4, "messages": messages}, timeout=30)
     assert_one_line_4xx(response, 400, "33 regions (OpenAI)")
+    one_turn = [{"role": "user", "content": [{"type": "text", "text": "What? " + written + " [1, 1, 9, 9] <region_fea>"}, image]}]
+    response = httpx.post(url + "/v1/chat/completions", json={"max_tokens": 4, "messages": one_turn}, timeout=30)
+    assert_one_line_4xx(response, 400, "17 regions in one turn (OpenAI)")
+    assert "17 regions, over the limit of 16" in response.json()["error"]["message"]
     # The mask budget: regions x image pixels.
     limits = ServeLimits(max_region_mask_pixels=1_000_000)
     big = Image.new("RGB", (1000, 800), (200, 200, 200))
@@ -341,6 +345,78 @@ def test_region_limits_apply_on_the_worker_and_openai_paths(stack):
     with pytest.raises(RequestError, match="mask pixels") as info:
         check_generate_request({"image": png_b64(big), "question": "q", "regions": [box, box]}, limits)
     assert info.value.status == 413
+
+
+def test_images_are_decoded_inside_the_concurrency_limit(engine, monkeypatch):
+    """With --limit-model-concurrency 1, no request's image is decoded while another request is
+    being decoded or generated: decoding (the memory a request costs) waits for the limit."""
+    import ferret.serve.protocol as protocol
+
+    state = {"decoding": 0, "generating": 0, "overlaps": 0, "decodes": 0}
+    lock = threading.Lock()
+    real_load_image, real_stream = protocol.load_image, ChatEngine.stream
+
+    def load_image(raw):
+        with lock:
+            state["decoding"] += 1
+            state["decodes"] += 1
+            if state["decoding"] > 1 or state["generating"]:
+                state["overlaps"] += 1
+        try:
+            time.sleep(0.1)
+            return real_load_image(raw)
+        finally:
+            with lock:
+                state["decoding"] -= 1
+
+    def stream(self, *args, **kwargs):
+        with lock:
+            state["generating"] += 1
+        try:
+            yield from real_stream(self, *args, **kwargs)
+        finally:
+            with lock:
+                state["generating"] -= 1
+
+    monkeypatch.setattr(protocol, "load_image", load_image)
+    monkeypatch.setattr(ChatEngine, "stream", stream)
+    worker = ModelWorker(engine, "http://127.0.0.1:1", limit_model_concurrency=1)
+    server = Server(build_worker_app(worker))
+    try:
+        body = {**worker_body(), "max_new_tokens": 8}
+        statuses = []
+        threads = [threading.Thread(target=lambda: statuses.append(
+            httpx.post(server.url + "/worker_generate_stream", json=body, timeout=120).status_code)) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        assert statuses == [200] * 6
+        assert state["decodes"] == 6 and state["overlaps"] == 0, state
+    finally:
+        server.stop()
+
+
+def test_api_key_from_a_file_or_the_environment(tmp_path, monkeypatch, capsys):
+    from ferret.serve.auth import ApiKeyError, resolve_api_key
+
+    monkeypatch.delenv("FERRET_API_KEY", raising=False)
+    monkeypatch.delenv("FERRET_API_KEY_FILE", raising=False)
+    key_file = tmp_path / "key"
+    key_file.write_text("s3cret\n")
+    assert resolve_api_key(None, key_file) == "s3cret"
+    monkeypatch.setenv("FERRET_API_KEY_FILE", str(key_file))
+    assert resolve_api_key(None) == "s3cret"
+    monkeypatch.delenv("FERRET_API_KEY_FILE")
+    monkeypatch.setenv("FERRET_API_KEY", "from-env")
+    assert resolve_api_key(None) == "from-env"
+    assert resolve_api_key("on-the-command-line") == "on-the-command-line"
+    assert "visible to other local users" in capsys.readouterr().err
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(ApiKeyError, match="empty"):
+        resolve_api_key(None, tmp_path / "empty")
+    with pytest.raises(ApiKeyError, match="cannot read"):
+        resolve_api_key(None, tmp_path / "missing")
 
 
 # ---------------------------------------------------------------------------------------------
