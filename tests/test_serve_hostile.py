@@ -347,6 +347,34 @@ def test_region_limits_apply_on_the_worker_and_openai_paths(stack):
     assert info.value.status == 413
 
 
+def test_no_region_mask_is_built_for_a_request_the_context_cannot_hold(engine, monkeypatch):
+    """Masks (one byte per image pixel each) are built only once the request is known to fit:
+    a request refused for its length costs no mask, on the worker path and in FerretChat."""
+    import ferret.chat
+    from ferret.regions import Box
+
+    built = []
+    real = ferret.chat.region_mask
+    monkeypatch.setattr(ferret.chat, "region_mask", lambda *a, **k: built.append(1) or real(*a, **k))
+    boxes = [Box(10 + i, 10, 60 + i, 60) for i in range(16)]
+    history = engine.chat.ask(str(SHAPES), "What is this?", regions=[Box(50, 60, 150, 160)], max_new_tokens=2).history
+    built.clear()
+    with pytest.raises(ValueError, match="context"):
+        engine.chat.ask(str(SHAPES), "And these?", regions=boxes, history=history, max_new_tokens=400)
+    assert built == []
+    box = {"type": "box", "box": [10, 10, 60, 60]}
+    body = {**worker_body(), "question": "What is this?", "regions": [box] * 16,
+            "history": [{"question": "q", "answer": "a", "regions": [box] * 16}], "max_new_tokens": 4}
+    worker = ModelWorker(engine, "http://127.0.0.1:1")
+    server = Server(build_worker_app(worker))
+    try:
+        response = httpx.post(server.url + "/worker_generate_stream", json=body, timeout=60)
+        assert response.status_code == 400 and "context" in response.json()["error"]["message"], response.text
+        assert built == []
+    finally:
+        server.stop()
+
+
 def test_images_are_decoded_inside_the_concurrency_limit(engine, monkeypatch):
     """With --limit-model-concurrency 1, no request's image is decoded while another request is
     being decoded or generated: decoding (the memory a request costs) waits for the limit."""
