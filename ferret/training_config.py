@@ -122,6 +122,12 @@ class TrainSection:
     attention_supervision_weight: float = 0.0
     attention_supervision_layer: int = -2
     attention_supervision_head: int = 0
+    # Heads 0-3 of that layer each own one box coordinate (ferret.training.grounding's coordinate
+    # heads; needs number tokens, head_dim x 4 == hidden_size); with box_code_weight > 0 the image
+    # tokens learn to hold their object's box in the 4 coordinate blocks, read by the number rows.
+    attention_supervision_coordinate_heads: bool = False
+    box_code_weight: float = 0.0
+    box_code_sigma: float = 6.0
     # > 0 (needs a tokenizer with one token per number 0-999): add this times a cross-entropy
     # against a Gaussian of std number_smoothing_sigma grid units around each number label.
     number_smoothing_weight: float = 0.0
@@ -194,6 +200,11 @@ class TrainConfig:
         if t.attention_supervision_weight > 0 and not d.scene_records:
             raise TrainConfigError("data.scene_records: train.attention_supervision_weight > 0 needs the scene "
                                    "records (scenes_train.json) its targets come from")
+        _non_negative("train.box_code_weight", t.box_code_weight)
+        _positive("train.box_code_sigma", t.box_code_sigma)
+        if t.box_code_weight > 0 and t.dense_loss_weight <= 0:
+            raise TrainConfigError("train.box_code_weight: the box code is part of the dense readout; set "
+                                   "train.dense_loss_weight > 0 (and data.scene_records)")
         _non_negative("train.number_smoothing_weight", t.number_smoothing_weight)
         _positive("train.number_smoothing_sigma", t.number_smoothing_sigma)
         for name in ("adam_beta1", "adam_beta2"):

@@ -256,3 +256,45 @@ def test_presence_targets_from_the_question(tmp_path):
         {"from": "human", "value": "What is it?"}, {"from": "gpt", "value": "A red circle."}]}
     out = presence_targets(sample, targets)
     assert out.tolist() == [[False, True, False, False, False], [True, False, False, False, False], [False] * 5]
+
+
+def test_coordinate_heads_split_the_box_numbers_over_four_heads(number_tokenizer):
+    model = conv_model(number_tokenizer, hidden_size=64, num_attention_heads=4, num_key_value_heads=4)
+    supervision = AttentionSupervision(model, number_tokenizer, layer=1, head=0, coordinate_heads=True)
+    batch = _batch(number_tokenizer, 16)
+    queries = supervision._queries(batch, 0)
+    assert len(queries) == 16  # 4 number positions x 4 heads
+    ids = batch["input_ids"][0].tolist()
+    numbers = [ids[j + 1] for j, h, _ in queries if h == 0]
+    assert [number_token_ids(number_tokenizer).index(n) for n in numbers] == [12, 30, 400, 999]
+    for k, (j, h, target) in enumerate(queries):
+        on_object = bool(target[1:].any())
+        assert on_object == (h == k // 4) and bool(target[0]) == (not on_object)
+    with torch.no_grad():
+        model(input_ids=batch["input_ids"], images=torch.randn(1, 3, 48, 48))
+    assert torch.isfinite(supervision.loss(batch))
+
+
+def test_init_coordinate_heads_copies_block_c_through_head_c(number_tokenizer):
+    from ferret.training.grounding import init_coordinate_heads
+
+    model = conv_model(number_tokenizer, hidden_size=64, num_attention_heads=4, num_key_value_heads=4)
+    init_coordinate_heads(model, 1)
+    attention = model.model.layers[1].self_attn
+    x = torch.randn(64)
+    assert torch.allclose(attention.o_proj(attention.v_proj(x)), x, atol=1e-6)
+    with pytest.raises(ValueError, match="head_dim"):
+        init_coordinate_heads(conv_model(number_tokenizer, hidden_size=64, num_attention_heads=2,
+                                         num_key_value_heads=2), 0)
+
+
+def test_box_code_loss_is_low_when_each_block_holds_its_coordinate():
+    from ferret.training.grounding import box_code_loss
+
+    rows = torch.cat([smooth_number_code(torch.arange(1000), 16)] * 4, dim=-1)  # [1000, 64]
+    box = torch.tensor([[[100, 250, 600, 900]]])
+    covered = torch.tensor([[True]])
+    right = torch.cat([smooth_number_code(box[0, 0, c:c + 1], 16) for c in range(4)], dim=-1) * 60
+    wrong = torch.cat([smooth_number_code(torch.tensor([500]), 16)] * 4, dim=-1) * 60
+    assert box_code_loss(right[None], box, covered, rows, 6.0) < box_code_loss(wrong[None], box, covered, rows, 6.0)
+    assert box_code_loss(right[None], box, torch.tensor([[False]]), rows, 6.0) == 0

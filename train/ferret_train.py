@@ -278,6 +278,8 @@ class DenseReadout:
             raise TrainConfigError(f"train.dense_loss_weight: {err}") from None
         self.tokens: torch.Tensor | None = None
         self.regions: list | None = None
+        self.lm_head = base.get_output_embeddings()
+        self.box_code: tuple[torch.Tensor, float, float] | None = None  # (number ids, weight, sigma)
         base.model.mm_projector.register_forward_hook(self._capture_tokens)
         region_module = getattr(base.model, "region_geo_sampler", None)
         if region_module is not None:
@@ -288,6 +290,17 @@ class DenseReadout:
 
     def _capture_regions(self, _module, _inputs, output) -> None:
         self.regions = output
+
+    def box_code_term(self, tokens: torch.Tensor, patch_box: torch.Tensor, covered: torch.Tensor,
+                       number_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """weight x ferret.training.grounding.box_code_loss (0 without a box code)."""
+        if self.box_code is None:
+            return tokens.new_zeros((), dtype=torch.float32)
+        from ferret.training.grounding import box_code_loss
+
+        ids, weight, sigma = self.box_code
+        rows = number_rows if number_rows is not None else self.lm_head.weight[ids.to(self.lm_head.weight.device)]
+        return weight * box_code_loss(tokens, patch_box, covered, rows, sigma)
 
     def loss(self, batch: dict, device: torch.device) -> torch.Tensor:
         from ferret.dense_supervision import NameDirections, class_readout_loss, dense_readout_loss
@@ -307,6 +320,7 @@ class DenseReadout:
             directions = NameDirections.from_embeddings(weight, self.name_ids)
         loss = dense_readout_loss(tokens, batch["patch_color"].to(device), batch["patch_shape"].to(device),
                                   batch["patch_box"].to(device), self.vocabulary, directions)
+        loss = loss + self.box_code_term(tokens, batch["patch_box"].to(device), batch["patch_color"].to(device) > 0)
         if regions is not None and "region_color" in batch:
             if len(regions) != len(batch["region_color"]):
                 raise RuntimeError(f"dense readout: the region module returned {len(regions)} entries for a batch "
@@ -324,21 +338,25 @@ def grounding_supervision(model, tokenizer, cfg: TrainConfig):
     """(AttentionSupervision or None, number token ids or None) for ferret.training.grounding's
     training-only losses; also starts the number rows as a smooth code when configured."""
     from ferret.tokenizer import number_token_ids
-    from ferret.training.grounding import AttentionSupervision, init_number_rows
+    from ferret.training.grounding import AttentionSupervision, init_coordinate_heads, init_number_rows
 
     t = cfg.train
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     number_ids = number_token_ids(tokenizer)
-    if (t.number_smoothing_weight > 0 or t.init_number_rows) and number_ids is None:
-        raise TrainConfigError("train.number_smoothing_weight / train.init_number_rows: the tokenizer does not write "
-                               "each number 0-999 as one token (build it with number tokens)")
+    coordinates = t.attention_supervision_coordinate_heads
+    if (t.number_smoothing_weight > 0 or t.init_number_rows or coordinates or t.box_code_weight > 0) and number_ids is None:
+        raise TrainConfigError("train.number_smoothing_weight / init_number_rows / attention_supervision_coordinate_heads / "
+                               "box_code_weight: the tokenizer does not write each number 0-999 as one token "
+                               "(build it with number tokens)")
     if t.init_number_rows:
-        init_number_rows(base, number_ids)
+        init_number_rows(base, number_ids, blocks=4 if coordinates else 1)
     supervision = None
     if t.attention_supervision_weight > 0:
         try:
             supervision = AttentionSupervision(model, tokenizer, t.attention_supervision_layer,
-                                               t.attention_supervision_head)
+                                               t.attention_supervision_head, coordinate_heads=coordinates)
+            if coordinates:
+                init_coordinate_heads(base, t.attention_supervision_layer)
         except ValueError as err:
             raise TrainConfigError(f"train.attention_supervision_layer/head: {err}") from None
     return supervision, (torch.tensor(number_ids) if number_ids is not None else None)
@@ -391,6 +409,7 @@ def warm_up_vision(model, readout: DenseReadout, patch_targets, image_processor,
     image_root = Path(resolve(cfg.data.scene_records)).parent
     scene_ids = sorted(patch_targets.records)
     directions = NameDirections.from_embeddings(readout.embeddings.weight, readout.name_ids)  # fixed: the LLM waits
+    number_rows = None if readout.box_code is None else readout.lm_head.weight[readout.box_code[0]].detach().float()
     draw = torch.Generator().manual_seed(cfg.train.seed)  # same draw on every rank; each takes its slice
     bf16 = t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda")  # as the main loop
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
@@ -402,9 +421,10 @@ def warm_up_vision(model, readout: DenseReadout, patch_targets, image_processor,
         targets = [patch_targets[r["scene_id"]] for r in records]
         with autocast:
             features, tokens = base.encode_images(pixels)
-        loss = dense_readout_loss(tokens.float(), *(torch.stack([x[k] for x in targets]).to(device)
-                                                    for k in ("patch_color", "patch_shape", "patch_box")),
+        stacked = {k: torch.stack([x[k] for x in targets]).to(device) for k in ("patch_color", "patch_shape", "patch_box")}
+        loss = dense_readout_loss(tokens.float(), stacked["patch_color"], stacked["patch_shape"], stacked["patch_box"],
                                   readout.vocabulary, directions)
+        loss = loss + readout.box_code_term(tokens, stacked["patch_box"], stacked["patch_color"] > 0, number_rows)
         if region_module is not None:
             chosen = records[: t.per_device_batch_size]
             masks = warm_up_region_masks(chosen, np.random.default_rng([t.seed, step, rank]))
@@ -594,6 +614,8 @@ def train(cfg: TrainConfig, args: argparse.Namespace) -> int:
     dataset = build_dataset(cfg, tokenizer, image_processor, model)
     readout = DenseReadout(model, tokenizer) if cfg.train.dense_loss_weight > 0 else None
     attention_supervision, number_ids = grounding_supervision(model, tokenizer, cfg)
+    if readout is not None and cfg.train.box_code_weight > 0:
+        readout.box_code = (number_ids, cfg.train.box_code_weight, cfg.train.box_code_sigma)
     from ferret.data.collate import FerretCollator
 
     sampler = ResumableDistributedSampler(len(dataset), rank, world, cfg.train.seed, cfg.train.shuffle)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -119,7 +120,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--minutes", type=float, default=6.0)
-    parser.add_argument("--max-steps", type=int, default=100000)
+    parser.add_argument("--max-steps", type=int, default=100000, help="a step budget (then the rate decays as a cosine)")
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--val-scenes", type=int, default=200)
     parser.add_argument("--threads", type=int, default=2)
@@ -158,6 +159,8 @@ def main(argv=None) -> dict:
         covered = targets["patch_color"] > 0
         loss = loss + F.l1_loss(out[..., :4][covered], targets["patch_box"][covered].float() / 1000.0)
         lr = args.lr * min(1.0, (step + 1) / 50)
+        if args.max_steps < 100000:  # a step budget: cosine decay to 0 over it
+            lr *= 0.5 * (1 + math.cos(math.pi * step / args.max_steps))
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)

@@ -13,6 +13,14 @@ object is, so training adds:
   when it is not, so what the head reads there says whether X was found. The head's queries and keys are recomputed from the layer's input
   (captured by a forward pre-hook), so the model and its attention kernel are unchanged and the
   exported model carries nothing of it.
+* **Coordinate heads** (`AttentionSupervision(coordinate_heads=True)`, `box_code_loss`,
+  `init_coordinate_heads`). Copying a box needs the head that finds the object to bring back one
+  coordinate at a time. The hidden width is split in 4 blocks, one per coordinate (x1, y1, x2,
+  y2); each image token learns (dense loss) to hold, in block c, a vector that the number tokens'
+  output rows read as its object's coordinate c; head c of the supervised layer attends to the
+  object from the positions that write the box's c-th number and to the BOS sink from the
+  positions that write the others, and starts with a value/output map that copies block c.
+  Written out, the LM's logits over the number tokens then peak at the object's coordinate.
 * **Number tokens with a smooth code** (`init_number_rows`, `number_smoothing_loss`). With one
   token per integer 0-999 (`ferret.tokenizer.number_token_ids`), the input and output embedding
   rows of the numbers start as a sinusoidal code of the value (nearby values: similar rows), and
@@ -32,6 +40,8 @@ import torch
 import torch.nn.functional as F
 
 from ferret.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+
+BOX_COORDINATES = 4  # x1, y1, x2, y2
 
 
 def bracket_token_ids(tokenizer) -> tuple[set[int], set[int]]:
@@ -58,6 +68,13 @@ def answer_box_spans(input_ids: torch.Tensor, labels: torch.Tensor, open_ids: se
             spans.append((start, j))
             start = None
     return spans
+
+
+def number_positions(input_ids: torch.Tensor, span: tuple[int, int], number_ids: set[int]) -> list[int]:
+    """Positions in `span` whose next token is a number (they write the box's numbers, in order)."""
+    ids = input_ids.tolist()
+    start, end = span
+    return [j for j in range(start, end) if j + 1 < len(ids) and ids[j + 1] in number_ids]
 
 
 def answer_runs(labels: torch.Tensor) -> list[tuple[int, int]]:
@@ -90,8 +107,10 @@ class AttentionSupervision:
     states and rotary embeddings of the last forward; `loss(batch)` then recomputes that head's
     attention rows at the box positions. Call `loss` after each training forward."""
 
-    def __init__(self, model, tokenizer, layer: int, head: int):
+    def __init__(self, model, tokenizer, layer: int, head: int, coordinate_heads: bool = False):
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        from ferret.tokenizer import number_token_ids
 
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         layers = base.model.layers
@@ -102,8 +121,16 @@ class AttentionSupervision:
         if not 0 <= head < heads:
             raise ValueError(f"attention supervision: head {head} outside the model's {heads} heads")
         self.head = head
+        self.coordinate_heads = coordinate_heads
+        if coordinate_heads:
+            if heads < BOX_COORDINATES:
+                raise ValueError(f"attention supervision: coordinate heads need {BOX_COORDINATES} heads, the model has {heads}")
+            numbers = number_token_ids(tokenizer)
+            if numbers is None:
+                raise ValueError("attention supervision: coordinate heads need one token per number 0-999")
+            self.number_ids = set(numbers)
         self.head_dim = self.attention.head_dim
-        self.kv_head = head // (heads // base.config.num_key_value_heads)
+        self.kv_group = heads // base.config.num_key_value_heads
         self.num_image_tokens = base.get_vision_tower().num_patches
         self.open_ids, self.close_ids = bracket_token_ids(tokenizer)
         self.rotary = apply_rotary_pos_emb
@@ -115,56 +142,110 @@ class AttentionSupervision:
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         self.captured = (hidden, kwargs["position_embeddings"])
 
+    def _head_logits(self, hidden_row, cos_row, sin_row, queries: list[int], head: int) -> torch.Tensor:
+        """Attention logits [Q, last] of `head` at `queries` (causal part only)."""
+        attn, d = self.attention, self.head_dim
+        kv = head // self.kv_group
+        last = max(queries) + 1
+        w_q, w_k = attn.q_proj.weight[head * d:(head + 1) * d], attn.k_proj.weight[kv * d:(kv + 1) * d]
+        b_q = attn.q_proj.bias[head * d:(head + 1) * d] if attn.q_proj.bias is not None else None
+        b_k = attn.k_proj.bias[kv * d:(kv + 1) * d] if attn.k_proj.bias is not None else None
+        h = hidden_row[:last].float()
+        q = F.linear(h[queries], w_q.float(), None if b_q is None else b_q.float())
+        k = F.linear(h, w_k.float(), None if b_k is None else b_k.float())
+        q_rot, _ = self.rotary(q[None, None], q[None, None], cos_row[None, queries].float(), sin_row[None, queries].float())
+        _, k_rot = self.rotary(k[None, None], k[None, None], cos_row[None, :last].float(), sin_row[None, :last].float())
+        logits = (q_rot[0, 0] @ k_rot[0, 0].T) / math.sqrt(d)
+        causal = torch.arange(last, device=logits.device)[None, :] <= torch.tensor(queries, device=logits.device)[:, None]
+        return logits.masked_fill(~causal, float("-inf"))
+
+    def _queries(self, batch: dict, row: int) -> list[tuple[int, int, torch.Tensor]]:
+        """(text position, head, target row [1 + cells]: BOS sink, then the cells) to supervise."""
+        ids, labels, cells = batch["input_ids"][row], batch["labels"][row], batch["answer_cells"][row]
+        n_cells = cells.shape[1]
+        bos = torch.zeros(1 + n_cells, dtype=torch.bool)
+        bos[0] = True
+        out = []
+        for i, span in enumerate(answer_box_spans(ids, labels, self.open_ids, self.close_ids)[: len(cells)]):
+            target = F.pad(cells[i], (1, 0))
+            if not self.coordinate_heads:
+                out += [(j, self.head, target) for j in range(*span)]
+                continue
+            for k, j in enumerate(number_positions(ids, span, self.number_ids)[:BOX_COORDINATES]):
+                out += [(j, c, target if c == k else bos) for c in range(BOX_COORDINATES)]
+        presence = batch.get("presence_cells")
+        if presence is not None and len(presence[row]):
+            for (start, _), target in zip(answer_runs(labels), presence[row]):
+                if bool(target.any()) and start > 0:
+                    out.append((start - 1, self.head, target))  # the position that writes "Yes" / "No"
+        return out
+
     def loss(self, batch: dict) -> torch.Tensor:
         if self.captured is None:
             raise RuntimeError("attention supervision: no forward pass captured")
         hidden, (cos, sin) = self.captured
         self.captured = None
-        attn, d = self.attention, self.head_dim
-        w_q = attn.q_proj.weight[self.head * d:(self.head + 1) * d]
-        w_k = attn.k_proj.weight[self.kv_head * d:(self.kv_head + 1) * d]
-        b_q = attn.q_proj.bias[self.head * d:(self.head + 1) * d] if attn.q_proj.bias is not None else None
-        b_k = attn.k_proj.bias[self.kv_head * d:(self.kv_head + 1) * d] if attn.k_proj.bias is not None else None
         total, count, masses = hidden.new_zeros((), dtype=torch.float32), 0, []
-        presence = batch.get("presence_cells")
-        for row, cells in enumerate(batch["answer_cells"]):
-            ids, labels = batch["input_ids"][row], batch["labels"][row]
-            spans = answer_box_spans(ids, labels, self.open_ids, self.close_ids)[: len(cells)]
-            # one target row per query: [BOS sink, cell 0 .. cell N-1]
-            queries = [j for s, e in spans for j in range(s, e)]
-            rows = [F.pad(cells[i], (1, 0)).unsqueeze(0).expand(e - s, -1) for i, (s, e) in enumerate(spans)]
-            if presence is not None and len(presence[row]):
-                for (start, _), target in zip(answer_runs(labels), presence[row]):
-                    if bool(target.any()) and start > 0:
-                        queries.append(start - 1)  # the position that writes "Yes" / "No"
-                        rows.append(target.unsqueeze(0))
+        for row in range(len(batch["answer_cells"])):
+            queries = self._queries(batch, row)
             if not queries:
                 continue
-            image_start, to_spliced = spliced_index(ids, self.num_image_tokens)
-            queries = [to_spliced(j) for j in queries]
-            targets = torch.cat(rows)
-            last = max(queries) + 1
-            h = hidden[row, :last].float()
-            q = F.linear(h[queries], w_q.float(), None if b_q is None else b_q.float())
-            k = F.linear(h, w_k.float(), None if b_k is None else b_k.float())
-            q_rot, _ = self.rotary(q[None, None], q[None, None], cos[row:row + 1, queries].float(),
-                                   sin[row:row + 1, queries].float())
-            _, k_rot = self.rotary(k[None, None], k[None, None], cos[row:row + 1, :last].float(),
-                                   sin[row:row + 1, :last].float())
-            logits = (q_rot[0, 0] @ k_rot[0, 0].T) / math.sqrt(d)  # [Q, last]
-            causal = torch.arange(last, device=logits.device)[None, :] <= torch.tensor(queries, device=logits.device)[:, None]
-            logits = logits.masked_fill(~causal, float("-inf"))
-            on_object = torch.zeros_like(causal)
-            targets = targets.to(logits.device).bool()
-            on_object[:, 0] = targets[:, 0]
-            on_object[:, image_start:image_start + self.num_image_tokens] = targets[:, 1:]
-            log_all = torch.logsumexp(logits, dim=-1)
-            log_object = torch.logsumexp(logits.masked_fill(~on_object, float("-inf")), dim=-1)
-            total = total + (log_all - log_object).sum()
-            count += len(queries)
-            masses.append((log_object - log_all).exp().detach())
+            image_start, to_spliced = spliced_index(batch["input_ids"][row], self.num_image_tokens)
+            for head in sorted({h for _, h, _ in queries}):
+                mine = [(to_spliced(j), t) for j, h, t in queries if h == head]
+                positions = [p for p, _ in mine]
+                logits = self._head_logits(hidden[row], cos[row], sin[row], positions, head)
+                targets = torch.stack([t for _, t in mine]).to(logits.device)
+                on_target = torch.zeros_like(logits, dtype=torch.bool)
+                on_target[:, 0] = targets[:, 0]
+                on_target[:, image_start:image_start + self.num_image_tokens] = targets[:, 1:]
+                log_all = torch.logsumexp(logits, dim=-1)
+                log_target = torch.logsumexp(logits.masked_fill(~on_target, float("-inf")), dim=-1)
+                total = total + (log_all - log_target).sum()
+                count += len(positions)
+                on_object = targets[:, 1:].any(-1)
+                if bool(on_object.any()):
+                    masses.append((log_target - log_all)[on_object].exp().detach())
         self.last_mass = torch.cat(masses).mean().item() if masses else float("nan")
         return total / max(count, 1)
+
+
+@torch.no_grad()
+def init_coordinate_heads(model, layer: int) -> None:
+    """Heads 0-3 of `layer` start copying block c (of 4 equal blocks of the hidden width) of what they
+    attend to into block c of the residual: value rows = identity on block c, output columns =
+    identity into block c (needs head_dim == hidden / 4)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    attention = base.model.layers[layer].self_attn
+    hidden, d = base.config.hidden_size, attention.head_dim
+    if d * BOX_COORDINATES != hidden or base.config.num_key_value_heads != base.config.num_attention_heads:
+        raise ValueError(f"coordinate heads need head_dim x 4 == hidden_size (got {d} x 4 vs {hidden}) and no grouped KV")
+    eye = torch.eye(d, dtype=attention.v_proj.weight.dtype)
+    for c in range(BOX_COORDINATES):
+        attention.v_proj.weight[c * d:(c + 1) * d] = 0
+        attention.v_proj.weight[c * d:(c + 1) * d, c * d:(c + 1) * d] = eye
+        attention.o_proj.weight[:, c * d:(c + 1) * d] = 0
+        attention.o_proj.weight[c * d:(c + 1) * d, c * d:(c + 1) * d] = eye
+
+
+def box_code_loss(image_tokens: torch.Tensor, patch_box: torch.Tensor, covered: torch.Tensor,
+                  number_rows: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Cross-entropy of each covered image token's coordinate blocks read by the number tokens'
+    output rows: block c of token [.., hidden] against block c of number_rows [1000, hidden] gives
+    logits over 0..999 for coordinate c of the token's object box (patch_box, 0-999 grid), with a
+    Gaussian target of std `sigma`."""
+    tokens = image_tokens[:, -covered.shape[-1]:][covered].float()  # [M, hidden]
+    if tokens.shape[0] == 0:
+        return image_tokens.new_zeros((), dtype=torch.float32)
+    boxes = patch_box[covered].float()  # [M, 4]
+    d = tokens.shape[-1] // BOX_COORDINATES
+    grid = torch.arange(number_rows.shape[0], device=tokens.device, dtype=torch.float32)
+    loss = tokens.new_zeros(())
+    for c in range(BOX_COORDINATES):
+        logits = tokens[:, c * d:(c + 1) * d] @ number_rows[:, c * d:(c + 1) * d].float().T
+        target = torch.softmax(-0.5 * ((grid[None, :] - boxes[:, c:c + 1]) / sigma) ** 2, dim=-1)
+        loss = loss - (target * F.log_softmax(logits, dim=-1)).sum(-1).mean()
+    return loss / BOX_COORDINATES
 
 
 # ------------------------------------------------------------------ number tokens
@@ -183,16 +264,17 @@ def smooth_number_code(values: torch.Tensor, width: int, min_period: float = 6.0
 
 
 @torch.no_grad()
-def init_number_rows(model, number_ids: Sequence[int]) -> None:
+def init_number_rows(model, number_ids: Sequence[int], blocks: int = 1) -> None:
     """Start the input and output embedding rows of the number tokens as the smooth code of their
-    value, scaled to the mean norm of the other rows."""
+    value (repeated in each of `blocks` equal slices of the width: the coordinate blocks), scaled
+    to the mean norm of the other rows."""
     ids = torch.tensor(list(number_ids))
     for matrix in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
         others = torch.ones(matrix.shape[0], dtype=torch.bool)
         others[ids] = False
         scale = matrix[others].float().norm(dim=-1).mean()
-        code = smooth_number_code(torch.arange(len(ids)), matrix.shape[1])
-        matrix[ids] = (code * scale).to(matrix.dtype)
+        code = smooth_number_code(torch.arange(len(ids)), matrix.shape[1] // blocks).repeat(1, blocks)
+        matrix[ids] = (F.normalize(code, dim=-1) * scale).to(matrix.dtype)
 
 
 def spliced_labels(input_ids: torch.Tensor, labels: torch.Tensor, num_image_tokens: int, width: int) -> torch.Tensor:
