@@ -216,8 +216,10 @@ class _GroupPool(torch.autograd.Function):
         partials = torch.zeros(2, programs, channels, dtype=torch.float32, device=device)
         exact = deterministic()
         chunk = max(1, _DETERMINISTIC_CHUNK // (k * channels)) if exact else max(1, total)
-        grad_rows = torch.empty(min(chunk, total) * k, channels, dtype=torch.float32, device=device) if exact else grad_u
-        flat_rows = (neighbour_index + torch.arange(num_regions, device=device).view(-1, 1, 1) * num_points).view(-1)
+        grad_rows = grad_u  # unused unless deterministic: then one chunk's row gradients for index_add_
+        if exact:
+            grad_rows = torch.empty(min(chunk, total) * k, channels, dtype=torch.float32, device=device)
+            flat_rows = (neighbour_index + torch.arange(num_regions, device=device).view(-1, 1, 1) * num_points).view(-1)
         grad_out = grad_out.contiguous()
         for start in range(0, total, chunk):
             stop = min(total, start + chunk)
