@@ -25,7 +25,7 @@ from ferret.serve.model_worker import build_app as build_worker_app
 from ferret.serve.protocol import encode_image
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "ferret" / "assets" / "examples"
-EXPIRATION = 1.5
+EXPIRATION = 3.0  # seconds; heartbeats every 0.3 s, with room for a busy shared CPU
 
 
 class Server:

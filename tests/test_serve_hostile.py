@@ -456,10 +456,6 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _threads(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/task"))
-
-
 def test_cut_streams_and_requests_stop_their_generation(tiny_path, tmp_path):
     """10 cut streams, then 10 cut non-streamed requests (OpenAI): the next request's latency
     stays within 2x of an idle one, and the worker is idle again (no generation left running).
@@ -476,7 +472,7 @@ def test_cut_streams_and_requests_stop_their_generation(tiny_path, tmp_path):
     long = {**probe, "max_new_tokens": 240}  # ~3 s of generation each on the tiny model
     oa_long = {**openai_body(), "max_tokens": 240}
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300  # generous: CI machines may be shared
         while True:
             try:
                 if httpx.get(url + "/health", timeout=1).status_code == 200:
@@ -493,7 +489,6 @@ def test_cut_streams_and_requests_stop_their_generation(tiny_path, tmp_path):
 
         ask()  # warm-up
         idle_s = sorted(ask() for _ in range(3))[1]
-        threads_idle = _threads(process.pid)
 
         def cut_stream():
             try:
@@ -521,9 +516,8 @@ def test_cut_streams_and_requests_stop_their_generation(tiny_path, tmp_path):
             time.sleep(1.0)
             busy = _cpu_seconds(process.pid) - cpu
             status = httpx.post(url + "/worker_get_status", timeout=10).json()
-            assert status["queue_length"] == 0, (name, status)
+            assert status["queue_length"] == 0 and status["active_generations"] == 0, (name, status)
             assert busy < 0.2, (name, busy)  # nothing is generating any more
-            assert _threads(process.pid) <= threads_idle + 2, (name, _threads(process.pid), threads_idle)
         print(f"\ncancellation: idle {idle_s:.3f} s, next request after 10 cut streams {results['stream']:.3f} s, "
               f"after 10 cut non-streamed requests {results['non-stream']:.3f} s")
         for name, seconds in results.items():
@@ -565,7 +559,7 @@ def _spawn_worker(model_path: Path, port: int, controller_url: str, log) -> subp
     )
 
 
-def _wait_registered(controller: Controller, urls: set[str], timeout: float = 120) -> None:
+def _wait_registered(controller: Controller, urls: set[str], timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while not urls <= set(controller.workers):
         assert time.monotonic() < deadline, f"workers {urls - set(controller.workers)} did not register"
@@ -632,7 +626,7 @@ def test_a_killed_worker_under_load_fails_over_and_restarts_re_register(tiny_pat
         controller_server.stop()
         controller = Controller(heartbeat_expiration=30)
         controller_server = Server(build_controller_app(controller), controller_port)
-        _wait_registered(controller, set(urls), timeout=30)
+        _wait_registered(controller, set(urls), timeout=60)
         assert ControllerClient(controller_server.url).list_models() == ["tiny"]
         assert list(ControllerClient(controller_server.url, timeout=60).stream(body))[-1]["done"]
     finally:
@@ -700,7 +694,7 @@ def test_worst_allowed_request_has_bounded_memory_and_does_not_accumulate(tmp_pa
 
     accepted, refused = request(16, 0), request(16, 1)
     try:
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + 300  # generous: CI machines may be shared
         while True:
             try:
                 if httpx.get(url + "/health", timeout=1).status_code == 200:
@@ -709,8 +703,8 @@ def test_worst_allowed_request_has_bounded_memory_and_does_not_accumulate(tmp_pa
                 pass
             assert time.monotonic() < deadline and process.poll() is None, "the worker did not start"
             time.sleep(0.2)
-        small = {**worker_body()}
-        small.pop("model")
+        small = {"image": image, "question": "What is <region>?", "regions": [{"type": "box", "box": [20, 20, 80, 80]}],
+                 "max_new_tokens": 4}
         assert httpx.post(url + "/worker_generate_stream", json=small, timeout=120).status_code == 200
         idle = _rss_mb(process.pid)
         first = httpx.post(url + "/worker_generate_stream", json=accepted, timeout=120)

@@ -103,6 +103,15 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def normalized_worker_url(url: str) -> str:
+    """``url`` in the form registration stores (lower-case host, no trailing slash); unchanged if
+    it is not a URL registration would accept."""
+    try:
+        return check_worker_url(url, "any key", frozenset())
+    except RequestError:
+        return url
+
+
 def check_worker_url(url, api_key: str | None, allowed_hosts: frozenset[str] = frozenset()) -> str:
     """The URL a worker registers: ``http(s)://host:port`` and nothing else (no path, query or
     credentials). Without an API key the host must be loopback or in ``allowed_hosts``."""
@@ -269,8 +278,8 @@ class Controller:
     def _healthy(self, info: WorkerInfo, now: float) -> bool:
         if info.failed:
             return False
-        if info.heartbeat_interval is not None and now - info.last_heart_beat > 2 * info.heartbeat_interval + 1:
-            return False  # a heartbeat is overdue
+        if info.heartbeat_interval is not None and now - info.last_heart_beat > 2 * info.heartbeat_interval + 5:
+            return False  # two heartbeats are overdue (5 s of slack for a busy machine)
         return True
 
     def get_worker_address(self, model_name: str, exclude=()) -> str:
@@ -372,7 +381,7 @@ def build_app(controller: Controller, limits: ServeLimits = ServeLimits()) -> Fa
         name = data.get("worker_name")
         if not isinstance(name, str):
             raise RequestError("request needs 'worker_name' (the URL of the worker that failed)")
-        return {"known": controller.report_failure(name)}
+        return {"known": controller.report_failure(normalized_worker_url(name))}
 
     @app.post("/refresh_all_workers")
     async def refresh_all_workers():
@@ -403,6 +412,7 @@ def build_app(controller: Controller, limits: ServeLimits = ServeLimits()) -> Fa
         if (not isinstance(name, str) or isinstance(queue_length, bool) or not isinstance(queue_length, int)
                 or not 0 <= queue_length <= MAX_QUEUE_LENGTH):
             raise RequestError(f"heartbeat needs 'worker_name' (str) and 'queue_length' (int in [0, {MAX_QUEUE_LENGTH}])")
+        name = normalized_worker_url(name)  # the form it was registered under
         return {"exist": controller.receive_heart_beat(name, queue_length)}
 
     @app.post("/worker_get_status")

@@ -446,7 +446,7 @@ def build_demo(controller_url: str, model_list_mode: str = "reload", api_key: st
             gr.Examples(examples=examples, inputs=[editor, question], label="Examples")
 
         with gr.Row(visible=False):
-            api_image = gr.Image(type="filepath", image_mode=None)  # decoded by api_ask after its size check
+            api_image = gr.File(type="filepath")  # opened by api_ask only after its size check
             api_question = gr.Textbox()
             api_regions = gr.Textbox()
             api_answer = gr.Textbox()

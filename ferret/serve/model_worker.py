@@ -71,6 +71,7 @@ class ModelWorker:
         self._count_lock = threading.Lock()
         self._semaphore: asyncio.Semaphore | None = None
         self._pending_bytes = 0
+        self._active_generations = 0
         self._tasks: set = set()
         self._stop = threading.Event()
         self._wake = threading.Event()  # set when the queue length changed: heartbeat early
@@ -94,6 +95,7 @@ class ModelWorker:
             "memory_bytes": self.engine.memory_bytes,
             "quantization": self.engine.quantization,
             "heartbeat_interval": self.heartbeat_interval,
+            "active_generations": self.active_generations,
         }
 
     def register(self) -> None:
@@ -156,6 +158,15 @@ class ModelWorker:
         with self._count_lock:
             self._queue_length += delta
 
+    def _generations(self, delta: int) -> None:
+        with self._count_lock:
+            self._active_generations += delta
+
+    @property
+    def active_generations(self) -> int:
+        """Requests whose decoding or generation thread is still running (0 when idle)."""
+        return self._active_generations
+
     def admit(self, declared_bytes: int | None) -> "Admission":
         """Reserve room for one request's body (and what is decoded from it) in the process-wide
         budget ``limits.max_pending_bytes``; 503 when the worker already holds too much."""
@@ -192,6 +203,7 @@ class ModelWorker:
             loop.call_soon_threadsafe(pieces.put_nowait, (kind, value))
 
         def produce() -> None:
+            self._generations(+1)
             try:
                 decoded = decode_request(request)
                 for text in self.engine.stream(decoded, cancel):
@@ -203,7 +215,9 @@ class ModelWorker:
                 put("error", error)
             finally:
                 decoded = None
-                release_memory()
+                if _request_bytes(request) >= TRIM_AFTER_BYTES:
+                    release_memory()  # a large request: hand its freed heap back to the system
+                self._generations(-1)
                 loop.call_soon_threadsafe(done.set)
 
         async def generation() -> None:
@@ -320,6 +334,17 @@ async def _watch_disconnect(http_request: Request, cancel: threading.Event) -> N
                 return
     except (asyncio.CancelledError, RuntimeError):
         return
+
+
+# Requests whose image and masks took at least this many bytes trim the heap when they end
+# (small ones do not: trimming locks the allocator for a moment).
+TRIM_AFTER_BYTES = 8 * 1024 * 1024
+
+
+def _request_bytes(request: GenerateRequest) -> int:
+    width, height = request.image.size
+    regions = len(request.regions) + sum(len(turn.regions) for turn in request.history)
+    return width * height * (3 + regions)
 
 
 def release_memory() -> None:
