@@ -594,14 +594,20 @@ def test_a_killed_worker_under_load_fails_over_and_restarts_re_register(tiny_pat
                 with lock:
                     records.append((started, time.monotonic(), outcome, status))
 
+        def wait_for(condition, timeout: float = 240) -> None:
+            deadline = time.monotonic() + timeout
+            while not condition():
+                assert time.monotonic() < deadline, "the load did not make progress"
+                time.sleep(0.1)
+
         threads = [threading.Thread(target=load) for _ in range(8)]
         for thread in threads:
             thread.start()
-        time.sleep(2.0)
+        wait_for(lambda: len(records) >= 8)  # both workers busy (a count, not a time: CI CPUs may be shared)
         processes[0].send_signal(signal.SIGKILL)  # the first worker dies mid-load
         processes[0].wait(10)
         killed_at.append(time.monotonic())
-        time.sleep(3.0)
+        wait_for(lambda: sum(1 for r in list(records) if r[0] >= killed_at[0]) >= 8)
         stop.set()
         for thread in threads:
             thread.join(60)

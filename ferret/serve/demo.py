@@ -119,7 +119,7 @@ class DemoStack:
             "web server", "ferret.serve.gradio_web_server", "--host", self.host, "--port", str(args.port),
             "--controller", self.controller_url, "--model-list-mode", "reload", "--add_region_feature",
         )
-        self._wait("web server", web, lambda: httpx.get(self.web_url + "/", timeout=2).status_code == 200, 120)
+        self._wait("web server", web, lambda: httpx.get(self.web_url + "/", timeout=2).status_code == 200, 300)
 
     def _model_registered(self) -> bool:
         response = httpx.post(self.controller_url + "/list_models", headers=self.headers, timeout=1)

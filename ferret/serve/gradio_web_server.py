@@ -454,9 +454,9 @@ def build_demo(controller_url: str, model_list_mode: str = "reload", api_key: st
             api_button = gr.Button()
             # Numbers arrive as plain JSON and are checked by api_ask (a slider would echo a
             # 5000-digit value back in its own error message, a Number would overflow on it).
-            api_temperature = gr.JSON(value=0.2)
-            api_top_p = gr.JSON(value=0.7)
-            api_max_tokens = gr.JSON(value=256)
+            api_temperature = gr.JSON()
+            api_top_p = gr.JSON()
+            api_max_tokens = gr.JSON()
         api_button.click(api_ask, [api_image, api_question, api_regions, api_temperature, api_top_p, api_max_tokens],
                          [api_answer, api_output], api_name="ask", concurrency_limit=concurrency)
 
