@@ -576,7 +576,7 @@ def test_a_killed_worker_under_load_fails_over_and_restarts_re_register(tiny_pat
     processes = [_spawn_worker(tiny_path, p, controller_server.url, log) for p in ports]
     try:
         _wait_registered(controller, set(urls))
-        client = ControllerClient(controller_server.url, timeout=60)
+        client = ControllerClient(controller_server.url, timeout=180)
         body = {**worker_body(), "max_new_tokens": 60}
         records, stop = [], threading.Event()
         lock = threading.Lock()
@@ -620,8 +620,8 @@ def test_a_killed_worker_under_load_fails_over_and_restarts_re_register(tiny_pat
         in_flight = [r for r in before if r[1] >= kill]
         failed = [r for r in before if r[2] != "ok"]
         assert len(failed) <= len(in_flight) <= 8, (failed, in_flight)  # only requests in flight at the kill fail ...
-        for _start, _end, message, status in failed:
-            assert status == 503 and "stopped while answering" in message, message  # ... each with a clear 503
+        for _start, _end, message, status in failed:  # ... each with a clear 503 naming the worker
+            assert status == 503 and message.startswith("worker http://127.0.0.1:"), message
         assert urls[0] not in controller.workers  # reported, probed and removed well before its expiry
         print(f"\nfailover: {len(before)} requests before the kill ({len(failed)} failed, all 503), "
               f"{len(after)} after it, all answered")
