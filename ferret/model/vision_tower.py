@@ -18,6 +18,14 @@ from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel, PreTrainedConfig
 
 
+def check_pixel_shape(pixel_values: torch.Tensor, size: int) -> None:
+    """A clear error for images that are not [B, 3, size, size] (the processor's output)."""
+    if pixel_values.ndim != 4 or pixel_values.shape[1] != 3 or tuple(pixel_values.shape[-2:]) != (size, size):
+        raise ValueError(
+            f"images must be shaped [B, 3, {size}, {size}] for this vision tower, got {list(pixel_values.shape)}"
+        )
+
+
 class ClipVisionHolder(nn.Module):
     """Holds a CLIPVisionModel under the attribute `vision_model` (released state-dict nesting)."""
 
@@ -71,12 +79,7 @@ class FerretVisionTower(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[B, 3, S, S] -> [B, num_patches (+1 with cls_patch), hidden]: hidden state of `select_layer`."""
-        expected = self.config.image_size
-        if pixel_values.ndim != 4 or pixel_values.shape[1] != 3 or tuple(pixel_values.shape[-2:]) != (expected, expected):
-            raise ValueError(
-                f"images must be shaped [B, 3, {expected}, {expected}] for this vision tower, "
-                f"got {list(pixel_values.shape)}"
-            )
+        check_pixel_shape(pixel_values, self.config.image_size)
         weight = self.vision_tower.vision_model.embeddings.patch_embedding.weight
         outputs = self.vision_tower(
             pixel_values.to(device=weight.device, dtype=weight.dtype), output_hidden_states=True
@@ -199,12 +202,7 @@ class ConvVisionTower(nn.Module):
         return self.stages[0][0][0].weight.dtype
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        expected = self._config.image_size
-        if pixel_values.ndim != 4 or pixel_values.shape[1] != 3 or tuple(pixel_values.shape[-2:]) != (expected, expected):
-            raise ValueError(
-                f"images must be shaped [B, 3, {expected}, {expected}] for this vision tower, "
-                f"got {list(pixel_values.shape)}"
-            )
+        check_pixel_shape(pixel_values, self._config.image_size)
         stored = self.dtype
         device = self.stages[0][0][0].weight.device
         with torch.autocast(device.type, enabled=False):
