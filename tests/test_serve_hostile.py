@@ -693,12 +693,15 @@ def test_worst_allowed_request_has_bounded_memory_and_does_not_accumulate(tmp_pa
     image = png_b64(Image.fromarray(noise))
     full = png_b64(Image.new("L", (width, height), 255))
 
-    def request(regions_now: int, history_turns: int) -> dict:
+    def request(regions_now: int, history_turns: int, filler_words: int = 0) -> dict:
         mask = {"type": "mask", "mask": full}
+        history = [{"question": "q", "answer": "a", "regions": [mask] * 16}] * history_turns
+        if filler_words:  # a long text-only turn: past any model's context, whatever its tokenizer
+            history.append({"question": "describe " * filler_words, "answer": "a"})
         return {"image": image, "question": "What is this?", "regions": [mask] * regions_now, "max_new_tokens": 1,
-                "history": [{"question": "q", "answer": "a", "regions": [mask] * 16}] * history_turns}
+                "history": history}
 
-    accepted, refused = request(16, 0), request(16, 1)
+    accepted, refused = request(16, 0), request(16, 1, filler_words=1500)
     try:
         deadline = time.monotonic() + 300  # generous: CI machines may be shared
         while True:
