@@ -58,6 +58,24 @@ def test_conv_tower_grid_and_fp32_compute_under_bf16():
         tower(torch.randn(1, 3, 32, 32))
 
 
+def test_position_embedding_tells_the_cells_apart():
+    """Without it a uniform image gives the same token in every interior cell (the convolutions
+    are translation-equivariant), so a head copying a token copies no location; with it every
+    cell differs, and the code starts smooth: neighbours are closer than far cells."""
+    pixels = torch.full((1, 3, 96, 96), 0.3)
+    plain = ConvVisionTower(ConvVisionConfig(image_size=96, channels=[16, 32], strides=[4, 3]), frozen=False)
+    tokens = plain(pixels)[0].reshape(8, 8, 32)
+    assert torch.allclose(tokens[3, 3], tokens[4, 4], atol=1e-5)  # beyond the zero padding's reach
+    config = ConvVisionConfig(image_size=96, channels=[16, 32], strides=[4, 3], position_embedding=True)
+    tower = ConvVisionTower(config, frozen=False)
+    tokens = tower(pixels)[0]
+    assert torch.cdist(tokens, tokens).fill_diagonal_(1.0).min() > 1e-3
+    code = tower.position_embedding.detach().reshape(8, 8, 32)
+    assert (code[0, 0] - code[0, 1]).norm() < (code[0, 0] - code[7, 7]).norm()
+    tokens.sum().backward()
+    assert tower.position_embedding.grad is not None
+
+
 def test_conv_tower_config_errors_name_the_problem():
     with pytest.raises(ValueError, match="multiple of the total stride"):
         ConvVisionConfig(image_size=50, channels=[16], strides=[4])
@@ -67,10 +85,13 @@ def test_conv_tower_config_errors_name_the_problem():
         build_tiny_model(mm_vision_tower="x", mm_hidden_size=32, vision_config={**CONV, "norm_groups": 5})
 
 
-def test_conv_tower_model_round_trips_through_auto_classes(tmp_path, tiny_tokenizer):
+@pytest.mark.parametrize("position_embedding", [False, True])
+def test_conv_tower_model_round_trips_through_auto_classes(tmp_path, tiny_tokenizer, position_embedding):
     from transformers import AutoModelForCausalLM
 
-    model = conv_model(tiny_tokenizer)
+    model, _ = build_tiny_model(tiny_tokenizer, mm_vision_tower="embedded-conv", mm_hidden_size=32,
+                                vision_config={**CONV, "position_embedding": position_embedding})
+    assert (model.model.vision_tower.position_embedding is not None) == position_embedding
     model.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert type(loaded.model.vision_tower).__name__ == "ConvVisionTower"

@@ -27,6 +27,8 @@ from PIL import Image
 
 from ferret.data.rle import decode_rle
 from ferret.dense_supervision import DenseVocabulary, patch_coverage, scene_patch_targets
+from ferret.eval.metrics import box_iou
+from ferret.regions import pixel_to_grid
 from ferret.model.vision_tower import ConvVisionConfig, ConvVisionTower
 from ferret.processing import build_image_processor
 
@@ -82,7 +84,7 @@ def unsupervised_share(records: list[dict], grid: int, min_cover: float = 0.2) -
 @torch.no_grad()
 def evaluate(tower, head, batches: SceneBatches, vocabulary: DenseVocabulary, grid: int) -> dict:
     tower.eval()
-    right_color = right_shape = right_both = total = 0
+    right_color = right_shape = right_both = boxed = total = 0
     nc = vocabulary.num_colors
     for start in range(0, len(batches.records), 64):
         indices = range(start, min(start + 64, len(batches.records)))
@@ -105,9 +107,12 @@ def evaluate(tower, head, batches: SceneBatches, vocabulary: DenseVocabulary, gr
                 right_color += ok_c
                 right_shape += ok_s
                 right_both += ok_c and ok_s
+                box = [pixel_to_grid(v, size) for v, size in zip(obj["box"], (record["width"], record["height"]) * 2)]
+                boxed += box_iou(tuple((mean[:4] * 1000).tolist()), tuple(box)) >= 0.5
                 total += 1
     tower.train()
-    return {"objects": total, "color": right_color / total, "shape": right_shape / total, "both": right_both / total}
+    return {"objects": total, "color": right_color / total, "shape": right_shape / total, "both": right_both / total,
+            "box_acc50": boxed / total}
 
 
 def main(argv=None) -> dict:
@@ -126,6 +131,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--position-embedding", action="store_true", help="the tower's learned per-cell position code")
     parser.add_argument("--out", default=None)
     parser.add_argument("--save", default=None, help="write the trained tower's state dict here")
     args = parser.parse_args(argv)
@@ -134,7 +140,8 @@ def main(argv=None) -> dict:
     data = Path(args.data)
     vocabulary = DenseVocabulary.synthetic()
     config = ConvVisionConfig(image_size=args.image_size, channels=[int(c) for c in args.channels.split(",")],
-                              strides=[int(s) for s in args.strides.split(",")], blocks_per_stage=args.blocks_per_stage)
+                              strides=[int(s) for s in args.strides.split(",")], blocks_per_stage=args.blocks_per_stage,
+                              position_embedding=args.position_embedding)
     grid = config.grid_size
     tower = ConvVisionTower(config, frozen=False)
     head = torch.nn.Linear(config.hidden_size, 4 + vocabulary.num_colors + vocabulary.num_shapes)

@@ -21,7 +21,7 @@ from transformers import AutoConfig, CLIPVisionConfig, LlamaConfig, PreTrainedCo
 from ferret.model.vision_tower import ConvVisionConfig
 
 CONV_TOWER_TYPE = ConvVisionConfig.model_type
-CONV_TOWER_FIELDS = ("image_size", "channels", "strides", "blocks_per_stage", "norm_groups")
+CONV_TOWER_FIELDS = ("image_size", "channels", "strides", "blocks_per_stage", "norm_groups", "position_embedding")
 
 FEATURE_LAYOUTS = ("official", "aligned")
 POOLER_MODES = ("max", "mean")

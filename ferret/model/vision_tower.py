@@ -113,13 +113,19 @@ class ConvVisionConfig(PreTrainedConfig):
     then runs `blocks_per_stage` residual 3x3 blocks. The last stage's map is the
     `[B, S*S, hidden_size]` grid the projector and region sampler read, S = image_size /
     prod(strides).
+
+    `position_embedding` adds a learned per-cell vector (started as a 2D sine-cosine code) to that
+    grid. Convolutions are translation-equivariant and the LLM's rotary positions act only on
+    queries and keys, so without it an image token's value says what is there but not where: a
+    head that attends to the right object copies no location, and boxes cannot be read out.
     """
 
     model_type = "ferret_conv_vision"
 
     def __init__(self, image_size: int = 144, channels=(48, 96, 160), strides=(4, 3, 1),
-                 blocks_per_stage: int = 1, norm_groups: int = 8, **kwargs):
+                 blocks_per_stage: int = 1, norm_groups: int = 8, position_embedding: bool = False, **kwargs):
         super().__init__(**kwargs)
+        self.position_embedding = bool(position_embedding)
         self.image_size = int(image_size)
         self.channels = [int(c) for c in channels]
         self.strides = [int(s) for s in strides]
@@ -147,6 +153,19 @@ def _conv_norm_act(c_in: int, c_out: int, stride: int, groups: int) -> nn.Sequen
     kernel, padding = (3, 1) if stride == 1 else (stride, 0)  # strided: non-overlapping cells
     return nn.Sequential(nn.Conv2d(c_in, c_out, kernel, stride, padding, bias=False),
                          nn.GroupNorm(groups, c_out), nn.GELU())
+
+
+def sincos_grid_code(grid: int, channels: int) -> torch.Tensor:
+    """[grid*grid, channels] row-major: sines and cosines of the cell's row and column at
+    geometric frequencies (a quarter of the channels each), zero-padded to `channels`."""
+    quarter = channels // 4
+    freqs = (2.0 * grid) ** (torch.arange(quarter, dtype=torch.float32) / max(quarter, 1))  # 1 .. 2*grid half-turns
+    centers = (torch.arange(grid, dtype=torch.float32) + 0.5) / grid
+    angles = math.pi * centers[:, None] * freqs[None, :]
+    rows = torch.cat([angles.sin(), angles.cos()], dim=1)  # [grid, 2*quarter]
+    code = torch.cat([rows[:, None, :].expand(grid, grid, -1), rows[None, :, :].expand(grid, grid, -1)], dim=2)
+    code = code.reshape(grid * grid, 4 * quarter)
+    return torch.nn.functional.pad(code, (0, channels - 4 * quarter))
 
 
 class _ResidualBlock(nn.Module):
@@ -179,6 +198,8 @@ class ConvVisionTower(nn.Module):
             stages.append(nn.Sequential(*layers))
             c_in = c_out
         self.stages = nn.Sequential(*stages)
+        self.position_embedding = (nn.Parameter(sincos_grid_code(config.grid_size, config.hidden_size))
+                                   if config.position_embedding else None)
         self.requires_grad_(not frozen)
 
     @property
@@ -211,7 +232,10 @@ class ConvVisionTower(nn.Module):
             else:
                 weights = {name: p.float() for name, p in self.stages.named_parameters()}
                 maps = torch.func.functional_call(self.stages, weights, (pixel_values.to(device=device, dtype=torch.float32),))
-        return maps.flatten(2).transpose(1, 2).to(stored)
+            tokens = maps.flatten(2).transpose(1, 2)
+            if self.position_embedding is not None:
+                tokens = tokens + self.position_embedding.float()
+        return tokens.to(stored)
 
 
 def build_vision_tower(vision_config, select_layer: int = -2, select_feature: str = "patch", frozen: bool = True) -> nn.Module:
