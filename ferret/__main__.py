@@ -71,16 +71,31 @@ def run_try(args) -> int:
         chat = _random_tiny_chat()
     region = Box(*target["box"])
     print(f"Image: {image_path} ({example['width']}x{example['height']})")
-    questions = [("What is the object <region>?", [region], f"box {target['box']} (the {target['label']})"),
-                 (f"What is the location of the {other['label']} in the image?", [], f"true box {other['box']}")]
-    for question, regions, note in questions:
+    questions = [("What is the object <region>?", [region], f"box {target['box']} (the {target['label']})", None),
+                 (f"What is the location of the {other['label']} in the image?", [], f"true box {other['box']}",
+                  other["box"])]
+    for question, regions, note, true_box in questions:
         print(f"Question: {question}   ({note})")
         answer = chat.ask(str(image_path), question, regions=regions, max_new_tokens=args.max_new_tokens)
         print(f"Prompt text sent: {answer.history.turns[0][0]}")
         print_answer(answer)
+        if true_box is not None:
+            print(grounding_verdict(answer.regions, true_box))
     suffix = "" if model_path is not None else " (random model; answers meaningless)"
     print(f"done in {time.perf_counter() - started:.1f} s{suffix}")
     return 0
+
+
+def grounding_verdict(regions, true_box) -> str:
+    """One line: the IoU of the first answered box with the true box, and whether it counts as
+    grounded (IoU >= 0.5, the RefCOCO criterion)."""
+    from ferret.eval.metrics import box_iou
+
+    boxes = [r.box for r in regions if r.box is not None]
+    if not boxes:
+        return "Grounding: no box in the answer"
+    iou = box_iou(boxes[0], tuple(true_box))
+    return f"Grounding: IoU {iou:.2f} with the true box ({'grounded' if iou >= 0.5 else 'missed'}: IoU >= 0.5 counts)"
 
 
 def _random_tiny_chat():

@@ -107,6 +107,7 @@ def test_try_runs_fast_and_answers_with_the_default_model():
     assert re.search(r"Answer: An? " + name + r"\.", proc.stdout), proc.stdout
     assert re.search(r"Answer: The " + name + r" \[\d+, \d+, \d+, \d+\]", proc.stdout), proc.stdout
     assert re.search(r"The " + name + r": \[", proc.stdout), proc.stdout
+    assert re.search(r"Grounding: IoU \d\.\d\d with the true box \((grounded|missed)", proc.stdout), proc.stdout
     assert "Traceback" not in proc.stderr
     assert elapsed < 60, f"demo took {elapsed:.1f} s"
 
@@ -120,6 +121,19 @@ def test_try_without_any_model_says_the_model_is_random(monkeypatch, capsys, tmp
     out = capsys.readouterr().out
     assert "RANDOMLY INITIALISED" in out and "meaningless" in out, out
     assert "[125, 200, 375, 533] <region_fea>" in out and "Answer: " in out
+
+
+def test_grounding_verdict_reports_iou_against_the_true_box():
+    from ferret.__main__ import grounding_verdict
+    from ferret.regions import GroundedRegion
+
+    def region(box):
+        return GroundedRegion(phrase="the x", box=box, point=None, grid=(0, 0, 0, 0), span=(0, 1))
+
+    assert grounding_verdict([region((0.0, 0.0, 10.0, 10.0))], [0, 0, 10, 10]).startswith("Grounding: IoU 1.00")
+    assert "(grounded" in grounding_verdict([region((0.0, 0.0, 10.0, 10.0))], [0, 0, 10, 12])
+    assert "(missed" in grounding_verdict([region((0.0, 0.0, 10.0, 10.0))], [20, 20, 30, 30])
+    assert grounding_verdict([], [0, 0, 1, 1]) == "Grounding: no box in the answer"
 
 
 def test_demo_is_the_serving_stack_launcher(capsys, tmp_path):
