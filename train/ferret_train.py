@@ -340,8 +340,9 @@ def finish(run: Run) -> None:
         (run.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         print(f"[ferret_train] done: {summary['steps']} steps in {summary['seconds']:.1f} s, "
               f"{summary['samples_per_s']:.2f} samples/s, {summary['tokens_per_s']:.1f} tokens/s, "
-              f"final loss {run.last_loss:.4f}, skipped {sum(skipped.values())} bad samples "
-              f"{summary['skipped_samples'] or ''}, checkpoint {summary['checkpoint']}, export {summary['export']}")
+              f"final loss {run.last_loss:.4f}, skipped {sum(skipped.values())} bad samples"
+              f"{' ' + str(summary['skipped_samples']) if skipped else ''}, checkpoint {summary['checkpoint']}, "
+              f"export {summary['export']}")
         run.metrics.close()
     dist.barrier()
     dist.destroy_process_group()
