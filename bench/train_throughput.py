@@ -57,7 +57,7 @@ def build_embedded_architecture(seed: int):
     from transformers import AutoTokenizer
 
     from ferret.model.tiny import build_tiny_model
-    from ferret.training_config import load_train_config
+    from ferret.training.config import load_train_config
 
     cfg = load_train_config(str(REPO / "train" / "configs" / "embedded.yaml"))
     tokenizer = AutoTokenizer.from_pretrained(str(REPO / cfg.model.tokenizer))

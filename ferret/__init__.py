@@ -1,6 +1,7 @@
 """Ferret: refer and ground anything anywhere at any granularity.
 
-Heavy pieces load lazily, so `import ferret` stays cheap:
+`import ferret` registers the model with transformers' Auto classes (so
+`AutoModelForCausalLM.from_pretrained` reads a Ferret folder); the rest loads lazily:
 
     from ferret import FerretChat, Box
     chat = FerretChat.from_pretrained("path/to/ferret")
@@ -10,6 +11,8 @@ Heavy pieces load lazily, so `import ferret` stays cheap:
 from __future__ import annotations
 
 import importlib
+
+import ferret.model  # noqa: F401  (registers AutoConfig / AutoModelForCausalLM for model_type "ferret")
 
 _LAZY = {
     "FerretChat": "ferret.chat",

@@ -1,4 +1,4 @@
-"""Dense readout targets and loss (ferret.dense_supervision) and their plumbing into data and config."""
+"""Dense readout targets and loss (ferret.training.dense_supervision) and their plumbing into data and config."""
 
 import numpy as np
 import pytest
@@ -6,7 +6,7 @@ import torch
 
 from ferret.data.collate import FerretCollator
 from ferret.data.rle import encode_rle
-from ferret.dense_supervision import (
+from ferret.training.dense_supervision import (
     DenseVocabulary,
     NameDirections,
     class_readout_loss,
@@ -179,13 +179,18 @@ def test_collator_stacks_targets_only_when_every_item_has_them():
                        patch_box=torch.zeros(2, 4, dtype=torch.long))
         return out
 
-    batch = FerretCollator(pad_token_id=0)([item(True), item(True)])
+    from ferret.training.scene_targets import SceneTargetCollator
+
+    collate = SceneTargetCollator(FerretCollator(pad_token_id=0))
+    batch = collate([item(True), item(True)])
     assert batch["patch_color"].shape == (2, 2) and batch["patch_box"].shape == (2, 2, 4)
-    assert "patch_color" not in FerretCollator(pad_token_id=0)([item(True), item(False)])
+    assert "patch_color" not in collate([item(True), item(False)])
+    # the generic collator knows nothing of the synthetic world's targets
+    assert "patch_color" not in FerretCollator(pad_token_id=0)([item(True), item(True)])
 
 
 def test_config_needs_scene_records_for_the_dense_loss():
-    from ferret.training_config import TrainConfigError, config_from_dict
+    from ferret.training.config import TrainConfigError, config_from_dict
 
     base = {"model": {"tiny": True}, "data": {"data_path": ["x.json"]}}
     with pytest.raises(TrainConfigError, match="data.scene_records"):
@@ -212,7 +217,7 @@ def test_collator_pads_to_a_multiple_within_max_length():
 
 
 def test_region_object_targets_pick_the_most_overlapped_object():
-    from ferret.dense_supervision import region_object_targets
+    from ferret.training.dense_supervision import region_object_targets
 
     record = _record([_object("red", "circle", 0, 4, 0, 4), _object("blue", "square", 4, 8, 4, 8)])
     box = torch.zeros(8, 8, dtype=torch.bool)  # (W, H): x 2..6, y 3..7 -> 1 red pixel row... mostly blue

@@ -158,20 +158,16 @@ def test_says_no_to_an_absent_object_and_yes_to_a_present_one(chat):
 def test_embedded_training_config_trains_the_vision_tower():
     """train/configs/embedded.yaml trains its tower from scratch: prepare_trainable must unfreeze
     it (built models arrive with a frozen tower; the default config keeps it frozen)."""
-    import importlib.util
-
     from ferret.model.tiny import build_tiny_model
-    from ferret.training_config import load_train_config
+    from ferret.training.config import load_train_config
+    from ferret.training.model_setup import prepare_trainable
 
     repo = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("ferret_train_script_embedded", repo / "train" / "ferret_train.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
     cfg = load_train_config(str(repo / "train" / "configs" / "embedded.yaml"))
     assert cfg.model.freeze_vision_tower is False and cfg.model.tiny_overrides["feature_layout"] == "aligned"
     for freeze in (False, True):
         cfg.model.freeze_vision_tower = freeze
         model, _ = build_tiny_model()
-        script.prepare_trainable(model, cfg, rank=1)
+        prepare_trainable(model, cfg, rank=1)
         tower = [p.requires_grad for p in model.get_vision_tower().parameters()]
         assert all(tower) if not freeze else not any(tower)

@@ -262,9 +262,9 @@ def test_presence_answers_are_supervised_onto_the_object_or_the_bos_sink(number_
 def test_presence_targets_from_the_question(tmp_path):
     import numpy as np
 
-    from ferret.data.grit import presence_targets
+    from ferret.training.scene_targets import presence_targets
     from ferret.data.rle import encode_rle
-    from ferret.dense_supervision import ScenePatchTargets
+    from ferret.training.dense_supervision import ScenePatchTargets
 
     mask = np.zeros((40, 40), dtype=bool)
     mask[0:20, 0:20] = True

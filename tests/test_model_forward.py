@@ -230,9 +230,9 @@ def test_official_and_aligned_layouts_differ_exactly_by_the_transpose():
     aligned = MaskPoolingRegionAdapter(16, 8, num_points=None, feature_layout="aligned")
     aligned.load_state_dict(official.state_dict())
     mask = _box_mask(w=40, h=30, x=(2, 31), y=(20, 27))  # an off-diagonal, non-square region
-    from_official = official.region_features(feature_maps, [[mask]])[0]
-    from_aligned_transposed = aligned.region_features(feature_maps, [[mask.T.contiguous()]])[0]
-    from_aligned = aligned.region_features(feature_maps, [[mask]])[0]
+    from_official = official(feature_maps, [[mask]])[0]
+    from_aligned_transposed = aligned(feature_maps, [[mask.T.contiguous()]])[0]
+    from_aligned = aligned(feature_maps, [[mask]])[0]
     torch.testing.assert_close(from_official, from_aligned_transposed, atol=1e-5, rtol=1e-5)
     assert (from_official - from_aligned).abs().max() > 1e-3  # the layouts really differ
 
@@ -279,7 +279,10 @@ def test_config_validation_errors():
 
 
 def test_training_batches_without_image_or_regions_still_give_every_module_a_gradient(tiny_tokenizer):
+    from ferret.training.gradient_cover import install_gradient_cover
+
     model, tokenizer = build_tiny_model(tiny_tokenizer, seed=6)
+    install_gradient_cover(model)  # (as the trainer does: DeepSpeed needs it)
     model.train()
     text = torch.tensor([tokenizer.encode("only text in this batch")])
     model(input_ids=text, labels=text).loss.backward()
@@ -294,9 +297,11 @@ def test_training_batches_without_image_or_regions_still_give_every_module_a_gra
 
 
 def test_training_runs_the_region_module_on_every_image_without_changing_the_embeddings(tiny_tokenizer):
-    # DeepSpeed ranks must run the same modules whatever their batch holds: in a training step
-    # the region module also runs on an image with no region (placeholder mask), with a zero
-    # gradient, and the embeddings are those of inference.
+    # DeepSpeed ranks must run the same modules whatever their batch holds: with the trainer's
+    # gradient cover, a training step also runs the region module on an image with no region
+    # (placeholder mask), with a zero gradient, and the embeddings are those of inference.
+    from ferret.training.gradient_cover import install_gradient_cover
+
     model, tokenizer = build_tiny_model(tiny_tokenizer, seed=7)
     ids = torch.tensor([_ids(tokenizer)])
     image = torch.randn(1, 3, 112, 112)
@@ -307,6 +312,10 @@ def test_training_runs_the_region_module_on_every_image_without_changing_the_emb
         expected = model.prepare_multimodal_inputs(ids, images=image).inputs_embeds
     assert calls == []  # inference skips it
     model.train()
+    uncovered = model.prepare_multimodal_inputs(ids, images=image)
+    assert calls == []  # without the cover a training forward computes what inference does
+    torch.testing.assert_close(uncovered.inputs_embeds.detach(), expected, rtol=0, atol=0)
+    install_gradient_cover(model)
     merged = model.prepare_multimodal_inputs(ids, images=image)
     assert calls == [1]
     torch.testing.assert_close(merged.inputs_embeds.detach(), expected)

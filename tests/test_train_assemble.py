@@ -1,22 +1,14 @@
 """A new Ferret assembled as the released run starts: LLaMA folder + CLIP folder + LLaVA projector."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
-from ferret.training_config import TrainConfigError, config_from_dict
+from ferret.training.config import TrainConfigError, config_from_dict
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def load_train_script():
-    spec = importlib.util.spec_from_file_location("ferret_train_script_assemble", REPO / "train" / "ferret_train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +42,8 @@ def config_for(root: Path, **model):
 
 def test_assembled_model_holds_each_part(parts):
     root, llama, clip, projector = parts
-    script = load_train_script()
-    model, tokenizer, image_processor = script.build_model(config_for(root))
+    from ferret.training.model_setup import build_model
+    model, tokenizer, image_processor = build_model(config_for(root))
     state = model.state_dict()
     vocab = llama.config.vocab_size
     assert model.config.vocab_size == len(tokenizer) == vocab + 1
@@ -73,10 +65,10 @@ def test_assembled_model_holds_each_part(parts):
 
 def test_bad_parts_are_named(parts, tmp_path):
     root = parts[0]
-    script = load_train_script()
+    from ferret.training.model_setup import build_model
     with pytest.raises(FileNotFoundError, match="model.base_llm: folder"):
-        script.build_model(config_for(tmp_path))
+        build_model(config_for(tmp_path))
     bad = tmp_path / "bad.bin"
     torch.save({"something.else": torch.zeros(1)}, bad)
     with pytest.raises(TrainConfigError, match="model.mm_projector"):
-        script.build_model(config_for(root, mm_projector=str(bad)))
+        build_model(config_for(root, mm_projector=str(bad)))

@@ -1,6 +1,5 @@
 """Checkpoint helpers: atomic publish, `latest` pointer, pruning, RNG state, LoRA merge; schedule and sampler."""
 
-import importlib.util
 import random
 from pathlib import Path
 
@@ -8,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from ferret.checkpoint import (
-    CheckpointError,
+from ferret.training.checkpoint import (
+    TrainingCheckpointError,
     TrainerState,
     atomic_write_text,
     checkpoint_tag,
@@ -24,13 +23,6 @@ from ferret.checkpoint import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def load_train_script():
-    spec = importlib.util.spec_from_file_location("ferret_train_script", REPO / "train" / "ferret_train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def stage(root: Path, step: int, payload: str = "weights") -> str:
@@ -70,12 +62,12 @@ def test_republishing_a_step_replaces_it(tmp_path):
 
 def test_latest_pointing_at_nothing_is_an_error(tmp_path):
     atomic_write_text(tmp_path / "latest", "step-00000042\n")
-    with pytest.raises(CheckpointError, match="step-00000042"):
+    with pytest.raises(TrainingCheckpointError, match="step-00000042"):
         read_latest(tmp_path)
     atomic_write_text(tmp_path / "latest", "garbage")
-    with pytest.raises(CheckpointError, match="not a checkpoint tag"):
+    with pytest.raises(TrainingCheckpointError, match="not a checkpoint tag"):
         read_latest(tmp_path)
-    with pytest.raises(CheckpointError, match="no staged checkpoint"):
+    with pytest.raises(TrainingCheckpointError, match="no staged checkpoint"):
         publish_checkpoint(tmp_path, "step-00000001")
 
 
@@ -103,7 +95,7 @@ def test_rng_state_round_trip(tmp_path):
     load_rng_state(tmp_path, rank=3)
     got = (random.random(), np.random.rand(), torch.rand(3))
     assert got[0] == expected[0] and got[1] == expected[1] and torch.equal(got[2], expected[2])
-    with pytest.raises(CheckpointError, match="rng_state_rank4"):
+    with pytest.raises(TrainingCheckpointError, match="rng_state_rank4"):
         load_rng_state(tmp_path, rank=4)
 
 
@@ -137,20 +129,22 @@ def test_merge_lora_matches_peft_merge_and_unload():
 def test_cosine_schedule_with_warmup_matches_transformers():
     from transformers import get_cosine_schedule_with_warmup
 
-    script = load_train_script()
+    from ferret.training.schedule import lr_multiplier
+
     param = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([param], lr=1.0)
     reference = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=3, num_training_steps=20)
     for step in range(20):
-        assert script.lr_multiplier(step, 3, 20, "cosine") == pytest.approx(reference.get_last_lr()[0])
+        assert lr_multiplier(step, 3, 20, "cosine") == pytest.approx(reference.get_last_lr()[0])
         optimizer.step()
         reference.step()
-    assert script.lr_multiplier(5, 0, 20, "constant") == 1.0
+    assert lr_multiplier(5, 0, 20, "constant") == 1.0
 
 
 def test_sampler_partitions_epoch_and_resumes_mid_epoch():
-    script = load_train_script()
-    ranks = [script.ResumableDistributedSampler(11, r, 2, seed=5) for r in range(2)]
+    from ferret.training.seeding import ResumableDistributedSampler
+
+    ranks = [ResumableDistributedSampler(11, r, 2, seed=5) for r in range(2)]
     for s in ranks:
         s.set_epoch(3)
     shares = [list(s) for s in ranks]

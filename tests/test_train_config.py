@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from ferret.training_config import (
+from ferret.training.config import (
     TrainConfig,
     TrainConfigError,
     apply_overrides,

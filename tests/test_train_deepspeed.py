@@ -2,9 +2,9 @@
 
 One module-scoped set of runs, each a few steps:
   zero2      6 steps, checkpoints every 2, HF export            (the reference curve)
-  crashed    same config, rank 0 dies while staging checkpoint 4 (FERRET_TRAIN_CRASH_IN_SAVE)
+  crashed    same config, rank 0 dies while staging checkpoint 4 (crashing_train.py checkpoint_staged)
   resumed    `--resume` of the crashed run                      -> must equal the reference curve
-  zero3      ZeRO-3, rank 0 exits hard after step 3 (FERRET_TRAIN_CRASH_AT_STEP), then resumed
+  zero3      ZeRO-3, rank 0 exits hard after step 3 (crashing_train.py after_step), then resumed
   lora       LoRA on the LLM (gradient checkpointing on), projector + sampler trained, merged HF export
 """
 
@@ -20,6 +20,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "train" / "ferret_train.py"
+CRASHING = REPO / "tests" / "crashing_train.py"  # the same entry point with a crash callback
 CONFIG = REPO / "train" / "configs" / "small.yaml"
 
 pytest.importorskip("deepspeed")
@@ -42,12 +43,14 @@ def workspace(tmp_path_factory):
     return root
 
 
-def train(workspace: Path, name: str, *overrides: str, env: dict | None = None, resume: bool = False,
+def train(workspace: Path, name: str, *overrides: str, crash: tuple[str, int] | None = None, resume: bool = False,
           expect_ok: bool = True) -> subprocess.CompletedProcess:
+    """A 2-process run; `crash` = (callback, step) kills rank 0 there (tests/crashing_train.py)."""
     out = workspace / name
+    entry = [str(SCRIPT)] if crash is None else [str(CRASHING), crash[0], str(crash[1]), "--"]
     args = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-        str(SCRIPT), "--config", str(CONFIG),
+        *entry, "--config", str(CONFIG),
         f"data.data_path={workspace / 'synth' / 'train.json'}",
         f"model.tokenizer={workspace / 'tokenizer'}",
         f"train.output_dir={out}",
@@ -58,9 +61,6 @@ def train(workspace: Path, name: str, *overrides: str, env: dict | None = None, 
     if resume:
         args.insert(args.index("--config"), "--resume")
     run_env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    run_env.pop("FERRET_TRAIN_CRASH_AT_STEP", None)
-    run_env.pop("FERRET_TRAIN_CRASH_IN_SAVE", None)
-    run_env.update(env or {})
     proc = subprocess.run(args, cwd=REPO, env=run_env, capture_output=True, text=True, timeout=600)
     if expect_ok and proc.returncode != 0:
         raise AssertionError(f"training run {name} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
@@ -133,7 +133,7 @@ def test_export_loads_with_load_pretrained(zero2, workspace):
 
 def test_crash_during_save_then_resume_reproduces_the_curve(zero2, workspace):
     reference = curve(zero2[0])
-    crashed = train(workspace, "crashed", env={"FERRET_TRAIN_CRASH_IN_SAVE": "4"}, expect_ok=False)
+    crashed = train(workspace, "crashed", crash=("checkpoint_staged", 4), expect_ok=False)
     out = workspace / "crashed"
     assert crashed.returncode != 0
     # the step-4 save was staged but never published: `latest` still names step 2
@@ -162,7 +162,7 @@ def test_crash_during_save_then_resume_reproduces_the_curve(zero2, workspace):
 
 def test_zero3_hard_kill_resume_and_export(zero2, workspace):
     crashed = train(workspace, "zero3", "train.deepspeed=train/configs/ds_zero3.json",
-                    env={"FERRET_TRAIN_CRASH_AT_STEP": "3"}, expect_ok=False)
+                    crash=("after_step", 3), expect_ok=False)
     assert crashed.returncode != 0
     out = workspace / "zero3"
     assert (out / "checkpoints" / "latest").is_file(), tail(crashed)

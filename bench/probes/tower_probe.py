@@ -4,7 +4,7 @@ synthetic world's dense targets alone (no LLM), tell each object's colour and sh
     python bench/probes/tower_probe.py --data data/synth --minutes 6 --image-size 144 --strides 2,2,3,1
 
 Per step: a batch of training scenes, the tower, a linear readout per grid cell (colour, shape,
-box; the same targets as ferret.dense_supervision), cross-entropy + L1. Every `--eval-every`
+box; the same targets as ferret.training.dense_supervision), cross-entropy + L1. Every `--eval-every`
 steps, on the first `--val-scenes` validation scenes: object-level accuracy, where an object's
 class is the argmax of the readout averaged over the cells it covers most (or, for an object that
 wins no cell, the single cell it covers most), so every object counts, small ones included.
@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ferret.data.rle import decode_rle
-from ferret.dense_supervision import DenseVocabulary, patch_coverage, scene_patch_targets
 from ferret.eval.metrics import box_iou
+from ferret.training.dense_supervision import DenseVocabulary, patch_coverage, scene_patch_targets
 from ferret.regions import pixel_to_grid
 from ferret.model.vision_tower import ConvVisionConfig, ConvVisionTower
 from ferret.processing import build_image_processor

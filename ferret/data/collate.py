@@ -20,9 +20,7 @@ class FerretCollator:
     that is also a real token id is handled), pixel_values (B, 3, S, S) when every item has an
     image, region_masks (list of lists of (W, H) bool), image_sizes (list of (W, H) or None),
     skipped (Counter of bad samples the items passed over, by reason; sum it over batches: the
-    DataLoader workers' own counts never reach the main process), tasks (when items carry one),
-    patch_color / patch_shape (B, N), patch_box (B, N, 4) and region_color / region_shape (lists of
-    [R_i]) when every item carries dense targets.
+    DataLoader workers' own counts never reach the main process), tasks (when items carry one).
     """
 
     pad_token_id: int
@@ -67,14 +65,6 @@ class FerretCollator:
             batch["pixel_values"] = torch.stack(images)
         elif any(image is not None for image in images):
             raise ValueError("a batch mixes samples with and without images")
-        # Dense patch targets (ferret.dense_supervision) only when every item has them: a batch
-        # mixing scenes with and without records trains the readout on none of them.
-        for key in ("patch_color", "patch_shape", "patch_box"):
-            if all(key in item for item in items):
-                batch[key] = torch.stack([item[key] for item in items])
-        for key in ("region_color", "region_shape", "answer_cells", "presence_cells"):  # per item, like region_masks
-            if all(key in item for item in items):
-                batch[key] = [item[key] for item in items]
         if any("task" in item for item in items):
             batch["tasks"] = [item.get("task") for item in items]
         return batch

@@ -246,41 +246,6 @@ def mix_sources(sources: Sequence[DataSource], seed: int = 0, check_images: bool
 # ---------------------------------------------------------------- rendering
 
 
-def answer_boxes(sample: dict) -> list[list[float]]:
-    """The pixel boxes the assistant turns write, in text order (placeholders in order of
-    appearance, turn after turn)."""
-    box_lists = sample.get("box_x1y1x2y2")
-    if box_lists is None:
-        return []
-    out = []
-    for t, turn in enumerate(sample["conversations"]):
-        if turn["from"] in ("human", "user"):
-            continue
-        out += [list(box_lists[t][int(m.group(1))]) for m in PLACEHOLDER_RE.finditer(turn["value"])]
-    return out
-
-
-PRESENCE_RE = re.compile(r"Is there an? (.+?) in the image\?")
-
-
-def presence_targets(sample: dict, patch_targets) -> torch.Tensor:
-    """[assistant turns, 1 + cells] bool attention targets of the "Is there a X?" answers: X's cells
-    when X is in the scene, column 0 (the BOS sink) when it is not; all False for other turns."""
-    cells = patch_targets.grid ** 2
-    turns = [t for t, turn in enumerate(sample["conversations"]) if turn["from"] not in ("human", "user")]
-    out = torch.zeros(len(turns), 1 + cells, dtype=torch.bool)
-    for row, t in enumerate(turns):
-        match = PRESENCE_RE.search(sample["conversations"][t - 1]["value"]) if t > 0 else None
-        if match is None:
-            continue
-        found = patch_targets.object_cells(sample["scene_id"], match.group(1))
-        if found is None:
-            out[row, 0] = True
-        else:
-            out[row, 1:] = found
-    return out
-
-
 def _open_first_turn_with_image(messages: list[tuple[str, str]]) -> list[tuple[str, str]]:
     """`<image>\\n` opens the first user turn, wherever the source put it (released behaviour)."""
     cleaned = [(role, text.replace(IMAGE_TOKEN, "").strip() if IMAGE_TOKEN in text else text)
@@ -370,12 +335,12 @@ class GritDataset(Dataset):
 
     Items: input_ids, labels (LongTensor), pixel_values (3, S, S), region_masks (list of (W, H)
     bool), image_size (W, H), skipped (reasons of bad samples passed over to reach this item),
-    plus `task` when the sample names one. Call `set_epoch(e)` before
+    sample_index (the sample it was built from), plus `task` when the sample names one. Call `set_epoch(e)` before
     each epoch (and before building DataLoader workers) to vary points/formats reproducibly.
     """
 
     def __init__(self, samples: list[dict], tokenizer, image_processor, config: GritDataConfig = GritDataConfig(),
-                 skipped: Counter | None = None, max_fallbacks: int = 16, patch_targets=None):
+                 skipped: Counter | None = None, max_fallbacks: int = 16):
         if not samples:
             raise ValueError("GritDataset got no usable samples (see the skipped counts in the log)")
         self.samples = samples
@@ -384,9 +349,6 @@ class GritDataset(Dataset):
         self.config = config
         self.skipped: Counter = skipped if skipped is not None else Counter()
         self.max_fallbacks = max_fallbacks
-        # Optional ferret.dense_supervision.ScenePatchTargets: per-patch targets for samples whose
-        # `scene_id` it knows (the synthetic world's training scenes).
-        self.patch_targets = patch_targets
         self.epoch = 0
         self._blank: torch.Tensor | None = None
         self.region_token_id = tokenizer.convert_tokens_to_ids(REGION_TOKEN)
@@ -395,12 +357,12 @@ class GritDataset(Dataset):
 
     @classmethod
     def from_sources(cls, sources: Sequence[DataSource], tokenizer, image_processor,
-                     config: GritDataConfig = GritDataConfig(), patch_targets=None) -> "GritDataset":
+                     config: GritDataConfig = GritDataConfig()) -> "GritDataset":
         skipped: Counter = Counter()
         samples = mix_sources(sources, config.seed, config.check_images, skipped)
         if sum(skipped.values()):
             logger.warning("skipped %d samples at load time: %s", sum(skipped.values()), dict(skipped))
-        return cls(samples, tokenizer, image_processor, config, skipped, patch_targets=patch_targets)
+        return cls(samples, tokenizer, image_processor, config, skipped)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -427,6 +389,7 @@ class GritDataset(Dataset):
                 logger.warning("skipping sample %d (%s); %d skipped so far", current, err, sum(self.skipped.values()))
                 continue
             item["skipped"] = reasons
+            item["sample_index"] = current
             return item
         raise SampleError("too_many_bad_samples", f"{self.max_fallbacks} consecutive samples from {index} failed")
 
@@ -489,9 +452,4 @@ class GritDataset(Dataset):
         }
         if "task" in sample:
             item["task"] = sample["task"]
-        if self.patch_targets is not None and "image" in sample and sample.get("scene_id") in self.patch_targets:
-            item.update(self.patch_targets[sample["scene_id"]])
-            item.update(self.patch_targets.region_targets(sample["scene_id"], masks))
-            item["answer_cells"] = self.patch_targets.answer_box_cells(sample["scene_id"], answer_boxes(sample))
-            item["presence_cells"] = presence_targets(sample, self.patch_targets)
         return item

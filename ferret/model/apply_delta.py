@@ -25,11 +25,12 @@ from ferret.model.checkpoint_io import (
     run_cli,
     save_checkpoint,
 )
+from ferret.model.modeling_ferret import MULTIMODAL_MODULES
 
 # Tensors whose rows grow when tokens are added to the vocabulary.
 VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
 # Tensors only Ferret has: stored raw (not as a difference) in deltas.
-FERRET_ONLY_PREFIXES = ("model.vision_tower.", "model.mm_projector.", "model.region_geo_sampler.", "model.region_fea_adapter.")
+FERRET_ONLY_PREFIXES = tuple(f"model.{name}." for name in MULTIMODAL_MODULES)
 
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}

@@ -15,6 +15,7 @@ the regions only enter the prefill step. `generate` returns only the new tokens.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -29,27 +30,32 @@ from ferret.model.vision_tower import ConvVisionTower, FerretVisionTower, build_
 
 RegionMasks = Sequence[Sequence[torch.Tensor]]
 
+# FerretModel's multimodal modules, by attribute (and state-dict) name; a model holds one of the
+# two region modules (`FerretModel.region_module`).
+MULTIMODAL_MODULES = ("vision_tower", "mm_projector", "region_geo_sampler", "region_fea_adapter")
+
 # Modules kept unquantized when the LLM is loaded in 8/4 bit (bitsandbytes skip list). transformers
 # matches these as name prefixes (or suffixes), so they are written from the model root.
-FULL_PRECISION_MODULES = [
-    "model.vision_tower",
-    "model.mm_projector",
-    "model.region_geo_sampler",
-    "model.region_fea_adapter",
-    "lm_head",
-]
+FULL_PRECISION_MODULES = [f"model.{name}" for name in MULTIMODAL_MODULES] + ["lm_head"]
 
 
-def _zero_touch(modules: Sequence[nn.Module]) -> torch.Tensor:
-    """0 * (sum of the trainable weights): every trainable parameter then gets a (zero) gradient
-    on every step, which DDP and DeepSpeed ZeRO need when a batch skips the image or regions."""
-    total = None
-    for module in modules:
-        for parameter in module.parameters():
-            if parameter.requires_grad:
-                term = parameter.sum()
-                total = term if total is None else total + term.to(total.dtype)
-    return torch.zeros(()) if total is None else total * 0.0
+class RegionModule(Protocol):
+    """What both region modules (GeoRegionSampler, MaskPoolingRegionAdapter) are called with: CLIP
+    maps [B, S*S, mm_hidden] and B lists of (W, H) bool masks -> B entries, [R_i, hidden] or None."""
+
+    def __call__(self, feature_maps: torch.Tensor, region_masks: RegionMasks,
+                 generator: torch.Generator | None = None) -> list[torch.Tensor | None]: ...
+
+
+class GradientCover(Protocol):
+    """Work a training forward adds so that every trainable weight gets a gradient (DeepSpeed);
+    installed by the trainer, see ferret.training.gradient_cover."""
+
+    def region_masks(self, model: "FerretLlamaForCausalLM", per_image: list[list[torch.Tensor]],
+                     device: torch.device) -> list[list[torch.Tensor]]: ...
+
+    def touch(self, model: "FerretLlamaForCausalLM", inputs_embeds: torch.Tensor,
+              region_outputs: Sequence[torch.Tensor | None], ran_image: bool) -> torch.Tensor: ...
 
 
 # --------------------------------------------------------------------------- modules
@@ -94,6 +100,18 @@ class FerretModel(LlamaModel):
                 )
         self.post_init()
 
+    @property
+    def region_module(self) -> RegionModule | None:
+        """The configured region module (`region_geo_sampler` or `region_fea_adapter`), or None
+        for a text-only model."""
+        if not self.config.is_multimodal:
+            return None
+        return self.region_geo_sampler if self.config.region_geo_sampler else self.region_fea_adapter
+
+    def multimodal_modules(self) -> list[nn.Module]:
+        """The vision tower, projector and region module this model holds."""
+        return [getattr(self, name) for name in MULTIMODAL_MODULES if hasattr(self, name)]
+
 
 class FerretLlamaForCausalLM(LlamaForCausalLM):
     config_class = FerretConfig
@@ -104,6 +122,11 @@ class FerretLlamaForCausalLM(LlamaForCausalLM):
         r"vision_tower\.vision_tower\.vision_model\.embeddings\.position_ids",
         r"rotary_emb\.inv_freq",
     ]
+
+    # Set by the trainer (ferret.training.gradient_cover.install_gradient_cover) to make its
+    # training forwards touch every trainable weight. Without it a training forward computes
+    # exactly what an inference forward does.
+    gradient_cover: GradientCover | None = None
 
     def __init__(self, config: FerretConfig):
         # Skip LlamaForCausalLM.__init__ (it would build a plain LlamaModel first).
@@ -147,14 +170,11 @@ class FerretLlamaForCausalLM(LlamaForCausalLM):
         self, feature_maps: torch.Tensor, region_masks: RegionMasks, generator: torch.Generator | None = None
     ) -> list[torch.Tensor | None]:
         """Per-image region features [R_i, hidden] (or None) from CLIP maps [B, S*S, mm_hidden]."""
-        if getattr(self.model, "region_geo_sampler", None) is not None:
-            sampler = self.model.region_geo_sampler
-            dtype = next(sampler.parameters()).dtype
-            return sampler(feature_maps.to(dtype), region_masks, generator=generator)
-        adapter = getattr(self.model, "region_fea_adapter", None)
-        if adapter is None:
+        module = self.model.region_module
+        if module is None:
             raise ValueError("this Ferret model has no region module; it cannot take region masks")
-        return adapter.region_features(feature_maps.to(adapter.weight.dtype), region_masks, generator=generator)
+        dtype = next(module.parameters()).dtype
+        return module(feature_maps.to(dtype), region_masks, generator=generator)
 
     def prepare_multimodal_inputs(
         self,
@@ -185,56 +205,33 @@ class FerretLlamaForCausalLM(LlamaForCausalLM):
             if i not in image_samples:
                 raise ValueError(f"sample {i} has region masks but no image token: regions need an image")
 
+        cover = self._active_gradient_cover()
+        region_outputs: list[torch.Tensor | None] = []
         if image_samples:
-            if images is None:
-                raise ValueError("input_ids contain the image token but no images were given")
-            if images.shape[0] == batch:
-                selected = images[image_samples]
-            elif images.shape[0] == len(image_samples):
-                selected = images
-            else:
-                raise ValueError(
-                    f"got {images.shape[0]} images for {batch} samples of which {len(image_samples)} hold an "
-                    "image token; give one image per sample or one per image token"
-                )
-            features, projected = self.encode_images(selected)
+            features, projected = self.encode_images(self._images_for(images, batch, image_samples))
             for row, sample in enumerate(image_samples):
                 image_embeds[sample] = projected[row]
-            region_module_trains = self.training and torch.is_grad_enabled() and self._region_module_trains()
-            if region_samples or region_module_trains:
+            per_image = [list(region_masks[i]) if i in region_samples else [] for i in image_samples]
+            if cover is not None:
+                per_image = cover.region_masks(self, per_image, features.device)
+            rows = [row for row, masks in enumerate(per_image) if masks]
+            if rows:
                 tower = self.get_vision_tower()
                 grid = features[:, -tower.num_patches :]  # drop CLS if the config kept it
-                if region_module_trains:
-                    # A training step runs the region module on every image (a placeholder mask
-                    # where an image refers to no region) and adds 0 x all its outputs below: every
-                    # rank then runs the same modules in the same order and every weight gets a
-                    # gradient, whatever the batch holds. DeepSpeed needs both: ZeRO-2 reduces from
-                    # per-parameter hooks, ZeRO-3 replays the gather order it recorded at step 1.
-                    placeholder = torch.ones(4, 4, dtype=torch.bool, device=grid.device)
-                    targets = image_samples
-                    masks = [list(region_masks[i]) if i in region_samples else [placeholder] for i in targets]
-                    rows = list(range(len(image_samples)))
-                else:
-                    targets = region_samples
-                    masks = [region_masks[i] for i in region_samples]
-                    rows = [image_samples.index(i) for i in region_samples]
                 if isinstance(generator, (list, tuple)):
                     # One generator per sample: each sample's region sampling is then independent
                     # of what else is in the batch (batched answers == one-by-one answers).
                     if len(generator) != batch:
                         raise ValueError(f"{len(generator)} region generators for a batch of {batch}")
-                    sampled = [
-                        self.encode_regions(grid[row : row + 1], [sample_masks], generator[i])[0]
-                        for row, sample_masks, i in zip(rows, masks, targets)
+                    region_outputs = [
+                        self.encode_regions(grid[row : row + 1], [per_image[row]], generator[image_samples[row]])[0]
+                        for row in rows
                     ]
                 else:
-                    sampled = self.encode_regions(grid[rows], masks, generator)
-                for sample, feats in zip(targets, sampled):
-                    if sample in region_samples:
-                        region_embeds[sample] = feats
-                if region_module_trains:
-                    anchor = sum(feats.sum() for feats in sampled if feats is not None) * 0.0
-                    image_embeds = [e if e is None else e + anchor.to(e.dtype) for e in image_embeds]
+                    region_outputs = self.encode_regions(grid[rows], [per_image[row] for row in rows], generator)
+                for row, feats in zip(rows, region_outputs):
+                    if image_samples[row] in region_samples:
+                        region_embeds[image_samples[row]] = feats
 
         merged = splice_multimodal_embeddings(
             input_ids,
@@ -246,25 +243,29 @@ class FerretLlamaForCausalLM(LlamaForCausalLM):
             self.region_token_id,
             padding_side=padding_side,
         )
-        if self.training and torch.is_grad_enabled():
-            # (With an image, the region module already ran above.)
-            unused = self._unused_trainable_modules(bool(image_samples), bool(image_samples) or bool(region_samples))
-            if unused:
-                merged.inputs_embeds = merged.inputs_embeds + _zero_touch(unused).to(merged.inputs_embeds.dtype)
+        if cover is not None:
+            merged.inputs_embeds = cover.touch(self, merged.inputs_embeds, region_outputs, bool(image_samples))
         return merged
 
-    def _region_module_trains(self) -> bool:
-        module = getattr(self.model, "region_geo_sampler", None) or getattr(self.model, "region_fea_adapter", None)
-        return module is not None and any(p.requires_grad for p in module.parameters())
+    def _active_gradient_cover(self) -> GradientCover | None:
+        """The installed gradient cover in a training forward (train mode, gradients on), else None."""
+        if self.gradient_cover is None or not (self.training and torch.is_grad_enabled()):
+            return None
+        return self.gradient_cover
 
-    def _unused_trainable_modules(self, used_image: bool, used_regions: bool) -> list[nn.Module]:
-        """Multimodal modules this batch did not run (text-only batch, or no regions)."""
-        names = []
-        if not used_image:
-            names += ["mm_projector", "vision_tower"]
-        if not used_regions:
-            names += ["region_geo_sampler", "region_fea_adapter"]
-        return [m for m in (getattr(self.model, n, None) for n in names) if m is not None]
+    @staticmethod
+    def _images_for(images: torch.Tensor | None, batch: int, image_samples: list[int]) -> torch.Tensor:
+        """The images of the samples that hold an image token: one image per sample or one per token."""
+        if images is None:
+            raise ValueError("input_ids contain the image token but no images were given")
+        if images.shape[0] == batch:
+            return images[image_samples]
+        if images.shape[0] == len(image_samples):
+            return images
+        raise ValueError(
+            f"got {images.shape[0]} images for {batch} samples of which {len(image_samples)} hold an "
+            "image token; give one image per sample or one per image token"
+        )
 
     # ----------------------------------------------------------------- forward / generate
 
@@ -283,9 +284,10 @@ class FerretLlamaForCausalLM(LlamaForCausalLM):
         region_generator: torch.Generator | Sequence[torch.Generator | None] | None = None,
         **kwargs,
     ):
-        training_step = self.training and torch.is_grad_enabled() and self.get_vision_tower() is not None
+        # (a covered training step splices text-only batches too: the cover touches the multimodal weights)
+        covered_step = self._active_gradient_cover() is not None and self.get_vision_tower() is not None
         needs_splice = input_ids is not None and (
-            images is not None or region_masks is not None or training_step or bool((input_ids < 0).any())
+            images is not None or region_masks is not None or covered_step or bool((input_ids < 0).any())
         )
         if needs_splice:
             if inputs_embeds is not None:

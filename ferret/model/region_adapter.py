@@ -2,7 +2,8 @@
 
 The released models that skip the GeoRegionSampler project the CLIP map with one Linear
 (`model.region_fea_adapter.{weight,bias}`) and average it under each region mask. Subclassing
-nn.Linear keeps exactly those state-dict names.
+nn.Linear keeps exactly those state-dict names; `forward` is the region module's call, the same
+as GeoRegionSampler's (feature maps and per-image masks in, per-image region features out).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ferret_kernels import ops
@@ -21,7 +23,7 @@ class MaskPoolingRegionAdapter(nn.Linear):
         self.num_points = num_points
         self.feature_layout = feature_layout
 
-    def region_features(
+    def forward(
         self,
         feature_maps: torch.Tensor,
         region_masks: Sequence[Sequence[torch.Tensor]],
@@ -30,7 +32,7 @@ class MaskPoolingRegionAdapter(nn.Linear):
         """feature_maps [B, S*S, C_in] and per-image lists of (W, H) masks -> per image [R_i, C_out] or None."""
         if len(region_masks) != feature_maps.shape[0]:
             raise ValueError(f"{feature_maps.shape[0]} feature maps but {len(region_masks)} mask lists")
-        projected = self(feature_maps)
+        projected = F.linear(feature_maps, self.weight, self.bias)
         flat_masks = [mask for masks in region_masks for mask in masks]
         if not flat_masks:
             return [None] * len(region_masks)

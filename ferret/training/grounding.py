@@ -28,7 +28,7 @@ object is, so training adds:
   grid), so "off by 3" costs less than "off by 300".
 
 Per-sample targets: `answer_box_cells` (which cells each answer box's object covers) is built by
-`ferret.dense_supervision.ScenePatchTargets` from the scene records.
+`ferret.training.dense_supervision.ScenePatchTargets` from the scene records.
 """
 
 from __future__ import annotations

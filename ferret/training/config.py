@@ -27,7 +27,10 @@ __all__ = [
     "apply_overrides",
     "config_from_dict",
     "config_to_dict",
+    "resolve_path",
 ]
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 class TrainConfigError(ValueError):
@@ -106,7 +109,7 @@ class TrainSection:
     tensorboard: bool = True
     export_hf: bool = True  # write a Hugging Face folder (output_dir/hf) at the end
     shuffle: bool = True
-    # > 0: add this times ferret.dense_supervision's readout loss on the image tokens (towers
+    # > 0: add this times ferret.training.dense_supervision's readout loss on the image tokens (towers
     # trained from scratch; needs data.scene_records).
     dense_loss_weight: float = 0.0
     # > 0: before the main loop, train the vision tower, projector and region sampler alone on that
@@ -399,3 +402,11 @@ def load_train_config(path: str | Path, overrides: list[str] | None = None) -> T
     config = apply_overrides(config, overrides or [], validate=False)
     config.validate()
     return config
+
+
+def resolve_path(path: str) -> str:
+    """Config paths are relative to the working directory, falling back to the repository root."""
+    p = Path(path)
+    if p.is_absolute() or p.exists():
+        return str(p)
+    return str(REPO_ROOT / p) if (REPO_ROOT / p).exists() else str(p)

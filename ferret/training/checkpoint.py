@@ -21,6 +21,7 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 
 __all__ = [
-    "CheckpointError",
+    "TrainingCheckpointError",
     "TrainerState",
     "checkpoint_tag",
     "atomic_write_text",
@@ -55,8 +56,9 @@ TRAINER_STATE = "trainer_state.json"
 _TAG_RE = re.compile(r"^step-(\d{8,})$")
 
 
-class CheckpointError(FileNotFoundError):
-    """A checkpoint is missing, incomplete, or does not fit the current run."""
+class TrainingCheckpointError(FileNotFoundError):
+    """A training checkpoint (the resumable DeepSpeed kind, not a model's weight files: see
+    ferret.model.checkpoint_io.CheckpointError) is missing, incomplete, or does not fit the run."""
 
 
 @dataclass
@@ -129,7 +131,7 @@ def publish_checkpoint(root: str | Path, tag: str) -> Path:
     root = Path(root)
     staged = staging_root(root) / tag
     if not staged.is_dir():
-        raise CheckpointError(f"no staged checkpoint to publish at {staged}")
+        raise TrainingCheckpointError(f"no staged checkpoint to publish at {staged}")
     fsync_tree(staged)
     final = root / tag
     if final.exists():  # the same step saved again (e.g. after a resume): replace it
@@ -150,10 +152,10 @@ def read_latest(root: str | Path) -> Path | None:
         return None
     tag = pointer.read_text().strip()
     if not _TAG_RE.match(tag):
-        raise CheckpointError(f"{pointer} holds {tag!r}, not a checkpoint tag like 'step-00000010'")
+        raise TrainingCheckpointError(f"{pointer} holds {tag!r}, not a checkpoint tag like 'step-00000010'")
     folder = root / tag
     if not (folder / TRAINER_STATE).is_file():
-        raise CheckpointError(f"{pointer} names {tag} but {folder / TRAINER_STATE} is missing")
+        raise TrainingCheckpointError(f"{pointer} names {tag} but {folder / TRAINER_STATE} is missing")
     return folder
 
 
@@ -207,7 +209,7 @@ def save_rng_state(folder: str | Path, rank: int) -> None:
 def load_rng_state(folder: str | Path, rank: int) -> None:
     path = Path(folder) / f"rng_state_rank{rank}.pt"
     if not path.is_file():
-        raise CheckpointError(f"{path} is missing: was the checkpoint written by a run with fewer ranks?")
+        raise TrainingCheckpointError(f"{path} is missing: was the checkpoint written by a run with fewer ranks?")
     # The state holds numpy arrays and python tuples, so the safe loader cannot read it; the file
     # was written by this same training run.
     restore_rng_state(torch.load(path, weights_only=False))
@@ -216,8 +218,11 @@ def load_rng_state(folder: str | Path, rank: int) -> None:
 # --------------------------------------------------------------------------- DeepSpeed save / load
 
 
-def save_deepspeed_checkpoint(engine, root: str | Path, state: TrainerState, rank: int) -> Path | None:
-    """Collective: every rank writes its shards into staging; rank 0 publishes. Returns the folder on rank 0."""
+def save_deepspeed_checkpoint(engine, root: str | Path, state: TrainerState, rank: int,
+                              on_staged: Callable[[int], None] | None = None) -> Path | None:
+    """Collective: every rank writes its shards into staging; rank 0 publishes. Returns the folder on rank 0.
+
+    `on_staged(step)` runs on rank 0 between staging and publishing (tests crash there)."""
     import torch.distributed as dist
 
     root = Path(root)
@@ -234,9 +239,8 @@ def save_deepspeed_checkpoint(engine, root: str | Path, state: TrainerState, ran
     published = None
     if rank == 0:
         (staged / TRAINER_STATE).write_text(state.to_json())
-        crash_hook = os.environ.get("FERRET_TRAIN_CRASH_IN_SAVE")
-        if crash_hook and int(crash_hook) == state.global_step:
-            os._exit(17)  # test hook: die with a fully staged but unpublished checkpoint
+        if on_staged is not None:
+            on_staged(state.global_step)
         published = publish_checkpoint(root, tag)
     dist.barrier()
     return published
@@ -247,10 +251,10 @@ def load_deepspeed_checkpoint(engine, folder: str | Path, rank: int, world_size:
     folder = Path(folder)
     state_path = folder / TRAINER_STATE
     if not state_path.is_file():
-        raise CheckpointError(f"{state_path} is missing: {folder} is not a complete checkpoint")
+        raise TrainingCheckpointError(f"{state_path} is missing: {folder} is not a complete checkpoint")
     state = TrainerState.from_json(state_path.read_text())
     if state.world_size != world_size:
-        raise CheckpointError(
+        raise TrainingCheckpointError(
             f"{folder} was written by {state.world_size} ranks but this run has {world_size}; "
             "resume with the same number of processes (the data order and ZeRO shards depend on it)"
         )
@@ -258,7 +262,7 @@ def load_deepspeed_checkpoint(engine, folder: str | Path, rank: int, world_size:
         str(folder.parent), tag=folder.name, load_optimizer_states=True, load_lr_scheduler_states=True
     )
     if load_path is None:
-        raise CheckpointError(f"DeepSpeed could not load the checkpoint in {folder}")
+        raise TrainingCheckpointError(f"DeepSpeed could not load the checkpoint in {folder}")
     load_rng_state(folder, rank)
     return state
 
