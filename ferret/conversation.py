@@ -135,7 +135,7 @@ def encode_prompt_with_offsets(prompt: str, tokenizer) -> tuple[list[int], list[
     if REGION_TOKEN in prompt and _single_token_id(tokenizer, REGION_TOKEN) is None:
         raise ValueError(
             f"the tokenizer has no {REGION_TOKEN} token; add it as a special token "
-            "(ferret.tokenizer.add_ferret_tokens) before tokenising region prompts"
+            "(ferret.data.synthetic_tokenizer.add_ferret_tokens) before tokenising region prompts"
         )
     image_id = _single_token_id(tokenizer, IMAGE_TOKEN)
     if image_id is not None:
