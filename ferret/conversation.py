@@ -1,6 +1,6 @@
 """The ``ferret_v1`` conversation template and conversation tokenisation with label masking.
 
-Prompt layout (released ``conversation.py``, two-separator style)::
+Prompt layout (the released ``ferret_v1`` template, two-separator style)::
 
     SYSTEM + " " + "USER: " + msg + " " + "ASSISTANT: " + reply + "</s>" + "USER: " ... "ASSISTANT:"
 

@@ -3,10 +3,10 @@
 * LLaVA conversation json (a list of {"id", "image", "conversations"} without regions) needs
   no reader of its own: it is GRIT's dict form without boxes, read by
   `ferret.data.grit.load_grit_file` and encoded by `GritDataset`.
-* RefCOCO / RefCOCO+ / RefCOCOg (MDETR-style COCO json, released `eval/model_refcoco.py`): one
-  image entry per referring expression (`caption`) with exactly one annotation box.
-* Flickr30k Entities (MDETR-style COCO json, released `eval/model_flickr.py`): one image entry
-  per caption; `tokens_positive_eval` spans name the phrases, annotations hold the boxes.
+* RefCOCO / RefCOCO+ / RefCOCOg (MDETR-style COCO json, as the released evaluation reads it):
+  one image entry per referring expression (`caption`) with exactly one annotation box.
+* Flickr30k Entities (MDETR-style COCO json, as the released evaluation reads it): one image
+  entry per caption; `tokens_positive_eval` spans name the phrases, annotations hold the boxes.
 
 COCO boxes are [x, y, w, h]; records carry [x1, y1, x2, y2] = [x, y, x + w, y + h] in pixels,
 unclipped (the released evaluation's clip has no effect). Questions are the released prompts.
