@@ -13,8 +13,9 @@ pixels are found without the permutation or the pixel list:
 * rank r (the r-th pixel in nonzero() order, row-major over (x, y)) lies in the first row whose
   running pixel count exceeds r, at that row's (r - pixels before it)-th set pixel.
 
-Masks, the generator or sizes outside that case (a CUDA generator, n >= 2**32 / 20) go to the
-reference. `kernels/tests/test_mask_points_cpu.py` checks equality with it, generator state
+Replaying the swaps costs one generator call each, so masks of at most `LISTED_MASK_PIXELS`
+pixels (at most 24 MB listed) are sampled as the reference samples them; so are masks outside
+the case above (a CUDA generator, n >= 2**32 / 20). `kernels/tests/test_mask_points_cpu.py` checks equality with it, generator state
 included.
 """
 
@@ -28,6 +29,8 @@ __all__ = ["sample_mask_points", "mask_average_pool", "pixels_at_ranks", "randpe
 
 # torch's CPU randperm shuffles n < this with random() % (n - i); above it, another algorithm.
 RANDPERM_FISHER_YATES_LIMIT = (2**32 - 1) // 20
+# Masks up to this size are listed like the reference lists them (cheaper; at most 24 MB).
+LISTED_MASK_PIXELS = 1 << 20
 # Pixels per chunk of the row counts and row scans: bounds their int64/int32 scratch (2 MB).
 _CHUNK_PIXELS = 1 << 18
 
@@ -92,6 +95,15 @@ def _pixel_count(mask: torch.Tensor, region: int) -> tuple[torch.Tensor, int]:
     return counts, total
 
 
+def _unlisted_count(mask: torch.Tensor, region: int) -> tuple[torch.Tensor, int] | None:
+    """(row counts, pixel count) of a mask to sample without listing it; None for one the
+    reference's way suits (small, or beyond randperm's Fisher-Yates range)."""
+    if mask.numel() <= LISTED_MASK_PIXELS:
+        return None
+    counts, total = _pixel_count(mask, region)
+    return (counts, total) if total < RANDPERM_FISHER_YATES_LIMIT else None
+
+
 def sample_mask_points(
     masks: reference.MaskInput, num_points: int, generator: torch.Generator | None = None
 ) -> torch.Tensor:
@@ -106,10 +118,11 @@ def sample_mask_points(
         return reference.sample_mask_points(mask_list, num_points, generator)
     sampled = []
     for region, mask in enumerate(mask_list):
-        counts, total = _pixel_count(mask, region)
-        if total >= RANDPERM_FISHER_YATES_LIMIT:
-            sampled.append(reference.sample_mask_points([mask], num_points, generator)[0])
+        counted = _unlisted_count(mask, region)
+        if counted is None:
+            sampled.append(reference._sample_one_mask(mask, region, num_points, generator))
             continue
+        counts, total = counted
         if total >= num_points:
             ranks = randperm_prefix(total, num_points, generator)
         else:  # every pixel once, then draws with replacement (as the reference)
@@ -138,9 +151,9 @@ def mask_average_pool(
         return reference.mask_average_pool(feature_maps, mask_list, image_index, num_points, layout, generator)
     chosen = []
     for region, mask in enumerate(mask_list):
-        counts, total = _pixel_count(mask, region)
-        if num_points < total < RANDPERM_FISHER_YATES_LIMIT:
-            pixels = pixels_at_ranks(mask, counts, randperm_prefix(total, num_points, generator))
+        counted = _unlisted_count(mask, region)
+        if counted is not None and counted[1] > num_points:
+            pixels = pixels_at_ranks(mask, counted[0], randperm_prefix(counted[1], num_points, generator))
         else:
             pixels = reference._mask_pool_pixels(mask, region, num_points, generator)
         chosen.append(reference._normalise(pixels, mask))

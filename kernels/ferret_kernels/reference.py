@@ -93,18 +93,20 @@ def sample_mask_points(
     mask_list = _as_mask_list(masks)
     if not mask_list:
         raise ValueError("no masks given")
-    sampled = []
-    for region, mask in enumerate(mask_list):
-        pixels = _mask_pixels(mask, region)
-        count = pixels.shape[0]
-        device = _random_device(generator, pixels.device)
-        if count >= num_points:
-            chosen = torch.randperm(count, generator=generator, device=device)[:num_points]
-        else:
-            extra = torch.randint(0, count, (num_points - count,), generator=generator, device=device)
-            chosen = torch.cat([torch.arange(count, device=device), extra])
-        sampled.append(_normalise(pixels[chosen.to(pixels.device)], mask))
-    return torch.stack(sampled)
+    return torch.stack([_sample_one_mask(mask, region, num_points, generator) for region, mask in enumerate(mask_list)])
+
+
+def _sample_one_mask(mask: torch.Tensor, region: int, num_points: int, generator: torch.Generator | None) -> torch.Tensor:
+    """`sample_mask_points` of one (W, H) bool mask -> [num_points, 2]."""
+    pixels = _mask_pixels(mask, region)
+    count = pixels.shape[0]
+    device = _random_device(generator, pixels.device)
+    if count >= num_points:
+        chosen = torch.randperm(count, generator=generator, device=device)[:num_points]
+    else:
+        extra = torch.randint(0, count, (num_points - count,), generator=generator, device=device)
+        chosen = torch.cat([torch.arange(count, device=device), extra])
+    return _normalise(pixels[chosen.to(pixels.device)], mask)
 
 
 def mask_points_nonzero_order(mask: torch.Tensor, num_points: int) -> torch.Tensor:

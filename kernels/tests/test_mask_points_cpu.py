@@ -13,6 +13,12 @@ import torch
 from ferret_kernels import mask_points_cpu, ops, reference
 
 
+@pytest.fixture
+def unlisted(monkeypatch):
+    """Every mask goes the row-count way, however small (by default small ones are listed)."""
+    monkeypatch.setattr(mask_points_cpu, "LISTED_MASK_PIXELS", 0)
+
+
 def _random_masks(seed: int) -> list[torch.Tensor]:
     """A few (W, H) masks of one random size: random density, one pixel, full, a single row."""
     gen = torch.Generator().manual_seed(seed)
@@ -29,7 +35,7 @@ def _random_masks(seed: int) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("seed", range(12))
 @pytest.mark.parametrize("num_points", [1, 5, 64, 512])
-def test_same_points_and_generator_state_as_the_reference(seed, num_points):
+def test_same_points_and_generator_state_as_the_reference(seed, num_points, unlisted):
     masks = _random_masks(seed)
     ours_gen, ref_gen = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
     ours = mask_points_cpu.sample_mask_points(masks, num_points, ours_gen)
@@ -40,7 +46,7 @@ def test_same_points_and_generator_state_as_the_reference(seed, num_points):
 
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("num_points", [1, 7, 512, None])
-def test_mask_average_pool_same_as_the_reference(seed, num_points):
+def test_mask_average_pool_same_as_the_reference(seed, num_points, unlisted):
     masks = _random_masks(seed)
     maps = torch.randn(2, 16, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
     index = torch.tensor([0, 1, 1, 0])
@@ -51,7 +57,7 @@ def test_mask_average_pool_same_as_the_reference(seed, num_points):
     assert torch.equal(ours_gen.get_state(), ref_gen.get_state())
 
 
-def test_the_default_generator_is_used_like_the_reference():
+def test_the_default_generator_is_used_like_the_reference(unlisted):
     masks = _random_masks(3)
     torch.manual_seed(11)
     ours = mask_points_cpu.sample_mask_points(masks, 100)
@@ -79,7 +85,9 @@ def test_pixels_at_ranks_is_nonzero_indexed():
     assert torch.equal(mask_points_cpu.pixels_at_ranks(mask, mask_points_cpu.row_counts(mask), ranks), pixels[ranks])
 
 
-def test_empty_mask_is_named_like_the_reference():
+@pytest.mark.parametrize("listed", [0, 1 << 20])
+def test_empty_mask_is_named_like_the_reference(listed, monkeypatch):
+    monkeypatch.setattr(mask_points_cpu, "LISTED_MASK_PIXELS", listed)
     masks = [torch.ones(3, 3, dtype=torch.bool), torch.zeros(4, 2, dtype=torch.bool)]
     with pytest.raises(ValueError, match=r"region 1: mask of shape \(4, 2\) is empty"):
         mask_points_cpu.sample_mask_points(masks, 8)
