@@ -34,10 +34,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "kernels") not in sys.path:
     sys.path.insert(0, str(ROOT / "kernels"))
 
-from ferret_kernels import fast, ops, reference  # noqa: E402
-from ferret_kernels.params import SamplerParams, StageParams  # noqa: E402
+from ferret_kernels import folded, ops, reference  # noqa: E402
+from ferret_kernels.params import SamplerGeometry, SamplerParams, StageParams  # noqa: E402
 
-WIDTH, LLM_WIDTH, POINTS, SUB_POINTS, NEIGHBOURS, IMAGE_SIDE, GRID = 1024, 4096, 512, (128, 32), (24, 24), 336, 576
+WIDTH, LLM_WIDTH, POINTS, IMAGE_SIDE, GRID = 1024, 4096, 512, 336, 576
+GEOMETRY = SamplerGeometry()  # the released sampler's
 FULL_CASES = ((1, 1), (16, 2), (64, 4))
 SMALL_CASES = ((1, 1), (4, 2), (8, 4))
 
@@ -63,9 +64,9 @@ def make_inputs(images: int, per_image: int, dtype: torch.dtype, device: torch.d
         StageParams(rand(d, d), rand(d, scale=0.02), rand(WIDTH, 2 * d, 1), rand(WIDTH, scale=0.02),
                     (1 + 0.1 * torch.randn(WIDTH, generator=gen)).to(device=device, dtype=dtype).requires_grad_(),
                     rand(WIDTH, scale=0.02))
-        for _ in SUB_POINTS
+        for _ in GEOMETRY.num_sub_point
     )
-    params = SamplerParams(stages, rand(WIDTH, SUB_POINTS[-1] * WIDTH), rand(WIDTH, scale=0.02),
+    params = SamplerParams(stages, rand(WIDTH, GEOMETRY.num_sub_point[-1] * WIDTH), rand(WIDTH, scale=0.02),
                            rand(LLM_WIDTH, WIDTH), rand(LLM_WIDTH, scale=0.02))
     leaves = [t for s in stages for t in s[:6]] + [params.flatten_weight, params.flatten_bias, params.dim_weight, params.dim_bias]
     regions = images * per_image
@@ -86,9 +87,9 @@ def whole_sampler(inputs: Inputs, backend: str, seed: int = 0) -> torch.Tensor:
     points = ops.sample_mask_points(inputs.masks, POINTS, gen, backend=backend)
     if backend == "reference":  # the released data flow: features of every point, then the sampler
         features = ops.point_features(inputs.maps, points, inputs.image_index, "official", backend=backend)
-        return ops.geo_region_sampler(points, features, inputs.params, SUB_POINTS, NEIGHBOURS, "max", None, gen, backend=backend)
+        return ops.geo_region_sampler(points, features, inputs.params, GEOMETRY, "max", None, gen, backend=backend)
     return ops.geo_region_sampler_from_maps(
-        inputs.maps, points, inputs.image_index, inputs.params, SUB_POINTS, NEIGHBOURS, "max", None, gen, "official", backend=backend
+        inputs.maps, points, inputs.image_index, inputs.params, GEOMETRY, "max", None, gen, "official", backend=backend
     )
 
 
@@ -176,9 +177,9 @@ def reference_group_stage(point_rows_xy, features, anchor_index, neighbour_index
 
 def ours_group_stage(xy, features, anchor_index, neighbour_index, stage: StageParams, group_pool=None):
     """The folded stage after FPS and kNN; `group_pool` defaults to the Triton kernel on CUDA."""
-    folded, w_a, w_b, bias = fast.fold_stage_weights(stage, xy.shape[0] * xy.shape[1])
-    point_u = fast.point_projection(features, xy.to(features.dtype), stage, folded, w_a)
-    anchor_v = fast.anchor_projection(
+    folded_weight, w_a, w_b, bias = folded.fold_stage_weights(stage, xy.shape[0] * xy.shape[1])
+    point_u = folded.point_projection(features, xy.to(features.dtype), stage, folded_weight, w_a)
+    anchor_v = folded.anchor_projection(
         reference.gather_points(features, anchor_index), reference.gather_points(xy, anchor_index).to(features.dtype),
         reference.gather_points(point_u, anchor_index), w_b, bias,
     )
@@ -186,7 +187,7 @@ def ours_group_stage(xy, features, anchor_index, neighbour_index, stage: StagePa
         if features.device.type == "cuda":
             from ferret_kernels.group_pool import group_pool
         else:
-            group_pool = fast.group_pool
+            group_pool = folded.group_pool
     return group_pool(point_u, anchor_v, neighbour_index, stage.ln_weight, stage.ln_bias, stage.ln_eps, "max")
 
 
@@ -200,9 +201,10 @@ def kernel_cases(inputs: Inputs, device: torch.device):
     with torch.no_grad():
         features = reference.point_features(inputs.maps, points, inputs.image_index)
     features.requires_grad_()
-    anchors = reference.farthest_point_sample(points, SUB_POINTS[0], 0)
+    sub, k = GEOMETRY.num_sub_point[0], GEOMETRY.num_neighbor[0]
+    anchors = reference.farthest_point_sample(points, sub, 0)
     anchor_xy = reference.gather_points(points, anchors)
-    neighbours = reference.knn_indices(anchor_xy, points, NEIGHBOURS[0])
+    neighbours = reference.knn_indices(anchor_xy, points, k)
     inputs.knn_geometry = (anchor_xy, points)  # for the value check of the kNN row
     stage = inputs.params.stages[0]
     masks, maps, index = inputs.masks, inputs.maps, inputs.image_index
@@ -212,15 +214,15 @@ def kernel_cases(inputs: Inputs, device: torch.device):
     yield ("point features", lambda: ops.point_features(maps, points, index),
            lambda: reference.point_features(maps, points, index),
            lambda: ops.point_features(maps, points, index, backend="fast"), True)
-    yield (f"fps {POINTS}->{SUB_POINTS[0]}", lambda: ops.farthest_point_sample(points, SUB_POINTS[0], 0),
-           lambda: reference.farthest_point_sample(points, SUB_POINTS[0], 0),
-           lambda: ops.farthest_point_sample(points, SUB_POINTS[0], 0, backend="fast"), False)
-    yield (f"knn k={NEIGHBOURS[0]}", lambda: ops.knn_indices(anchor_xy, points, NEIGHBOURS[0]),
-           lambda: reference.knn_indices(anchor_xy, points, NEIGHBOURS[0]),
-           lambda: ops.knn_indices(anchor_xy, points, NEIGHBOURS[0], backend="fast"), False)
+    yield (f"fps {POINTS}->{sub}", lambda: ops.farthest_point_sample(points, sub, 0),
+           lambda: reference.farthest_point_sample(points, sub, 0),
+           lambda: ops.farthest_point_sample(points, sub, 0, backend="fast"), False)
+    yield (f"knn k={k}", lambda: ops.knn_indices(anchor_xy, points, k),
+           lambda: reference.knn_indices(anchor_xy, points, k),
+           lambda: ops.knn_indices(anchor_xy, points, k, backend="fast"), False)
     yield ("stage-1 group pool", lambda: ours_group_stage(points, features, anchors, neighbours, stage),
            lambda: reference_group_stage(points, features, anchors, neighbours, stage),
-           lambda: ours_group_stage(points, features, anchors, neighbours, stage, fast.group_pool), True)
+           lambda: ours_group_stage(points, features, anchors, neighbours, stage, folded.group_pool), True)
     yield ("mask average pool", lambda: ops.mask_average_pool(maps, masks, index, generator=seeded()),
            lambda: reference.mask_average_pool(maps, masks, index, generator=seeded()),
            lambda: ops.mask_average_pool(maps, masks, index, generator=seeded(), backend="fast"), True)
@@ -364,8 +366,8 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "device": device.type, "device_name": device_name, "dtype": str(dtype).replace("torch.", ""),
         "torch": torch.__version__, "threads": torch.get_num_threads(), "clock": args.clock,
-        "shapes": {"width": WIDTH, "llm_width": LLM_WIDTH, "points": POINTS, "sub_points": SUB_POINTS,
-                   "neighbours": NEIGHBOURS, "grid": GRID, "image_side": IMAGE_SIDE, "pool": "max"},
+        "shapes": {"width": WIDTH, "llm_width": LLM_WIDTH, "points": POINTS, "sub_points": GEOMETRY.num_sub_point,
+                   "neighbours": GEOMETRY.num_neighbor, "grid": GRID, "image_side": IMAGE_SIDE, "pool": "max"},
         "ours": "ops auto route (" + ("triton" if device.type == "cuda" else "fast") + ")",
         "cases": [],
     }

@@ -1,6 +1,6 @@
 """The ``ferret_v1`` conversation template and conversation tokenisation with label masking.
 
-Prompt layout (released ``conversation.py``, two-separator style)::
+Prompt layout (the released ``ferret_v1`` template, two-separator style)::
 
     SYSTEM + " " + "USER: " + msg + " " + "ASSISTANT: " + reply + "</s>" + "USER: " ... "ASSISTANT:"
 
@@ -135,7 +135,7 @@ def encode_prompt_with_offsets(prompt: str, tokenizer) -> tuple[list[int], list[
     if REGION_TOKEN in prompt and _single_token_id(tokenizer, REGION_TOKEN) is None:
         raise ValueError(
             f"the tokenizer has no {REGION_TOKEN} token; add it as a special token "
-            "(ferret.tokenizer.add_ferret_tokens) before tokenising region prompts"
+            "(ferret.data.synthetic_tokenizer.add_ferret_tokens) before tokenising region prompts"
         )
     image_id = _single_token_id(tokenizer, IMAGE_TOKEN)
     if image_id is not None:

@@ -213,7 +213,8 @@ class FerretProcessor:
 
     def __init__(self, tokenizer, image_processor=None, max_length: int | None = None):
         if tokenizer.convert_tokens_to_ids(REGION_TOKEN) in (None, tokenizer.unk_token_id):
-            raise ValueError(f"the tokenizer has no {REGION_TOKEN} token (see ferret.tokenizer.add_ferret_tokens)")
+            raise ValueError(f"the tokenizer has no {REGION_TOKEN} token "
+                             "(see ferret.data.synthetic_tokenizer.add_ferret_tokens)")
         self.tokenizer = tokenizer
         self.image_processor = image_processor if image_processor is not None else build_image_processor()
         self.max_length = max_length

@@ -6,12 +6,12 @@ Conventions (taken from the released Ferret code):
 * Region coordinates are pixel coordinates of the raw image. Integer values index pixels; a box's
   ``x2``/``y2`` is the last pixel it covers (inclusive), as in the released data and demo, whose
   masks are ``mask[x1:x2 + 1, y1:y2 + 1]``.
-* Pixel -> grid (``train.py`` and ``gradio_web_server.py``): ``int(pixel * 1000 / side)``,
-  truncation. Boxes are first clamped into ``[0, side - 1]`` (released ``regulate_box``).
+* Pixel -> grid (as the released training data and demo write regions):
+  ``int(pixel * 1000 / side)``, truncation. Boxes are first clamped into ``[0, side - 1]`` (released ``regulate_box``).
   We add a 1e-7 tolerance before truncating so that float round-off never drops a value one cell
   (``grid_to_pixel`` followed by ``pixel_to_grid`` is then the identity); for integer pixels of
   any image under ten million pixels a side this gives exactly the released numbers.
-* Grid -> pixel (``eval/model_refcoco.py``, ``serve``'s ``resize_bbox``): ``g * side / 1000``;
+* Grid -> pixel (as the released evaluation and demo read boxes back): ``g * side / 1000``;
   the released evaluation then truncates with ``int()``. ``grid_to_pixel`` returns the exact
   float; ``grid_to_box(..., as_int=True)`` reproduces the released truncation.
 * Masks use the official layout: a bool tensor shaped ``(W, H)``, indexed ``[x, y]``.

@@ -25,7 +25,7 @@ TINY_CORPUS = [
 def tiny_tokenizer():
     """A LLaMA-like BPE tokenizer (BOS <s>, EOS </s>, pad <unk>, <region_fea>, <image>)
     trained in-process in milliseconds. Session-scoped: do not mutate it."""
-    from ferret.tokenizer import train_bpe_tokenizer
+    from ferret.data.synthetic_tokenizer import train_bpe_tokenizer
 
     return train_bpe_tokenizer(TINY_CORPUS * 4, vocab_size=600)
 

@@ -121,7 +121,7 @@ def test_tokenize_prompt_without_image_token_in_vocab(tiny_tokenizer):
 
 
 def test_tokenize_prompt_requires_region_token():
-    from ferret.tokenizer import train_bpe_tokenizer
+    from ferret.data.synthetic_tokenizer import train_bpe_tokenizer
 
     tok = train_bpe_tokenizer(["plain text"], vocab_size=300)
 

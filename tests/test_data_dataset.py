@@ -11,7 +11,6 @@ from torch.utils.data import DataLoader
 from ferret.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX, REGION_TOKEN
 from ferret.data.collate import FerretCollator
 from ferret.data.errors import SampleError
-from ferret.data.formats import load_llava_file
 from ferret.data.grit import DataSource, GritDataConfig, GritDataset, load_grit_file
 from ferret.data.synthetic import generate
 from ferret.processing import build_image_processor
@@ -156,8 +155,8 @@ def test_llava_conversations_load_through_the_same_dataset(world, tiny_tokenizer
     ]
     path = tmp_path / "llava_instruct.json"
     path.write_text(json.dumps(llava))
-    samples = load_llava_file(str(path), image_folder="/")
-    assert [s["dataset"] for s in samples] == ["llava_instruct", "llava_instruct"]
+    samples = load_grit_file(str(path), image_folder="/")
+    assert len(samples) == 2
     ds = GritDataset(samples, tiny_tokenizer, processor)
     first, text_only = ds[0], ds[1]
     assert int((first["input_ids"] == IMAGE_TOKEN_INDEX).sum()) == 1

@@ -41,14 +41,6 @@ def test_clip_and_merge_boxes():
         M.merge_boxes([])
 
 
-def test_grid_box_to_pixel_truncates_like_released_scorer():
-    # 500 * 640 / 1000 = 320; 999 * 480 / 1000 = 479.52 -> 479; 333 * 640 / 1000 = 213.12 -> 213.
-    assert M.grid_box_to_pixel([500, 0, 999, 999], 640, 480) == [320, 0, 639, 479]
-    assert M.grid_box_to_pixel([333, 250, 334, 251], 640, 480) == [213, 120, 213, 120]
-    with pytest.raises(ValueError, match="image size"):
-        M.grid_box_to_pixel([0, 0, 1, 1], 0, 10)
-
-
 def test_hit_and_recall_at_k():
     target = [[0, 0, 10, 10]]
     preds = [[100, 100, 110, 110], [0, 0, 10, 9]]  # second one has IoU 0.9
@@ -60,24 +52,10 @@ def test_hit_and_recall_at_k():
     assert M.hit_at_k([[0, 0, 10, 5]], target, k=1)
     # any-box protocol: a hit on either target box counts.
     assert M.hit_at_k([[20, 20, 30, 30]], [[0, 0, 10, 10], [20, 20, 30, 30]], k=1)
-    assert M.recall_at_k([preds, [[0, 0, 10, 10]], []], [target, target, target], k=1) == pytest.approx(1 / 3)
-    assert M.recall_at_k([preds, [[0, 0, 10, 10]], []], [target, target, target], k=10) == pytest.approx(2 / 3)
+    per_query = [preds, [[0, 0, 10, 10]], []]
+    assert M.recall([M.hit_at_k(p, target, k=1) for p in per_query]) == pytest.approx(1 / 3)
+    assert M.recall([M.hit_at_k(p, target, k=10) for p in per_query]) == pytest.approx(2 / 3)
     assert M.recall([]) == 0.0
-
-
-def test_mask_iou_from_arrays_and_rle():
-    a = np.zeros((4, 5), bool)
-    b = np.zeros((4, 5), bool)
-    a[0:2, 0:2] = True  # 4 pixels
-    b[1:3, 1:3] = True  # 4 pixels, overlap 1
-    assert M.mask_iou(a, b) == pytest.approx(1 / 7)
-    from pycocotools import mask as cm
-    rle = cm.encode(np.asfortranarray(a.astype(np.uint8)))
-    rle_json = {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
-    assert M.mask_iou(rle_json, a) == pytest.approx(1.0)
-    assert M.mask_iou(np.zeros((3, 3)), np.zeros((3, 3))) == 0.0
-    with pytest.raises(ValueError, match="sizes differ"):
-        M.mask_iou(a, np.zeros((5, 4), bool))
 
 
 def test_decode_grounded_boxes_phrases_and_pixels():
@@ -88,6 +66,10 @@ def test_decode_grounded_boxes_phrases_and_pixels():
     assert boxes[2].grid_box == (500, 500, 999, 999)
     assert boxes[2].box == (100, 50, 199, 99)
     assert M.decode_grounded_boxes("no boxes here [x, y, z, w]", 10, 10) == []
+    # Pixel boxes truncate like the released scorers: 999 * 480 / 1000 = 479.52 -> 479,
+    # 333 * 640 / 1000 = 213.12 -> 213.
+    assert M.decode_grounded_boxes("it [500, 0, 999, 999]", 640, 480)[0].box == (320, 0, 639, 479)
+    assert M.decode_grounded_boxes("it [333, 250, 334, 251]", 640, 480)[0].box == (213, 120, 213, 120)
 
 
 def test_phrase_match():

@@ -1,5 +1,5 @@
 """Conv vision tower, number tokens and the training-only grounding supervision
-(ferret.model.vision_tower.ConvVisionTower, ferret.tokenizer number tokens, ferret.training.grounding)."""
+(ferret.model.vision_tower.ConvVisionTower, ferret.data.synthetic_tokenizer number tokens, ferret.training.grounding)."""
 
 import random
 
@@ -10,7 +10,7 @@ from ferret.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from ferret.model.configuration_ferret import FerretConfigError
 from ferret.model.tiny import build_tiny_model
 from ferret.model.vision_tower import ConvVisionConfig, ConvVisionTower
-from ferret.tokenizer import number_token_ids, train_bpe_tokenizer
+from ferret.data.synthetic_tokenizer import number_token_ids, train_bpe_tokenizer
 from ferret.training.grounding import (
     AttentionSupervision,
     answer_box_spans,

@@ -76,7 +76,7 @@ def test_free_form_mask_and_bbox():
 
 
 def test_pixel_to_grid_matches_released_truncation():
-    # int(pixel * 1000 / side), released train.py / gradio demo
+    # int(pixel * 1000 / side), as the released training data and demo write coordinates
     assert pixel_to_grid(0, 640) == 0
     assert pixel_to_grid(639, 640) == int(639 * 1000 / 640) == 998
     assert pixel_to_grid(123, 457) == int(123 * 1000 / 457)

@@ -186,3 +186,21 @@ def test_local_image_paths_stay_inside_the_allowed_folder(tmp_path):
         resolve_local_image(str(allowed / "a.png"), None)
     with pytest.raises(RequestError, match="does not exist"):
         resolve_local_image(str(allowed / "missing.png"), allowed.resolve())
+
+
+def test_the_openai_router_knows_the_worker_only_through_its_protocol():
+    """One-way dependency: the router module does not import the worker module, and the worker
+    has every method of the `ChatWorker` protocol the router is built on."""
+    import subprocess
+    import sys
+
+    from ferret.serve.model_worker import ModelWorker
+    from ferret.serve.openai_api import ChatWorker
+
+    probe = "import sys, ferret.serve.openai_api; print('ferret.serve.model_worker' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
+    methods = [name for name, value in vars(ChatWorker).items() if callable(value) or isinstance(value, property)]
+    assert {"model_names", "admit", "check_request", "open_stream", "grounding"} <= set(methods)
+    assert all(hasattr(ModelWorker, name) for name in methods if not name.startswith("_"))

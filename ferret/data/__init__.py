@@ -8,7 +8,8 @@
     rle.py              COCO RLE masks through pycocotools
     errors.py           DataFormatError, SampleError (skip reasons), read_json
     synthetic.py        the synthetic GRIT world (python -m ferret.data.synthetic)
-    build_tokenizer.py  the small BPE tokenizer (python -m ferret.data.build_tokenizer)
+    synthetic_tokenizer.py  the synthetic world's small LLaMA-like BPE, trained in-process
+    build_tokenizer.py  trains it on the synthetic corpus (python -m ferret.data.build_tokenizer)
     throughput.py       loader throughput (python -m ferret.data.throughput)
 
 Kept import-free so the command-line modules start fast.

@@ -1,11 +1,11 @@
-"""Train the small BPE tokenizer on a synthetic GRIT corpus.
+"""Train the synthetic world's BPE tokenizer (`ferret.data.synthetic_tokenizer`) on its corpus.
 
     python -m ferret.data.build_tokenizer --data data/synth --out ferret/assets/tokenizer --vocab-size 600 [--number-tokens]
 
 The corpus is every training conversation written in the ferret_v1 template, with its
 placeholders replaced by grid boxes (human turns with ` <region_fea>`), plus the template
-texts `ferret.tokenizer.train_bpe_tokenizer` always adds. After saving, the folder is reloaded
-with `AutoTokenizer` (offline) and checked: `<region_fea>` and `<image>` are one id each and
+texts `train_bpe_tokenizer` always adds. After saving, the folder is reloaded with
+`AutoTokenizer` (offline) and checked: `<region_fea>` and `<image>` are one id each and
 decoding reproduces the text. Prints the mean token length of a sample.
 """
 
@@ -77,7 +77,7 @@ def check_saved(out: str, probe: str) -> None:
 
 def build(data_dir: str, out: str, vocab_size: int, max_samples: int | None = None,
           number_tokens: bool = False) -> dict:
-    from ferret.tokenizer import train_bpe_tokenizer
+    from ferret.data.synthetic_tokenizer import train_bpe_tokenizer
 
     train_path = os.path.join(data_dir, "train.json")
     samples = load_grit_file(train_path, check_images=False)

@@ -1,34 +1,33 @@
 """Readers for the other data formats Ferret uses, as typed records.
 
-* LLaVA conversation json (a list of {"id", "image", "conversations"} without regions): the
-  same dict form as GRIT samples, loaded through `GritDataset`.
-* RefCOCO / RefCOCO+ / RefCOCOg (MDETR-style COCO json, released `eval/model_refcoco.py`): one
-  image entry per referring expression (`caption`) with exactly one annotation box.
-* Flickr30k Entities (MDETR-style COCO json, released `eval/model_flickr.py`): one image entry
-  per caption; `tokens_positive_eval` spans name the phrases, annotations hold the boxes.
+* LLaVA conversation json (a list of {"id", "image", "conversations"} without regions) needs
+  no reader of its own: it is GRIT's dict form without boxes, read by
+  `ferret.data.grit.load_grit_file` and encoded by `GritDataset`.
+* RefCOCO / RefCOCO+ / RefCOCOg (MDETR-style COCO json, as the released evaluation reads it):
+  one image entry per referring expression (`caption`) with exactly one annotation box.
+* Flickr30k Entities (MDETR-style COCO json, as the released evaluation reads it): one image
+  entry per caption; `tokens_positive_eval` spans name the phrases, annotations hold the boxes.
 
 COCO boxes are [x, y, w, h]; records carry [x1, y1, x2, y2] = [x, y, x + w, y + h] in pixels,
 unclipped (the released evaluation's clip has no effect). Questions are the released prompts.
-These readers are the one parser of both files: training reads them directly and
-`ferret.eval.refcoco` / `ferret.eval.flickr` build their samples on the records.
+These readers are the one parser of both files: `ferret.eval.refcoco` / `ferret.eval.flickr`
+build their samples on the records.
 """
 
 from __future__ import annotations
 
-import os
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass, field
 from collections.abc import Callable
 from typing import Any
 
 from ferret.data.errors import DataFormatError, read_json
-from ferret.data.grit import load_grit_file
 
 REFEXP_QUESTION = "What is the location of <obj> in the image?"
 FLICKR_QUESTION = "What are the locations of <objs>?"
 EXTRA_KEYS = ("sentence_id", "original_img_id", "original_id", "task_id")
 
-Box = tuple[float, float, float, float]
+XyxyBox = tuple[float, float, float, float]  # [x, y, x + w, y + h] pixels; x2 is an exclusive edge, unlike ferret.regions.Box
 Span = tuple[int, int]  # [start, end) character offsets into a caption
 
 
@@ -37,7 +36,7 @@ def remove_punctuation(text: str) -> str:
     return text.replace(",", "").strip()
 
 
-def xywh_to_xyxy(box: Any) -> Box:
+def xywh_to_xyxy(box: Any) -> XyxyBox:
     if not (isinstance(box, (list, tuple)) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)):
         raise ValueError(f"COCO bbox must be [x, y, w, h] numbers, got {box!r}")
     x, y, w, h = (float(v) for v in box)
@@ -58,7 +57,7 @@ class RefExpRecord:
     caption: str  # the referring expression
     width: int
     height: int
-    box: Box  # x1, y1, x2, y2 pixels
+    box: XyxyBox  # x1, y1, x2, y2 pixels
     dataset_name: str | None = None
     extras: dict = field(default_factory=dict)
 
@@ -75,7 +74,7 @@ class FlickrRecord:
     width: int
     height: int
     entities: tuple[str, ...]  # phrases of `tokens_positive_eval`, lower-cased, commas removed
-    boxes: tuple[Box, ...]  # every annotation box, file order
+    boxes: tuple[XyxyBox, ...]  # every annotation box, file order
     box_tokens_positive: tuple[tuple[Span, ...], ...]  # caption spans of each box
     entity_spans: tuple[Span, ...] = ()  # caption span of each entity (its first span)
     dataset_name: str | None = None
@@ -90,7 +89,7 @@ class FlickrRecord:
         start, end = self.entity_spans[index]
         return self.caption[start:end]
 
-    def entity_boxes(self, index: int) -> tuple[Box, ...]:
+    def entity_boxes(self, index: int) -> tuple[XyxyBox, ...]:
         """The boxes of entity `index`: those whose `tokens_positive` overlap its caption span."""
         span = self.entity_spans[index]
         return tuple(box for box, spans in zip(self.boxes, self.box_tokens_positive)
@@ -98,13 +97,6 @@ class FlickrRecord:
 
 
 # ---------------------------------------------------------------- readers
-
-
-def load_llava_file(path: str, image_folder: str | None = None, check_images: bool = True,
-                    skipped: Counter | None = None) -> list[dict]:
-    """LLaVA conversations: GRIT samples without boxes (tagged dataset 'llava_instruct')."""
-    return [dict(s, dataset=s.get("dataset", "llava_instruct"))
-            for s in load_grit_file(path, image_folder, check_images, skipped)]
 
 
 def load_refexp(path: str, bad_entries: list[str] | None = None) -> list[RefExpRecord]:
@@ -198,7 +190,7 @@ def _entry_header(path: str, k: int, image: Any, need: tuple[str, ...]) -> dict:
             "extras": {key: image[key] for key in EXTRA_KEYS if key in image}}
 
 
-def _box(path: str, k: int, ann: dict) -> Box:
+def _box(path: str, k: int, ann: dict) -> XyxyBox:
     try:
         return xywh_to_xyxy(ann.get("bbox"))
     except ValueError as err:
@@ -222,10 +214,3 @@ def _annotation_spans(path: str, k: int, ann: dict) -> tuple[Span, ...]:
                               "[start, end] spans")
     return tuple(spans)
 
-
-def resolve_image(folder: str, record: RefExpRecord | FlickrRecord) -> str:
-    """Full path of a record's image (FileNotFoundError naming it when absent)."""
-    path = os.path.join(folder, record.file_name)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"image of record {record.image_id} not found: {path}")
-    return path

@@ -296,7 +296,7 @@ def render_sample(sample: dict, rng: np.random.Generator, config: GritDataConfig
             key = box.coords
             seg = segment(k)
             if fmt == "free_form":
-                # The scribble is the region itself (DESIGN.md step 4), not cut by the segment.
+                # The scribble is the region itself (it is drawn on the object), not cut by the segment.
                 region, seg = FreeForm(decode_rle(scribbles[t][k], (height, width))), None
             elif key in point_cache:
                 region = point_cache[key]

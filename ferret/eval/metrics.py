@@ -8,11 +8,10 @@ boxes on the 0-999 grid, mapped back to pixels by truncation.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from pycocotools import mask as coco_mask
 
 from ferret.regions import grid_to_box, parse_grounding
 
@@ -67,12 +66,6 @@ def merge_boxes(boxes: Iterable[BoxLike]) -> list[float]:
             float(arr[:, 2].max()), float(arr[:, 3].max())]
 
 
-def grid_box_to_pixel(grid_box: BoxLike, width: int, height: int) -> list[int]:
-    """A 0-999 grid box from the model's text -> pixel box on a `width` x `height` image,
-    truncating `g * side / 1000` as the released scorers do."""
-    return list(grid_to_box(_four_numbers(grid_box), width, height, as_int=True))
-
-
 def hit_at_k(pred_boxes: Sequence[BoxLike], target_boxes: Sequence[BoxLike], k: int | None,
              iou_threshold: float = IOU_THRESHOLD) -> bool:
     """True when one of the first `k` predictions (all when k is None) overlaps any target
@@ -88,29 +81,6 @@ def hit_at_k(pred_boxes: Sequence[BoxLike], target_boxes: Sequence[BoxLike], k: 
 def recall(hits: Sequence[bool]) -> float:
     """Fraction of hits; 0.0 for an empty list (nothing found is nothing recalled)."""
     return float(sum(bool(h) for h in hits)) / len(hits) if hits else 0.0
-
-
-def recall_at_k(pred_boxes_per_query: Sequence[Sequence[BoxLike]],
-                target_boxes_per_query: Sequence[Sequence[BoxLike]], k: int | None,
-                iou_threshold: float = IOU_THRESHOLD) -> float:
-    """Recall@k over queries: share of queries with a hit among their first k predictions."""
-    if len(pred_boxes_per_query) != len(target_boxes_per_query):
-        raise ValueError("one prediction list per query is required")
-    return recall([hit_at_k(p, t, k, iou_threshold)
-                   for p, t in zip(pred_boxes_per_query, target_boxes_per_query)])
-
-
-# ----------------------------------------------------------------------------- masks
-
-def mask_iou(mask1, mask2) -> float:
-    """IoU of two binary masks, given as (H, W) arrays or COCO RLE dicts, via pycocotools."""
-    rle1 = _to_rle(mask1)
-    rle2 = _to_rle(mask2)
-    if list(rle1["size"]) != list(rle2["size"]):
-        raise ValueError(f"mask sizes differ: {rle1['size']} vs {rle2['size']}")
-    if coco_mask.area(rle1) == 0 and coco_mask.area(rle2) == 0:
-        return 0.0
-    return float(coco_mask.iou([rle1], [rle2], [0])[0, 0])
 
 
 # ----------------------------------------------------------------------------- answers
@@ -155,14 +125,6 @@ def parse_yes_no(text: str) -> str | None:
     first_sentence = text.split(".")[0].replace(",", "")
     words = first_sentence.split(" ")
     return "no" if any(w in ("no", "No", "not") for w in words) else "yes"
-
-
-@dataclass(frozen=True)
-class BinaryCounts:
-    tp: int
-    fp: int
-    tn: int
-    fn: int
 
 
 def binary_classification_metrics(predictions: Sequence[str | None], labels: Sequence[str]) -> dict:
@@ -253,18 +215,3 @@ def _as_box_array(boxes: Iterable[BoxLike]) -> np.ndarray:
 
 def _areas(boxes: np.ndarray) -> np.ndarray:
     return np.clip(boxes[:, 2] - boxes[:, 0], 0, None) * np.clip(boxes[:, 3] - boxes[:, 1], 0, None)
-
-
-def _to_rle(mask) -> dict:
-    if isinstance(mask, Mapping):
-        if "size" not in mask or "counts" not in mask:
-            raise ValueError("an RLE mask needs 'size' and 'counts'")
-        counts = mask["counts"]
-        if isinstance(counts, list):  # uncompressed RLE
-            return coco_mask.frPyObjects(dict(mask), *mask["size"])
-        return {"size": list(mask["size"]),
-                "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
-    arr = np.asarray(mask)
-    if arr.ndim != 2:
-        raise ValueError(f"a mask must be 2-D (H, W), got shape {arr.shape}")
-    return coco_mask.encode(np.asfortranarray(arr.astype(np.uint8)))

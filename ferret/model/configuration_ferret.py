@@ -19,12 +19,11 @@ from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, CLIPVisionConfig, LlamaConfig, PreTrainedConfig
 
 from ferret.model.vision_tower import ConvVisionConfig
+from ferret_kernels.params import FEATURE_LAYOUTS, POOLER_MODES, SamplerGeometry
 
 CONV_TOWER_TYPE = ConvVisionConfig.model_type
 CONV_TOWER_FIELDS = ("image_size", "channels", "strides", "blocks_per_stage", "norm_groups", "position_embedding")
 
-FEATURE_LAYOUTS = ("official", "aligned")
-POOLER_MODES = ("max", "mean")
 SELECT_FEATURES = ("patch", "cls_patch")
 
 # Hub names of vision towers whose shapes we know, so a config naming them builds offline (the
@@ -65,8 +64,8 @@ class FerretConfig(LlamaConfig):
     # GeoRegionSampler geometry (the released models use these values; kept configurable so that
     # tiny test models stay cheap).
     sampler_num_init_point: int = 512
-    sampler_num_sub_point: list[int] | tuple[int, ...] = (128, 32)
-    sampler_num_neighbor: list[int] | tuple[int, ...] = (24, 24)
+    sampler_num_sub_point: list[int] | tuple[int, ...] = SamplerGeometry.num_sub_point
+    sampler_num_neighbor: list[int] | tuple[int, ...] = SamplerGeometry.num_neighbor
 
     def __post_init__(self, **kwargs):
         if self.vision_config is not None:

@@ -1,6 +1,6 @@
 """GeoRegionSampler: the region encoder that turns a referred region into one LLM embedding.
 
-Pipeline (DESIGN.md, "Data flow" step 5): sample `num_init_point` points inside each region mask,
+Pipeline (the released sampler's): sample `num_init_point` points inside each region mask,
 bilinearly read the CLIP patch map at them, then per stage: farthest-point sampling, k nearest
 neighbours, a point-wise MLP on (neighbour - anchor) and pooling over the neighbours; finally
 flatten the last stage's points and project to the LLM width.
@@ -19,10 +19,7 @@ import torch
 from torch import nn
 
 from ferret_kernels import ops
-from ferret_kernels.params import SamplerParams, StageParams
-
-FEATURE_LAYOUTS = ("official", "aligned")
-POOLER_MODES = ("max", "mean")
+from ferret_kernels.params import FEATURE_LAYOUTS, POOLER_MODES, SamplerGeometry, SamplerParams, StageParams
 
 
 class SamplerConfigError(ValueError):
@@ -51,8 +48,8 @@ class GeoRegionSampler(nn.Module):
         input_dim: int,
         output_dim: int,
         num_init_point: int = 512,
-        num_sub_point: Sequence[int] = (128, 32),
-        num_neighbor: Sequence[int] = (24, 24),
+        num_sub_point: Sequence[int] = SamplerGeometry.num_sub_point,
+        num_neighbor: Sequence[int] = SamplerGeometry.num_neighbor,
         pooler_mode: str = "max",
         feature_layout: str = "official",
     ):
@@ -68,6 +65,7 @@ class GeoRegionSampler(nn.Module):
         self.num_init_point = num_init_point
         self.num_sub_point = num_sub_point
         self.num_neighbor = num_neighbor
+        self.geometry = SamplerGeometry(num_sub_point, num_neighbor)
         self.pooler_mode = pooler_mode
         self.feature_layout = feature_layout
 
@@ -144,8 +142,7 @@ class GeoRegionSampler(nn.Module):
             points,
             features.to(weight_dtype),
             self.params(),
-            num_sub_point=self.num_sub_point,
-            num_neighbor=self.num_neighbor,
+            geometry=self.geometry,
             pool=self.pooler_mode,
             fps_start=fps_start,
             generator=generator,
@@ -182,8 +179,7 @@ class GeoRegionSampler(nn.Module):
             points,
             index,
             self.params(),
-            num_sub_point=self.num_sub_point,
-            num_neighbor=self.num_neighbor,
+            geometry=self.geometry,
             pool=self.pooler_mode,
             generator=generator,
             layout=self.feature_layout,

@@ -77,7 +77,7 @@ def tiny_config(
 
 def build_tiny_tokenizer(save_dir: str | Path | None = None):
     """A BPE tokenizer (with `<region_fea>`) trained in-process on TINY_CORPUS."""
-    from ferret.tokenizer import train_bpe_tokenizer
+    from ferret.data.synthetic_tokenizer import train_bpe_tokenizer
 
     return train_bpe_tokenizer(TINY_CORPUS, vocab_size=400, save_dir=save_dir)
 

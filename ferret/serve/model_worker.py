@@ -25,6 +25,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from ferret.processing import MAX_IMAGE_PIXELS
+from ferret.regions import GroundedRegion
 from ferret.serve.auth import ApiKeyError, add_api_key_arguments, auth_headers, install_api_key_check, resolve_api_key
 from ferret.serve.engine import ChatEngine, format_bytes
 from ferret.serve.protocol import (
@@ -33,6 +34,7 @@ from ferret.serve.protocol import (
     ServeLimits,
     check_generate_request,
     chunk,
+    declared_length,
     decode_request,
     grounded_to_json,
     read_json_body,
@@ -44,7 +46,8 @@ DEFAULT_HEARTBEAT_INTERVAL = 15.0
 
 
 class ModelWorker:
-    """Runs generation for one engine with bounded concurrency and keeps the controller informed."""
+    """Runs generation for one engine with bounded concurrency and keeps the controller informed.
+    It is the `ChatWorker` the OpenAI router (`ferret.serve.openai_api`) is built on."""
 
     def __init__(
         self,
@@ -175,8 +178,16 @@ class ModelWorker:
     def check(self, data: dict) -> GenerateRequest:
         """JSON object -> checked request, pixels not decoded yet (RequestError on anything wrong)."""
         request = check_generate_request(data, self.limits)
-        self.engine.check(request)
+        self.check_request(request)
         return request
+
+    def check_request(self, request: GenerateRequest) -> None:
+        """RequestError when the model cannot take this request (regions, context length)."""
+        self.engine.check(request)
+
+    def grounding(self, text: str, request: GenerateRequest) -> list[GroundedRegion]:
+        """The phrases and pixel boxes an answer to `request` names."""
+        return self.engine.grounding(text, request)
 
     def prepare(self, data: dict) -> GenerateRequest:
         """JSON object -> checked and decoded request (RequestError on anything wrong)."""
@@ -296,7 +307,7 @@ class ModelWorker:
             return
         finally:
             await texts.aclose()
-        regions = grounded_to_json(self.engine.grounding(text, request))
+        regions = grounded_to_json(self.grounding(text, request))
         yield chunk(text, done=True, regions=regions)
 
 
@@ -381,11 +392,6 @@ def error_response(status: int, message: str, kind: str = "invalid_request_error
     return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status)
 
 
-def _declared_length(request: Request) -> int | None:
-    declared = request.headers.get("content-length")
-    return int(declared) if declared is not None and declared.isdigit() and len(declared) < 16 else None
-
-
 def build_app(worker: ModelWorker) -> FastAPI:
     from ferret.serve.openai_api import build_openai_router
 
@@ -412,7 +418,7 @@ def build_app(worker: ModelWorker) -> FastAPI:
 
     @app.post("/worker_generate_stream")
     async def worker_generate_stream(request: Request):
-        admission = worker.admit(_declared_length(request))
+        admission = worker.admit(declared_length(request))
         try:
             data = await read_json_body(request, worker.limits)
             checked = await run_in_threadpool(worker.check, data)  # no pixels decoded yet

@@ -21,8 +21,9 @@ import json
 import re
 import time
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol, runtime_checkable
 from urllib.parse import unquote, urlparse
 
 from fastapi import APIRouter, Request
@@ -31,11 +32,12 @@ from starlette.concurrency import run_in_threadpool
 
 from ferret.constants import REGION_TOKEN
 from ferret.processing import REGION_PLACEHOLDER
-from ferret.regions import Box, Point, RegionError, grid_to_box, grid_to_point
+from ferret.regions import Box, GroundedRegion, Point, RegionError, grid_to_box, grid_to_point
 from ferret.serve.protocol import (
     GenerateRequest,
     PendingImage,
     RequestError,
+    ServeLimits,
     Turn,
     UnknownModelError,
     _check_header,
@@ -43,16 +45,52 @@ from ferret.serve.protocol import (
     check_region_budget,
     checked_max_new_tokens,
     checked_number,
+    declared_length,
     grounded_to_json,
     read_json_body,
     region_from_json,
     short,
 )
 
-if TYPE_CHECKING:
-    from ferret.serve.model_worker import ModelWorker
+__all__ = [
+    "ChatWorker",
+    "build_openai_router",
+    "parse_chat_completion",
+    "extract_text_regions",
+    "count_text_regions",
+    "resolve_local_image",
+]
 
-__all__ = ["build_openai_router", "parse_chat_completion", "extract_text_regions", "count_text_regions", "resolve_local_image"]
+
+class Admission(Protocol):
+    """A request's reservation in the worker's memory budget."""
+
+    def release(self) -> None: ...
+
+
+@runtime_checkable
+class ChatWorker(Protocol):
+    """What the router needs of the worker that serves it (`ferret.serve.model_worker.ModelWorker`
+    is one); the router knows nothing else of it."""
+
+    limits: ServeLimits
+    allowed_image_dir: Path | None  # local image paths are read only inside it (None: none are)
+
+    @property
+    def model_names(self) -> list[str]: ...
+
+    def admit(self, declared_bytes: int | None) -> Admission:
+        """Reserve room for one request's body; RequestError 503 when the worker holds too much."""
+
+    def check_request(self, request: GenerateRequest) -> None:
+        """RequestError when the model cannot take this request."""
+
+    async def open_stream(self, request: GenerateRequest, http_request: Request | None = None,
+                          admission: Admission | None = None) -> AsyncIterator[str]:
+        """The answer so far after each piece, within the worker's concurrency limit."""
+
+    def grounding(self, text: str, request: GenerateRequest) -> list[GroundedRegion]:
+        """The phrases and pixel boxes an answer names."""
 
 # "[a, b, c, d] <region_fea>" or "[a, b] <region_fea>": a region written as Ferret reads it.
 _REGION_IN_TEXT = re.compile(
@@ -138,7 +176,7 @@ def _message_parts(message: dict, index: int) -> tuple[str, list[str]]:
     return " ".join(t for t in texts if t), images
 
 
-def _load_reference(reference: str, worker: "ModelWorker") -> PendingImage:
+def _load_reference(reference: str, worker: ChatWorker) -> PendingImage:
     """The image a reference names, its header checked (pixels are decoded later, inside the
     worker's concurrency limit)."""
     limits = worker.limits
@@ -158,7 +196,7 @@ def _load_reference(reference: str, worker: "ModelWorker") -> PendingImage:
     return PendingImage(raw, _check_header(raw, limits.max_image_pixels, what), what)
 
 
-def parse_chat_completion(data: dict, worker: "ModelWorker") -> tuple[GenerateRequest, bool]:
+def parse_chat_completion(data: dict, worker: ChatWorker) -> tuple[GenerateRequest, bool]:
     """An OpenAI chat request -> (GenerateRequest, stream?), checked against the worker's limits;
     the image is a PendingImage (and mask regions PendingMasks) until the worker decodes them."""
     messages = data.get("messages")
@@ -226,7 +264,7 @@ def parse_chat_completion(data: dict, worker: "ModelWorker") -> tuple[GenerateRe
             data.get("max_tokens", data.get("max_completion_tokens", 256)), worker.limits, "max_tokens"
         ),
     )
-    worker.engine.check(request)
+    worker.check_request(request)
     return request, stream
 
 
@@ -235,7 +273,7 @@ def _sse(payload: dict | str) -> bytes:
     return f"data: {body}\n\n".encode()
 
 
-def build_openai_router(worker: "ModelWorker") -> APIRouter:
+def build_openai_router(worker: ChatWorker) -> APIRouter:
     router = APIRouter()
 
     @router.get("/v1/models")
@@ -247,9 +285,7 @@ def build_openai_router(worker: "ModelWorker") -> APIRouter:
 
     @router.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        from ferret.serve.model_worker import _declared_length
-
-        admission = worker.admit(_declared_length(request))
+        admission = worker.admit(declared_length(request))
         try:
             data = await read_json_body(request, worker.limits)
             generate, stream = await run_in_threadpool(parse_chat_completion, data, worker)
@@ -279,7 +315,7 @@ def build_openai_router(worker: "ModelWorker") -> APIRouter:
                 "choices": [{
                     "index": 0,
                     "message": {"role": "assistant", "content": text,
-                                "ferret_regions": grounded_to_json(worker.engine.grounding(text, generate))},
+                                "ferret_regions": grounded_to_json(worker.grounding(text, generate))},
                     "finish_reason": "stop",
                 }],
             }

@@ -375,13 +375,20 @@ def check_region_budget(counts: list[int], width: int, height: int, limits: Serv
 # Requests
 
 
+def declared_length(request) -> int | None:
+    """The body size a Starlette request's Content-Length header declares; None when there is
+    none or it is not a plain number of at most 15 digits (the body is then cut while read)."""
+    declared = request.headers.get("content-length")
+    return int(declared) if declared is not None and declared.isdigit() and len(declared) < 16 else None
+
+
 async def read_json_body(request, limits: ServeLimits = ServeLimits()) -> dict:
     """A Starlette request's JSON object; an oversize body is refused from its Content-Length
     header before it is read, and while it streams in when it has none."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limits.max_body_bytes:
+    declared = declared_length(request)
+    if declared is not None and declared > limits.max_body_bytes:
         raise RequestError(
-            f"request body is {int(declared) / 2**20:.1f} MiB, over the {limits.max_body_bytes / 2**20:g} MiB limit", status=413
+            f"request body is {declared / 2**20:.1f} MiB, over the {limits.max_body_bytes / 2**20:g} MiB limit", status=413
         )
     received = bytearray()
     async for part in request.stream():

@@ -47,7 +47,9 @@ class ModelSection:
     base_llm: str | None = None
     vision_tower: str | None = None
     mm_projector: str | None = None
-    feature_layout: Literal["official", "aligned"] = "aligned"  # for base_llm: see DESIGN.md's quirk
+    # for base_llm: "official" reads CLIP features at the transposed point, as the released weights
+    # were trained; "aligned" (new models) at the true point
+    feature_layout: Literal["official", "aligned"] = "aligned"
     tiny: bool = False
     tokenizer: str | None = None  # tokenizer folder for the tiny model (default: trained in-process)
     init_seed: int = 0  # weight init of the tiny model (same on every rank)

@@ -277,11 +277,3 @@ def class_readout_loss(vectors: torch.Tensor, color: torch.Tensor, shape: torch.
         loss = loss + F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
     return loss
 
-
-def dense_readout_accuracy(image_tokens: torch.Tensor, patch_color: torch.Tensor, patch_shape: torch.Tensor,
-                           vocabulary: DenseVocabulary) -> dict[str, float]:
-    """Per-patch colour and shape accuracy of the readout's dedicated channels (for logging)."""
-    nc, ns = vocabulary.num_colors, vocabulary.num_shapes
-    own = image_tokens[:, -patch_color.shape[-1]:, BOX_CHANNELS : BOX_CHANNELS + nc + ns]
-    return {"patch_color_acc": (own[..., :nc].argmax(-1) == patch_color).float().mean().item(),
-            "patch_shape_acc": (own[..., nc:].argmax(-1) == patch_shape).float().mean().item()}

@@ -22,8 +22,8 @@ object is, so training adds:
   positions that write the others, and starts with a value/output map that copies block c.
   Written out, the LM's logits over the number tokens then peak at the object's coordinate.
 * **Number tokens with a smooth code** (`init_number_rows`, `number_smoothing_loss`). With one
-  token per integer 0-999 (`ferret.tokenizer.number_token_ids`), the input and output embedding
-  rows of the numbers start as a sinusoidal code of the value (nearby values: similar rows), and
+  token per integer 0-999 (`ferret.data.synthetic_tokenizer.number_token_ids`), the input and
+  output embedding rows of the numbers start as a sinusoidal code of the value (nearby values: similar rows), and
   an optional loss spreads each number's target over its neighbours (a Gaussian on the 0-999
   grid), so "off by 3" costs less than "off by 300".
 
@@ -110,7 +110,7 @@ class AttentionSupervision:
     def __init__(self, model, tokenizer, layer: int, head: int, coordinate_heads: bool = False):
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-        from ferret.tokenizer import number_token_ids
+        from ferret.data.synthetic_tokenizer import number_token_ids
 
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         layers = base.model.layers

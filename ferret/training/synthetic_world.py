@@ -112,7 +112,7 @@ class DenseReadout:
 def grounding_supervision(model, tokenizer, cfg: TrainConfig):
     """(AttentionSupervision or None, number token ids or None) for ferret.training.grounding's
     training-only losses; also starts the number rows as a smooth code when configured."""
-    from ferret.tokenizer import number_token_ids
+    from ferret.data.synthetic_tokenizer import number_token_ids
     from ferret.training.grounding import AttentionSupervision, init_coordinate_heads, init_number_rows
 
     t = cfg.train

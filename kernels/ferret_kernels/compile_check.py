@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from .params import SamplerGeometry
+
 __all__ = ["CASES", "DTYPES", "ARCHS", "record_launches", "compile_launch", "run"]
 
 # (name, CLIP/map width, adapter widths, grid side, image side) of the shapes a GPU will see.
@@ -41,7 +43,7 @@ CASES = {
     "released": dict(width=1024, adapter_widths=(4096, 5120), side=24, image=336),
     "embedded": dict(width=192, adapter_widths=(256,), side=8, image=112),
 }
-POINTS, SUB_POINTS, NEIGHBOURS = 512, (128, 32), 24
+POINTS, GEOMETRY = 512, SamplerGeometry()  # the released sampler's
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Shared memory a block may use (opt-in maximum) and an SM holds, in bytes; 64 warps, 64K registers.
 ARCHS = {
@@ -111,12 +113,12 @@ def record_launches(case: str, dtype: torch.dtype) -> list[Launch]:
         xy = torch.rand(regions, POINTS, 2, generator=gen)
         mask_points.sample_mask_points(masks, POINTS, gen)
         available = POINTS
-        for sub in SUB_POINTS:
+        for sub, neighbours in zip(GEOMETRY.num_sub_point, GEOMETRY.num_neighbor):
             fps.farthest_point_sample(xy[:, :available], sub, 0)
-            knn.knn_indices(xy[:, :sub], xy[:, :available], NEIGHBOURS)
+            knn.knn_indices(xy[:, :sub], xy[:, :available], neighbours)
             u = torch.randn(regions, available, width, dtype=dtype, requires_grad=True)
             v = torch.randn(regions, sub, width, dtype=dtype, requires_grad=True)
-            index = torch.randint(0, available, (regions, sub, NEIGHBOURS), generator=gen)
+            index = torch.randint(0, available, (regions, sub, neighbours), generator=gen)
             gamma = torch.ones(width, dtype=dtype, requires_grad=True)
             beta = torch.zeros(width, dtype=dtype, requires_grad=True)
             out = group_pool.group_pool(u, v, index, gamma, beta, 1e-5, "max")
@@ -130,7 +132,7 @@ def record_launches(case: str, dtype: torch.dtype) -> list[Launch]:
                 torch.use_deterministic_algorithms(deterministic)
             available = sub
         maps = torch.randn(images, cells, width, dtype=dtype, requires_grad=True)
-        for points in (xy, xy[:, : SUB_POINTS[0]]):  # every point, then the anchors
+        for points in (xy, xy[:, : GEOMETRY.num_sub_point[0]]):  # every point, then the anchors
             out = point_features_kernel.point_features(maps, points, image_index)
             torch.autograd.grad(out, maps, torch.ones_like(out))
         for adapter in shape["adapter_widths"]:

@@ -1,6 +1,6 @@
 """Fused group pool of one folded sampler stage, as Triton kernels.
 
-With U [R, N, D] the per-point projection and V [R, M, D] the per-anchor one (see `fast`), the
+With U [R, N, D] the per-point projection and V [R, M, D] the per-anchor one (see `folded`), the
 stage output is  pool_j LayerNorm(ReLU(U[idx[r, a, j]] + V[r, a]))  over the k neighbours j.
 
 Forward: one program per anchor. Pass 1 walks the channels in blocks and merges each block's
@@ -23,12 +23,13 @@ import torch
 import triton
 import triton.language as tl
 
-from . import fast, reference
+from . import folded
 from ._triton import blocks, check_device, deterministic, device_guard, next_power_of_2, num_programs_cap
+from .params import POOLER_MODES
 
 __all__ = ["group_pool"]
 
-MAX_WINNER_BITS = 64  # max pooling over more neighbours than this goes to `fast.group_pool`
+MAX_WINNER_BITS = 64  # max pooling over more neighbours than this goes to `folded.group_pool`
 _DETERMINISTIC_CHUNK = 1 << 26  # fp32 values of one row-gradient buffer in deterministic mode
 
 
@@ -253,14 +254,14 @@ def group_pool(
     eps: float,
     pool: str = "max",
 ) -> torch.Tensor:
-    """Same contract as `fast.group_pool`: [R, N, D], [R, M, D], [R, M, k] -> [R, M, D]."""
-    if pool not in reference.POOLS:
-        raise ValueError(f"pool must be one of {reference.POOLS}, got {pool!r}")
+    """Same contract as `folded.group_pool`: [R, N, D], [R, M, D], [R, M, k] -> [R, M, D]."""
+    if pool not in POOLER_MODES:
+        raise ValueError(f"pool must be one of {POOLER_MODES}, got {pool!r}")
     if point_u.dim() != 3 or anchor_v.dim() != 3 or neighbour_index.dim() != 3:
         raise ValueError("group_pool expects point_u [R, N, D], anchor_v [R, M, D], neighbour_index [R, M, k]")
     check_device(point_u, anchor_v, neighbour_index, ln_weight, ln_bias)
     if pool == "max" and neighbour_index.shape[-1] > MAX_WINNER_BITS:  # winners no longer fit one int64
-        return fast.group_pool(point_u, anchor_v, neighbour_index, ln_weight, ln_bias, eps, pool)
+        return folded.group_pool(point_u, anchor_v, neighbour_index, ln_weight, ln_bias, eps, pool)
     if point_u.shape[1] * point_u.shape[2] >= 2**31:
         raise ValueError(f"a region's U ({point_u.shape[1]}x{point_u.shape[2]}) exceeds int32 offsets")
     return _GroupPool.apply(

@@ -11,7 +11,7 @@ Design (shared by the fast and Triton backends, so the same generator gives the 
    replacement, exactly the reference's distribution. Since then all P pixels are in the picked
    list, no prefix sum is needed.
 Step 3 (and the (x/W, y/H) normalisation) is a Triton kernel here; steps 1-2 are torch ops on the
-device, in `fast` (which also has a torch step 3: the CPU route). The division is IEEE (div_rn:
+device, in `folded` (which also has a torch step 3: the CPU route). The division is IEEE (div_rn:
 Triton's `/` compiles to the 2-ulp div.full.f32), so the points equal the fast path's bit for bit.
 An empty mask raises ValueError naming the region on CPU; on CUDA a device-side assert fires
 (checking on the host would need a synchronisation).
@@ -25,7 +25,7 @@ import triton.language as tl
 
 from . import reference
 from ._triton import check_device, device_guard, next_power_of_2
-from .fast import pack_masks, pick_mask_pixels
+from .folded import pack_masks, pick_mask_pixels
 
 __all__ = ["sample_mask_points"]
 

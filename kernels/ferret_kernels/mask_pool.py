@@ -17,9 +17,10 @@ import torch
 import triton
 import triton.language as tl
 
-from . import fast, reference
+from . import folded, reference
 from ._triton import blocks, check_device, deterministic, device_guard, next_power_of_2
-from .fast import pack_masks, pick_mask_pixels
+from .params import FEATURE_LAYOUTS
+from .folded import pack_masks, pick_mask_pixels
 from .point_features_kernel import _corner, _scatter_corner, bilinear_corners
 
 __all__ = ["mask_average_pool"]
@@ -96,8 +97,8 @@ def _backward_deterministic(grad_out, picked, counts, sizes, image_index, maps_s
     corner weights / count at that cell (index_add_), then grad_maps = W @ grad_out."""
     num_regions, num_picked = picked.shape
     take = counts.clamp(max=num_picked)
-    points = fast.finish_points_torch(picked, counts, torch.zeros(picked.shape, device=picked.device), sizes, padded_height)
-    cells, weights = fast.bilinear_corners(points, side, "official" if official else "aligned", torch.float32)
+    points = folded.finish_points_torch(picked, counts, torch.zeros(picked.shape, device=picked.device), sizes, padded_height)
+    cells, weights = folded.bilinear_corners(points, side, "official" if official else "aligned", torch.float32)
     valid = torch.arange(num_picked, device=picked.device) < take[:, None]
     weights = weights * valid / take[:, None]
     regions = torch.arange(num_regions, device=picked.device)[:, None]
@@ -157,8 +158,8 @@ def mask_average_pool(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Same contract as `reference.mask_average_pool` -> [R, C] in the feature dtype."""
-    if layout not in reference.LAYOUTS:
-        raise ValueError(f"layout must be one of {reference.LAYOUTS}, got {layout!r}")
+    if layout not in FEATURE_LAYOUTS:
+        raise ValueError(f"layout must be one of {FEATURE_LAYOUTS}, got {layout!r}")
     if num_points is not None and num_points < 1:
         raise ValueError(f"num_points must be >= 1 or None, got {num_points}")
     side = reference._grid_side(feature_maps)

@@ -1,8 +1,9 @@
 """The region sampler's dispatch point: code outside `ferret_kernels` calls only these functions.
 
 Each op takes an optional `backend`; without it the env var FERRET_SAMPLER_BACKEND decides
-("auto" by default). Backends: "reference" (plain PyTorch oracle), "fast" (vectorised PyTorch),
-"triton" (GPU kernels), "auto" (pick by device: CUDA tensors -> Triton, anything else -> fast).
+("auto" by default). Backends: "reference" (plain PyTorch oracle), "fast" (the `folded` pipeline
+in vectorised PyTorch), "triton" (the same pipeline on the GPU kernels), "auto" (pick by device:
+CUDA tensors -> Triton, anything else -> fast).
 "triton" on CPU tensors runs the kernels under Triton's interpreter (TRITON_INTERPRET=1 set before
 triton is imported); without it the kernels raise a ValueError saying so. The Triton modules are
 imported lazily, so the reference and fast paths work where triton is not installed.
@@ -11,16 +12,16 @@ imported lazily, so the reference and fast paths work where triton is not instal
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 
 import torch
 
-from . import fast, reference
-from .params import SamplerParams, StageParams
+from . import folded, mask_points_cpu, reference
+from .params import SamplerGeometry, SamplerParams, StageParams
 
 __all__ = [
     "BACKENDS",
     "BACKEND_ENV",
+    "SamplerGeometry",
     "SamplerParams",
     "StageParams",
     "resolve_backend",
@@ -81,10 +82,13 @@ def sample_mask_points(masks, num_points: int, generator: torch.Generator | None
         from .mask_points import sample_mask_points as triton_sample
 
         return triton_sample(masks, num_points, generator)
-    if route == "fast" and not _on_cpu(_first_mask(masks)):
-        return fast.sample_mask_points(masks, num_points, generator)
-    # On CPU the reference's per-mask nonzero() costs no device sync and beats keys + top-k.
-    return reference.sample_mask_points(masks, num_points, generator)
+    if route == "reference":
+        return reference.sample_mask_points(masks, num_points, generator)
+    if not _on_cpu(_first_mask(masks)):
+        return folded.sample_mask_points(masks, num_points, generator)
+    # On CPU, the reference's draws (a per-mask pass costs no device sync and beats keys + top-k)
+    # without listing every mask pixel.
+    return mask_points_cpu.sample_mask_points(masks, num_points, generator)
 
 
 def mask_points_nonzero_order(mask: torch.Tensor, num_points: int, backend: str | None = None) -> torch.Tensor:
@@ -105,7 +109,7 @@ def point_features(
 
         return triton_point_features(feature_maps, points, image_index, layout)
     if route == "fast":
-        return fast.sample_maps(feature_maps, points, image_index, layout)
+        return folded.sample_maps(feature_maps, points, image_index, layout)
     return reference.point_features(feature_maps, points, image_index, layout)
 
 
@@ -122,7 +126,7 @@ def farthest_point_sample(
 
         return triton_fps(xy, num_samples, start_index, generator)
     if route == "fast":
-        return fast.farthest_point_sample(xy, num_samples, start_index, generator)
+        return folded.farthest_point_sample(xy, num_samples, start_index, generator)
     return reference.farthest_point_sample(xy, num_samples, start_index, generator)
 
 
@@ -131,15 +135,14 @@ def knn_indices(query: torch.Tensor, ref: torch.Tensor, k: int, backend: str | N
         from .knn import knn_indices as triton_knn
 
         return triton_knn(query, ref, k)
-    return fast.knn_indices(query, ref, k)
+    return folded.knn_indices(query, ref, k)
 
 
 def geo_region_sampler(
     points: torch.Tensor,
     features: torch.Tensor,
     params: SamplerParams,
-    num_sub_point: Sequence[int] = (128, 32),
-    num_neighbor: Sequence[int] = (24, 24),
+    geometry: SamplerGeometry = SamplerGeometry(),
     pool: str = "max",
     fps_start: torch.Tensor | int | None = None,
     generator: torch.Generator | None = None,
@@ -150,11 +153,11 @@ def geo_region_sampler(
         from . import triton_sampler
 
         return triton_sampler.geo_region_sampler(
-            points, features, params, num_sub_point, num_neighbor, pool, fps_start, generator
+            points, features, params, geometry, pool, fps_start, generator
         )
-    implementation = fast if route == "fast" else reference
+    implementation = folded if route == "fast" else reference
     return implementation.geo_region_sampler(
-        points, features, params, num_sub_point, num_neighbor, pool, fps_start, generator
+        points, features, params, geometry, pool, fps_start, generator
     )
 
 
@@ -163,8 +166,7 @@ def geo_region_sampler_from_maps(
     points: torch.Tensor,
     image_index: torch.Tensor,
     params: SamplerParams,
-    num_sub_point: Sequence[int] = (128, 32),
-    num_neighbor: Sequence[int] = (24, 24),
+    geometry: SamplerGeometry = SamplerGeometry(),
     pool: str = "max",
     fps_start: torch.Tensor | int | None = None,
     generator: torch.Generator | None = None,
@@ -177,18 +179,18 @@ def geo_region_sampler_from_maps(
     sampling is linear), which is where most of its speed-up over the two-call form comes from."""
     route = _route(backend, feature_maps)
     if route == "fast":
-        return fast.geo_region_sampler_from_maps(
-            feature_maps, points, image_index, params, num_sub_point, num_neighbor, pool, fps_start, generator, layout
+        return folded.geo_region_sampler_from_maps(
+            feature_maps, points, image_index, params, geometry, pool, fps_start, generator, layout
         )
     if route == "triton":
         from . import triton_sampler
 
         return triton_sampler.geo_region_sampler_from_maps(
-            feature_maps, points, image_index, params, num_sub_point, num_neighbor, pool, fps_start, generator, layout
+            feature_maps, points, image_index, params, geometry, pool, fps_start, generator, layout
         )
     features = point_features(feature_maps, points, image_index, layout, backend=route)
     return geo_region_sampler(
-        points, features, params, num_sub_point, num_neighbor, pool, fps_start, generator, backend=route
+        points, features, params, geometry, pool, fps_start, generator, backend=route
     )
 
 
@@ -206,6 +208,8 @@ def mask_average_pool(
         from .mask_pool import mask_average_pool as triton_mask_pool
 
         return triton_mask_pool(feature_maps, masks, image_index, num_points, layout, generator)
-    # As for sample_mask_points: on CPU the reference's per-mask pixel listing is the fast way.
-    implementation = fast if route == "fast" and not _on_cpu(feature_maps) else reference
+    if route == "reference":
+        implementation = reference
+    else:  # as for sample_mask_points: on CPU, the reference's draws without the pixel listing
+        implementation = mask_points_cpu if _on_cpu(feature_maps) else folded
     return implementation.mask_average_pool(feature_maps, masks, image_index, num_points, layout, generator)

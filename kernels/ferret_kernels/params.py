@@ -1,7 +1,7 @@
-"""Typed weight bundles for the region sampler (shared by every backend).
+"""What every backend of the region sampler is configured with: its weights, geometry and modes.
 
-The bundles hold tensors, never copies: `GeoRegionSampler.params()` builds them from the module's
-own parameters so that gradients flow back through whichever backend consumes them.
+The weight bundles hold tensors, never copies: `GeoRegionSampler.params()` builds them from the
+module's own parameters so that gradients flow back through whichever backend consumes them.
 """
 
 from __future__ import annotations
@@ -11,10 +11,34 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["StageParams", "SamplerParams", "DEFAULT_LN_EPS"]
+__all__ = ["StageParams", "SamplerParams", "SamplerGeometry", "DEFAULT_LN_EPS", "FEATURE_LAYOUTS", "POOLER_MODES"]
 
 # nn.LayerNorm's default; the released ConvReLULN1D does not override it.
 DEFAULT_LN_EPS = 1e-5
+
+# "official": features read at the transposed location, as the released code (and weights) did;
+# "aligned": at the true location.
+FEATURE_LAYOUTS = ("official", "aligned")
+# How a stage reduces over an anchor's neighbours (the released models use "max").
+POOLER_MODES = ("max", "mean")
+
+
+@dataclass(frozen=True)
+class SamplerGeometry:
+    """Points kept by each stage's farthest-point sampling and neighbours pooled per anchor; the
+    defaults are the released models' two stages (512 points -> 128 -> 32, k = 24)."""
+
+    num_sub_point: tuple[int, ...] = (128, 32)
+    num_neighbor: tuple[int, ...] = (24, 24)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "num_sub_point", tuple(int(n) for n in self.num_sub_point))
+        object.__setattr__(self, "num_neighbor", tuple(int(n) for n in self.num_neighbor))
+        if not self.num_sub_point or len(self.num_sub_point) != len(self.num_neighbor):
+            raise ValueError(
+                f"num_sub_point {self.num_sub_point} and num_neighbor {self.num_neighbor} need one entry "
+                "per stage (at least one)"
+            )
 
 
 class StageParams(NamedTuple):

@@ -4,7 +4,7 @@ Forward: one program per (region, block of points, block of channels) gathers th
 of its region's map and blends them in fp32. Backward: scatters the blended gradient back to the
 four corners with relaxed fp32 atomics (order-free sums need no acquire/release); under
 torch.use_deterministic_algorithms(True) it is torch's deterministic index_add_ instead
-(`fast.scatter_corners`). Layouts as `reference.point_features`: "official" reads the transposed
+(`folded.scatter_corners`). Layouts as `reference.point_features`: "official" reads the transposed
 location (row from x, column from y), "aligned" the true one.
 
 Addressing: one int64 base pointer per map / output row block, int32 offsets inside it (a tile of
@@ -19,8 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import fast, reference
+from . import folded, reference
 from ._triton import blocks, check_device, deterministic, device_guard, next_power_of_2
+from .params import FEATURE_LAYOUTS
 
 __all__ = ["point_features", "bilinear_corners"]
 
@@ -151,9 +152,9 @@ class _PointFeatures(torch.autograd.Function):
         num_regions, num_points, _ = points.shape
         channels = maps_shape[-1]
         if deterministic():
-            cells, weights = fast.bilinear_corners(points, side, "official" if official else "aligned", torch.float32)
+            cells, weights = folded.bilinear_corners(points, side, "official" if official else "aligned", torch.float32)
             cells = cells + (image_index * side * side).view(1, -1, 1)
-            grad_rows = fast.scatter_corners(grad_out.float().reshape(-1, channels), cells, weights, maps_shape[0] * side * side)
+            grad_rows = folded.scatter_corners(grad_out.float().reshape(-1, channels), cells, weights, maps_shape[0] * side * side)
             return grad_rows.view(maps_shape).to(maps_dtype), None, None, None, None
         grad_maps = torch.zeros(maps_shape, dtype=torch.float32, device=grad_out.device)
         grid, config = _launch("point_features_bwd", num_regions, num_points, channels, side)
@@ -174,8 +175,8 @@ def point_features(
     reference's grid_sample instead, so no gradient is silently dropped."""
     if points.requires_grad and torch.is_grad_enabled():
         return reference.point_features(feature_maps, points, image_index, layout)
-    if layout not in reference.LAYOUTS:
-        raise ValueError(f"layout must be one of {reference.LAYOUTS}, got {layout!r}")
+    if layout not in FEATURE_LAYOUTS:
+        raise ValueError(f"layout must be one of {FEATURE_LAYOUTS}, got {layout!r}")
     side = reference._grid_side(feature_maps)
     if points.dim() != 3 or points.shape[-1] != 2:
         raise ValueError(f"points must be [R, N, 2], got shape {tuple(points.shape)}")

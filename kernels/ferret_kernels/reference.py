@@ -1,6 +1,8 @@
 """Plain-PyTorch reference of Ferret's region sampler: the oracle for tests and benchmarks.
 
-Written from the math (DESIGN.md, "Data flow" step 5). Every op is batched over regions R; the
+Written from the math of the released sampler (points drawn inside each mask, bilinear features of
+the CLIP map at them, then per stage farthest-point sampling, kNN, an MLP on (neighbour - anchor)
+and pooling over the neighbours, then two Linear layers). Every op is batched over regions R; the
 only Python loops are the inherently sequential farthest-point iterations, the sampler stages,
 and the per-mask pixel listing (masks differ in size and pixel count).
 
@@ -20,11 +22,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from .params import SamplerParams, StageParams
+from .params import FEATURE_LAYOUTS, POOLER_MODES, SamplerGeometry, SamplerParams, StageParams
 
 __all__ = [
-    "LAYOUTS",
-    "POOLS",
     "SamplerParams",
     "StageParams",
     "sample_mask_points",
@@ -39,9 +39,6 @@ __all__ = [
     "geo_region_sampler",
     "mask_average_pool",
 ]
-
-LAYOUTS = ("official", "aligned")
-POOLS = ("max", "mean")
 
 MaskInput = Sequence[torch.Tensor] | torch.Tensor
 
@@ -96,18 +93,20 @@ def sample_mask_points(
     mask_list = _as_mask_list(masks)
     if not mask_list:
         raise ValueError("no masks given")
-    sampled = []
-    for region, mask in enumerate(mask_list):
-        pixels = _mask_pixels(mask, region)
-        count = pixels.shape[0]
-        device = _random_device(generator, pixels.device)
-        if count >= num_points:
-            chosen = torch.randperm(count, generator=generator, device=device)[:num_points]
-        else:
-            extra = torch.randint(0, count, (num_points - count,), generator=generator, device=device)
-            chosen = torch.cat([torch.arange(count, device=device), extra])
-        sampled.append(_normalise(pixels[chosen.to(pixels.device)], mask))
-    return torch.stack(sampled)
+    return torch.stack([_sample_one_mask(mask, region, num_points, generator) for region, mask in enumerate(mask_list)])
+
+
+def _sample_one_mask(mask: torch.Tensor, region: int, num_points: int, generator: torch.Generator | None) -> torch.Tensor:
+    """`sample_mask_points` of one (W, H) bool mask -> [num_points, 2]."""
+    pixels = _mask_pixels(mask, region)
+    count = pixels.shape[0]
+    device = _random_device(generator, pixels.device)
+    if count >= num_points:
+        chosen = torch.randperm(count, generator=generator, device=device)[:num_points]
+    else:
+        extra = torch.randint(0, count, (num_points - count,), generator=generator, device=device)
+        chosen = torch.cat([torch.arange(count, device=device), extra])
+    return _normalise(pixels[chosen.to(pixels.device)], mask)
 
 
 def mask_points_nonzero_order(mask: torch.Tensor, num_points: int) -> torch.Tensor:
@@ -160,8 +159,8 @@ def point_features(
     layout "official" reproduces the released code, which hands grid_sample the normalised
     (y, x), i.e. reads the transposed location; "aligned" reads the true location.
     """
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if layout not in FEATURE_LAYOUTS:
+        raise ValueError(f"layout must be one of {FEATURE_LAYOUTS}, got {layout!r}")
     side = _grid_side(feature_maps)
     if points.dim() != 3 or points.shape[-1] != 2:
         raise ValueError(f"points must be [R, N, 2], got shape {tuple(points.shape)}")
@@ -290,8 +289,8 @@ def sampler_stage(
     Linear((neighbour - anchor) of [feature, xy]) concatenated with the anchor's [feature, xy],
     1x1 conv, ReLU, LayerNorm over channels, and max or mean over the k neighbours.
     """
-    if pool not in POOLS:
-        raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+    if pool not in POOLER_MODES:
+        raise ValueError(f"pool must be one of {POOLER_MODES}, got {pool!r}")
     anchor_index = farthest_point_sample(xy, num_sub_point, fps_start, generator)  # [R, M]
     anchor_xy = gather_points(xy, anchor_index)  # [R, M, 2]
     neighbour_index = knn_indices(anchor_xy, xy, num_neighbor)  # [R, M, k]
@@ -314,8 +313,7 @@ def check_sampler_inputs(
     points: torch.Tensor,
     features: torch.Tensor,
     params: SamplerParams,
-    num_sub_point: tuple[int, ...],
-    num_neighbor: tuple[int, ...],
+    geometry: SamplerGeometry,
 ) -> None:
     """Raise ValueError naming the first inconsistency between points, features, weights and geometry.
 
@@ -328,13 +326,11 @@ def check_sampler_inputs(
         raise ValueError(
             f"features {tuple(features.shape)} do not match points {tuple(points.shape)} in [R, N]"
         )
-    if len(num_neighbor) != len(num_sub_point):
-        raise ValueError(f"num_sub_point {num_sub_point} and num_neighbor {num_neighbor} differ in length")
-    params.validate(num_sub_point)
+    params.validate(geometry.num_sub_point)
     if features.shape[-1] != params.input_dim:
         raise ValueError(f"features have width {features.shape[-1]}, the weights expect {params.input_dim}")
     available = points.shape[1]
-    for stage, (sub, k) in enumerate(zip(num_sub_point, num_neighbor)):
+    for stage, (sub, k) in enumerate(zip(geometry.num_sub_point, geometry.num_neighbor)):
         if not (1 <= sub <= available and 1 <= k <= available):
             raise ValueError(
                 f"stage {stage}: num_sub_point {sub} and num_neighbor {k} must be in [1, {available}] (points available)"
@@ -346,8 +342,7 @@ def geo_region_sampler(
     points: torch.Tensor,
     features: torch.Tensor,
     params: SamplerParams,
-    num_sub_point: Sequence[int] = (128, 32),
-    num_neighbor: Sequence[int] = (24, 24),
+    geometry: SamplerGeometry = SamplerGeometry(),
     pool: str = "max",
     fps_start: torch.Tensor | int | None = None,
     generator: torch.Generator | None = None,
@@ -356,12 +351,11 @@ def geo_region_sampler(
 
     `fps_start` ([R] long, an int, or None = random from `generator`) is used by every stage.
     """
-    num_sub_point, num_neighbor = tuple(num_sub_point), tuple(num_neighbor)
-    check_sampler_inputs(points, features, params, num_sub_point, num_neighbor)
+    check_sampler_inputs(points, features, params, geometry)
     xy, hidden = points, features
     for stage, stage_params in enumerate(params.stages):
         xy, hidden = sampler_stage(
-            xy, hidden, stage_params, num_sub_point[stage], num_neighbor[stage], pool, fps_start, generator
+            xy, hidden, stage_params, geometry.num_sub_point[stage], geometry.num_neighbor[stage], pool, fps_start, generator
         )
     flat = hidden.flatten(1)  # [R, M_last * D], point-major as in the released code
     return F.linear(F.linear(flat, params.flatten_weight, params.flatten_bias), params.dim_weight, params.dim_bias)
@@ -393,14 +387,26 @@ def mask_average_pool(
         raise ValueError("no masks given")
     if num_points is not None and num_points < 1:
         raise ValueError(f"num_points must be >= 1 or None, got {num_points}")
-    chosen = []
-    for region, mask in enumerate(mask_list):
-        pixels = _mask_pixels(mask, region)
-        if num_points is not None and pixels.shape[0] > num_points:
-            device = _random_device(generator, pixels.device)
-            pick = torch.randperm(pixels.shape[0], generator=generator, device=device)[:num_points]
-            pixels = pixels[pick.to(pixels.device)]
-        chosen.append(_normalise(pixels, mask))
+    chosen = [_normalise(_mask_pool_pixels(mask, region, num_points, generator), mask)
+              for region, mask in enumerate(mask_list)]
+    return _average_at_points(feature_maps, chosen, image_index, layout)
+
+
+def _mask_pool_pixels(mask: torch.Tensor, region: int, num_points: int | None,
+                      generator: torch.Generator | None) -> torch.Tensor:
+    """The pixels [P', 2] `mask_average_pool` averages over: `num_points` drawn without
+    replacement when the mask has more, else all of them in nonzero() order."""
+    pixels = _mask_pixels(mask, region)
+    if num_points is not None and pixels.shape[0] > num_points:
+        device = _random_device(generator, pixels.device)
+        pick = torch.randperm(pixels.shape[0], generator=generator, device=device)[:num_points]
+        pixels = pixels[pick.to(pixels.device)]
+    return pixels
+
+
+def _average_at_points(feature_maps: torch.Tensor, chosen: list[torch.Tensor], image_index: torch.Tensor,
+                       layout: str) -> torch.Tensor:
+    """Mean bilinear feature over each region's normalised points (`chosen`: [P_r, 2] each) -> [R, C]."""
     counts = torch.tensor([c.shape[0] for c in chosen], device=feature_maps.device)
     padded = torch.nn.utils.rnn.pad_sequence(chosen, batch_first=True).to(feature_maps.device)  # [R, Pmax, 2]
     valid = torch.arange(padded.shape[1], device=feature_maps.device) < counts.unsqueeze(1)  # [R, Pmax]

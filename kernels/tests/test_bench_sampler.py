@@ -11,14 +11,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ferret_kernels import fast, ops, reference
-from ferret_kernels.params import SamplerParams, StageParams
+from ferret_kernels import folded, ops, reference
+from ferret_kernels.params import SamplerGeometry, SamplerParams, StageParams
 
 
 def _shapes(benchmark):
     if benchmark.disabled:
         return dict(regions=2, points=64, width=32, sub=(16, 8), k=(8, 4))
     return dict(regions=4, points=512, width=1024, sub=(128, 32), k=(24, 24))
+
+
+def geometry(shape) -> SamplerGeometry:
+    return SamplerGeometry(shape["sub"], shape["k"])
 
 
 def _inputs(shape, requires_grad=False):
@@ -47,7 +51,7 @@ def test_bench_sampler_forward(benchmark, backend):
 
     def run():
         with torch.no_grad():
-            return ops.geo_region_sampler(points, features, params, shape["sub"], shape["k"], fps_start=0, backend=backend)
+            return ops.geo_region_sampler(points, features, params, geometry(shape), fps_start=0, backend=backend)
 
     out = benchmark(run)
     assert out.shape == (shape["regions"], shape["width"]) and torch.isfinite(out).all()
@@ -60,7 +64,7 @@ def test_bench_sampler_forward_backward(benchmark, backend):
     points, features, params = _inputs(shape, requires_grad=True)
 
     def run():
-        out = ops.geo_region_sampler(points, features, params, shape["sub"], shape["k"], fps_start=0, backend=backend)
+        out = ops.geo_region_sampler(points, features, params, geometry(shape), fps_start=0, backend=backend)
         return torch.autograd.grad(out.sum(), [features, params.stages[0].conv_weight])
 
     grads = benchmark(run)
@@ -72,7 +76,7 @@ def test_bench_fps(benchmark, impl):
     benchmark.group = "farthest point sampling"
     shape = _shapes(benchmark)
     xy = torch.rand(shape["regions"] * 8, shape["points"], 2, generator=torch.Generator().manual_seed(1))
-    fn = fast.farthest_point_sample if impl == "fast" else reference.farthest_point_sample
+    fn = folded.farthest_point_sample if impl == "fast" else reference.farthest_point_sample
     idx = benchmark(fn, xy, shape["sub"][0], 0)
     assert idx.shape == (xy.shape[0], shape["sub"][0])
 
@@ -91,6 +95,6 @@ def test_bench_group_pool(benchmark, impl):
         rows = torch.relu(reference.gather_points(u, index) + v.unsqueeze(2))
         return torch.nn.functional.layer_norm(rows, (c,), gamma, beta).amax(2)
 
-    fn = naive if impl == "naive" else (lambda: fast.group_pool(u, v, index, gamma, beta, 1e-5, "max"))
+    fn = naive if impl == "naive" else (lambda: folded.group_pool(u, v, index, gamma, beta, 1e-5, "max"))
     out = benchmark(fn)
     assert out.shape == (regions, m, c)

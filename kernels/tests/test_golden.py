@@ -16,7 +16,9 @@ from ferret_kernels import reference
 from ferret_kernels.params import SamplerParams, StageParams
 
 FIXTURES = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures"
-# (pooler, input_dim, output_dim) as documented in shared/fixtures/README.md.
+# (pooler, input_dim, output_dim) of the two golden samplers; both have the released geometry
+# (512 points, stages 128 -> 32, k = 24). Each fixture holds its state_dict, two 24 x 24 maps,
+# points and their features, the released output with FPS start 0, and a two-mask case.
 CASES = [("max", 64, 96), ("mean", 48, 80)]
 RELATIVE_TOLERANCE = 1e-5
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ferret_kernels import ops, reference
-from ferret_kernels.params import SamplerParams, StageParams
+from ferret_kernels.params import SamplerGeometry, SamplerParams, StageParams
 
 
 def seeded(seed: int = 0) -> torch.Generator:
@@ -332,29 +332,30 @@ def test_geo_region_sampler_composes_the_stages():
     g = seeded(10)
     xy, features = torch.rand(3, 32, 2, generator=g), torch.randn(3, 32, 4, generator=g)
     params = random_params(4, 6, 4)
-    out = reference.geo_region_sampler(xy, features, params, (8, 4), (5, 3), "max", fps_start=1)
+    out = reference.geo_region_sampler(xy, features, params, SamplerGeometry((8, 4), (5, 3)), "max", fps_start=1)
     assert out.shape == (3, 6)
     stage_xy, hidden = reference.sampler_stage(xy, features, params.stages[0], 8, 5, "max", 1)
     _, hidden = reference.sampler_stage(stage_xy, hidden, params.stages[1], 4, 3, "max", 1)
     flat = torch.nn.functional.linear(hidden.flatten(1), params.flatten_weight, params.flatten_bias)
     torch.testing.assert_close(out, torch.nn.functional.linear(flat, params.dim_weight, params.dim_bias))
     # An int start and a per-region tensor start agree; a random start is seeded.
-    assert torch.equal(out, reference.geo_region_sampler(xy, features, params, (8, 4), (5, 3), "max", torch.ones(3, dtype=torch.long)))
-    a = reference.geo_region_sampler(xy, features, params, (8, 4), (5, 3), "max", None, seeded(1))
-    assert torch.equal(a, reference.geo_region_sampler(xy, features, params, (8, 4), (5, 3), "max", None, seeded(1)))
+    geometry = SamplerGeometry((8, 4), (5, 3))
+    assert torch.equal(out, reference.geo_region_sampler(xy, features, params, geometry, "max", torch.ones(3, dtype=torch.long)))
+    a = reference.geo_region_sampler(xy, features, params, SamplerGeometry((8, 4), (5, 3)), "max", None, seeded(1))
+    assert torch.equal(a, reference.geo_region_sampler(xy, features, params, SamplerGeometry((8, 4), (5, 3)), "max", None, seeded(1)))
 
 
 def test_geo_region_sampler_rejects_inconsistent_inputs():
     xy, features = torch.rand(2, 16, 2), torch.randn(2, 16, 4)
     params = random_params(4, 6, 4)
     with pytest.raises(ValueError, match="width"):
-        reference.geo_region_sampler(xy, torch.randn(2, 16, 5), params, (8, 4), (5, 3))
+        reference.geo_region_sampler(xy, torch.randn(2, 16, 5), params, SamplerGeometry((8, 4), (5, 3)))
     with pytest.raises(ValueError, match="stage 0"):
-        reference.geo_region_sampler(xy, features, params, (20, 4), (5, 3))
+        reference.geo_region_sampler(xy, features, params, SamplerGeometry((20, 4), (5, 3)))
     with pytest.raises(ValueError, match="flatten_weight"):
-        reference.geo_region_sampler(xy, features, params, (8, 2), (5, 3))
+        reference.geo_region_sampler(xy, features, params, SamplerGeometry((8, 2), (5, 3)))
     with pytest.raises(ValueError, match="match points"):
-        reference.geo_region_sampler(xy, features[:, :10], params, (8, 4), (5, 3))
+        reference.geo_region_sampler(xy, features[:, :10], params, SamplerGeometry((8, 4), (5, 3)))
 
 
 def test_gradcheck_in_float64():
@@ -368,7 +369,7 @@ def test_gradcheck_in_float64():
     def run(xy, features, *weights):
         stages = tuple(StageParams(*weights[i * 6 : i * 6 + 6]) for i in range(2))
         bundle = SamplerParams(stages, *weights[12:])
-        return reference.geo_region_sampler(xy, features, bundle, (6, 3), (4, 3), "max", fps_start=0)
+        return reference.geo_region_sampler(xy, features, bundle, SamplerGeometry((6, 3), (4, 3)), "max", fps_start=0)
 
     assert torch.autograd.gradcheck(run, (xy, features, *leaves), eps=1e-6, atol=1e-5)
 

@@ -14,9 +14,9 @@ if not ON_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 triton = pytest.importorskip("triton")
 
-from ferret_kernels import fast, ops, reference  # noqa: E402
+from ferret_kernels import folded, ops, reference  # noqa: E402
 from ferret_kernels import _triton, fps, group_pool, knn, mask_points, mask_pool, point_features_kernel, triton_sampler  # noqa: E402
-from ferret_kernels.params import SamplerParams, StageParams  # noqa: E402
+from ferret_kernels.params import SamplerGeometry, SamplerParams, StageParams  # noqa: E402
 
 DEVICE = torch.device("cuda" if ON_CUDA else "cpu")
 if not ON_CUDA and os.environ.get("TRITON_INTERPRET") != "1":
@@ -142,7 +142,7 @@ def test_triton_mask_points_contract_and_agreement_with_fast():
     masks[2, ::2, ::3] = True
     points = mask_points.sample_mask_points(masks, 32, gen(8))
     # Same generator state -> same draws as the fast path (they share the pixel choice).
-    assert torch.equal(points, fast.sample_mask_points(masks, 32, gen(8)))
+    assert torch.equal(points, folded.sample_mask_points(masks, 32, gen(8)))
     pixels = (points * torch.tensor([20.0, 15.0], device=DEVICE)).round().long()
     for region in range(3):
         assert masks[region][pixels[region, :, 0], pixels[region, :, 1]].all()
@@ -189,7 +189,7 @@ def test_triton_sampler_matches_reference_values_and_grads(pool):
     params = small_params(width, 12, 4)
     points = torch.rand(2, 32, 2, generator=gen(11), device=DEVICE).requires_grad_()
     features = torch.randn(2, 32, width, generator=gen(12), device=DEVICE).requires_grad_()
-    kw = dict(num_sub_point=(8, 4), num_neighbor=(6, 4), pool=pool, fps_start=torch.tensor([0, 5], device=DEVICE))
+    kw = dict(geometry=SamplerGeometry((8, 4), (6, 4)), pool=pool, fps_start=torch.tensor([0, 5], device=DEVICE))
     inputs = [points, features, *[t for s in params.stages for t in s[:6]],
               params.flatten_weight, params.flatten_bias, params.dim_weight, params.dim_bias]
     got = ops.geo_region_sampler(points, features, params, backend="triton", **kw)
@@ -209,7 +209,7 @@ def test_triton_sampler_from_maps_matches_reference():
     maps = torch.randn(2, 36, width, generator=gen(14), device=DEVICE, requires_grad=True)
     points = torch.rand(3, 32, 2, generator=gen(15), device=DEVICE)
     image_index = torch.tensor([1, 0, 1], device=DEVICE)
-    kw = dict(num_sub_point=(8, 4), num_neighbor=(6, 4), pool="max", fps_start=0)
+    kw = dict(geometry=SamplerGeometry((8, 4), (6, 4)), pool="max", fps_start=0)
     got = ops.geo_region_sampler_from_maps(maps, points, image_index, params, backend="triton", **kw)
     expected = reference.geo_region_sampler(points, reference.point_features(maps, points, image_index), params, **kw)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

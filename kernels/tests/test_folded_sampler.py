@@ -1,4 +1,5 @@
-"""The fast CPU path (ferret_kernels.fast) against the reference: values, gradients, dtypes, routing."""
+"""The folded pipeline on its PyTorch blocks (ferret_kernels.folded, the "fast" CPU backend)
+against the reference: values, gradients, dtypes, routing."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ferret_kernels import fast, ops, reference
-from ferret_kernels.params import SamplerParams, StageParams
+from ferret_kernels import folded, ops, reference
+from ferret_kernels.params import SamplerGeometry, SamplerParams, StageParams
 
 FIXTURES = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures"
 
@@ -53,9 +54,9 @@ def test_fast_sampler_matches_reference_fp64(pool, regions):
     params = make_params(width, 10, 8)
     points = torch.rand(regions, num_points, 2, generator=gen, dtype=torch.float64).requires_grad_()
     features = torch.randn(regions, num_points, width, generator=gen, dtype=torch.float64).requires_grad_()
-    kw = dict(num_sub_point=(16, 8), num_neighbor=(8, 4), pool=pool, fps_start=torch.arange(regions))
+    kw = dict(geometry=SamplerGeometry((16, 8), (8, 4)), pool=pool, fps_start=torch.arange(regions))
     expected, expected_grads = run(reference.geo_region_sampler, points, features, params, **kw)
-    got, got_grads = run(fast.geo_region_sampler, points, features, params, **kw)
+    got, got_grads = run(folded.geo_region_sampler, points, features, params, **kw)
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
     names = ["points", "features"] + [f"weight {i}" for i in range(len(leaves(params)))]
     for name, g, e in zip(names, got_grads, expected_grads):
@@ -71,7 +72,7 @@ def test_fast_sampler_from_maps_matches_reference_fp64(layout, images):
     maps = torch.randn(images, 36, width, generator=gen, dtype=torch.float64).requires_grad_()
     points = torch.rand(5, 64, 2, generator=gen, dtype=torch.float64).requires_grad_()
     image_index = torch.tensor([0, 2, 1, 2, 0]) % images
-    kw = dict(num_sub_point=(16, 8), num_neighbor=(8, 4), pool="max", fps_start=torch.arange(5))
+    kw = dict(geometry=SamplerGeometry((16, 8), (8, 4)), pool="max", fps_start=torch.arange(5))
     got = ops.geo_region_sampler_from_maps(maps, points, image_index, params, layout=layout, backend="fast", **kw)
     features = reference.point_features(maps, points, image_index, layout)
     expected = reference.geo_region_sampler(points, features, params, **kw)
@@ -88,7 +89,7 @@ def test_fast_sample_maps_matches_reference_with_map_grad():
     points[0, :3] = torch.tensor([[0.0, 0.0], [0.0, 0.999], [0.5, 1.0]], dtype=torch.float64)  # edges
     image_index = torch.tensor([2, 2, 0, 1])
     for layout in ("official", "aligned"):
-        got = fast.sample_maps(maps, points, image_index, layout)
+        got = folded.sample_maps(maps, points, image_index, layout)
         expected = reference.point_features(maps, points, image_index, layout)
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
         weight = torch.randn(got.shape, generator=gen, dtype=torch.float64)
@@ -96,13 +97,13 @@ def test_fast_sample_maps_matches_reference_with_map_grad():
         g2, = torch.autograd.grad((expected * weight).sum(), maps)
         torch.testing.assert_close(g1, g2, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="image_index"):
-        fast.sample_maps(maps, points, torch.tensor([0, 1, 2, 3]))
+        folded.sample_maps(maps, points, torch.tensor([0, 1, 2, 3]))
 
 
 def test_fold_choice_covers_both_branches():
     params = make_params(8, 4, 2)
-    assert fast.fold_stage_weights(params.stages[0], 8)[0] is None  # few points: no weight product
-    assert fast.fold_stage_weights(params.stages[0], 64)[0] is not None
+    assert folded.fold_stage_weights(params.stages[0], 8)[0] is None  # few points: no weight product
+    assert folded.fold_stage_weights(params.stages[0], 64)[0] is not None
 
 
 def test_group_pool_max_ties_split_gradient_like_amax():
@@ -115,7 +116,7 @@ def test_group_pool_max_ties_split_gradient_like_amax():
     gamma = torch.rand(5, dtype=torch.float64) + 0.5
     beta = torch.randn(5, dtype=torch.float64)
     naive = torch.nn.functional.layer_norm(torch.relu(reference.gather_points(u, index) + v.unsqueeze(2)), (5,), gamma, beta).amax(2)
-    fused = fast.group_pool(u, v, index, gamma, beta, 1e-5, "max")
+    fused = folded.group_pool(u, v, index, gamma, beta, 1e-5, "max")
     torch.testing.assert_close(fused, naive)
     gu_fast, gv_fast = torch.autograd.grad(fused.sum(), [u, v])
     gu_ref, gv_ref = torch.autograd.grad(naive.sum(), [u, v])
@@ -134,10 +135,10 @@ def test_fast_sampler_bf16_close_to_fp32():
     )
     points = torch.rand(3, 64, 2, generator=gen)
     features = torch.randn(3, 64, width, generator=gen)
-    kw = dict(num_sub_point=(16, 8), num_neighbor=(8, 4), fps_start=0)
+    kw = dict(geometry=SamplerGeometry((16, 8), (8, 4)), fps_start=0)
     with torch.no_grad():
-        full = fast.geo_region_sampler(points, features, params32, **kw)
-        half = fast.geo_region_sampler(points, features.bfloat16(), params16, **kw)
+        full = folded.geo_region_sampler(points, features, params32, **kw)
+        half = folded.geo_region_sampler(points, features.bfloat16(), params16, **kw)
     assert half.dtype == torch.bfloat16
     # Stated tolerance: bf16 (8-bit mantissa) through two stages and two projections.
     relative = (half.float() - full).norm() / full.norm()
@@ -148,9 +149,9 @@ def test_fast_fps_matches_reference():
     gen = torch.Generator().manual_seed(3)
     xy = torch.rand(4, 100, 2, generator=gen)
     start = torch.tensor([0, 7, 99, 50])
-    assert torch.equal(fast.farthest_point_sample(xy, 32, start), reference.farthest_point_sample(xy, 32, start))
+    assert torch.equal(folded.farthest_point_sample(xy, 32, start), reference.farthest_point_sample(xy, 32, start))
     # Random starts come from the generator: same seed -> same indices as the reference's draw.
-    a = fast.farthest_point_sample(xy, 8, None, torch.Generator().manual_seed(5))
+    a = folded.farthest_point_sample(xy, 8, None, torch.Generator().manual_seed(5))
     b = reference.farthest_point_sample(xy, 8, None, torch.Generator().manual_seed(5))
     assert torch.equal(a, b)
 
@@ -169,7 +170,7 @@ def _masks() -> torch.Tensor:
 def test_fast_mask_points_distribution_contract():
     masks = _masks()
     num_points = 32
-    points = fast.sample_mask_points(masks, num_points, torch.Generator().manual_seed(0))
+    points = folded.sample_mask_points(masks, num_points, torch.Generator().manual_seed(0))
     assert points.shape == (3, num_points, 2) and points.dtype == torch.float32
     pixels = (points * torch.tensor([20.0, 15.0])).round().long()
     for region in range(3):
@@ -177,9 +178,9 @@ def test_fast_mask_points_distribution_contract():
     # Enough pixels: no duplicates. Too few: every pixel first, in nonzero() order, then repeats.
     assert torch.unique(pixels[0], dim=0).shape[0] == num_points
     assert torch.equal(pixels[1, :3], masks[1].nonzero())
-    again = fast.sample_mask_points(masks, num_points, torch.Generator().manual_seed(0))
+    again = folded.sample_mask_points(masks, num_points, torch.Generator().manual_seed(0))
     assert torch.equal(points, again)
-    other = fast.sample_mask_points(masks, num_points, torch.Generator().manual_seed(1))
+    other = folded.sample_mask_points(masks, num_points, torch.Generator().manual_seed(1))
     assert not torch.equal(points, other)
 
 
@@ -190,7 +191,7 @@ def test_fast_mask_points_uniform_and_every_pixel_reachable():
     counts = torch.zeros(6, 5)
     trials = 600
     batch = mask.expand(trials, 6, 5)
-    pixels = (fast.sample_mask_points(batch, 4, gen) * torch.tensor([6.0, 5.0])).round().long().view(-1, 2)
+    pixels = (folded.sample_mask_points(batch, 4, gen) * torch.tensor([6.0, 5.0])).round().long().view(-1, 2)
     counts.index_put_((pixels[:, 0], pixels[:, 1]), torch.ones(len(pixels)), accumulate=True)
     inside = counts[mask[0]]
     assert (inside > 0).all() and counts[~mask[0]].sum() == 0
@@ -201,11 +202,11 @@ def test_fast_mask_points_uniform_and_every_pixel_reachable():
 def test_fast_mask_points_list_of_sizes_and_empty_error():
     masks = [torch.ones(4, 3, dtype=torch.bool), torch.zeros(7, 9, dtype=torch.bool)]
     masks[1][6, 8] = True
-    points = fast.sample_mask_points(masks, 5, torch.Generator().manual_seed(0))
+    points = folded.sample_mask_points(masks, 5, torch.Generator().manual_seed(0))
     assert (points[0] * torch.tensor([4.0, 3.0])).round().max() <= 3
     assert torch.allclose(points[1], torch.tensor([6 / 7, 8 / 9]).expand(5, 2))
     with pytest.raises(ValueError, match="region 1"):
-        fast.sample_mask_points([masks[0], torch.zeros(3, 3, dtype=torch.bool)], 5)
+        folded.sample_mask_points([masks[0], torch.zeros(3, 3, dtype=torch.bool)], 5)
 
 
 def test_fast_mask_average_pool_matches_reference_all_pixels():
@@ -213,7 +214,7 @@ def test_fast_mask_average_pool_matches_reference_all_pixels():
     maps = torch.randn(2, 36, 8, generator=gen, dtype=torch.float64, requires_grad=True)
     masks = _masks()
     index = torch.tensor([1, 0, 1])
-    got = fast.mask_average_pool(maps, masks, index, num_points=None)
+    got = folded.mask_average_pool(maps, masks, index, num_points=None)
     expected = reference.mask_average_pool(maps, masks, index, num_points=None)
     torch.testing.assert_close(got, expected)
     g1, = torch.autograd.grad(got.sum(), maps)
@@ -226,7 +227,7 @@ def test_fast_mask_average_pool_matches_reference_all_pixels():
 
 def test_routing_cpu_auto_is_fast_and_env_forces_reference(monkeypatch):
     calls = []
-    monkeypatch.setattr(fast, "geo_region_sampler", lambda *a, **k: calls.append("fast") or torch.zeros(1))
+    monkeypatch.setattr(folded, "geo_region_sampler", lambda *a, **k: calls.append("fast") or torch.zeros(1))
     monkeypatch.setattr(reference, "geo_region_sampler", lambda *a, **k: calls.append("reference") or torch.zeros(1))
     params = make_params(4, 2, 1)
     args = (torch.rand(1, 4, 2), torch.rand(1, 4, 4), params)

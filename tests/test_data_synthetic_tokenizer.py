@@ -1,4 +1,4 @@
-"""Tests of ferret.tokenizer: in-process BPE training with LLaMA-like behaviour."""
+"""Tests of ferret.data.synthetic_tokenizer: in-process BPE training with LLaMA-like behaviour."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from ferret.constants import IMAGE_TOKEN, REGION_TOKEN
 from ferret.conversation import FERRET_V1_SYSTEM
-from ferret.tokenizer import BYTE_TOKENS, add_ferret_tokens, train_bpe_tokenizer
+from ferret.data.synthetic_tokenizer import BYTE_TOKENS, add_ferret_tokens, train_bpe_tokenizer
 
 
 def test_special_token_layout(tiny_tokenizer):

@@ -1,4 +1,6 @@
-"""Small LLaMA-like BPE tokenizers trained in-process (tests, toy models, the synthetic world).
+"""The synthetic world's tokenizer: a small LLaMA-like BPE trained in-process (the embedded
+model's, `ferret.data.build_tokenizer`, and the tiny test models'). Released Ferret models use
+Vicuna's tokenizer instead, loaded by `ferret.model.builder.load_tokenizer`.
 
 Behaviour, chosen to match what Ferret's code expects of the Vicuna tokenizer:
 

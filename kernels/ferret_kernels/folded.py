@@ -1,4 +1,8 @@
-"""Fast vectorised PyTorch path of the region sampler (the CPU route of `ops`).
+"""The region sampler's pipeline folded by exact algebra, shared by two backends of `ops`.
+
+Run with this module's PyTorch building blocks (`FAST_KERNELS`) it is the "fast" backend, the CPU
+route; the Triton backend (`triton_sampler`) runs the same pipeline with its kernels swapped in
+(`SamplerKernels`). The masks -> points steps the Triton mask kernels share are here too.
 
 Same math as `reference`, rearranged by exact algebra so that the heavy work is a few matmuls on
 contiguous blocks and nothing of width 2(D+2) per neighbour is ever built.
@@ -23,14 +27,14 @@ the anchors.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from . import reference
-from .params import SamplerParams, StageParams
+from .params import FEATURE_LAYOUTS, POOLER_MODES, SamplerGeometry, SamplerParams, StageParams
 
 __all__ = [
     "pack_masks",
@@ -343,8 +347,8 @@ def group_pool(
     point_u [R, N, D], anchor_v [R, M, D], neighbour_index [R, M, k]. Statistics in fp32; the result
     has point_u's dtype. Differentiable in U, V and the LayerNorm affine weights.
     """
-    if pool not in reference.POOLS:
-        raise ValueError(f"pool must be one of {reference.POOLS}, got {pool!r}")
+    if pool not in POOLER_MODES:
+        raise ValueError(f"pool must be one of {POOLER_MODES}, got {pool!r}")
     return _GroupPool.apply(point_u, anchor_v, neighbour_index, ln_weight, ln_bias, float(eps), pool)
 
 
@@ -421,8 +425,8 @@ def sample_maps(feature_maps: torch.Tensor, points: torch.Tensor, image_index: t
     reference (grid_sample) is used instead."""
     if points.requires_grad:
         return reference.point_features(feature_maps, points, image_index, layout)
-    if layout not in reference.LAYOUTS:
-        raise ValueError(f"layout must be one of {reference.LAYOUTS}, got {layout!r}")
+    if layout not in FEATURE_LAYOUTS:
+        raise ValueError(f"layout must be one of {FEATURE_LAYOUTS}, got {layout!r}")
     side = reference._grid_side(feature_maps)
     if points.dim() != 3 or points.shape[-1] != 2:
         raise ValueError(f"points must be [R, N, 2], got shape {tuple(points.shape)}")
@@ -474,8 +478,7 @@ def geo_region_sampler(
     points: torch.Tensor,
     features: torch.Tensor,
     params: SamplerParams,
-    num_sub_point: Sequence[int] = (128, 32),
-    num_neighbor: Sequence[int] = (24, 24),
+    geometry: SamplerGeometry = SamplerGeometry(),
     pool: str = "max",
     fps_start: torch.Tensor | int | None = None,
     generator: torch.Generator | None = None,
@@ -483,12 +486,11 @@ def geo_region_sampler(
 ) -> torch.Tensor:
     """Same contract as `reference.geo_region_sampler`. `stage_fn` swaps the per-stage
     implementation (the Triton backend passes its own); default: the fast `sampler_stage`."""
-    num_sub_point, num_neighbor = tuple(num_sub_point), tuple(num_neighbor)
-    reference.check_sampler_inputs(points, features, params, num_sub_point, num_neighbor)
+    reference.check_sampler_inputs(points, features, params, geometry)
     stage_fn = stage_fn or sampler_stage
     xy, hidden = points, features
     for stage, stage_params in enumerate(params.stages):
-        xy, hidden = stage_fn(xy, hidden, stage_params, num_sub_point[stage], num_neighbor[stage], pool, fps_start, generator)
+        xy, hidden = stage_fn(xy, hidden, stage_params, geometry.num_sub_point[stage], geometry.num_neighbor[stage], pool, fps_start, generator)
     flat = hidden.flatten(1)
     return F.linear(F.linear(flat, params.flatten_weight, params.flatten_bias), params.dim_weight, params.dim_bias)
 
@@ -498,8 +500,7 @@ def geo_region_sampler_from_maps(
     points: torch.Tensor,
     image_index: torch.Tensor,
     params: SamplerParams,
-    num_sub_point: Sequence[int] = (128, 32),
-    num_neighbor: Sequence[int] = (24, 24),
+    geometry: SamplerGeometry = SamplerGeometry(),
     pool: str = "max",
     fps_start: torch.Tensor | int | None = None,
     generator: torch.Generator | None = None,
@@ -509,7 +510,6 @@ def geo_region_sampler_from_maps(
     """`geo_region_sampler(points, point_features(feature_maps, points, image_index, layout), ...)`
     with stage 1's per-point projection computed on the maps (see the module notes). `kernels`
     swaps the building blocks (the Triton backend passes its own); default: this module's."""
-    num_sub_point, num_neighbor = tuple(num_sub_point), tuple(num_neighbor)
     if points.dim() != 3 or points.shape[-1] != 2:
         raise ValueError(f"points must be [R, N, 2], got shape {tuple(points.shape)}")
     reference._grid_side(feature_maps)
@@ -517,14 +517,14 @@ def geo_region_sampler_from_maps(
         raise ValueError(f"feature maps have width {feature_maps.shape[-1]}, the weights expect {params.input_dim}")
     # Validation only reads shapes: a zero-stride view stands in for the [R, N, C] features.
     feature_shape = points.new_empty(()).expand(*points.shape[:2], params.input_dim)
-    reference.check_sampler_inputs(points, feature_shape, params, num_sub_point, num_neighbor)
+    reference.check_sampler_inputs(points, feature_shape, params, geometry)
     width = params.input_dim
     stage = params.stages[0]
     dtype = feature_maps.dtype
     kernels = kernels or FAST_KERNELS
-    anchor_index = kernels.fps(points, num_sub_point[0], fps_start, generator)
+    anchor_index = kernels.fps(points, geometry.num_sub_point[0], fps_start, generator)
     anchor_xy = reference.gather_points(points, anchor_index)
-    neighbour_index = kernels.knn(anchor_xy, points, num_neighbor[0])
+    neighbour_index = kernels.knn(anchor_xy, points, geometry.num_neighbor[0])
 
     map_rows = feature_maps.reshape(-1, width)  # [B*S*S, D]
     conv = stage.conv_matrix
@@ -546,7 +546,7 @@ def geo_region_sampler_from_maps(
     xy = anchor_xy
     for index in range(1, len(params.stages)):
         xy, hidden = kernels.stage(
-            xy, hidden, params.stages[index], num_sub_point[index], num_neighbor[index], pool, fps_start, generator
+            xy, hidden, params.stages[index], geometry.num_sub_point[index], geometry.num_neighbor[index], pool, fps_start, generator
         )
     flat = hidden.flatten(1)
     return F.linear(F.linear(flat, params.flatten_weight, params.flatten_bias), params.dim_weight, params.dim_bias)
