@@ -103,14 +103,14 @@ def test_ops_route_cpu_masks_here(monkeypatch):
     assert calls == ["cpu", "cpu"]
 
 
-def test_a_full_12_mp_mask_costs_a_few_megabytes_not_300():
-    """Peak RSS in a fresh process: the reference lists 24 bytes per pixel (~290 MB here)."""
+def test_a_full_4_mp_mask_costs_a_few_megabytes_not_100():
+    """Peak RSS in a fresh process: the reference lists 24 bytes per pixel (~96 MB here)."""
     script = textwrap.dedent("""
         import resource, torch
         from ferret_kernels import mask_points_cpu
         torch.set_num_threads(1)
         mask_points_cpu.sample_mask_points([torch.ones(30, 30, dtype=torch.bool)], 512)  # warm-up
-        mask = torch.ones(4000, 3000, dtype=torch.bool)
+        mask = torch.ones(2000, 2000, dtype=torch.bool)
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         points = mask_points_cpu.sample_mask_points([mask], 512, torch.Generator().manual_seed(0))
         assert points.shape == (1, 512, 2)
