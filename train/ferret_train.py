@@ -617,6 +617,7 @@ def train(cfg: TrainConfig, args: argparse.Namespace) -> int:
     if readout is not None and cfg.train.box_code_weight > 0:
         readout.box_code = (number_ids, cfg.train.box_code_weight, cfg.train.box_code_sigma)
     from ferret.data.collate import FerretCollator
+    from ferret.processing import FerretProcessor
 
     sampler = ResumableDistributedSampler(len(dataset), rank, world, cfg.train.seed, cfg.train.shuffle)
     steps_per_epoch = sampler.per_rank // (micro * accum)
@@ -809,7 +810,7 @@ def train(cfg: TrainConfig, args: argparse.Namespace) -> int:
             if cfg.lora.enable:
                 full_state = merge_lora_state_dict(full_state, scaling=cfg.lora.alpha / cfg.lora.r)
                 plain = engine.module.get_base_model()
-            export_dir = export_hf_folder(plain, full_state, out_dir / "hf", tokenizer, image_processor)
+            export_dir = export_hf_folder(plain, full_state, out_dir / "hf", tokenizer, FerretProcessor(tokenizer, image_processor))
         dist.barrier()
     total_time = time.perf_counter() - run_start
     if rank == 0:
