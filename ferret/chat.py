@@ -5,7 +5,8 @@ the text as `[x1, y1, x2, y2] <region_fea>` (at `<region>` placeholders, else ap
 each becomes a (W, H) mask for the region sampler. The answer comes back as text plus the boxes
 it names, parsed back to image pixels. `history` continues a conversation about the same image;
 regions of earlier turns stay referenced. `ask_batch` answers several requests in one padded
-generate call; `stream` yields the answer text as it is produced.
+generate call; `stream` yields the answer text as it is produced. A request is encoded by
+FerretProcessor and padded by FerretCollator, exactly as a training sample is.
 """
 
 from __future__ import annotations
