@@ -5,7 +5,8 @@ the text as `[x1, y1, x2, y2] <region_fea>` (at `<region>` placeholders, else ap
 each becomes a (W, H) mask for the region sampler. The answer comes back as text plus the boxes
 it names, parsed back to image pixels. `history` continues a conversation about the same image;
 regions of earlier turns stay referenced. `ask_batch` answers several requests in one padded
-generate call; `stream` yields the answer text as it is produced.
+generate call; `stream` yields the answer text as it is produced. A request is encoded by
+FerretProcessor and padded by FerretCollator, exactly as a training sample is.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ import torch
 from PIL import Image
 
 from ferret.constants import IMAGE_TOKEN, REGION_TOKEN
-from ferret.conversation import ferret_v1, tokenize_prompt
-from ferret.processing import REGION_PLACEHOLDER, build_question, load_image, preprocess_images
-from ferret.regions import Box, FreeForm, GroundedRegion, Point, Region, parse_grounding, region_mask
+from ferret.data.collate import FerretCollator
+from ferret.processing import REGION_PLACEHOLDER, FerretProcessor, build_question, load_image
+from ferret.regions import Box, FreeForm, GroundedRegion, Point, Region
 
 ImageInput = str | Image.Image
 
@@ -48,10 +49,7 @@ class Answer:
 
 @dataclass
 class _Request:
-    input_ids: list[int]
-    pixels: torch.Tensor | None
-    masks: list[torch.Tensor]
-    image_size: tuple[int, int] | None
+    sample: dict  # FerretProcessor.encode: input_ids, pixel_values, region_masks, image_size
     user_text: str
     history: ChatHistory
 
@@ -61,6 +59,9 @@ class FerretChat:
         self.tokenizer = tokenizer
         self.model = model
         self.image_processor = image_processor
+        # The training dataset's encoder and collator: a request is encoded as a training sample is.
+        self.processor = FerretProcessor(tokenizer, image_processor)
+        self.collator = FerretCollator(tokenizer.pad_token_id)
         self.context_len = context_len
         self.seed = seed  # seeds the region sampler's point draws: same request, same answer
 
@@ -184,11 +185,8 @@ class FerretChat:
             raise ValueError(f"write regions with the `regions` argument, not literal {REGION_TOKEN}/{IMAGE_TOKEN}")
         history = history if history is not None else ChatHistory()
         regions = [regions] if isinstance(regions, (Point, Box, FreeForm)) else list(regions or ())
-        pixels, size = None, None
-        if image is not None:
-            picture = load_image(image)
-            size = picture.size
-            pixels = preprocess_images([picture], self.image_processor)[0]
+        picture = load_image(image) if image is not None else None
+        size = picture.size if picture is not None else None
         if history.turns and history.image_size != size:
             raise ValueError(
                 f"this history is about an image of size {history.image_size}, but the new image is {size}; "
@@ -197,51 +195,35 @@ class FerretChat:
         if size is None and (regions or REGION_PLACEHOLDER in question):
             raise ValueError("regions need an image")
         user_text = build_question(question.strip(), regions, *size) if size is not None else question.strip()
+        messages = [message for asked, replied in history.turns for message in (("USER", asked), ("ASSISTANT", replied))]
+        messages += [("USER", user_text), ("ASSISTANT", None)]
+        image_positions = self._num_patches() - 1 if size else 0  # <image> becomes the patch embeddings
 
-        conversation = ferret_v1()
-        user, assistant = conversation.roles
-        for turn, (asked, replied) in enumerate(history.turns):
-            conversation.append_message(user, self._with_image(asked, turn == 0, size))
-            conversation.append_message(assistant, replied)
-        conversation.append_message(user, self._with_image(user_text, not history.turns, size))
-        conversation.append_message(assistant, None)
-        input_ids = tokenize_prompt(conversation.get_prompt(), self.tokenizer)
+        def check_length(n_tokens: int) -> None:
+            length = n_tokens + max_new_tokens + image_positions
+            if length > self.context_len:
+                raise ValueError(
+                    f"the conversation needs {length} positions (prompt + image + {max_new_tokens} new tokens) "
+                    f"but the model's context is {self.context_len}; shorten it or start a new one"
+                )
 
-        length = len(input_ids) + max_new_tokens + (self._num_patches() - 1 if size else 0)
-        if length > self.context_len:
-            raise ValueError(
-                f"the conversation needs {length} positions (prompt + image + {max_new_tokens} new tokens) "
-                f"but the model's context is {self.context_len}; shorten it or start a new one"
-            )
-        # Masks (one byte per image pixel each) are built only now that the request fits.
-        masks = [m if isinstance(m, torch.Tensor) else region_mask(m, *size) for m in history.region_masks]
-        masks += [region_mask(region, *size) for region in regions]
-        return _Request(input_ids, pixels, masks, size, user_text, history)
-
-    @staticmethod
-    def _with_image(text: str, first_turn: bool, size) -> str:
-        return f"{IMAGE_TOKEN}\n{text}" if first_turn and size is not None else text
+        sample = self.processor.encode(picture, messages, [*history.region_masks, *regions],
+                                       return_labels=False, check_length=check_length)
+        return _Request(sample, user_text, history)
 
     def _num_patches(self) -> int:
         tower = self.model.get_vision_tower()
         return tower.num_patches if tower is not None else 0
 
     def _batch_inputs(self, requests: list[_Request]) -> dict:
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        width = max(len(r.input_ids) for r in requests)
+        batch = self.collator([r.sample for r in requests])
         device = self.model.device
-        input_ids = torch.tensor([r.input_ids + [pad] * (width - len(r.input_ids)) for r in requests], device=device)
-        attention = torch.tensor(
-            [[1] * len(r.input_ids) + [0] * (width - len(r.input_ids)) for r in requests], device=device
-        )
-        with_image = [r.pixels for r in requests if r.pixels is not None]
-        images = torch.stack(with_image).to(device) if with_image else None
-        masks = [r.masks for r in requests]
+        masks = batch["region_masks"]
         generators = [torch.Generator().manual_seed(self.seed) for _ in requests]
         return dict(
-            input_ids=input_ids,
-            attention_mask=attention,
-            images=images,
+            input_ids=batch["input_ids"].to(device),
+            attention_mask=batch["attention_mask"].to(device),
+            images=batch["pixel_values"].to(device) if "pixel_values" in batch else None,
             region_masks=masks if any(masks) else None,
             region_generator=generators,
         )
@@ -266,11 +248,12 @@ class FerretChat:
         answers = []
         for request, tokens in zip(requests, output):
             text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
-            regions = parse_grounding(text, *request.image_size) if request.image_size else []
+            size = request.sample["image_size"]
+            regions = self.processor.post_process_generation(text, size) if size else []
             history = ChatHistory(
                 turns=request.history.turns + ((request.user_text, text),),
-                region_masks=tuple(request.masks),
-                image_size=request.image_size,
+                region_masks=tuple(request.sample["region_masks"]),
+                image_size=size,
             )
             answers.append(Answer(text=text, regions=regions, history=history))
         return answers

@@ -188,7 +188,9 @@ def as_conversation(messages: Union[Conversation, Sequence[Message]]) -> Convers
         expected = conv.roles[i % 2]
         if role != expected:
             raise ValueError(f"message {i} is from {role!r}; turns must alternate starting with {conv.roles[0]!r}")
-        if not text and (i != len(conv.messages) - 1 or role != conv.roles[1]):
+        # None marks the reply to generate; an empty reply is one a model really gave (chat history).
+        to_generate = i == len(conv.messages) - 1 and role == conv.roles[1]
+        if (text is None and not to_generate) or (not text and role == conv.roles[0]):
             raise ValueError(f"message {i} ({role}) is empty; only the final assistant turn may be None")
     return conv
 

@@ -13,22 +13,24 @@ Image policy (``load_image``):
 from __future__ import annotations
 
 import io
+import json
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any, Callable, Sequence, Union
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ferret.constants import CLIP_MEAN, CLIP_STD, IGNORE_INDEX, IMAGE_TOKEN, REGION_TOKEN
+from ferret.constants import CLIP_MEAN, CLIP_STD, IMAGE_TOKEN, REGION_TOKEN
 from ferret.conversation import (
     Conversation,
     as_conversation,
     count_region_tokens,
     tokenize_conversation,
 )
+from ferret.data.collate import FerretCollator
 from ferret.regions import GroundedRegion, Region, format_region, parse_grounding, region_mask
 
 __all__ = [
@@ -41,12 +43,17 @@ __all__ = [
     "build_question",
     "FerretProcessor",
     "REGION_PLACEHOLDER",
+    "PROCESSOR_CONFIG",
+    "open_first_turn_with_image",
+    "post_process_generation",
 ]
 
 # Refuse images above this many pixels (decompression bombs); 100 megapixels.
 MAX_IMAGE_PIXELS = 100_000_000
 # The placeholder ``build_question`` replaces with formatted regions.
 REGION_PLACEHOLDER = "<region>"
+# The file FerretProcessor.save_pretrained writes and AutoProcessor reads ("processor_class").
+PROCESSOR_CONFIG = "processor_config.json"
 
 ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image]
 
@@ -203,31 +210,89 @@ def build_question(question: str, regions: Sequence[Region], width: int, height:
 
 
 class FerretProcessor:
-    """Turns (image, conversation, regions) samples into model inputs (llava/kosmos2 style).
+    """The one encoder of a sample (an image, a conversation, its regions) into model inputs.
 
-    ``__call__`` returns a dict with ``input_ids`` [B, L] (right-padded with the tokenizer's pad
-    id), ``attention_mask`` [B, L], ``labels`` [B, L] (when ``return_labels``), ``pixel_values``
-    [B, 3, S, S], ``region_masks`` (per sample, a list of (W, H) bool masks in the order of the
-    ``<region_fea>`` tokens) and ``image_sizes`` (per sample, the raw ``(width, height)``).
+    Chat (and so the server and the eval tasks) and the training dataset all encode through
+    ``encode``; batching and padding are FerretCollator's alone (``__call__`` is ``encode`` per
+    sample followed by the collator). One behaviour for every caller:
+
+    * ``<image>\\n`` opens the first user turn when there is an image: added when the text has no
+      placeholder, moved there from wherever the text put its one placeholder (released
+      ``preprocess_multimodal``); two placeholders, or one without an image, raise ValueError.
+    * One region per ``<region_fea>`` token, in text order: a Point / Box / FreeForm (its mask is
+      built here) or a ready (W, H) mask. A count mismatch raises ValueError, before truncation.
+    * ``max_length`` truncates from the end without splitting a region reference (see
+      ``tokenize_conversation``); the masks of the dropped references are dropped with them.
+    * Padding: the tokenizer's pad token, right side, in FerretCollator; a tokenizer without one
+      is refused there (``ferret.model.builder.load_tokenizer`` gives released tokenizers
+      ``<unk>`` as pad, as released).
     """
 
     def __init__(self, tokenizer, image_processor=None, max_length: int | None = None):
-        if tokenizer.convert_tokens_to_ids(REGION_TOKEN) in (None, tokenizer.unk_token_id):
-            raise ValueError(f"the tokenizer has no {REGION_TOKEN} token "
-                             "(see ferret.data.synthetic_tokenizer.add_ferret_tokens)")
+        region_id = tokenizer.convert_tokens_to_ids(REGION_TOKEN)
+        if region_id in (None, tokenizer.unk_token_id):
+            raise ValueError(f"the tokenizer has no {REGION_TOKEN} token (see ferret.data.synthetic_tokenizer.add_ferret_tokens)")
         self.tokenizer = tokenizer
         self.image_processor = image_processor if image_processor is not None else build_image_processor()
         self.max_length = max_length
+        self.region_token_id = int(region_id)
+
+    def encode(
+        self,
+        image: ImageSource | None,
+        conversation: Union[Conversation, Sequence],
+        regions: Sequence[Union[Region, torch.Tensor]] = (),
+        *,
+        return_labels: bool = True,
+        max_length: int | None = None,
+        check_length: Callable[[int], None] | None = None,
+    ) -> dict:
+        """One sample -> ``input_ids`` [L], ``labels`` [L] (when ``return_labels``), ``pixel_values``
+        [3, S, S] (None without an image), ``region_masks`` (list of (W, H) bool) and ``image_size``
+        ((W, H), None without an image). Nothing is padded.
+
+        ``check_length(number of tokens)`` runs before any region mask is built (a mask costs one
+        byte per image pixel): a caller refuses a sample too long for its model by raising there.
+        """
+        picture = load_image(image) if image is not None else None
+        conv = as_conversation(conversation).copy()
+        conv.messages = [list(m) for m in open_first_turn_with_image(conv.messages, picture is not None)]
+        regions = list(regions)
+        n_tokens = sum(count_region_tokens(text or "") for _, text in conv.messages)
+        if n_tokens != len(regions):
+            raise ValueError(
+                f"the conversation has {n_tokens} {REGION_TOKEN} token(s) but {len(regions)} region(s) were given"
+            )
+        if regions and picture is None:
+            raise ValueError("regions need an image")
+        max_length = max_length if max_length is not None else self.max_length
+        ids, labels = tokenize_conversation(conv, self.tokenizer, max_length=max_length)
+        if check_length is not None:
+            check_length(len(ids))
+        kept = int((ids == self.region_token_id).sum())  # truncation drops whole region references
+        size = picture.size if picture is not None else None
+        sample = {
+            "input_ids": ids,
+            "region_masks": [_region_to_mask(region, *size) for region in regions[:kept]],
+            "pixel_values": preprocess_images([picture], self.image_processor)[0] if picture is not None else None,
+            "image_size": size,
+        }
+        if return_labels:
+            sample["labels"] = labels
+        return sample
 
     def __call__(
         self,
-        images: Sequence[ImageSource],
+        images: Sequence[ImageSource | None],
         conversations: Sequence[Union[Conversation, Sequence]],
         regions: Sequence[Sequence[Union[Region, torch.Tensor]]] | None = None,
         *,
         return_labels: bool = True,
         max_length: int | None = None,
     ) -> dict:
+        """A padded batch: ``input_ids``, ``attention_mask`` (bool), ``labels`` (when
+        ``return_labels``) [B, L], ``pixel_values`` [N, 3, S, S] (the samples that have an image),
+        ``region_masks`` (per sample) and ``image_sizes`` (per sample, (W, H) or None)."""
         images, conversations = list(images), list(conversations)
         if len(images) != len(conversations):
             raise ValueError(f"got {len(images)} images but {len(conversations)} conversations")
@@ -236,91 +301,87 @@ class FerretProcessor:
         regions = [[] for _ in images] if regions is None else [list(r) for r in regions]
         if len(regions) != len(images):
             raise ValueError(f"got {len(images)} images but {len(regions)} region lists")
-        max_length = max_length if max_length is not None else self.max_length
-
-        pil_images = [load_image(im) for im in images]
-        ids_list, labels_list, masks_list, sizes = [], [], [], []
-        for idx, (image, conv, sample_regions) in enumerate(zip(pil_images, conversations, regions)):
-            width, height = image.size
-            conv = _with_image_placeholder(as_conversation(conv).copy())
-            n_tokens = sum(count_region_tokens(text or "") for _, text in conv.messages)
-            if n_tokens != len(sample_regions):
-                raise ValueError(
-                    f"sample {idx}: the conversation has {n_tokens} {REGION_TOKEN} token(s) but "
-                    f"{len(sample_regions)} region(s) were given"
-                )
-            masks = [_region_to_mask(r, width, height, idx) for r in sample_regions]
-            ids, labels = tokenize_conversation(conv, self.tokenizer, max_length=max_length)
-            region_id = self.tokenizer.convert_tokens_to_ids(REGION_TOKEN)
-            # Truncation drops whole region references from the end; drop their masks too.
-            masks = masks[: int((ids == region_id).sum())]
-            ids_list.append(ids)
-            labels_list.append(labels)
-            masks_list.append(masks)
-            sizes.append((width, height))
-
-        pad_id = self.tokenizer.pad_token_id
-        if pad_id is None:
-            pad_id = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
-        length = max(len(ids) for ids in ids_list)
-        input_ids = torch.full((len(ids_list), length), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(ids_list), length), dtype=torch.long)
-        labels = torch.full((len(ids_list), length), IGNORE_INDEX, dtype=torch.long)
-        for row, (ids, lab) in enumerate(zip(ids_list, labels_list)):
-            input_ids[row, : len(ids)] = ids
-            attention_mask[row, : len(ids)] = 1
-            labels[row, : len(lab)] = lab
-        out = {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "pixel_values": preprocess_images(pil_images, self.image_processor),
-            "region_masks": masks_list,
-            "image_sizes": sizes,
-        }
-        if return_labels:
-            out["labels"] = labels
-        return out
+        samples = []
+        for index, (image, conversation, sample_regions) in enumerate(zip(images, conversations, regions)):
+            try:
+                samples.append(self.encode(image, conversation, sample_regions,
+                                           return_labels=return_labels, max_length=max_length))
+            except ValueError as error:
+                error.add_note(f"(sample {index} of the batch)")
+                raise
+        batch = FerretCollator(self.tokenizer.pad_token_id)(samples)
+        keys = ("input_ids", "attention_mask", "labels", "pixel_values", "region_masks", "image_sizes")
+        return {key: batch[key] for key in keys if key in batch}
 
     def build_question(self, question: str, regions: Sequence[Region], width: int, height: int) -> str:
         return build_question(question, regions, width, height)
 
     def post_process_generation(self, text: str, image_size: tuple[int, int]) -> list[GroundedRegion]:
-        """Boxes/points in generated text, in pixels of an image of ``image_size = (width, height)``."""
-        width, height = image_size
-        return parse_grounding(text, width, height)
+        """The phrases of generated text with their boxes (or points) in pixels of an image of
+        ``image_size = (width, height)``; see ``post_process_generation``."""
+        return post_process_generation(text, image_size)
 
     def save_pretrained(self, save_dir: str | os.PathLike) -> None:
+        """Tokenizer, image processor and ``processor_config.json`` (which AutoProcessor reads)."""
+        save_dir = Path(save_dir)
+        save_dir.mkdir(parents=True, exist_ok=True)
         self.tokenizer.save_pretrained(str(save_dir))
         self.image_processor.save_pretrained(str(save_dir))
+        config = {"processor_class": type(self).__name__, "max_length": self.max_length}
+        (save_dir / PROCESSOR_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, **kwargs) -> "FerretProcessor":
+    def from_pretrained(cls, path: str | os.PathLike, max_length: int | None = None, **hub_options) -> "FerretProcessor":
+        """Load a folder ``save_pretrained`` wrote (or a model folder with tokenizer and
+        preprocessor files). ``hub_options`` (what AutoProcessor passes: revision, ...) are
+        accepted and unused: nothing is downloaded."""
         from transformers import AutoTokenizer
         from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-        if not Path(path).is_dir():
+        folder = Path(path)
+        if not folder.is_dir():
             raise FileNotFoundError(f"processor folder {os.fspath(path)!r} does not exist")
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
-        image_processor = CLIPImageProcessorPil.from_pretrained(str(path))
-        return cls(tokenizer, image_processor, **kwargs)
+        if max_length is None and (folder / PROCESSOR_CONFIG).is_file():
+            max_length = json.loads((folder / PROCESSOR_CONFIG).read_text()).get("max_length")
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        image_processor = CLIPImageProcessorPil.from_pretrained(str(folder))
+        return cls(tokenizer, image_processor, max_length=max_length)
 
 
-def _with_image_placeholder(conv: Conversation) -> Conversation:
-    """Ferret prompts carry exactly one ``<image>``, opening the first user turn."""
-    count = sum((text or "").count(IMAGE_TOKEN) for _, text in conv.messages)
+def post_process_generation(text: str, image_size: tuple[int, int]) -> list[GroundedRegion]:
+    """Kosmos-2-style post-processing: each box or point in generated text with the phrase it
+    names, in pixels of an image of ``image_size = (width, height)`` (0-999 grid numbers are
+    clamped, swapped corners reordered; groups with nothing but punctuation between them share a
+    phrase). Pure; never raises on the text, only on a bad image size."""
+    width, height = image_size
+    return parse_grounding(text, width, height)
+
+
+def open_first_turn_with_image(messages: Sequence[Sequence], with_image: bool = True) -> list[tuple]:
+    """(role, text) messages with ``<image>\\n`` opening the first user turn, wherever the text put
+    the placeholder (released behaviour: a turn that held it loses it and its surrounding
+    whitespace). Messages already opened that way come back as they are. More than one
+    placeholder, or one without an image (``with_image=False``), is a ValueError."""
+    messages = [tuple(message) for message in messages]
+    count = sum((text or "").count(IMAGE_TOKEN) for _, text in messages)
     if count > 1:
         raise ValueError(f"a conversation may hold one {IMAGE_TOKEN} placeholder, found {count}")
-    if count == 0:
-        role, text = conv.messages[0]
-        conv.messages[0] = [role, IMAGE_TOKEN + "\n" + text]
-    return conv
+    if not with_image:
+        if count:
+            raise ValueError(f"the text holds {IMAGE_TOKEN} but there is no image")
+        return messages
+    if count == 1 and (messages[0][1] or "").startswith(IMAGE_TOKEN + "\n"):
+        return messages
+    messages = [(role, text.replace(IMAGE_TOKEN, "").strip() if text and IMAGE_TOKEN in text else text)
+                for role, text in messages]
+    role, text = messages[0]
+    messages[0] = (role, f"{IMAGE_TOKEN}\n{text}")
+    return messages
 
 
-def _region_to_mask(region, width: int, height: int, idx: int) -> torch.Tensor:
+def _region_to_mask(region, width: int, height: int) -> torch.Tensor:
     if isinstance(region, torch.Tensor):
         if tuple(region.shape) != (width, height):
-            raise ValueError(
-                f"sample {idx}: a region mask has shape {tuple(region.shape)}; expected (W, H) = ({width}, {height})"
-            )
+            raise ValueError(f"a region mask has shape {tuple(region.shape)}; expected (W, H) = ({width}, {height})")
         return region.bool()
     return region_mask(region, width, height)

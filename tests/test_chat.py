@@ -52,10 +52,10 @@ def test_regions_over_several_turns_and_placeholders(chat, image):
     third = chat.ask(image, "Anything else?", history=second.history, max_new_tokens=TOKENS)
     assert len(third.history.region_masks) == 3  # earlier regions stay referenced
     # The whole prompt keeps one <region_fea> id per mask (else the model would refuse it).
-    request = chat._prepare(image, "Last one", [], third.history)
+    sample = chat._prepare(image, "Last one", [], third.history).sample
     region_id = chat.tokenizer.convert_tokens_to_ids("<region_fea>")
-    assert request.input_ids.count(region_id) == len(request.masks) == 3
-    assert request.input_ids.count(-200) == 1
+    assert int((sample["input_ids"] == region_id).sum()) == len(sample["region_masks"]) == 3
+    assert int((sample["input_ids"] == -200).sum()) == 1
 
 
 def test_free_form_region_and_image_from_a_path(chat):

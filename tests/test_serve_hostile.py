@@ -350,12 +350,12 @@ def test_region_limits_apply_on_the_worker_and_openai_paths(stack):
 def test_no_region_mask_is_built_for_a_request_the_context_cannot_hold(engine, monkeypatch):
     """Masks (one byte per image pixel each) are built only once the request is known to fit:
     a request refused for its length costs no mask, on the worker path and in FerretChat."""
-    import ferret.chat
+    import ferret.processing
     from ferret.regions import Box
 
     built = []
-    real = ferret.chat.region_mask
-    monkeypatch.setattr(ferret.chat, "region_mask", lambda *a, **k: built.append(1) or real(*a, **k))
+    real = ferret.processing.region_mask  # FerretProcessor.encode builds the masks
+    monkeypatch.setattr(ferret.processing, "region_mask", lambda *a, **k: built.append(1) or real(*a, **k))
     boxes = [Box(10 + i, 10, 60 + i, 60) for i in range(16)]
     history = engine.chat.ask(str(SHAPES), "What is this?", regions=[Box(50, 60, 150, 160)], max_new_tokens=2).history
     built.clear()

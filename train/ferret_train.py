@@ -37,6 +37,7 @@ import torch  # noqa: E402
 warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
 import torch.distributed as dist  # noqa: E402
 
+from ferret.processing import FerretProcessor  # noqa: E402
 from ferret.training.callbacks import TrainingCallbacks  # noqa: E402
 from ferret.training.checkpoint import (  # noqa: E402
     TrainerState, TrainingCheckpointError, consolidated_state_dict, export_hf_folder, load_deepspeed_checkpoint,
@@ -320,7 +321,8 @@ def finish(run: Run) -> None:
             if cfg.lora.enable:
                 full_state = merge_lora_state_dict(full_state, scaling=cfg.lora.alpha / cfg.lora.r)
                 plain = engine.module.get_base_model()
-            export_dir = export_hf_folder(plain, full_state, run.out_dir / "hf", run.tokenizer, run.image_processor)
+            export_dir = export_hf_folder(plain, full_state, run.out_dir / "hf", run.tokenizer,
+                                          FerretProcessor(run.tokenizer, run.image_processor))
         dist.barrier()
     skipped = [Counter() for _ in range(run.procs.world)]
     dist.all_gather_object(skipped, run.skipped)

@@ -15,10 +15,12 @@ from ferret.constants import IGNORE_INDEX
 class FerretCollator:
     """Right-pads token sequences, stacks images, keeps region masks as a list per sample.
 
-    Batch keys: input_ids (B, T) padded with `pad_token_id`, labels (B, T) padded with
-    IGNORE_INDEX, attention_mask (B, T) bool (true on real tokens, from the lengths, so a pad id
-    that is also a real token id is handled), pixel_values (B, 3, S, S) when every item has an
-    image, region_masks (list of lists of (W, H) bool), image_sizes (list of (W, H) or None),
+    The one place where FerretProcessor's samples are padded (training, chat and the processor's
+    batch call). Batch keys: input_ids (B, T) padded with `pad_token_id`, labels (B, T) padded
+    with IGNORE_INDEX (when every item has labels), attention_mask (B, T) bool (true on real
+    tokens, from the lengths, so a pad id that is also a real token id is handled), pixel_values
+    (N, 3, S, S): the images of the items that have one, in order, region_masks (list of lists
+    of (W, H) bool), image_sizes (list of (W, H) or None),
     skipped (Counter of bad samples the items passed over, by reason; sum it over batches: the
     DataLoader workers' own counts never reach the main process), tasks (when items carry one).
     """
@@ -35,7 +37,9 @@ class FerretCollator:
         if self.pad_token_id is None:
             raise ValueError("FerretCollator needs a pad_token_id (the tokenizer has no pad token)")
         sequences = [item["input_ids"][: self.max_length] for item in items]
-        targets = [item["labels"][: self.max_length] for item in items]
+        # Labels only when every item has them (a generation prompt has none).
+        labelled = all("labels" in item for item in items)
+        targets = [item["labels"][: self.max_length] if labelled else seq for item, seq in zip(items, sequences)]
         for seq, tgt in zip(sequences, targets):
             if seq.shape != tgt.shape:
                 raise ValueError(f"input_ids and labels differ in length: {tuple(seq.shape)} vs {tuple(tgt.shape)}")
@@ -58,13 +62,15 @@ class FerretCollator:
             "image_sizes": [item.get("image_size") for item in items],
             "skipped": Counter(reason for item in items for reason in item.get("skipped", ())),
         }
-        images = [item.get("pixel_values") for item in items]
-        if all(image is not None for image in images):
+        if not labelled:
+            del batch["labels"]
+        # The model matches images to the samples holding <image>, in order: a text-only chat
+        # request (pixel_values None) adds none. (GritDataset gives text-only samples a blank.)
+        images = [item["pixel_values"] for item in items if item.get("pixel_values") is not None]
+        if images:
             if any(image.shape != images[0].shape for image in images):
                 raise ValueError(f"images differ in shape: {sorted({tuple(i.shape) for i in images})}")
             batch["pixel_values"] = torch.stack(images)
-        elif any(image is not None for image in images):
-            raise ValueError("a batch mixes samples with and without images")
         if any("task" in item for item in items):
             batch["tasks"] = [item.get("task") for item in items]
         return batch

@@ -46,10 +46,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ferret.constants import IMAGE_TOKEN, REGION_TOKEN
+from ferret.constants import IMAGE_TOKEN
 from ferret.data.errors import DataFormatError, SampleError, read_json
 from ferret.data.points import check_strategy, sample_point
 from ferret.data.rle import decode_rle, rle_size
+from ferret.processing import FerretProcessor, open_first_turn_with_image, preprocess_images
 from ferret.regions import Box, FreeForm, Point, RegionError, clip_box, format_region, region_mask
 
 logger = logging.getLogger(__name__)
@@ -134,6 +135,8 @@ def validate_sample(sample: Any, check_image: bool = True) -> None:
             raise SampleError("bad_structure", f"turn {t} is from {turn.get('from')!r}, expected {expected!r}")
     if "image" not in sample and any(IMAGE_TOKEN in turn["value"] for turn in conversations):
         raise SampleError("bad_structure", f"the text holds {IMAGE_TOKEN} but the sample has no image")
+    if sum(turn["value"].count(IMAGE_TOKEN) for turn in conversations) > 1:
+        raise SampleError("bad_structure", f"the text holds more than one {IMAGE_TOKEN}")
     if "image" in sample:
         if not isinstance(sample["image"], str):
             raise SampleError("bad_structure", "'image' must be a file name")
@@ -246,13 +249,6 @@ def mix_sources(sources: Sequence[DataSource], seed: int = 0, check_images: bool
 # ---------------------------------------------------------------- rendering
 
 
-def _open_first_turn_with_image(messages: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """`<image>\\n` opens the first user turn, wherever the source put it (released behaviour)."""
-    cleaned = [(role, text.replace(IMAGE_TOKEN, "").strip() if IMAGE_TOKEN in text else text)
-               for role, text in messages]
-    role, text = cleaned[0]
-    cleaned[0] = (role, f"{IMAGE_TOKEN}\n{text}")
-    return cleaned
 
 
 def render_sample(sample: dict, rng: np.random.Generator, config: GritDataConfig = GritDataConfig()) -> RenderedSample:
@@ -265,7 +261,7 @@ def render_sample(sample: dict, rng: np.random.Generator, config: GritDataConfig
     if box_lists is None:
         messages = [(ROLES[turn["from"]], turn["value"]) for turn in conversations]
         if "image" in sample:
-            messages = _open_first_turn_with_image(messages)
+            messages = open_first_turn_with_image(messages)
         return RenderedSample(messages, region_masks, regions)
 
     width, height = sample["image_w"], sample["image_h"]
@@ -323,7 +319,7 @@ def render_sample(sample: dict, rng: np.random.Generator, config: GritDataConfig
 
         messages.append((ROLES[turn["from"]], PLACEHOLDER_RE.sub(substitute, turn["value"])))
     if "image" in sample:
-        messages = _open_first_turn_with_image(messages)
+        messages = open_first_turn_with_image(messages)
     return RenderedSample(messages, region_masks, regions)
 
 
@@ -351,9 +347,8 @@ class GritDataset(Dataset):
         self.max_fallbacks = max_fallbacks
         self.epoch = 0
         self._blank: torch.Tensor | None = None
-        self.region_token_id = tokenizer.convert_tokens_to_ids(REGION_TOKEN)
-        if self.region_token_id is None or self.region_token_id == getattr(tokenizer, "unk_token_id", None):
-            raise ValueError(f"the tokenizer has no {REGION_TOKEN} token")
+        # The one per-sample encoder (shared with chat): text, image and region masks -> model inputs.
+        self.processor = FerretProcessor(tokenizer, image_processor, max_length=config.max_length)
 
     @classmethod
     def from_sources(cls, sources: Sequence[DataSource], tokenizer, image_processor,
@@ -407,49 +402,31 @@ class GritDataset(Dataset):
         if self._blank is None:
             from PIL import Image
 
-            from ferret.processing import preprocess_images
-
             self._blank = torch.zeros_like(preprocess_images([Image.new("RGB", (8, 8))], self.image_processor)[0])
         return self._blank
 
     def build_item(self, index: int) -> dict:
-        from ferret.conversation import tokenize_conversation
-        from ferret.processing import ImageLoadError, load_image, preprocess_images
+        from ferret.processing import ImageLoadError, load_image
 
         sample = self.samples[index]
         rng = self.rng_for(index)
+        image = None
         if "image" in sample:
             try:
                 image = load_image(sample["image"])
             except (ImageLoadError, FileNotFoundError) as err:
                 raise SampleError("bad_image", str(err)) from err
-            size = image.size
-            if "image_w" in sample and (sample["image_w"], sample["image_h"]) != size:
+            if "image_w" in sample and (sample["image_w"], sample["image_h"]) != image.size:
                 raise SampleError("image_size_mismatch",
-                                  f"{sample['image']} is {size[0]}x{size[1]}, the sample says "
+                                  f"{sample['image']} is {image.size[0]}x{image.size[1]}, the sample says "
                                   f"{sample['image_w']}x{sample['image_h']}")
-            pixel_values = preprocess_images([image], self.image_processor)[0]
-        else:  # text-only sample in a multimodal batch: a blank image, as released
-            size = None
-            pixel_values = self._blank_pixels()
         rendered = render_sample(sample, rng, self.config)
-        input_ids, labels = tokenize_conversation(rendered.messages, self.tokenizer, max_length=self.config.max_length)
-        input_ids = torch.as_tensor(input_ids, dtype=torch.long)
-        labels = torch.as_tensor(labels, dtype=torch.long)
-        n_tokens = int((input_ids == self.region_token_id).sum())
-        masks = rendered.region_masks
-        if n_tokens != len(masks):
-            if n_tokens > len(masks) or self.config.max_length is None:
-                raise SampleError("region_token_mismatch",
-                                  f"{n_tokens} {REGION_TOKEN} tokens but {len(masks)} region masks")
-            masks = masks[:n_tokens]  # truncation cut the later regions off
-        item = {
-            "input_ids": input_ids,
-            "labels": labels,
-            "pixel_values": pixel_values,
-            "region_masks": masks,
-            "image_size": size,
-        }
+        try:
+            item = self.processor.encode(image, rendered.messages, rendered.region_masks)
+        except ValueError as err:  # e.g. <region_fea> written in the source text: no mask for it
+            raise SampleError("unencodable", str(err)) from err
+        if item["pixel_values"] is None:  # text-only sample in a multimodal batch: a blank image, as released
+            item["pixel_values"] = self._blank_pixels()
         if "task" in sample:
             item["task"] = sample["task"]
         return item

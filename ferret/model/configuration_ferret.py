@@ -16,10 +16,11 @@ Released `config.json` files (model_type "ferret") carry `mm_vision_tower`, `mm_
 from __future__ import annotations
 
 from huggingface_hub.dataclasses import strict
-from transformers import AutoConfig, CLIPVisionConfig, LlamaConfig, PreTrainedConfig
+from transformers import AutoConfig, AutoProcessor, CLIPVisionConfig, LlamaConfig, PreTrainedConfig
 
 from ferret.model.vision_tower import ConvVisionConfig
 from ferret_kernels.params import FEATURE_LAYOUTS, POOLER_MODES, SamplerGeometry
+from ferret.processing import FerretProcessor
 
 CONV_TOWER_TYPE = ConvVisionConfig.model_type
 CONV_TOWER_FIELDS = ("image_size", "channels", "strides", "blocks_per_stage", "norm_groups", "position_embedding")
@@ -155,3 +156,5 @@ def _check_choice(field: str, value, choices: tuple[str, ...]) -> None:
 
 
 AutoConfig.register("ferret", FerretConfig, exist_ok=True)
+# AutoProcessor.from_pretrained(a Ferret folder) -> FerretProcessor (via processor_config.json or this config).
+AutoProcessor.register(FerretConfig, FerretProcessor, exist_ok=True)

@@ -151,7 +151,6 @@ def _run(args: argparse.Namespace) -> int:
         raise CliError(str(error)) from None
 
     from ferret.chat import FerretChat
-    from ferret.regions import parse_grounding
 
     try:
         chat = FerretChat.from_pretrained(args.model_path, load_4bit=args.load_4bit, load_8bit=args.load_8bit,
@@ -184,7 +183,7 @@ def _run(args: argparse.Namespace) -> int:
         print(flush=True)
         answer = "".join(pieces).strip()
         turns.append(Turn(question, answer, turn_regions))
-        all_answer_regions = parse_grounding(answer, *image.size)
+        all_answer_regions = chat.processor.post_process_generation(answer, image.size)
         print(format_grounding(all_answer_regions), file=sys.stderr)
         turn_regions = []
     if args.save_vis:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ferret.constants import IMAGE_TOKEN, REGION_TOKEN
 from ferret.processing import build_question
-from ferret.regions import Box, parse_grounding
+from ferret.regions import Box
 from ferret.serve.protocol import GenerateRequest, PendingMask, RequestError, Turn, UnknownModelError
 
 __all__ = ["ChatEngine", "chat_history", "default_model_name", "format_bytes"]
@@ -138,7 +138,6 @@ class ChatEngine:
                 text += piece
                 yield text
 
-    @staticmethod
-    def grounding(text: str, request: GenerateRequest):
-        width, height = request.image.size
-        return parse_grounding(text, width, height)
+    def grounding(self, text: str, request: GenerateRequest):
+        """The answer's phrases with their boxes in the request image's pixels."""
+        return self.chat.processor.post_process_generation(text, request.image.size)
