@@ -319,6 +319,16 @@ def measure_pair(name, ours, ref, device, repeats, ref_repeats, backward_ours=No
     return row
 
 
+def _git_commit() -> str:
+    """Short hash of the checkout the benchmark ran from ("unknown" outside git), plus "+dirty" with uncommitted changes."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    run = lambda *a: subprocess.run(["git", "-C", str(root), *a], capture_output=True, text=True).stdout.strip()
+    commit = run("rev-parse", "--short", "HEAD") or "unknown"
+    return commit + ("+dirty" if run("status", "--porcelain", "--untracked-files=no") else "")
+
+
 def _cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -366,6 +376,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "device": device.type, "device_name": device_name, "dtype": str(dtype).replace("torch.", ""),
         "torch": torch.__version__, "threads": torch.get_num_threads(), "clock": args.clock,
+        "commit": _git_commit(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "shapes": {"width": WIDTH, "llm_width": LLM_WIDTH, "points": POINTS, "sub_points": GEOMETRY.num_sub_point,
                    "neighbours": GEOMETRY.num_neighbor, "grid": GRID, "image_side": IMAGE_SIDE, "pool": "max"},
         "ours": "ops auto route (" + ("triton" if device.type == "cuda" else "fast") + ")",

@@ -5,6 +5,7 @@ freshly drawn synthetic scenes of another seed than its training data)."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -171,3 +172,15 @@ def test_embedded_training_config_trains_the_vision_tower():
         prepare_trainable(model, cfg, rank=1)
         tower = [p.requires_grad for p in model.get_vision_tower().parameters()]
         assert all(tower) if not freeze else not any(tower)
+
+
+def test_offline_compile_check_uses_the_shipped_shapes():
+    """bench/ptxas_report.py and the CI compile check build the kernels at the embedded model's
+    shapes; they must be the shipped model's, or the report describes a model nobody runs."""
+    from ferret_kernels.compile_check import CASES
+
+    config = json.loads((MODEL_DIR / "config.json").read_text())
+    vision = config["vision_config"]
+    grid = vision["image_size"] // math.prod(vision["strides"])
+    assert CASES["embedded"] == dict(width=config["mm_hidden_size"], adapter_widths=(config["hidden_size"],),
+                                     side=grid, image=vision["image_size"])

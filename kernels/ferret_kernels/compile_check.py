@@ -12,7 +12,8 @@ released and embedded pooler; the backward also in its deterministic variant) an
 kernels are fp32 whatever the model dtype), for sm_90 (sm_90a, as Triton builds it) and sm_80.
 Shapes: "released" = CLIP width 1024, adapter width 4096 (7B LLM) and 5120 (13B), 512 points,
 stages 128 -> 32, k = 24, 24 x 24 map, 336 x 336 masks; "embedded" = ferret/assets/model/config.json
-(mm_hidden_size 192, hidden_size 256, 8 x 8 map from a 112 px image, same sampler geometry).
+(mm_hidden_size 160, hidden_size 256, 12 x 12 map from the conv tower's 144 px image, same sampler
+geometry; tests/test_compile_check_cases.py keeps it equal to the shipped config).
 
 The kernels must be JITFunctions, i.e. TRITON_INTERPRET unset when triton was imported: run it as
 `python -m ferret_kernels.compile_check` (the CPU test-suite starts it in a subprocess).
@@ -41,7 +42,7 @@ __all__ = ["CASES", "DTYPES", "ARCHS", "record_launches", "compile_launch", "run
 # (name, CLIP/map width, adapter widths, grid side, image side) of the shapes a GPU will see.
 CASES = {
     "released": dict(width=1024, adapter_widths=(4096, 5120), side=24, image=336),
-    "embedded": dict(width=192, adapter_widths=(256,), side=8, image=112),
+    "embedded": dict(width=160, adapter_widths=(256,), side=12, image=144),
 }
 POINTS, GEOMETRY = 512, SamplerGeometry()  # the released sampler's
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

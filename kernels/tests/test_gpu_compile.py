@@ -1,7 +1,7 @@
 """Offline GPU compile check, in CI on CPU: every Triton kernel, forward and backward, compiled for
 sm_90 (as sm_90a) and sm_80 with the exact constexprs / num_warps its launcher picks at the released
 shapes (C = 1024, adapter widths 4096 / 5120, 512 points, stages 128 -> 32, k = 24) and at the
-embedded model's (ferret/assets/model/config.json: width 192, LLM 256, 8 x 8 map), in fp32, bf16
+embedded model's (ferret/assets/model/config.json: width 160, LLM 256, 12 x 12 map), in fp32, bf16
 and fp16 -- see `ferret_kernels.compile_check`. Launches that specialise identically compile once
 (about 45 compiles in all; Triton's on-disk cache makes reruns faster).
 
