@@ -3,7 +3,7 @@
 `import ferret` registers the model with transformers' Auto classes (so
 `AutoModelForCausalLM.from_pretrained` reads a Ferret folder); the rest loads lazily:
 
-    from ferret import FerretChat, Box
+    from ferret import FerretChat, FerretProcessor, Box
     chat = FerretChat.from_pretrained("path/to/ferret")
     answer = chat.ask("photo.jpg", "What is in <region>?", regions=[Box(10, 20, 200, 220)])
 """
@@ -23,6 +23,7 @@ _LAZY = {
     "FreeForm": "ferret.regions",
     "GroundedRegion": "ferret.regions",
     "load_pretrained": "ferret.model.builder",
+    "FerretProcessor": "ferret.processing",
 }
 
 __all__ = sorted(_LAZY)

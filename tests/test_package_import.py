@@ -29,3 +29,12 @@ def test_without_import_ferret_the_model_type_is_unknown():
     # the control: a fresh interpreter that never imports ferret cannot read the folder
     proc = run_fresh(LOAD.format(path=str(MODEL)))
     assert proc.returncode != 0 and "ferret" in proc.stderr
+
+
+def test_top_level_names_load_lazily():
+    import ferret
+    from ferret.processing import FerretProcessor
+
+    assert ferret.FerretProcessor is FerretProcessor
+    for name in ferret.__all__:
+        assert getattr(ferret, name) is not None, name

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from ferret.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from ferret.training.model_setup import unwrap
 
 BOX_COORDINATES = 4  # x1, y1, x2, y2
 
@@ -112,7 +113,7 @@ class AttentionSupervision:
 
         from ferret.data.synthetic_tokenizer import number_token_ids
 
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base = unwrap(model)
         layers = base.model.layers
         if not -len(layers) <= layer < len(layers):
             raise ValueError(f"attention supervision: layer {layer} outside the model's {len(layers)} layers")
@@ -215,7 +216,7 @@ def init_coordinate_heads(model, layer: int) -> None:
     """Heads 0-3 of `layer` start copying block c (of 4 equal blocks of the hidden width) of what they
     attend to into block c of the residual: value rows = identity on block c, output columns =
     identity into block c (needs head_dim == hidden / 4)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap(model)
     attention = base.model.layers[layer].self_attn
     hidden, d = base.config.hidden_size, attention.head_dim
     if d * BOX_COORDINATES != hidden or base.config.num_key_value_heads != base.config.num_attention_heads:
