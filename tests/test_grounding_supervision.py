@@ -312,10 +312,28 @@ def test_init_coordinate_heads_copies_block_c_through_head_c(number_tokenizer):
 def test_box_code_loss_is_low_when_each_block_holds_its_coordinate():
     from ferret.training.grounding import box_code_loss
 
-    rows = torch.cat([smooth_number_code(torch.arange(1000), 16)] * 4, dim=-1)  # [1000, 64]
+    rows = torch.cat([smooth_number_code(torch.arange(1000), 64)] * 4, dim=-1)  # [1000, 256], as at hidden 256
     box = torch.tensor([[[100, 250, 600, 900]]])
     covered = torch.tensor([[True]])
-    right = torch.cat([smooth_number_code(box[0, 0, c:c + 1], 16) for c in range(4)], dim=-1) * 60
-    wrong = torch.cat([smooth_number_code(torch.tensor([500]), 16)] * 4, dim=-1) * 60
+    right = torch.cat([smooth_number_code(box[0, 0, c:c + 1], 64) for c in range(4)], dim=-1) * 8
+    wrong = torch.cat([smooth_number_code(torch.tensor([500]), 64)] * 4, dim=-1) * 8
     assert box_code_loss(right[None], box, covered, rows, 6.0) < box_code_loss(wrong[None], box, covered, rows, 6.0)
     assert box_code_loss(right[None], box, torch.tensor([[False]]), rows, 6.0) == 0
+    # the rows are read at unit norm: rows of the embeddings' initial scale give the same loss
+    assert torch.allclose(box_code_loss(right[None], box, covered, rows * 0.05, 6.0),
+                          box_code_loss(right[None], box, covered, rows, 6.0), atol=1e-5)
+    # a block of norm 8 (what the final RMSNorm hands the LM head) holding the right code is sharp:
+    # near the Gaussian target's own entropy (3.2 nats for std 6); the same code at the norm the
+    # projector starts with (~0.3) reads nearly flat (ln 1000 = 6.9)
+    assert box_code_loss(right[None], box, covered, rows, 6.0) < 4.0
+    assert box_code_loss(right[None] * 0.3 / 8, box, covered, rows, 6.0) > 6.5
+
+
+def test_coordinate_block_rows_have_unit_norm_per_block(number_tokenizer):
+    model = conv_model(number_tokenizer)
+    ids = number_token_ids(number_tokenizer)
+    init_number_rows(model, ids, blocks=4)
+    rows = model.get_output_embeddings().weight[ids].detach()
+    blocks = rows.view(len(ids), 4, -1)
+    assert torch.allclose(blocks.norm(dim=-1), torch.ones(len(ids), 4), atol=1e-4)
+    assert torch.equal(blocks[:, 0], blocks[:, 3])  # the same code in every coordinate block
