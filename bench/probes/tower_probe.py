@@ -10,6 +10,13 @@ class is the argmax of the readout averaged over the cells it covers most (or, f
 wins no cell, the single cell it covers most), so every object counts, small ones included.
 Prints a learning curve and writes it as JSON (`--out`). Also reports how many objects win no
 cell at the chosen grid (objects the dense loss never supervises).
+
+`--box-code linear|mlp` adds the training's box code (ferret.training.grounding.box_code_loss):
+each cell's 256-wide vector, made from the tower's features by a linear map (the embedded model's
+projector) or a 2-layer MLP, must hold its object's x1, y1, x2, y2 in four 64-wide blocks that
+the number tokens' smooth-code rows read. `box_code_acc50` decodes each coordinate as the argmax
+of those rows over the object's cells (mean logits) and scores the box at IoU 0.5: can the
+projected image tokens carry a box the LLM could copy?
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from PIL import Image
 from ferret.data.rle import decode_rle
 from ferret.eval.metrics import box_iou
 from ferret.training.dense_supervision import DenseVocabulary, patch_coverage, scene_patch_targets
+from ferret.training.grounding import BOX_COORDINATES, box_code_loss, smooth_number_code
 from ferret.regions import pixel_to_grid
 from ferret.model.vision_tower import ConvVisionConfig, ConvVisionTower
 from ferret.processing import build_image_processor
@@ -81,15 +89,42 @@ def unsupervised_share(records: list[dict], grid: int, min_cover: float = 0.2) -
     return missed / max(total, 1)
 
 
+BOX_CODE_WIDTH = 256  # the embedded LLM's hidden size: four 64-wide coordinate blocks
+
+
+def number_rows() -> torch.Tensor:
+    """[1000, 256]: the smooth code of 0..999 in each coordinate block (init_number_rows' layout)."""
+    return smooth_number_code(torch.arange(1000), BOX_CODE_WIDTH // BOX_COORDINATES).repeat(1, BOX_COORDINATES)
+
+
+def box_code_head(kind: str, width: int) -> torch.nn.Module | None:
+    if kind == "none":
+        return None
+    if kind == "linear":
+        return torch.nn.Linear(width, BOX_CODE_WIDTH)
+    return torch.nn.Sequential(torch.nn.Linear(width, BOX_CODE_WIDTH), torch.nn.GELU(), torch.nn.Linear(BOX_CODE_WIDTH, BOX_CODE_WIDTH))
+
+
+def decode_box_code(vectors: torch.Tensor, rows: torch.Tensor) -> list[float]:
+    """Coordinates (0-999) of the mean over cells of each block's logits against the rows."""
+    d = rows.shape[1] // BOX_COORDINATES
+    unit = F.normalize(rows.view(len(rows), BOX_COORDINATES, d), dim=-1)
+    blocks = vectors.view(len(vectors), BOX_COORDINATES, d)
+    return [float((blocks[:, c] @ unit[:, c].T).mean(0).argmax()) for c in range(BOX_COORDINATES)]
+
+
 @torch.no_grad()
-def evaluate(tower, head, batches: SceneBatches, vocabulary: DenseVocabulary, grid: int) -> dict:
+def evaluate(tower, head, batches: SceneBatches, vocabulary: DenseVocabulary, grid: int, code_head=None) -> dict:
     tower.eval()
-    right_color = right_shape = right_both = boxed = total = 0
+    right_color = right_shape = right_both = boxed = coded = total = 0
+    rows = number_rows()
     nc = vocabulary.num_colors
     for start in range(0, len(batches.records), 64):
         indices = range(start, min(start + 64, len(batches.records)))
         pixels, _ = batches.batch(indices)
-        logits = head(tower(pixels))  # [B, N, 4 + nc + ns]
+        features = tower(pixels)
+        logits = head(features)  # [B, N, 4 + nc + ns]
+        codes = code_head(features) if code_head is not None else None
         for row, index in enumerate(indices):
             record = batches.records[index]
             covers = object_cells(record, grid)
@@ -109,10 +144,15 @@ def evaluate(tower, head, batches: SceneBatches, vocabulary: DenseVocabulary, gr
                 right_both += ok_c and ok_s
                 box = [pixel_to_grid(v, size) for v, size in zip(obj["box"], (record["width"], record["height"]) * 2)]
                 boxed += box_iou(tuple((mean[:4] * 1000).tolist()), tuple(box)) >= 0.5
+                if codes is not None:
+                    coded += box_iou(tuple(decode_box_code(codes[row, torch.from_numpy(cells)], rows)), tuple(box)) >= 0.5
                 total += 1
     tower.train()
-    return {"objects": total, "color": right_color / total, "shape": right_shape / total, "both": right_both / total,
-            "box_acc50": boxed / total}
+    result = {"objects": total, "color": right_color / total, "shape": right_shape / total, "both": right_both / total,
+              "box_acc50": boxed / total}
+    if codes is not None:
+        result["box_code_acc50"] = coded / total
+    return result
 
 
 def main(argv=None) -> dict:
@@ -132,6 +172,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--position-embedding", action="store_true", help="the tower's learned per-cell position code")
+    parser.add_argument("--box-code", choices=["none", "linear", "mlp"], default="none",
+                        help="also train a box code on a linear / MLP map of the features (see above)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--save", default=None, help="write the trained tower's state dict here")
     args = parser.parse_args(argv)
@@ -145,7 +187,9 @@ def main(argv=None) -> dict:
     grid = config.grid_size
     tower = ConvVisionTower(config, frozen=False)
     head = torch.nn.Linear(config.hidden_size, 4 + vocabulary.num_colors + vocabulary.num_shapes)
-    params = list(tower.parameters()) + list(head.parameters())
+    code_head = box_code_head(args.box_code, config.hidden_size)
+    rows = number_rows()
+    params = list(tower.parameters()) + list(head.parameters()) + (list(code_head.parameters()) if code_head else [])
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     train = SceneBatches(data, load_records(data, "train"), args.image_size, grid, vocabulary)
     val = SceneBatches(data, load_records(data, "val")[: args.val_scenes], args.image_size, grid, vocabulary)
@@ -160,11 +204,14 @@ def main(argv=None) -> dict:
     while step < args.max_steps and time.perf_counter() - start < budget:
         pixels, targets = train.batch(rng.integers(len(train.records), size=args.batch))
         with autocast:
-            out = head(tower(pixels)).float()
+            features = tower(pixels)
+            out = head(features).float()
         loss = F.cross_entropy(out[..., 4:4 + nc].reshape(-1, nc), targets["patch_color"].reshape(-1))
         loss = loss + F.cross_entropy(out[..., 4 + nc:].reshape(-1, vocabulary.num_shapes), targets["patch_shape"].reshape(-1))
         covered = targets["patch_color"] > 0
         loss = loss + F.l1_loss(out[..., :4][covered], targets["patch_box"][covered].float() / 1000.0)
+        if code_head is not None:
+            loss = loss + box_code_loss(code_head(features.float()), targets["patch_box"], covered, rows, sigma=6.0)
         lr = args.lr * min(1.0, (step + 1) / 50)
         if args.max_steps < 100000:  # a step budget: cosine decay to 0 over it
             lr *= 0.5 * (1 + math.cos(math.pi * step / args.max_steps))
@@ -177,11 +224,11 @@ def main(argv=None) -> dict:
         step += 1
         if step % args.eval_every == 0:
             point = {"step": step, "seconds": round(time.perf_counter() - start, 1), "loss": round(loss.item(), 4),
-                     **evaluate(tower, head, val, vocabulary, grid)}
+                     **evaluate(tower, head, val, vocabulary, grid, code_head)}
             curve.append(point)
             print(json.dumps(point), flush=True)
     final = {"step": step, "seconds": round(time.perf_counter() - start, 1),
-             **evaluate(tower, head, val, vocabulary, grid)}
+             **evaluate(tower, head, val, vocabulary, grid, code_head)}
     result = {**info, "curve": curve, "final": final}
     print(json.dumps(final), flush=True)
     if args.save:
