@@ -35,7 +35,7 @@ from PIL import Image
 from ferret.data.rle import decode_rle
 from ferret.eval.metrics import box_iou
 from ferret.training.dense_supervision import DenseVocabulary, patch_coverage, scene_patch_targets
-from ferret.training.grounding import BOX_COORDINATES, box_code_loss, smooth_number_code
+from ferret.training.grounding import BOX_COORDINATES, box_code_logits, box_code_loss, smooth_number_code
 from ferret.regions import pixel_to_grid
 from ferret.model.vision_tower import ConvVisionConfig, ConvVisionTower
 from ferret.processing import build_image_processor
@@ -107,10 +107,7 @@ def box_code_head(kind: str, width: int) -> torch.nn.Module | None:
 
 def decode_box_code(vectors: torch.Tensor, rows: torch.Tensor) -> list[float]:
     """Coordinates (0-999) of the mean over cells of each block's logits against the rows."""
-    d = rows.shape[1] // BOX_COORDINATES
-    unit = F.normalize(rows.view(len(rows), BOX_COORDINATES, d), dim=-1)
-    blocks = vectors.view(len(vectors), BOX_COORDINATES, d)
-    return [float((blocks[:, c] @ unit[:, c].T).mean(0).argmax()) for c in range(BOX_COORDINATES)]
+    return box_code_logits(vectors, rows).mean(0).argmax(-1).float().tolist()
 
 
 @torch.no_grad()

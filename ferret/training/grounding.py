@@ -246,14 +246,18 @@ def box_code_loss(image_tokens: torch.Tensor, patch_box: torch.Tensor, covered: 
     if tokens.shape[0] == 0:
         return image_tokens.new_zeros((), dtype=torch.float32)
     boxes = patch_box[covered].float()  # [M, 4]
-    d = tokens.shape[-1] // BOX_COORDINATES
     grid = torch.arange(number_rows.shape[0], device=tokens.device, dtype=torch.float32)
-    loss = tokens.new_zeros(())
-    for c in range(BOX_COORDINATES):
-        logits = tokens[:, c * d:(c + 1) * d] @ F.normalize(number_rows[:, c * d:(c + 1) * d].float(), dim=-1).T
-        target = torch.softmax(-0.5 * ((grid[None, :] - boxes[:, c:c + 1]) / sigma) ** 2, dim=-1)
-        loss = loss - (target * F.log_softmax(logits, dim=-1)).sum(-1).mean()
-    return loss / BOX_COORDINATES
+    target = torch.softmax(-0.5 * ((grid - boxes[..., None]) / sigma) ** 2, dim=-1)  # [M, 4, numbers]
+    return -(target * F.log_softmax(box_code_logits(tokens, number_rows), dim=-1)).sum(-1).mean()
+
+
+def box_code_logits(tokens: torch.Tensor, number_rows: torch.Tensor) -> torch.Tensor:
+    """[M, 4, numbers]: block c of each token [M, hidden] read by block c of the number rows, the
+    rows at unit norm per block (see box_code_loss)."""
+    d = tokens.shape[-1] // BOX_COORDINATES
+    blocks = tokens.float().reshape(len(tokens), BOX_COORDINATES, d)
+    rows = F.normalize(number_rows.float().reshape(len(number_rows), BOX_COORDINATES, d), dim=-1)
+    return torch.einsum("mcd,ncd->mcn", blocks, rows)
 
 
 # ------------------------------------------------------------------ number tokens

@@ -13,7 +13,7 @@ kernels are fp32 whatever the model dtype), for sm_90 (sm_90a, as Triton builds 
 Shapes: "released" = CLIP width 1024, adapter width 4096 (7B LLM) and 5120 (13B), 512 points,
 stages 128 -> 32, k = 24, 24 x 24 map, 336 x 336 masks; "embedded" = ferret/assets/model/config.json
 (mm_hidden_size 160, hidden_size 256, 12 x 12 map from the conv tower's 144 px image, same sampler
-geometry; tests/test_compile_check_cases.py keeps it equal to the shipped config).
+geometry; tests/test_embedded_model.py keeps it equal to the shipped config).
 
 The kernels must be JITFunctions, i.e. TRITON_INTERPRET unset when triton was imported: run it as
 `python -m ferret_kernels.compile_check` (the CPU test-suite starts it in a subprocess).
