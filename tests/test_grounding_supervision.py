@@ -337,3 +337,44 @@ def test_coordinate_block_rows_have_unit_norm_per_block(number_tokenizer):
     blocks = rows.view(len(ids), 4, -1)
     assert torch.allclose(blocks.norm(dim=-1), torch.ones(len(ids), 4), atol=1e-4)
     assert torch.equal(blocks[:, 0], blocks[:, 3])  # the same code in every coordinate block
+
+
+# ------------------------------------------------------------------ vision warm-up
+
+
+def test_warm_up_region_readout_trains_the_sampler_but_not_the_tower(tmp_path):
+    # The region readout's gradient through the sampled points slowed the tower's shape learning
+    # 2x (bench/probes/README.md): in the warm-up it reads the tower's features detached.
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from ferret.data.rle import encode_rle
+    from ferret.training.config import TrainConfig
+    from ferret.training.synthetic_world import DenseReadout, WarmUpStep
+
+    tokenizer = AutoTokenizer.from_pretrained("ferret/assets/model")  # colour and shape names are single tokens
+    model = conv_model(tokenizer, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=4,
+                       region_geo_sampler=True, sampler_num_init_point=32, sampler_num_sub_point=[16, 8],
+                       sampler_num_neighbor=[4, 4])
+    readout = DenseReadout(model, tokenizer)
+
+    def record(scene_id, color, shape):
+        mask = np.zeros((40, 50), dtype=bool)
+        mask[8:30, 10:40] = True
+        return {"scene_id": scene_id, "width": 50, "height": 40, "image": f"{scene_id}.png",
+                "objects": [{"name": f"{color} {shape}", "color": color, "shape": shape, "box": [10, 8, 39, 29],
+                             "mask": encode_rle(mask)}]}
+
+    records = [record(0, "red", "square"), record(1, "blue", "circle")]
+    cfg = TrainConfig()
+    cfg.train.per_device_batch_size = 2
+    cfg.data.scene_records = str(tmp_path / "scenes_train.json")
+    targets = type("Targets", (), {"records": {r["scene_id"]: r for r in records}})()
+    step = WarmUpStep(model, readout, targets, None, cfg, rank=0, world=1, device=torch.device("cpu"))
+    features = torch.randn(2, model.get_vision_tower().num_patches, 32, requires_grad=True)
+    loss = step.region_loss(features, records, step=0)
+    assert torch.isfinite(loss) and loss > 0
+    loss.backward()
+    assert features.grad is None  # the tower gets nothing from it
+    sampler_grads = [p.grad for p in model.model.region_geo_sampler.parameters() if p.grad is not None]
+    assert sampler_grads and any(float(g.abs().sum()) > 0 for g in sampler_grads)

@@ -171,6 +171,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--position-embedding", action="store_true", help="the tower's learned per-cell position code")
     parser.add_argument("--box-code", choices=["none", "linear", "mlp"], default="none",
                         help="also train a box code on a linear / MLP map of the features (see above)")
+    parser.add_argument("--init", choices=["torch", "hf"], default="torch",
+                        help="hf: conv and linear weights drawn N(0, 0.02), as the full model's post_init draws them")
     parser.add_argument("--out", default=None)
     parser.add_argument("--save", default=None, help="write the trained tower's state dict here")
     args = parser.parse_args(argv)
@@ -185,6 +187,12 @@ def main(argv=None) -> dict:
     tower = ConvVisionTower(config, frozen=False)
     head = torch.nn.Linear(config.hidden_size, 4 + vocabulary.num_colors + vocabulary.num_shapes)
     code_head = box_code_head(args.box_code, config.hidden_size)
+    if args.init == "hf":
+        for module in [*tower.modules(), head, *(code_head.modules() if code_head else [])]:
+            if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+                torch.nn.init.normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    torch.nn.init.zeros_(module.bias)
     rows = number_rows()
     params = list(tower.parameters()) + list(head.parameters()) + (list(code_head.parameters()) if code_head else [])
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
