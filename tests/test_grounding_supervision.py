@@ -85,6 +85,15 @@ def test_conv_tower_config_errors_name_the_problem():
         build_tiny_model(mm_vision_tower="x", mm_hidden_size=32, vision_config={**CONV, "norm_groups": 5})
 
 
+def test_conv_tower_keeps_pytorch_init_inside_the_model(tiny_tokenizer):
+    # post_init would draw the convs N(0, initializer_range); the stem's fan-in (3 x 4 x 4) gives PyTorch's
+    # default a std of 1 / sqrt(3 x 48) = 0.083
+    model, _ = build_tiny_model(tiny_tokenizer, mm_vision_tower="embedded-conv", mm_hidden_size=32, vision_config=CONV)
+    stem = model.model.vision_tower.stages[0][0][0].weight
+    assert 0.06 < float(stem.std()) < 0.11
+    assert float(model.model.mm_projector.weight.std()) == pytest.approx(model.config.initializer_range, rel=0.2)  # HF init elsewhere
+
+
 @pytest.mark.parametrize("position_embedding", [False, True])
 def test_conv_tower_model_round_trips_through_auto_classes(tmp_path, tiny_tokenizer, position_embedding):
     from transformers import AutoModelForCausalLM
