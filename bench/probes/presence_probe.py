@@ -1,0 +1,67 @@
+"""Where does the head trained for yes/no look? (issue 13: the coordinate-head runs say "Yes" to absent objects.)
+
+    python bench/probes/presence_probe.py --model-path checkpoints/full_coordpe_v2/hf --scenes 30
+
+For the first `--scenes` validation scenes asks "Is there a X in the image?" once for a present
+object and once for an absent name, and reads each attention head of `--layer` at the position
+that writes the answer's first word: its mass on the BOS token and on the image tokens, averaged
+per head. Training pushes the presence head (`train.attention_supervision_head` of that layer)
+onto the asked object when it is present and onto BOS when it is not, so a head that does its job
+shows a clearly higher BOS mass for absent names than for present ones. Validation only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+import torch
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model-path", required=True)
+    parser.add_argument("--data", default="data/synth")
+    parser.add_argument("--scenes", type=int, default=30)
+    parser.add_argument("--layer", type=int, default=2)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    from ferret.chat import FerretChat
+    from ferret.data.synthetic import COLORS, SHAPES
+    from ferret.training.grounding import spliced_index
+
+    data = Path(args.data)
+    scenes = json.loads((data / "scenes_val.json").read_text())[: args.scenes]
+    chat = FerretChat.from_pretrained(args.model_path, device="cpu")
+    model = chat.model
+    model.config._attn_implementation = "eager"  # sdpa returns no attention weights
+    n_image = model.get_vision_tower().num_patches
+    heads = model.config.num_attention_heads
+    rng = random.Random(0)
+    masses = {"present": [], "absent": []}
+    for scene in scenes:
+        names = {o["name"] for o in scene["objects"]}
+        absent = rng.choice([f"{c} {s}" for c in COLORS for s in SHAPES if f"{c} {s}" not in names])
+        for kind, name in (("present", scene["objects"][0]["name"]), ("absent", absent)):
+            request = chat._prepare(str(data / scene["image"]), f"Is there a {name} in the image?")
+            inputs = chat._batch_inputs([request])
+            inputs.pop("region_generator")
+            with torch.no_grad():
+                attention = model(**inputs, output_attentions=True).attentions[args.layer][0, :, -1]  # [heads, keys]
+            start, _ = spliced_index(inputs["input_ids"][0], n_image)
+            masses[kind].append((attention[:, 0], attention[:, start:start + n_image].sum(-1)))
+    result = {"model": args.model_path, "layer": args.layer, "scenes": len(scenes)}
+    for kind, rows in masses.items():
+        result[kind] = {"bos": [round(float(torch.stack([r[0][h] for r in rows]).mean()), 3) for h in range(heads)],
+                        "image": [round(float(torch.stack([r[1][h] for r in rows]).mean()), 3) for h in range(heads)]}
+    print(json.dumps(result, indent=1))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
