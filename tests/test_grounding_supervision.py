@@ -90,8 +90,8 @@ def test_conv_tower_keeps_pytorch_init_inside_the_model(tiny_tokenizer):
     # default a std of 1 / sqrt(3 x 48) = 0.083
     model, _ = build_tiny_model(tiny_tokenizer, mm_vision_tower="embedded-conv", mm_hidden_size=32, vision_config=CONV)
     stem = model.model.vision_tower.stages[0][0][0].weight
-    assert 0.06 < float(stem.std()) < 0.11
-    assert float(model.model.mm_projector.weight.std()) == pytest.approx(model.config.initializer_range, rel=0.2)  # HF init elsewhere
+    assert 0.06 < float(stem.detach().std()) < 0.11
+    assert float(model.model.mm_projector.weight.detach().std()) == pytest.approx(model.config.initializer_range, rel=0.2)  # HF init elsewhere
 
 
 @pytest.mark.parametrize("position_embedding", [False, True])
@@ -286,6 +286,33 @@ def test_presence_targets_from_the_question(tmp_path):
         {"from": "human", "value": "What is it?"}, {"from": "gpt", "value": "A red circle."}]}
     out = presence_targets(sample, targets)
     assert out.tolist() == [[False, True, False, False, False], [True, False, False, False, False], [False] * 5]
+
+
+def test_presence_can_live_on_another_layers_head(number_tokenizer):
+    # train.presence_supervision_*: the box head(s) stop supervising "Yes"/"No", a second head does
+    # (with coordinate heads, head 0 of their layer is also the x1 head and never learned presence).
+    from ferret.training.config import TrainConfig
+    from ferret.training.synthetic_world import grounding_supervision
+
+    model = conv_model(number_tokenizer, hidden_size=64, num_attention_heads=4, num_key_value_heads=4)
+    batch = _batch(number_tokenizer, 16)
+    presence = torch.zeros(1, 17, dtype=torch.bool)
+    presence[0, 3] = True  # the asked object's cell
+    batch["presence_cells"] = [presence]
+    cfg = TrainConfig()
+    cfg.train.attention_supervision_weight = 1.0
+    cfg.train.attention_supervision_layer = 1
+    cfg.train.attention_supervision_coordinate_heads = True
+    together, _ = grounding_supervision(model, number_tokenizer, cfg)
+    assert len(together) == 1 and len(together[0]._queries(batch, 0)) == 16 + 1  # 4 numbers x 4 heads + "Yes"
+    cfg.train.presence_supervision_layer, cfg.train.presence_supervision_head = 0, 2
+    boxes, apart = grounding_supervision(model, number_tokenizer, cfg)[0]
+    assert len(boxes._queries(batch, 0)) == 16
+    (position, head, target), = apart._queries(batch, 0)
+    assert apart.attention is model.model.layers[0].self_attn and head == 2 and target.equal(presence[0])
+    with pytest.raises(Exception, match="presence_supervision_layer/head.*head 7"):
+        cfg.train.presence_supervision_head = 7
+        grounding_supervision(model, number_tokenizer, cfg)
 
 
 def test_coordinate_heads_split_the_box_numbers_over_four_heads(number_tokenizer):

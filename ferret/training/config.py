@@ -131,6 +131,11 @@ class TrainSection:
     # heads; needs number tokens, head_dim x 4 == hidden_size); with box_code_weight > 0 the image
     # tokens learn to hold their object's box in the 4 coordinate blocks, read by the number rows.
     attention_supervision_coordinate_heads: bool = False
+    # The head pushed, from the position that writes "Yes"/"No", onto the asked object or BOS:
+    # by default the one above (layer, head); another layer's head keeps presence off the
+    # coordinate heads (with them head 0 of the layer is also the x1 head and never learned it).
+    presence_supervision_layer: int | None = None
+    presence_supervision_head: int | None = None
     box_code_weight: float = 0.0
     box_code_sigma: float = 6.0
     # > 0 (needs a tokenizer with one token per number 0-999): add this times a cross-entropy

@@ -108,7 +108,8 @@ class AttentionSupervision:
     states and rotary embeddings of the last forward; `loss(batch)` then recomputes that head's
     attention rows at the box positions. Call `loss` after each training forward."""
 
-    def __init__(self, model, tokenizer, layer: int, head: int, coordinate_heads: bool = False):
+    def __init__(self, model, tokenizer, layer: int, head: int, coordinate_heads: bool = False,
+                 boxes: bool = True, presence: bool = True):
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         from ferret.data.synthetic_tokenizer import number_token_ids
@@ -123,6 +124,7 @@ class AttentionSupervision:
             raise ValueError(f"attention supervision: head {head} outside the model's {heads} heads")
         self.head = head
         self.coordinate_heads = coordinate_heads
+        self.boxes, self.presence = boxes, presence  # which answer positions this instance supervises
         if coordinate_heads:
             if heads < BOX_COORDINATES:
                 raise ValueError(f"attention supervision: coordinate heads need {BOX_COORDINATES} heads, the model has {heads}")
@@ -167,14 +169,15 @@ class AttentionSupervision:
         bos = torch.zeros(1 + n_cells, dtype=torch.bool)
         bos[0] = True
         out = []
-        for i, span in enumerate(answer_box_spans(ids, labels, self.open_ids, self.close_ids)[: len(cells)]):
+        spans = answer_box_spans(ids, labels, self.open_ids, self.close_ids) if self.boxes else []
+        for i, span in enumerate(spans[: len(cells)]):
             target = F.pad(cells[i], (1, 0))
             if not self.coordinate_heads:
                 out += [(j, self.head, target) for j in range(*span)]
                 continue
             for k, j in enumerate(number_positions(ids, span, self.number_ids)[:BOX_COORDINATES]):
                 out += [(j, c, target if c == k else bos) for c in range(BOX_COORDINATES)]
-        presence = batch.get("presence_cells")
+        presence = batch.get("presence_cells") if self.presence else None
         if presence is not None and len(presence[row]):
             for (start, _), target in zip(answer_runs(labels), presence[row]):
                 if bool(target.any()) and start > 0:

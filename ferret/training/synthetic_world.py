@@ -110,8 +110,10 @@ class DenseReadout:
 
 
 def grounding_supervision(model, tokenizer, cfg: TrainConfig):
-    """(AttentionSupervision or None, number token ids or None) for ferret.training.grounding's
-    training-only losses; also starts the number rows as a smooth code when configured."""
+    """(attention supervisions: [] or [the box head's] or [the box head's, the presence head's] when
+    train.presence_supervision_* puts presence on another head; number token ids or None) for
+    ferret.training.grounding's training-only losses; also starts the number rows as a smooth code
+    when configured."""
     from ferret.data.synthetic_tokenizer import number_token_ids
     from ferret.training.grounding import AttentionSupervision, init_coordinate_heads, init_number_rows
 
@@ -125,15 +127,23 @@ def grounding_supervision(model, tokenizer, cfg: TrainConfig):
                                "(build it with number tokens)")
     if t.init_number_rows:
         init_number_rows(base, number_ids, blocks=4 if coordinates else 1)
-    supervision = None
+    supervision = []
     if t.attention_supervision_weight > 0:
+        presence = (t.attention_supervision_layer if t.presence_supervision_layer is None else t.presence_supervision_layer,
+                    t.attention_supervision_head if t.presence_supervision_head is None else t.presence_supervision_head)
+        apart = presence != (t.attention_supervision_layer, t.attention_supervision_head)
         try:
-            supervision = AttentionSupervision(model, tokenizer, t.attention_supervision_layer,
-                                               t.attention_supervision_head, coordinate_heads=coordinates)
+            supervision.append(AttentionSupervision(model, tokenizer, t.attention_supervision_layer, t.attention_supervision_head,
+                                                    coordinate_heads=coordinates, presence=not apart))
             if coordinates:
                 init_coordinate_heads(base, t.attention_supervision_layer)
         except ValueError as err:
             raise TrainConfigError(f"train.attention_supervision_layer/head: {err}") from None
+        if apart:
+            try:
+                supervision.append(AttentionSupervision(model, tokenizer, *presence, boxes=False))
+            except ValueError as err:
+                raise TrainConfigError(f"train.presence_supervision_layer/head: {err}") from None
     return supervision, (torch.tensor(number_ids) if number_ids is not None else None)
 
 
@@ -166,11 +176,11 @@ class SyntheticWorldSupervision:
             dense = self.readout.loss(batch, device) if "patch_color" in batch else loss.new_zeros(())
             loss = loss + t.dense_loss_weight * dense
             self._dense.append(dense.detach().float())
-        if self.attention is not None:
-            attend = self.attention.loss(batch) if "answer_cells" in batch else loss.new_zeros(())
+        if self.attention:
+            attend = (sum(a.loss(batch) for a in self.attention) if "answer_cells" in batch else loss.new_zeros(()))
             loss = loss + t.attention_supervision_weight * attend
             self._attention.append(attend.detach().float())
-            self._masses.append(self.attention.last_mass)
+            self._masses.append(self.attention[0].last_mass)  # the box head's
         if self.number_ids is not None and t.number_smoothing_weight > 0:
             from ferret.training.grounding import number_smoothing_loss, spliced_labels
 
@@ -189,7 +199,7 @@ class SyntheticWorldSupervision:
             dense = torch.stack(self._dense).mean().to(device)
             dist.all_reduce(dense)
             record["dense_loss"] = dense.item() / world
-        if self.attention is not None:
+        if self.attention:
             record["attention_loss"] = torch.stack(self._attention).mean().item()
             record["attention_mass"] = float(np.nanmean(self._masses))
         self._dense, self._attention, self._masses = [], [], []
