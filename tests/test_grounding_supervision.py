@@ -291,7 +291,7 @@ def test_presence_targets_from_the_question(tmp_path):
 def test_presence_can_live_on_another_layers_head(number_tokenizer):
     # train.presence_supervision_*: the box head(s) stop supervising "Yes"/"No", a second head does
     # (with coordinate heads, head 0 of their layer is also the x1 head and never learned presence).
-    from ferret.training.config import TrainConfig
+    from ferret.training.config import TrainConfig, TrainConfigError
     from ferret.training.synthetic_world import grounding_supervision
 
     model = conv_model(number_tokenizer, hidden_size=64, num_attention_heads=4, num_key_value_heads=4)
@@ -310,7 +310,7 @@ def test_presence_can_live_on_another_layers_head(number_tokenizer):
     assert len(boxes._queries(batch, 0)) == 16
     (position, head, target), = apart._queries(batch, 0)
     assert apart.attention is model.model.layers[0].self_attn and head == 2 and target.equal(presence[0])
-    with pytest.raises(Exception, match="presence_supervision_layer/head.*head 7"):
+    with pytest.raises(TrainConfigError, match="presence_supervision_layer/head.*head 7"):
         cfg.train.presence_supervision_head = 7
         grounding_supervision(model, number_tokenizer, cfg)
 
@@ -386,6 +386,7 @@ def test_warm_up_region_readout_trains_the_sampler_but_not_the_tower(tmp_path):
 
     from ferret.data.rle import encode_rle
     from ferret.training.config import TrainConfig
+    from ferret.training.dense_supervision import ScenePatchTargets
     from ferret.training.synthetic_world import DenseReadout, WarmUpStep
 
     tokenizer = AutoTokenizer.from_pretrained("ferret/assets/model")  # colour and shape names are single tokens
@@ -405,7 +406,7 @@ def test_warm_up_region_readout_trains_the_sampler_but_not_the_tower(tmp_path):
     cfg = TrainConfig()
     cfg.train.per_device_batch_size = 2
     cfg.data.scene_records = str(tmp_path / "scenes_train.json")
-    targets = type("Targets", (), {"records": {r["scene_id"]: r for r in records}})()
+    targets = ScenePatchTargets(records, grid=model.get_vision_tower().grid_size)
     step = WarmUpStep(model, readout, targets, None, cfg, rank=0, world=1, device=torch.device("cpu"))
     features = torch.randn(2, model.get_vision_tower().num_patches, 32, requires_grad=True)
     loss = step.region_loss(features, records, step=0)

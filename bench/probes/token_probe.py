@@ -65,10 +65,9 @@ def main(argv=None) -> dict:
     vocabulary = DenseVocabulary.synthetic()
     color_ids, shape_ids = NameDirections.token_ids(tokenizer, vocabulary)
     directions = NameDirections.from_embeddings(model.get_input_embeddings().weight, (color_ids, shape_ids))
-    size = model.config.vision_config["image_size"] if isinstance(model.config.vision_config, dict) else model.config.vision_config.image_size
+    tower = model.get_vision_tower()
+    size, grid = tower.config.image_size, tower.grid_size
     records = load_records(Path(args.data), "val")[: args.scenes]
-    features_dummy = model.encode_images(torch.zeros(1, 3, size, size))[1]
-    grid = int(round(features_dummy.shape[1] ** 0.5))
     batches = SceneBatches(Path(args.data), records, size, grid, vocabulary)
     from ferret.data.synthetic_tokenizer import number_token_ids
 
