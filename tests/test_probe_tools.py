@@ -1,0 +1,67 @@
+"""The issue-13 probe tools that other measurements rest on: bench/probes/export_step.py (a mid-run
+DeepSpeed checkpoint as a model folder) and bench/probes/repro_check.py's step comparison."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from ferret.model.checkpoint_io import CheckpointError
+from ferret.model.tiny import build_tiny_model
+
+PROBES = Path(__file__).resolve().parents[1] / "bench" / "probes"
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(f"probe_{name}", PROBES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_repro_compare_is_exact_and_ignores_throughput():
+    compare = load_script("repro_check").compare
+    reference = [{"step": 10, "loss": 5.25, "grad_norm": 3.0, "samples_per_s": 6.1},
+                 {"step": 20, "loss": 4.5, "grad_norm": 2.0, "samples_per_s": 6.0},
+                 {"step": 30, "loss": 4.0, "grad_norm": 1.0, "samples_per_s": 6.0}]
+    same = [dict(row, samples_per_s=1.0) for row in reference]
+    assert [s["equal"] for s in compare(reference, same, 30)] == [True, True, True]
+    off = [dict(row) for row in reference]
+    off[1]["loss"] = 4.5 + 1e-12  # one ulp-scale difference is a difference
+    steps = compare(reference, off, 30)
+    assert [s["equal"] for s in steps] == [True, False, True]
+    assert steps[1]["differ"] == {"loss": [4.5, 4.5 + 1e-12]}
+    assert len(compare(reference, same, 20)) == 2  # only the first `steps` steps
+    missing = compare(reference[:1], same, 20)
+    assert missing[1]["equal"] is False and "not in the reference" in missing[1]["why"]
+
+
+def test_export_step_writes_the_deepspeed_weights_as_a_loadable_model(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    import ferret.model  # noqa: F401  (registers the Ferret classes with the Auto factories)
+
+    export = load_script("export_step").main
+    model, tokenizer = build_tiny_model()
+    like = tmp_path / "like"
+    model.save_pretrained(like)
+    tokenizer.save_pretrained(like)
+    trained = {name: tensor + 0.5 for name, tensor in model.state_dict().items()}  # "later" weights
+    step = tmp_path / "step-00000300"
+    step.mkdir()
+    torch.save({"module": trained}, step / "mp_rank_00_model_states.pt")
+
+    dst = export(["--step-dir", str(step), "--like", str(like), "--dst", str(tmp_path / "out")])
+    loaded = AutoModelForCausalLM.from_pretrained(dst)
+    for name, tensor in loaded.state_dict().items():
+        assert torch.equal(tensor, trained[name]), name
+    assert (dst / "tokenizer.json").is_file()
+
+    wrong = dict(trained)
+    wrong["model.embed_tokens.weight"] = wrong["model.embed_tokens.weight"][:, :3]
+    torch.save({"module": wrong}, step / "mp_rank_00_model_states.pt")
+    with pytest.raises(CheckpointError, match="wrong shape"):
+        export(["--step-dir", str(step), "--like", str(like), "--dst", str(tmp_path / "bad")])
+    with pytest.raises(SystemExit, match="no DeepSpeed model states"):
+        export(["--step-dir", str(tmp_path), "--like", str(like), "--dst", str(tmp_path / "none")])
