@@ -308,11 +308,55 @@ def test_presence_can_live_on_another_layers_head(number_tokenizer):
     cfg.train.presence_supervision_layer, cfg.train.presence_supervision_head = 0, 2
     boxes, apart = grounding_supervision(model, number_tokenizer, cfg)[0]
     assert len(boxes._queries(batch, 0)) == 16
-    (position, head, target), = apart._queries(batch, 0)
-    assert apart.attention is model.model.layers[0].self_attn and head == 2 and target.equal(presence[0])
+    (position, head, target, words), = apart._queries(batch, 0)
+    assert apart.attention is model.model.layers[0].self_attn and head == 2 and target.equal(presence[0]) and words == ()
     with pytest.raises(TrainConfigError, match="presence_supervision_layer/head.*head 7"):
         cfg.train.presence_supervision_head = 7
         grounding_supervision(model, number_tokenizer, cfg)
+
+
+def test_name_head_is_supervised_onto_the_asked_colour_and_shape_words():
+    # train.name_supervision_*: from the position that writes "Yes"/"No", a head of an earlier layer
+    # looks at the question's colour and shape words (the position-code runs' presence head could
+    # not tell what was asked: bench/probes/README.md, session 8).
+    from transformers import AutoTokenizer
+
+    from ferret.conversation import tokenize_conversation
+    from ferret.training.config import TrainConfig, TrainConfigError
+    from ferret.training.grounding import asked_name_positions
+    from ferret.training.synthetic_world import grounding_supervision
+
+    tokenizer = AutoTokenizer.from_pretrained("ferret/assets/model")  # colour and shape names are single tokens
+    model = conv_model(tokenizer, hidden_size=64, num_attention_heads=4, num_key_value_heads=4,
+                       attn_implementation="eager")
+    messages = [("USER", "<image>\nWhat is the blue cross <bbox_location0>?"), ("ASSISTANT", "A blue cross."),
+                ("USER", "Is there a red ring in the image?"), ("ASSISTANT", "No.")]
+    ids, labels = tokenize_conversation(messages, tokenizer)
+    ids, labels = torch.as_tensor(ids).reshape(1, -1), torch.as_tensor(labels).reshape(1, -1)
+    presence = torch.zeros(2, 17, dtype=torch.bool)
+    presence[1, 0] = True  # the second turn asks "Is there ...?" (absent: the BOS sink)
+    batch = {"input_ids": ids, "labels": labels, "answer_cells": [torch.zeros(0, 16, dtype=torch.bool)],
+             "presence_cells": [presence]}
+    cfg = TrainConfig()
+    cfg.train.attention_supervision_weight = 1.0
+    cfg.train.attention_supervision_layer = 1
+    cfg.train.name_supervision_layer, cfg.train.name_supervision_head = 0, 3
+    box_head, name_head = grounding_supervision(model, tokenizer, cfg)[0]
+    (position, head, target, words), = name_head._queries(batch, 0)
+    starts = [j for j in range(1, ids.shape[1]) if labels[0, j] != IGNORE_INDEX and labels[0, j - 1] == IGNORE_INDEX]
+    assert position == starts[-1] - 1 and head == 3 and not target.any()  # the position that writes "No"
+    assert tokenizer.convert_ids_to_tokens(ids[0, list(words)].tolist()) == ["\u2581red", "\u2581ring"]
+    assert words == asked_name_positions(ids[0], starts[-1], name_head.name_ids)
+    assert len(box_head._queries(batch, 0)) == 1  # the presence query stays on the box head
+    with torch.no_grad():
+        out = model(input_ids=ids, images=torch.randn(1, 3, 48, 48), output_attentions=True)
+    loss = name_head.loss(batch)
+    spliced = [j + 15 for j in words]  # after the 16 image tokens replaced the placeholder
+    expected = -out.attentions[0][0, 3, position + 15, spliced].sum().log()
+    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-5)
+    with pytest.raises(TrainConfigError, match="name_supervision_layer/head"):
+        cfg.train.name_supervision_layer = 9
+        grounding_supervision(model, tokenizer, cfg)
 
 
 def test_coordinate_heads_split_the_box_numbers_over_four_heads(number_tokenizer):
@@ -322,9 +366,9 @@ def test_coordinate_heads_split_the_box_numbers_over_four_heads(number_tokenizer
     queries = supervision._queries(batch, 0)
     assert len(queries) == 16  # 4 number positions x 4 heads
     ids = batch["input_ids"][0].tolist()
-    numbers = [ids[j + 1] for j, h, _ in queries if h == 0]
+    numbers = [ids[j + 1] for j, h, _, _ in queries if h == 0]
     assert [number_token_ids(number_tokenizer).index(n) for n in numbers] == [12, 30, 400, 999]
-    for k, (j, h, target) in enumerate(queries):
+    for k, (j, h, target, _) in enumerate(queries):
         on_object = bool(target[1:].any())
         assert on_object == (h == k // 4) and bool(target[0]) == (not on_object)
     with torch.no_grad():

@@ -8,6 +8,10 @@ that writes the answer's first word: its mass on the BOS token and on the image 
 per head. Training pushes the presence head (`train.attention_supervision_head` of that layer)
 onto the asked object when it is present and onto BOS when it is not, so a head that does its job
 shows a clearly higher BOS mass for absent names than for present ones. Validation only.
+
+`layers` in the output repeats this for every layer and adds each head's mass on the question's
+colour and shape tokens: a head there must bring the asked name to the answer position, or the
+presence head's query cannot depend on it (then its attention is the same for present and absent).
 """
 
 from __future__ import annotations
@@ -38,9 +42,9 @@ def main(argv=None) -> dict:
     model = chat.model
     model.config._attn_implementation = "eager"  # sdpa returns no attention weights
     n_image = model.get_vision_tower().num_patches
-    heads = model.config.num_attention_heads
     rng = random.Random(0)
-    masses = {"present": [], "absent": []}
+    words = set(COLORS) | set(SHAPES)
+    masses = {"present": [], "absent": []}  # per question: [layers, 3 (bos, image, name), heads]
     for scene in scenes:
         names = {o["name"] for o in scene["objects"]}
         absent = rng.choice([f"{c} {s}" for c in COLORS for s in SHAPES if f"{c} {s}" not in names])
@@ -49,13 +53,27 @@ def main(argv=None) -> dict:
             inputs = chat._batch_inputs([request])
             inputs.pop("region_generator")
             with torch.no_grad():
-                attention = model(**inputs, output_attentions=True).attentions[args.layer][0, :, -1]  # [heads, keys]
-            start, _ = spliced_index(inputs["input_ids"][0], n_image)
-            masses[kind].append((attention[:, 0], attention[:, start:start + n_image].sum(-1)))
+                attentions = model(**inputs, output_attentions=True).attentions
+            ids = inputs["input_ids"][0]
+            start, to_spliced = spliced_index(ids, n_image)
+            tokens = chat.tokenizer.convert_ids_to_tokens([max(int(i), 0) for i in ids])
+            asked = [to_spliced(j) for j, tok in enumerate(tokens) if tok.lstrip("▁Ġ ") in words][-2:]
+            rows = []
+            for layer in attentions:
+                attention = layer[0, :, -1]  # [heads, keys] at the position that writes the answer's first word
+                rows.append(torch.stack([attention[:, 0], attention[:, start:start + n_image].sum(-1),
+                                         attention[:, asked].sum(-1)]))
+            masses[kind].append(torch.stack(rows))
     result = {"model": args.model_path, "layer": args.layer, "scenes": len(scenes)}
-    for kind, rows in masses.items():
-        result[kind] = {"bos": [round(float(torch.stack([r[0][h] for r in rows]).mean()), 3) for h in range(heads)],
-                        "image": [round(float(torch.stack([r[1][h] for r in rows]).mean()), 3) for h in range(heads)]}
+    mean = {kind: torch.stack(rows).mean(0) for kind, rows in masses.items()}
+
+    def table(kind, layer, parts=("bos", "image")):
+        return {part: [round(float(v), 3) for v in mean[kind][layer, k]] for k, part in enumerate(parts)}
+
+    for kind in masses:
+        result[kind] = table(kind, args.layer)
+    result["layers"] = [{kind: table(kind, layer, ("bos", "image", "name")) for kind in masses}
+                        for layer in range(len(mean["present"]))]
     print(json.dumps(result, indent=1))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -136,6 +136,10 @@ class TrainSection:
     # coordinate heads (with them head 0 of the layer is also the x1 head and never learned it).
     presence_supervision_layer: int | None = None
     presence_supervision_head: int | None = None
+    # A head of an earlier layer pushed, from that same position, onto the question's colour and
+    # shape words, so the presence head's query knows what is asked (off when the layer is None).
+    name_supervision_layer: int | None = None
+    name_supervision_head: int = 0
     box_code_weight: float = 0.0
     box_code_sigma: float = 6.0
     # > 0 (needs a tokenizer with one token per number 0-999): add this times a cross-entropy

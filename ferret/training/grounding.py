@@ -10,7 +10,11 @@ object is, so training adds:
   brackets), onto the image tokens of the object that box belongs to: loss = -log(attention mass
   on the object's cells). For "Is there a X?" questions the position that writes "Yes"/"No" is
   pushed onto X's cells when X is in the image, and onto the first token (BOS, an attention sink)
-  when it is not, so what the head reads there says whether X was found. The head's queries and keys are recomputed from the layer's input
+  when it is not, so what the head reads there says whether X was found. That head's query can
+  only depend on X if an earlier layer brought X's words to that position: `name=True` pushes a
+  head of an earlier layer, from the same position, onto the question's colour and shape tokens
+  (the shipped model's layer 0 learnt such a head by itself; the position-code runs never did,
+  and their presence head then looked the same way whatever was asked). The head's queries and keys are recomputed from the layer's input
   (captured by a forward pre-hook), so the model and its attention kernel are unchanged and the
   exported model carries nothing of it.
 * **Coordinate heads** (`AttentionSupervision(coordinate_heads=True)`, `box_code_loss`,
@@ -91,6 +95,14 @@ def answer_runs(labels: torch.Tensor) -> list[tuple[int, int]]:
     return runs
 
 
+def asked_name_positions(input_ids: torch.Tensor, answer_start: int, name_ids: set[int]) -> tuple[int, ...]:
+    """Text positions of the asked name's words (the last colour and shape tokens before the
+    answer that starts at `answer_start`, at most two), in order; () when the question has none."""
+    ids = input_ids[:answer_start].tolist()
+    found = [j for j, token in enumerate(ids) if token in name_ids]
+    return tuple(found[-2:])
+
+
 def spliced_index(input_ids_row: torch.Tensor, num_image_tokens: int) -> tuple[int, callable]:
     """(image start in the spliced sequence, map text index -> spliced index) for one sample whose
     single image placeholder expands into `num_image_tokens` embeddings."""
@@ -109,7 +121,7 @@ class AttentionSupervision:
     attention rows at the box positions. Call `loss` after each training forward."""
 
     def __init__(self, model, tokenizer, layer: int, head: int, coordinate_heads: bool = False,
-                 boxes: bool = True, presence: bool = True):
+                 boxes: bool = True, presence: bool = True, name: bool = False):
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         from ferret.data.synthetic_tokenizer import number_token_ids
@@ -125,6 +137,12 @@ class AttentionSupervision:
         self.head = head
         self.coordinate_heads = coordinate_heads
         self.boxes, self.presence = boxes, presence  # which answer positions this instance supervises
+        self.name_ids: set[int] = set()
+        if name:  # from the yes/no position onto the asked name's words
+            from ferret.training.dense_supervision import DenseVocabulary, NameDirections
+
+            colors, shapes = NameDirections.token_ids(tokenizer, DenseVocabulary.synthetic())
+            self.name_ids = set(colors) | set(shapes)
         if coordinate_heads:
             if heads < BOX_COORDINATES:
                 raise ValueError(f"attention supervision: coordinate heads need {BOX_COORDINATES} heads, the model has {heads}")
@@ -162,8 +180,9 @@ class AttentionSupervision:
         causal = torch.arange(last, device=logits.device)[None, :] <= torch.tensor(queries, device=logits.device)[:, None]
         return logits.masked_fill(~causal, float("-inf"))
 
-    def _queries(self, batch: dict, row: int) -> list[tuple[int, int, torch.Tensor]]:
-        """(text position, head, target row [1 + cells]: BOS sink, then the cells) to supervise."""
+    def _queries(self, batch: dict, row: int) -> list[tuple[int, int, torch.Tensor, tuple[int, ...]]]:
+        """(text position, head, target row [1 + cells]: BOS sink, then the cells, target text
+        positions) to supervise."""
         ids, labels, cells = batch["input_ids"][row], batch["labels"][row], batch["answer_cells"][row]
         n_cells = cells.shape[1]
         bos = torch.zeros(1 + n_cells, dtype=torch.bool)
@@ -173,15 +192,21 @@ class AttentionSupervision:
         for i, span in enumerate(spans[: len(cells)]):
             target = F.pad(cells[i], (1, 0))
             if not self.coordinate_heads:
-                out += [(j, self.head, target) for j in range(*span)]
+                out += [(j, self.head, target, ()) for j in range(*span)]
                 continue
             for k, j in enumerate(number_positions(ids, span, self.number_ids)[:BOX_COORDINATES]):
-                out += [(j, c, target if c == k else bos) for c in range(BOX_COORDINATES)]
-        presence = batch.get("presence_cells") if self.presence else None
+                out += [(j, c, target if c == k else bos, ()) for c in range(BOX_COORDINATES)]
+        presence = batch.get("presence_cells") if (self.presence or self.name_ids) else None
         if presence is not None and len(presence[row]):
             for (start, _), target in zip(answer_runs(labels), presence[row]):
-                if bool(target.any()) and start > 0:
-                    out.append((start - 1, self.head, target))  # the position that writes "Yes" / "No"
+                if not bool(target.any()) or start == 0:
+                    continue
+                if self.presence:
+                    out.append((start - 1, self.head, target, ()))  # the position that writes "Yes" / "No"
+                if self.name_ids:
+                    words = asked_name_positions(ids, start, self.name_ids)
+                    if words:
+                        out.append((start - 1, self.head, torch.zeros_like(target), words))
         return out
 
     def loss(self, batch: dict) -> torch.Tensor:
@@ -195,14 +220,16 @@ class AttentionSupervision:
             if not queries:
                 continue
             image_start, to_spliced = spliced_index(batch["input_ids"][row], self.num_image_tokens)
-            for head in sorted({h for _, h, _ in queries}):
-                mine = [(to_spliced(j), t) for j, h, t in queries if h == head]
-                positions = [p for p, _ in mine]
+            for head in sorted({h for _, h, _, _ in queries}):
+                mine = [(to_spliced(j), t, words) for j, h, t, words in queries if h == head]
+                positions = [p for p, _, _ in mine]
                 logits = self._head_logits(hidden[row], cos[row], sin[row], positions, head)
-                targets = torch.stack([t for _, t in mine]).to(logits.device)
+                targets = torch.stack([t for _, t, _ in mine]).to(logits.device)
                 on_target = torch.zeros_like(logits, dtype=torch.bool)
                 on_target[:, 0] = targets[:, 0]
                 on_target[:, image_start:image_start + self.num_image_tokens] = targets[:, 1:]
+                for q, (_, _, words) in enumerate(mine):
+                    on_target[q, [to_spliced(j) for j in words]] = True
                 log_all = torch.logsumexp(logits, dim=-1)
                 log_target = torch.logsumexp(logits.masked_fill(~on_target, float("-inf")), dim=-1)
                 total = total + (log_all - log_target).sum()

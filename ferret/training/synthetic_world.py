@@ -111,7 +111,8 @@ class DenseReadout:
 
 def grounding_supervision(model, tokenizer, cfg: TrainConfig):
     """(attention supervisions: [] or [the box head's] or [the box head's, the presence head's] when
-    train.presence_supervision_* puts presence on another head; number token ids or None) for
+    train.presence_supervision_* puts presence on another head, then the name head's when
+    train.name_supervision_layer is set; number token ids or None) for
     ferret.training.grounding's training-only losses; also starts the number rows as a smooth code
     when configured."""
     from ferret.data.synthetic_tokenizer import number_token_ids
@@ -144,6 +145,12 @@ def grounding_supervision(model, tokenizer, cfg: TrainConfig):
                 supervision.append(AttentionSupervision(model, tokenizer, *presence, boxes=False))
             except ValueError as err:
                 raise TrainConfigError(f"train.presence_supervision_layer/head: {err}") from None
+        if t.name_supervision_layer is not None:
+            try:
+                supervision.append(AttentionSupervision(model, tokenizer, t.name_supervision_layer, t.name_supervision_head,
+                                                        boxes=False, presence=False, name=True))
+            except ValueError as err:
+                raise TrainConfigError(f"train.name_supervision_layer/head: {err}") from None
     return supervision, (torch.tensor(number_ids) if number_ids is not None else None)
 
 
