@@ -308,8 +308,12 @@ def test_presence_can_live_on_another_layers_head(number_tokenizer):
     cfg.train.presence_supervision_layer, cfg.train.presence_supervision_head = 0, 2
     boxes, apart = grounding_supervision(model, number_tokenizer, cfg)[0]
     assert len(boxes._queries(batch, 0)) == 16
-    (position, head, target, words), = apart._queries(batch, 0)
+    *box_positions, (position, head, target, words) = apart._queries(batch, 0)
     assert apart.attention is model.model.layers[0].self_attn and head == 2 and target.equal(presence[0]) and words == ()
+    # It also finds the box's object from every box position (as one head, not per coordinate).
+    (start, end), = answer_box_spans(batch["input_ids"][0], batch["labels"][0], *bracket_token_ids(number_tokenizer))
+    assert [j for j, _, _, _ in box_positions] == list(range(start, end))
+    assert all(h == 2 and t[1:].any() for _, h, t, _ in box_positions)
     with pytest.raises(TrainConfigError, match="presence_supervision_layer/head.*head 7"):
         cfg.train.presence_supervision_head = 7
         grounding_supervision(model, number_tokenizer, cfg)

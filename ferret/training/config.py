@@ -133,7 +133,7 @@ class TrainSection:
     attention_supervision_coordinate_heads: bool = False
     # The head pushed, from the position that writes "Yes"/"No", onto the asked object or BOS:
     # by default the one above (layer, head); another layer's head keeps presence off the
-    # coordinate heads (with them head 0 of the layer is also the x1 head and never learned it).
+    # coordinate heads, and is also pushed onto each box's object from the box positions.
     presence_supervision_layer: int | None = None
     presence_supervision_head: int | None = None
     # A head of an earlier layer pushed, from that same position, onto the question's colour and

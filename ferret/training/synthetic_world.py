@@ -141,8 +141,11 @@ def grounding_supervision(model, tokenizer, cfg: TrainConfig):
         except ValueError as err:
             raise TrainConfigError(f"train.attention_supervision_layer/head: {err}") from None
         if apart:
+            # The presence head also finds each box's object from the box positions (one head, not
+            # per coordinate): a head trained by the yes/no answers alone never learnt to match a
+            # name with an object (bench/probes/README.md, session 8: full_coordpe_p3 / p3n).
             try:
-                supervision.append(AttentionSupervision(model, tokenizer, *presence, boxes=False))
+                supervision.append(AttentionSupervision(model, tokenizer, *presence))
             except ValueError as err:
                 raise TrainConfigError(f"train.presence_supervision_layer/head: {err}") from None
         if t.name_supervision_layer is not None:
