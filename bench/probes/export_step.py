@@ -12,13 +12,9 @@ architecture; the weights must match that config's model name for name and shape
 from __future__ import annotations
 
 import argparse
-import shutil
 from pathlib import Path
 
 import torch
-
-COPIED = ("config.json", "generation_config.json", "preprocessor_config.json", "processor_config.json",
-          "tokenizer.json", "tokenizer_config.json")
 
 
 def main(argv=None) -> Path:
@@ -27,21 +23,17 @@ def main(argv=None) -> Path:
     parser.add_argument("--like", required=True, type=Path, help="a finished run's hf/ folder, same architecture")
     parser.add_argument("--dst", required=True, type=Path)
     args = parser.parse_args(argv)
-    from safetensors.torch import save_file
-
+    from ferret.model.checkpoint_io import save_checkpoint
     from ferret.model.consolidate import check_against_config, expected_shapes
 
     states = args.step_dir / "mp_rank_00_model_states.pt"
     if not states.is_file():
         raise SystemExit(f"{states}: no DeepSpeed model states (is --step-dir a step-NNNNNNNN folder?)")
     module = torch.load(states, map_location="cpu", weights_only=False)["module"]
-    state = {name: tensor.contiguous() for name, tensor in module.items()}
+    # DeepSpeed's tensors are views into flat buffers: cloned, each owns its storage.
+    state = {name: tensor.clone() for name, tensor in module.items()}
     check_against_config(state, expected_shapes(args.like))
-    args.dst.mkdir(parents=True, exist_ok=True)
-    for name in COPIED:
-        if (args.like / name).is_file():
-            shutil.copy(args.like / name, args.dst / name)
-    save_file(state, str(args.dst / "model.safetensors"), metadata={"format": "pt"})
+    save_checkpoint(state, args.dst, metadata_from=args.like)  # weights, plus --like's config and tokenizer files
     print(f"wrote {args.dst} ({len(state)} tensors from {states})")
     return args.dst
 
