@@ -248,11 +248,13 @@ def test_attention_supervision_rejects_a_bad_layer_or_head(number_tokenizer):
         AttentionSupervision(model, number_tokenizer, layer=0, head=4)
 
 
-def test_presence_answers_are_supervised_onto_the_object_or_the_bos_sink(number_tokenizer):
+@pytest.mark.parametrize("absent_target", ["bos", "self"])
+def test_presence_answers_are_supervised_onto_the_object_or_the_bos_sink(number_tokenizer, absent_target):
+    # train.presence_absent_target: an absent name's query goes to BOS, or to its own position.
     from ferret.conversation import tokenize_conversation
 
     model = conv_model(number_tokenizer, attn_implementation="eager")
-    supervision = AttentionSupervision(model, number_tokenizer, layer=0, head=1)
+    supervision = AttentionSupervision(model, number_tokenizer, layer=0, head=1, absent_target=absent_target)
     messages = [("USER", "<image>\nIs there a red ring in the image?"), ("ASSISTANT", "No.")]
     ids, labels = tokenize_conversation(messages, number_tokenizer)
     ids, labels = torch.as_tensor(ids).reshape(1, -1), torch.as_tensor(labels).reshape(1, -1)
@@ -265,7 +267,35 @@ def test_presence_answers_are_supervised_onto_the_object_or_the_bos_sink(number_
     loss = supervision.loss(batch)
     first_answer = int((labels[0] != IGNORE_INDEX).nonzero()[0])
     query = first_answer - 1 + 15  # after the 16 image tokens replaced the placeholder
-    torch.testing.assert_close(loss, -out.attentions[0][0, 1, query, 0].log(), rtol=1e-4, atol=1e-5)
+    key = 0 if absent_target == "bos" else query
+    torch.testing.assert_close(loss, -out.attentions[0][0, 1, query, key].log(), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="absent target 'sink'"):
+        AttentionSupervision(model, number_tokenizer, layer=0, head=1, absent_target="sink")
+
+
+def test_presence_weight_scales_only_the_yes_no_query(number_tokenizer):
+    # train.presence_supervision_weight: one "Yes"/"No" query shares the head with every box query;
+    # the weight multiplies its term alone, and the mean is still over all queries.
+    from ferret.training.config import TrainConfig
+    from ferret.training.synthetic_world import grounding_supervision
+
+    model = conv_model(number_tokenizer, attn_implementation="eager")
+    batch = _batch(number_tokenizer, 16)
+    presence = torch.zeros(1, 17, dtype=torch.bool)
+    presence[0, 0] = True  # the first answer read as an absent "No": the BOS sink
+    batch["presence_cells"] = [presence]
+    cfg = TrainConfig()
+    cfg.train.attention_supervision_weight, cfg.train.attention_supervision_layer = 1.0, 1
+    plain, = grounding_supervision(model, number_tokenizer, cfg)[0]
+    cfg.train.presence_supervision_weight = 4.0
+    weighted, = grounding_supervision(model, number_tokenizer, cfg)[0]
+    queries = plain._queries(batch, 0)
+    assert [w for *_, w in weighted._queries(batch, 0)] == [1.0] * (len(queries) - 1) + [4.0]
+    with torch.no_grad():
+        out = model(input_ids=batch["input_ids"], images=torch.randn(1, 3, 48, 48), output_attentions=True)
+    losses = [s.loss(batch) for s in (plain, weighted)]  # both read the one captured forward
+    yes_no = -out.attentions[1][0, 0, queries[-1][0] + 15, 0].log()  # 16 image tokens replace 1 placeholder
+    torch.testing.assert_close(losses[1] - losses[0], 3.0 * yes_no / len(queries), rtol=1e-4, atol=1e-5)
 
 
 def test_presence_targets_from_the_question(tmp_path):
@@ -308,12 +338,12 @@ def test_presence_can_live_on_another_layers_head(number_tokenizer):
     cfg.train.presence_supervision_layer, cfg.train.presence_supervision_head = 0, 2
     boxes, apart = grounding_supervision(model, number_tokenizer, cfg)[0]
     assert len(boxes._queries(batch, 0)) == 16
-    *box_positions, (position, head, target, words) = apart._queries(batch, 0)
-    assert apart.attention is model.model.layers[0].self_attn and head == 2 and target.equal(presence[0]) and words == ()
+    *box_positions, (position, head, target, words, weight) = apart._queries(batch, 0)
+    assert apart.attention is model.model.layers[0].self_attn and head == 2 and target.equal(presence[0]) and words == () and weight == 1.0
     # It also finds the box's object from every box position (as one head, not per coordinate).
     (start, end), = answer_box_spans(batch["input_ids"][0], batch["labels"][0], *bracket_token_ids(number_tokenizer))
-    assert [j for j, _, _, _ in box_positions] == list(range(start, end))
-    assert all(h == 2 and t[1:].any() for _, h, t, _ in box_positions)
+    assert [j for j, *_ in box_positions] == list(range(start, end))
+    assert all(h == 2 and t[1:].any() and w == 1.0 for _, h, t, _, w in box_positions)
     with pytest.raises(TrainConfigError, match="presence_supervision_layer/head.*head 7"):
         cfg.train.presence_supervision_head = 7
         grounding_supervision(model, number_tokenizer, cfg)
@@ -346,7 +376,7 @@ def test_name_head_is_supervised_onto_the_asked_colour_and_shape_words():
     cfg.train.attention_supervision_layer = 1
     cfg.train.name_supervision_layer, cfg.train.name_supervision_head = 0, 3
     box_head, name_head = grounding_supervision(model, tokenizer, cfg)[0]
-    (position, head, target, words), = name_head._queries(batch, 0)
+    (position, head, target, words, _), = name_head._queries(batch, 0)
     starts = [j for j in range(1, ids.shape[1]) if labels[0, j] != IGNORE_INDEX and labels[0, j - 1] == IGNORE_INDEX]
     assert position == starts[-1] - 1 and head == 3 and not target.any()  # the position that writes "No"
     assert tokenizer.convert_ids_to_tokens(ids[0, list(words)].tolist()) == ["\u2581red", "\u2581ring"]
@@ -370,9 +400,9 @@ def test_coordinate_heads_split_the_box_numbers_over_four_heads(number_tokenizer
     queries = supervision._queries(batch, 0)
     assert len(queries) == 16  # 4 number positions x 4 heads
     ids = batch["input_ids"][0].tolist()
-    numbers = [ids[j + 1] for j, h, _, _ in queries if h == 0]
+    numbers = [ids[j + 1] for j, h, *_ in queries if h == 0]
     assert [number_token_ids(number_tokenizer).index(n) for n in numbers] == [12, 30, 400, 999]
-    for k, (j, h, target, _) in enumerate(queries):
+    for k, (j, h, target, _, _) in enumerate(queries):
         on_object = bool(target[1:].any())
         assert on_object == (h == k // 4) and bool(target[0]) == (not on_object)
     with torch.no_grad():
@@ -391,6 +421,23 @@ def test_init_coordinate_heads_copies_block_c_through_head_c(number_tokenizer):
     with pytest.raises(ValueError, match="head_dim"):
         init_coordinate_heads(conv_model(number_tokenizer, hidden_size=64, num_attention_heads=2,
                                          num_key_value_heads=2), 0)
+
+
+def test_a_pretrained_model_keeps_its_number_rows_and_coordinate_heads(number_tokenizer):
+    # Fine-tuning from model.pretrained must not restart what the first run learnt.
+    from ferret.training.config import TrainConfig
+    from ferret.training.synthetic_world import grounding_supervision
+
+    cfg = TrainConfig()
+    cfg.train.attention_supervision_weight, cfg.train.attention_supervision_layer = 1.0, 1
+    cfg.train.attention_supervision_coordinate_heads, cfg.train.init_number_rows = True, True
+    for pretrained, kept in ((None, False), ("checkpoints/run/hf", True)):
+        model = conv_model(number_tokenizer, hidden_size=64, num_attention_heads=4, num_key_value_heads=4)
+        before = [p.detach().clone() for p in (model.model.layers[1].self_attn.v_proj.weight, model.model.embed_tokens.weight)]
+        cfg.model.pretrained = pretrained
+        grounding_supervision(model, number_tokenizer, cfg)
+        after = (model.model.layers[1].self_attn.v_proj.weight, model.model.embed_tokens.weight)
+        assert [b.equal(a) for b, a in zip(before, after)] == [kept, kept]
 
 
 def test_box_code_loss_is_low_when_each_block_holds_its_coordinate():

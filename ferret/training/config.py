@@ -136,6 +136,11 @@ class TrainSection:
     # coordinate heads, and is also pushed onto each box's object from the box positions.
     presence_supervision_layer: int | None = None
     presence_supervision_head: int | None = None
+    # Each "Yes"/"No" query's loss on that head counts this many times a box query's.
+    presence_supervision_weight: float = 1.0
+    # Where that head is pushed for an absent name: "bos" (the attention sink) or "self" (the
+    # answer position itself).
+    presence_absent_target: Literal["bos", "self"] = "bos"
     # A head of an earlier layer pushed, from that same position, onto the question's colour and
     # shape words, so the presence head's query knows what is asked (off when the layer is None).
     name_supervision_layer: int | None = None
@@ -214,6 +219,7 @@ class TrainConfig:
         if t.attention_supervision_weight > 0 and not d.scene_records:
             raise TrainConfigError("data.scene_records: train.attention_supervision_weight > 0 needs the scene "
                                    "records (scenes_train.json) its targets come from")
+        _non_negative("train.presence_supervision_weight", t.presence_supervision_weight)
         _non_negative("train.box_code_weight", t.box_code_weight)
         _positive("train.box_code_sigma", t.box_code_sigma)
         if t.box_code_weight > 0 and t.dense_loss_weight <= 0:

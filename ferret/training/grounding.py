@@ -121,7 +121,8 @@ class AttentionSupervision:
     attention rows at the box positions. Call `loss` after each training forward."""
 
     def __init__(self, model, tokenizer, layer: int, head: int, coordinate_heads: bool = False,
-                 boxes: bool = True, presence: bool = True, name: bool = False):
+                 boxes: bool = True, presence: bool = True, name: bool = False, presence_weight: float = 1.0,
+                 absent_target: str = "bos"):
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         from ferret.data.synthetic_tokenizer import number_token_ids
@@ -137,6 +138,14 @@ class AttentionSupervision:
         self.head = head
         self.coordinate_heads = coordinate_heads
         self.boxes, self.presence = boxes, presence  # which answer positions this instance supervises
+        # A "Yes"/"No" query's loss counts this many times a box query's (there is one per yes/no
+        # answer against ~16 box queries per box on the same head).
+        self.presence_weight = presence_weight
+        # Where an absent name's query is pushed: "bos" (the sink every head shares) or "self" (the
+        # query's own position, a key the presence head can set at its own threshold).
+        if absent_target not in ("bos", "self"):
+            raise ValueError(f"attention supervision: absent target {absent_target!r} is not 'bos' or 'self'")
+        self.absent_target = absent_target
         self.name_ids: set[int] = set()
         if name:  # from the yes/no position onto the asked name's words
             from ferret.training.dense_supervision import DenseVocabulary, NameDirections
@@ -180,9 +189,9 @@ class AttentionSupervision:
         causal = torch.arange(last, device=logits.device)[None, :] <= torch.tensor(queries, device=logits.device)[:, None]
         return logits.masked_fill(~causal, float("-inf"))
 
-    def _queries(self, batch: dict, row: int) -> list[tuple[int, int, torch.Tensor, tuple[int, ...]]]:
+    def _queries(self, batch: dict, row: int) -> list[tuple[int, int, torch.Tensor, tuple[int, ...], float]]:
         """(text position, head, target row [1 + cells]: BOS sink, then the cells, target text
-        positions) to supervise."""
+        positions, weight) to supervise."""
         ids, labels, cells = batch["input_ids"][row], batch["labels"][row], batch["answer_cells"][row]
         n_cells = cells.shape[1]
         bos = torch.zeros(1 + n_cells, dtype=torch.bool)
@@ -192,21 +201,23 @@ class AttentionSupervision:
         for i, span in enumerate(spans[: len(cells)]):
             target = F.pad(cells[i], (1, 0))
             if not self.coordinate_heads:
-                out += [(j, self.head, target, ()) for j in range(*span)]
+                out += [(j, self.head, target, (), 1.0) for j in range(*span)]
                 continue
             for k, j in enumerate(number_positions(ids, span, self.number_ids)[:BOX_COORDINATES]):
-                out += [(j, c, target if c == k else bos, ()) for c in range(BOX_COORDINATES)]
+                out += [(j, c, target if c == k else bos, (), 1.0) for c in range(BOX_COORDINATES)]
         presence = batch.get("presence_cells") if (self.presence or self.name_ids) else None
         if presence is not None and len(presence[row]):
             for (start, _), target in zip(answer_runs(labels), presence[row]):
                 if not bool(target.any()) or start == 0:
                     continue
-                if self.presence:
-                    out.append((start - 1, self.head, target, ()))  # the position that writes "Yes" / "No"
+                if self.presence and (target[1:].any() or self.absent_target == "bos"):
+                    out.append((start - 1, self.head, target, (), self.presence_weight))  # the position that writes "Yes" / "No"
+                elif self.presence:
+                    out.append((start - 1, self.head, torch.zeros_like(target), (start - 1,), self.presence_weight))
                 if self.name_ids:
                     words = asked_name_positions(ids, start, self.name_ids)
                     if words:
-                        out.append((start - 1, self.head, torch.zeros_like(target), words))
+                        out.append((start - 1, self.head, torch.zeros_like(target), words, 1.0))
         return out
 
     def loss(self, batch: dict) -> torch.Tensor:
@@ -220,8 +231,9 @@ class AttentionSupervision:
             if not queries:
                 continue
             image_start, to_spliced = spliced_index(batch["input_ids"][row], self.num_image_tokens)
-            for head in sorted({h for _, h, _, _ in queries}):
-                mine = [(to_spliced(j), t, words) for j, h, t, words in queries if h == head]
+            for head in sorted({q[1] for q in queries}):
+                mine = [(to_spliced(j), t, words) for j, h, t, words, _ in queries if h == head]
+                weights = torch.tensor([w for _, h, _, _, w in queries if h == head])
                 positions = [p for p, _, _ in mine]
                 logits = self._head_logits(hidden[row], cos[row], sin[row], positions, head)
                 targets = torch.stack([t for _, t, _ in mine]).to(logits.device)
@@ -232,7 +244,7 @@ class AttentionSupervision:
                     on_target[q, [to_spliced(j) for j in words]] = True
                 log_all = torch.logsumexp(logits, dim=-1)
                 log_target = torch.logsumexp(logits.masked_fill(~on_target, float("-inf")), dim=-1)
-                total = total + (log_all - log_target).sum()
+                total = total + ((log_all - log_target) * weights.to(logits.device)).sum()
                 count += len(positions)
                 on_object = targets[:, 1:].any(-1)
                 if bool(on_object.any()):

@@ -126,7 +126,8 @@ def grounding_supervision(model, tokenizer, cfg: TrainConfig):
         raise TrainConfigError("train.number_smoothing_weight / init_number_rows / attention_supervision_coordinate_heads / "
                                "box_code_weight: the tokenizer does not write each number 0-999 as one token "
                                "(build it with number tokens)")
-    if t.init_number_rows:
+    fresh = cfg.model.pretrained is None  # a pretrained model's number rows and heads are already trained
+    if t.init_number_rows and fresh:
         init_number_rows(base, number_ids, blocks=4 if coordinates else 1)
     supervision = []
     if t.attention_supervision_weight > 0:
@@ -135,8 +136,10 @@ def grounding_supervision(model, tokenizer, cfg: TrainConfig):
         apart = presence != (t.attention_supervision_layer, t.attention_supervision_head)
         try:
             supervision.append(AttentionSupervision(model, tokenizer, t.attention_supervision_layer, t.attention_supervision_head,
-                                                    coordinate_heads=coordinates, presence=not apart))
-            if coordinates:
+                                                    coordinate_heads=coordinates, presence=not apart,
+                                                    presence_weight=t.presence_supervision_weight,
+                                                    absent_target=t.presence_absent_target))
+            if coordinates and fresh:
                 init_coordinate_heads(base, t.attention_supervision_layer)
         except ValueError as err:
             raise TrainConfigError(f"train.attention_supervision_layer/head: {err}") from None
@@ -145,7 +148,9 @@ def grounding_supervision(model, tokenizer, cfg: TrainConfig):
             # per coordinate): a head trained by the yes/no answers alone never learnt to match a
             # name with an object (bench/probes/README.md, session 8: full_coordpe_p3 / p3n).
             try:
-                supervision.append(AttentionSupervision(model, tokenizer, *presence))
+                supervision.append(AttentionSupervision(model, tokenizer, *presence,
+                                                        presence_weight=t.presence_supervision_weight,
+                                                    absent_target=t.presence_absent_target))
             except ValueError as err:
                 raise TrainConfigError(f"train.presence_supervision_layer/head: {err}") from None
         if t.name_supervision_layer is not None:
