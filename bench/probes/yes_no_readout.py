@@ -6,11 +6,15 @@ Asks "Is there a X in the image?" for one present object and one absent name per
 absent names share the colour or the shape of a present object, as in training) and keeps, at the
 position that writes the answer's first word, the residual stream after every layer. A logistic
 readout per layer is fitted on `--fit-scenes` training scenes and scored on `--scenes` validation
-scenes, beside the model's own "Yes"/"No" on the same validation questions.
+scenes, beside the model's own "Yes"/"No" on the same validation questions, and beside a token
+matcher that uses no attention at all: each image token's own colour and shape readout (the dense
+loss's projection on the names' word embeddings), scored max over tokens of p(colour) x p(shape),
+one threshold fitted on the training questions. That is what the image tokens hold.
 
 Reading it: a readout well above the model's own answers means the layers hold presence and the
 LM head does not use it (a loss or readout problem); a readout near chance means no layer holds it
-(the attention that should find the object does not).
+(the attention that should find the object does not); a token matcher well above both means the
+tokens hold it and the layers do not gather it.
 """
 
 from __future__ import annotations
@@ -44,8 +48,16 @@ def questions(scenes: list[dict], seed: int) -> list[tuple[dict, str, bool]]:
 
 @torch.no_grad()
 def features(chat, data: Path, asked: list[tuple[dict, str, bool]], batch: int = 16):
-    """([questions, layers + 1, hidden] residuals at the answer position, [questions] model says yes)."""
-    rows, says_yes = [], []
+    """([questions, layers + 1, hidden] residuals at the answer position, [questions] model says yes,
+    [questions] token matcher score)."""
+    from ferret.training.dense_supervision import DenseVocabulary, NameDirections, class_logits
+    from ferret.training.grounding import spliced_index
+
+    vocabulary = DenseVocabulary.synthetic()
+    directions = NameDirections.from_embeddings(chat.model.get_input_embeddings().weight,
+                                                NameDirections.token_ids(chat.tokenizer, vocabulary))
+    n_image = chat.model.get_vision_tower().num_patches
+    rows, says_yes, matches = [], [], []
     # The first tokens of the trained answers "Yes, the X [...]." and "No." (after "ASSISTANT:").
     yes_id, no_id = (chat.tokenizer.convert_tokens_to_ids(chat.tokenizer.tokenize(f" {a}")[0]) for a in ("Yes, the", "No."))
     for i in range(0, len(asked), batch):
@@ -59,7 +71,13 @@ def features(chat, data: Path, asked: list[tuple[dict, str, bool]], batch: int =
         at = torch.arange(len(last))
         rows.append(torch.stack([h[at, last].float() for h in out.hidden_states], 1))
         says_yes.append(out.logits[at, last, yes_id] > out.logits[at, last, no_id])
-    return torch.cat(rows), torch.cat(says_yes)
+        for row, (_, name, _) in enumerate(asked[i:i + batch]):
+            start, _ = spliced_index(inputs["input_ids"][row], n_image)
+            color, shape = class_logits(out.hidden_states[0][row, start:start + n_image], directions)
+            c, s = name.split()  # index 0 of the logits is the background
+            p = color.softmax(-1)[:, 1 + vocabulary.colors.index(c)] * shape.softmax(-1)[:, 1 + vocabulary.shapes.index(s)]
+            matches.append(p.max())
+    return torch.cat(rows), torch.cat(says_yes), torch.stack(matches)
 
 
 def fit_readout(x: torch.Tensor, y: torch.Tensor, steps: int = 500, weight_decay: float = 1e-3) -> torch.nn.Linear:
@@ -98,8 +116,8 @@ def main(argv=None) -> dict:
     chat = FerretChat.from_pretrained(args.model_path, device="cpu", dtype=torch.float32)
     fit = questions(json.loads((data / "scenes_train.json").read_text())[: args.fit_scenes], seed=1)
     val = questions(json.loads((data / "scenes_val.json").read_text())[: args.scenes], seed=2)
-    x_fit, _ = features(chat, data, fit)
-    x_val, says_yes = features(chat, data, val)
+    x_fit, _, match_fit = features(chat, data, fit)
+    x_val, says_yes, match_val = features(chat, data, val)
     y_fit = torch.tensor([p for *_, p in fit])
     y_val = torch.tensor([p for *_, p in val])
     layers = []
@@ -110,7 +128,15 @@ def main(argv=None) -> dict:
         layers.append({"after_layer": layer, "readout_accuracy": round(float((guess == y_val).float().mean()), 3),
                        "readout_no": round(float((~guess[~y_val]).float().mean()), 3),
                        "readout_yes": round(float(guess[y_val].float().mean()), 3)})
+    # The token matcher's one threshold: the best on the training questions.
+    candidates = match_fit.sort().values
+    hits = torch.stack([((match_fit > t) == y_fit).float().mean() for t in candidates])
+    threshold = candidates[int(hits.argmax())]
+    matched = match_val > threshold
     result = {"model": args.model_path, "fit_questions": len(fit), "val_questions": len(val),
+              "token_match_accuracy": round(float((matched == y_val).float().mean()), 3),
+              "token_match_no": round(float((~matched[~y_val]).float().mean()), 3),
+              "token_match_yes": round(float(matched[y_val].float().mean()), 3),
               "model_no": round(float((~says_yes[~y_val]).float().mean()), 3),
               "model_yes": round(float(says_yes[y_val].float().mean()), 3),
               "layers": layers}  # after_layer 0: the embeddings (the image tokens included)
