@@ -9,6 +9,8 @@ of the answer. Reports, beside Acc@0.5 (IoU >= 0.5 with the object):
     image can reach);
   * any_object: share of answer boxes with IoU >= 0.5 with *any* object of the scene (a model that
     looks at the image but binds the wrong name scores here, not in Acc@0.5);
+  * mean_iou on the asked object; miss_near / miss_other_object: answers with IoU 0.1-0.5 on the
+    asked object (found, box coarse) / below 0.5 on it but >= 0.5 on another object (wrong object);
   * name_box: naming with a box region ("What is the object <region>?"), colour and shape right.
 The training loss hides a model that writes an average box; these numbers do not.
 """
@@ -63,7 +65,8 @@ def main(argv=None) -> dict:
     answers = []
     for i in range(0, len(asks), args.batch_size):
         answers += chat.ask_batch(asks[i:i + args.batch_size], max_new_tokens=32)
-    hits = anys = floors = names = 0
+    hits = anys = floors = names = near = other = 0
+    ious = []
     examples = []
     for k, (scene, obj) in enumerate(truths):
         ground, refer = answers[2 * k], answers[2 * k + 1]
@@ -73,14 +76,22 @@ def main(argv=None) -> dict:
         floors += box_iou(floor, tuple(obj["box"])) >= 0.5
         if boxes:
             box = tuple(boxes[0])
-            hits += box_iou(box, tuple(obj["box"])) >= 0.5
-            anys += max(box_iou(box, tuple(o["box"])) for o in scene["objects"]) >= 0.5
+            own = box_iou(box, tuple(obj["box"]))
+            best = max(box_iou(box, tuple(o["box"])) for o in scene["objects"])
+            hits += own >= 0.5
+            anys += best >= 0.5
+            near += 0.1 <= own < 0.5  # the asked object, coarsely
+            other += own < 0.5 <= best  # another object of the scene
+            ious.append(own)
+        else:
+            ious.append(0.0)
         names += first_name(refer.text) == obj["name"]
         if len(examples) < 6:
             examples.append({"name": obj["name"], "truth": obj["box"], "ground": ground.text, "refer": refer.text})
     n = len(truths)
     result = {"model_path": args.model_path, "split": args.split, "scenes": len(scenes), "objects": n,
               "acc50": round(hits / n, 4), "any_object": round(anys / n, 4), "floor": round(floors / n, 4),
+              "mean_iou": round(sum(ious) / n, 4), "miss_near": round(near / n, 4), "miss_other_object": round(other / n, 4),
               "name_box": round(names / n, 4), "seconds": round(time.perf_counter() - start, 1), "examples": examples}
     print(json.dumps(result, indent=1))
     if args.out:
