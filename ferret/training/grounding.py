@@ -210,10 +210,11 @@ class AttentionSupervision:
             for (start, _), target in zip(answer_runs(labels), presence[row]):
                 if not bool(target.any()) or start == 0:
                     continue
-                if self.presence and (target[1:].any() or self.absent_target == "bos"):
-                    out.append((start - 1, self.head, target, (), self.presence_weight))  # the position that writes "Yes" / "No"
-                elif self.presence:
-                    out.append((start - 1, self.head, torch.zeros_like(target), (start - 1,), self.presence_weight))
+                if self.presence:  # from the position that writes "Yes" / "No"
+                    if self.absent_target == "self" and not bool(target[1:].any()):
+                        out.append((start - 1, self.head, torch.zeros_like(target), (start - 1,), self.presence_weight))
+                    else:
+                        out.append((start - 1, self.head, target, (), self.presence_weight))
                 if self.name_ids:
                     words = asked_name_positions(ids, start, self.name_ids)
                     if words:
