@@ -176,6 +176,27 @@ def _image_on_canvas(page, editor, timeout=20.0):
         time.sleep(0.3)
 
 
+def _set_slider(page, elem_id, value, timeout=30.0):
+    """Type `value` into a gradio slider's number box until its range input shows it. A fill can
+    land while the accordion is still rendering and be overwritten, so it is retried (CI saw one
+    lost fill on a busy 2-core machine)."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    number = page.locator(f"{elem_id} input[type='number']")
+    deadline = time.monotonic() + timeout
+    while True:
+        number.fill(value)
+        number.press("Tab")  # blur: gradio clamps and commits the value
+        try:
+            page.wait_for_function(
+                f"document.querySelector(\"{elem_id} input[type='range']\").value === '{value}'", timeout=3_000)
+            return
+        except PlaywrightTimeout:
+            if time.monotonic() > deadline:
+                shown = page.locator(f"{elem_id} input[type='range']").input_value()
+                raise AssertionError(f"slider {elem_id} shows {shown!r} after typing {value!r}") from None
+
+
 def _iou(a, b) -> float:
     ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
     iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
@@ -218,13 +239,8 @@ def test_browser_draw_a_box_and_ask(stack):
             assert _iou(grid, expected) > 0.7, region_text
 
             page.get_by_text("Parameters").click()  # open the accordion
-            page.locator("#ferret-max-tokens input[type='number']").fill("24")
-            page.locator("#ferret-max-tokens input[type='number']").press("Enter")
-            page.locator("#ferret-temperature input[type='number']").fill("0")  # greedy: a reproducible answer
-            page.locator("#ferret-temperature input[type='number']").press("Enter")
-            page.wait_for_function(  # the sliders took the values (the tiny model's context is short)
-                "document.querySelector(\"#ferret-max-tokens input[type='range']\").value === '24'"
-                " && document.querySelector(\"#ferret-temperature input[type='range']\").value === '0'", timeout=30_000)
+            _set_slider(page, "#ferret-max-tokens", "24")  # the tiny model's context is short
+            _set_slider(page, "#ferret-temperature", "0")  # greedy: a reproducible answer
             question = page.locator("#ferret-question textarea")
             assert question.input_value() == "What is the object in <region>?"  # from the example
             page.click("#ferret-send")
