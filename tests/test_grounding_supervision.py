@@ -393,51 +393,6 @@ def test_name_head_is_supervised_onto_the_asked_colour_and_shape_words():
         grounding_supervision(model, tokenizer, cfg)
 
 
-def test_presence_query_at_the_asked_name_is_read_out_by_a_later_head():
-    # train.presence_query_from=name: the presence head looks from X's last word in the question
-    # (where X's words sit side by side, as at a box's "["); train.presence_readout_* pushes a head
-    # of a later layer from the position that writes "Yes"/"No" onto X's words.
-    from transformers import AutoTokenizer
-
-    from ferret.conversation import tokenize_conversation
-    from ferret.training.config import TrainConfig, TrainConfigError
-    from ferret.training.synthetic_world import grounding_supervision
-
-    tokenizer = AutoTokenizer.from_pretrained("ferret/assets/model")
-    model = conv_model(tokenizer, hidden_size=64, num_attention_heads=4, num_key_value_heads=4,
-                       attn_implementation="eager")
-    messages = [("USER", "<image>\nIs there a red ring in the image?"), ("ASSISTANT", "Yes, the red ring.")]
-    ids, labels = tokenize_conversation(messages, tokenizer)
-    ids, labels = torch.as_tensor(ids).reshape(1, -1), torch.as_tensor(labels).reshape(1, -1)
-    presence = torch.zeros(1, 17, dtype=torch.bool)
-    presence[0, 6] = True  # present: the red ring covers cell 5
-    batch = {"input_ids": ids, "labels": labels, "answer_cells": [torch.zeros(0, 16, dtype=torch.bool)],
-             "presence_cells": [presence]}
-    cfg = TrainConfig()
-    cfg.train.attention_supervision_weight, cfg.train.attention_supervision_layer = 1.0, 0
-    cfg.train.presence_query_from = "name"
-    cfg.train.presence_readout_layer, cfg.train.presence_readout_head = 1, 2
-    presence_head, readout_head = grounding_supervision(model, tokenizer, cfg)[0]
-    (query, head, target, words, _), = presence_head._queries(batch, 0)
-    assert tokenizer.convert_ids_to_tokens([int(ids[0, query])]) == ["\u2581ring"] and head == 0 and not words
-    assert torch.equal(target, presence[0])
-    (position, head, target, words, _), = readout_head._queries(batch, 0)
-    answer_start = int((labels[0] != IGNORE_INDEX).nonzero()[0])
-    assert position == answer_start - 1 and head == 2 and not target.any()
-    assert tokenizer.convert_ids_to_tokens(ids[0, list(words)].tolist()) == ["\u2581red", "\u2581ring"]
-    with torch.no_grad():
-        out = model(input_ids=ids, images=torch.randn(1, 3, 48, 48), output_attentions=True)
-    p = int((ids[0] == IMAGE_TOKEN_INDEX).nonzero()[0])
-    expected = -out.attentions[0][0, 0, query + 15, p + 5].log()  # 16 image tokens replace 1 placeholder
-    torch.testing.assert_close(presence_head.loss(batch), expected, rtol=1e-4, atol=1e-5)
-    cfg.train.presence_readout_layer = 0
-    with pytest.raises(TrainConfigError, match="must come after"):
-        grounding_supervision(model, tokenizer, cfg)
-    cfg.train.presence_readout_layer, cfg.train.presence_query_from = 1, "answer"
-    with pytest.raises(TrainConfigError, match="presence_query_from: name"):
-        grounding_supervision(model, tokenizer, cfg)
-
-
 def test_coordinate_heads_split_the_box_numbers_over_four_heads(number_tokenizer):
     model = conv_model(number_tokenizer, hidden_size=64, num_attention_heads=4, num_key_value_heads=4)
     supervision = AttentionSupervision(model, number_tokenizer, layer=1, head=0, coordinate_heads=True)

@@ -141,12 +141,6 @@ class TrainSection:
     # Where that head is pushed for an absent name: "bos" (the attention sink) or "self" (the
     # answer position itself).
     presence_absent_target: Literal["bos", "self"] = "bos"
-    # Where that head's "Is there a X?" query sits: "answer" (the position that writes "Yes"/"No")
-    # or "name" (X's last word in the question); with "name", train.presence_readout_* names the
-    # head of a later layer that looks, from the answer position, at X's words to read the result.
-    presence_query_from: Literal["answer", "name"] = "answer"
-    presence_readout_layer: int | None = None
-    presence_readout_head: int = 0
     # A head of an earlier layer pushed, from that same position, onto the question's colour and
     # shape words, so the presence head's query knows what is asked (off when the layer is None).
     name_supervision_layer: int | None = None

@@ -122,7 +122,7 @@ class AttentionSupervision:
 
     def __init__(self, model, tokenizer, layer: int, head: int, coordinate_heads: bool = False,
                  boxes: bool = True, presence: bool = True, name: bool = False, presence_weight: float = 1.0,
-                 absent_target: str = "bos", presence_from: str = "answer"):
+                 absent_target: str = "bos"):
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         from ferret.data.synthetic_tokenizer import number_token_ids
@@ -146,15 +146,8 @@ class AttentionSupervision:
         if absent_target not in ("bos", "self"):
             raise ValueError(f"attention supervision: absent target {absent_target!r} is not 'bos' or 'self'")
         self.absent_target = absent_target
-        # Where the "Is there a X?" query sits: "answer" (the position that writes "Yes"/"No") or
-        # "name" (X's last word in the question, where X's words are adjacent, as they are at a
-        # box's "["; a later head then reads what it found from the answer position).
-        if presence_from not in ("answer", "name"):
-            raise ValueError(f"attention supervision: presence query position {presence_from!r} is not 'answer' or 'name'")
-        self.presence_from = presence_from
-        self.name = name  # from the yes/no position onto the asked name's words
         self.name_ids: set[int] = set()
-        if name or (presence and presence_from == "name"):
+        if name:  # from the yes/no position onto the asked name's words
             from ferret.training.dense_supervision import DenseVocabulary, NameDirections
 
             colors, shapes = NameDirections.token_ids(tokenizer, DenseVocabulary.synthetic())
@@ -212,20 +205,20 @@ class AttentionSupervision:
                 continue
             for k, j in enumerate(number_positions(ids, span, self.number_ids)[:BOX_COORDINATES]):
                 out += [(j, c, target if c == k else bos, (), 1.0) for c in range(BOX_COORDINATES)]
-        presence = batch.get("presence_cells") if (self.presence or self.name) else None
+        presence = batch.get("presence_cells") if (self.presence or self.name_ids) else None
         if presence is not None and len(presence[row]):
             for (start, _), target in zip(answer_runs(labels), presence[row]):
                 if not bool(target.any()) or start == 0:
                     continue
-                words = asked_name_positions(ids, start, self.name_ids) if self.name_ids else ()
-                query = start - 1 if self.presence_from == "answer" else (words[-1] if words else None)
-                if self.presence and query is not None:
+                if self.presence:  # from the position that writes "Yes" / "No"
                     if self.absent_target == "self" and not bool(target[1:].any()):
-                        out.append((query, self.head, torch.zeros_like(target), (query,), self.presence_weight))
+                        out.append((start - 1, self.head, torch.zeros_like(target), (start - 1,), self.presence_weight))
                     else:
-                        out.append((query, self.head, target, (), self.presence_weight))
-                if self.name and words:
-                    out.append((start - 1, self.head, torch.zeros_like(target), words, 1.0))
+                        out.append((start - 1, self.head, target, (), self.presence_weight))
+                if self.name_ids:
+                    words = asked_name_positions(ids, start, self.name_ids)
+                    if words:
+                        out.append((start - 1, self.head, torch.zeros_like(target), words, 1.0))
         return out
 
     def loss(self, batch: dict) -> torch.Tensor:

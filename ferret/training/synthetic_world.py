@@ -112,8 +112,7 @@ class DenseReadout:
 def grounding_supervision(model, tokenizer, cfg: TrainConfig):
     """(attention supervisions: [] or [the box head's] or [the box head's, the presence head's] when
     train.presence_supervision_* puts presence on another head, then the name head's when
-    train.name_supervision_layer is set, then the presence readout head's when
-    train.presence_readout_layer is set; number token ids or None) for
+    train.name_supervision_layer is set; number token ids or None) for
     ferret.training.grounding's training-only losses; also starts the number rows as a smooth code
     when configured."""
     from ferret.data.synthetic_tokenizer import number_token_ids
@@ -139,8 +138,7 @@ def grounding_supervision(model, tokenizer, cfg: TrainConfig):
             supervision.append(AttentionSupervision(model, tokenizer, t.attention_supervision_layer, t.attention_supervision_head,
                                                     coordinate_heads=coordinates, presence=not apart,
                                                     presence_weight=t.presence_supervision_weight,
-                                                    absent_target=t.presence_absent_target,
-                                                    presence_from=t.presence_query_from))
+                                                    absent_target=t.presence_absent_target))
             if coordinates and fresh:
                 init_coordinate_heads(base, t.attention_supervision_layer)
         except ValueError as err:
@@ -152,8 +150,7 @@ def grounding_supervision(model, tokenizer, cfg: TrainConfig):
             try:
                 supervision.append(AttentionSupervision(model, tokenizer, *presence,
                                                         presence_weight=t.presence_supervision_weight,
-                                                        absent_target=t.presence_absent_target,
-                                                        presence_from=t.presence_query_from))
+                                                    absent_target=t.presence_absent_target))
             except ValueError as err:
                 raise TrainConfigError(f"train.presence_supervision_layer/head: {err}") from None
         if t.name_supervision_layer is not None:
@@ -162,18 +159,6 @@ def grounding_supervision(model, tokenizer, cfg: TrainConfig):
                                                         boxes=False, presence=False, name=True))
             except ValueError as err:
                 raise TrainConfigError(f"train.name_supervision_layer/head: {err}") from None
-        if t.presence_readout_layer is not None:
-            if t.presence_query_from != "name":
-                raise TrainConfigError("train.presence_readout_layer: the readout head reads a presence query at the "
-                                       "asked name (set train.presence_query_from: name)")
-            if t.presence_readout_layer % len(base.model.layers) <= presence[0] % len(base.model.layers):
-                raise TrainConfigError(f"train.presence_readout_layer: layer {t.presence_readout_layer} must come after "
-                                       f"the presence head's layer {presence[0]}")
-            try:  # from the answer position onto X's words, after the presence head wrote what it found there
-                supervision.append(AttentionSupervision(model, tokenizer, t.presence_readout_layer, t.presence_readout_head,
-                                                        boxes=False, presence=False, name=True))
-            except ValueError as err:
-                raise TrainConfigError(f"train.presence_readout_layer/head: {err}") from None
     return supervision, (torch.tensor(number_ids) if number_ids is not None else None)
 
 
