@@ -388,6 +388,15 @@ def test_name_head_is_supervised_onto_the_asked_colour_and_shape_words():
     spliced = [j + 15 for j in words]  # after the 16 image tokens replaced the placeholder
     expected = -out.attentions[0][0, 3, position + 15, spliced].sum().log()
     torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-5)
+    # train.name_supervision_each_word: one query per word, so the loss is the mean of the two
+    # words' -log(attention) and the head cannot meet it by looking at the shape word alone.
+    cfg.train.name_supervision_each_word = True
+    _, each_head = grounding_supervision(model, tokenizer, cfg)[0]
+    assert [(p, h, w) for p, h, _, w, _ in each_head._queries(batch, 0)] == [(position, 3, (j,)) for j in words]
+    with torch.no_grad():
+        out = model(input_ids=ids, images=torch.randn(1, 3, 48, 48), output_attentions=True)
+    per_word = -out.attentions[0][0, 3, position + 15, spliced].log()
+    torch.testing.assert_close(each_head.loss(batch), per_word.mean(), rtol=1e-4, atol=1e-5)
     with pytest.raises(TrainConfigError, match="name_supervision_layer/head"):
         cfg.train.name_supervision_layer = 9
         grounding_supervision(model, tokenizer, cfg)

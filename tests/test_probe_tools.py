@@ -65,3 +65,21 @@ def test_export_step_writes_the_deepspeed_weights_as_a_loadable_model(tmp_path):
         export(["--step-dir", str(step), "--like", str(like), "--dst", str(tmp_path / "bad")])
     with pytest.raises(SystemExit, match="no DeepSpeed model states"):
         export(["--step-dir", str(tmp_path), "--like", str(like), "--dst", str(tmp_path / "none")])
+
+
+def test_yes_no_readout_splits_absent_names_by_the_words_the_scene_has():
+    probe = load_script("yes_no_readout")
+    scene = {"objects": [{"color": "red", "shape": "circle"}, {"color": "blue", "shape": "square"}]}
+    assert probe.absent_kind(scene, "red square") == "colour+shape"  # both words, on different objects
+    assert probe.absent_kind(scene, "red star") == "colour"
+    assert probe.absent_kind(scene, "green circle") == "shape"
+    assert probe.absent_kind(scene, "green star") == "neither"
+    asked = [(scene, "red circle", True), (scene, "red square", False), (scene, "green star", False),
+             (scene, "red star", False)]
+    says_yes = torch.tensor([True, True, False, False])
+    readout_yes = torch.tensor([True, False, False, True])
+    matched = torch.tensor([True, False, False, False])
+    table = probe.no_by_absent_kind(asked, says_yes, readout_yes, matched)
+    assert set(table) == {"colour+shape", "neither", "colour"}  # kinds with no question are left out
+    assert table["colour+shape"] == {"questions": 1, "model_no": 0.0, "readout_no": 1.0, "token_match_no": 1.0}
+    assert table["colour"] == {"questions": 1, "model_no": 1.0, "readout_no": 0.0, "token_match_no": 1.0}

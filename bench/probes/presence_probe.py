@@ -44,7 +44,8 @@ def main(argv=None) -> dict:
     n_image = model.get_vision_tower().num_patches
     rng = random.Random(0)
     words = set(COLORS) | set(SHAPES)
-    masses = {"present": [], "absent": []}  # per question: [layers, 3 (bos, image, name), heads]
+    # per question: [layers, 5 (bos, image, name = its colour word + its shape word), heads]
+    masses = {"present": [], "absent": []}
     for scene in scenes:
         names = {o["name"] for o in scene["objects"]}
         absent = rng.choice([f"{c} {s}" for c in COLORS for s in SHAPES if f"{c} {s}" not in names])
@@ -62,7 +63,7 @@ def main(argv=None) -> dict:
             for layer in attentions:
                 attention = layer[0, :, -1]  # [heads, keys] at the position that writes the answer's first word
                 rows.append(torch.stack([attention[:, 0], attention[:, start:start + n_image].sum(-1),
-                                         attention[:, asked].sum(-1)]))
+                                         attention[:, asked].sum(-1), attention[:, asked[0]], attention[:, asked[-1]]]))
             masses[kind].append(torch.stack(rows))
     result = {"model": args.model_path, "layer": args.layer, "scenes": len(scenes)}
     mean = {kind: torch.stack(rows).mean(0) for kind, rows in masses.items()}
@@ -72,7 +73,7 @@ def main(argv=None) -> dict:
 
     for kind in masses:
         result[kind] = table(kind, args.layer)
-    result["layers"] = [{kind: table(kind, layer, ("bos", "image", "name")) for kind in masses}
+    result["layers"] = [{kind: table(kind, layer, ("bos", "image", "name", "colour_word", "shape_word")) for kind in masses}
                         for layer in range(len(mean["present"]))]
     print(json.dumps(result, indent=1))
     if args.out:

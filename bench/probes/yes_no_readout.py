@@ -46,6 +46,16 @@ def questions(scenes: list[dict], seed: int) -> list[tuple[dict, str, bool]]:
     return out
 
 
+def absent_kind(scene: dict, name: str) -> str:
+    """Which of the absent name's words some object of the scene has: "colour+shape" (both, on
+    different objects), "colour", "shape" or "neither". Only a conjunction of the two words tells
+    a "colour+shape" name from a present one."""
+    color, shape = name.split()
+    has_color = any(o["color"] == color for o in scene["objects"])
+    has_shape = any(o["shape"] == shape for o in scene["objects"])
+    return {(True, True): "colour+shape", (True, False): "colour", (False, True): "shape"}.get((has_color, has_shape), "neither")
+
+
 @torch.no_grad()
 def features(chat, data: Path, asked: list[tuple[dict, str, bool]], batch: int = 16):
     """([questions, layers + 1, hidden] residuals at the answer position, [questions] model says yes,
@@ -101,6 +111,20 @@ def fit_readout(x: torch.Tensor, y: torch.Tensor, steps: int = 500, weight_decay
     return linear
 
 
+def no_by_absent_kind(asked: list[tuple[dict, str, bool]], says_yes: torch.Tensor, readout_yes: torch.Tensor,
+                      matched: torch.Tensor) -> dict:
+    """Per kind of absent name (`absent_kind`): how many, and how often the model, the last
+    layer's readout and the token matcher say "No" to it."""
+    out = {}
+    for kind in ("colour+shape", "colour", "shape", "neither"):
+        rows = [i for i, (scene, name, present) in enumerate(asked) if not present and absent_kind(scene, name) == kind]
+        if rows:
+            out[kind] = {"questions": len(rows)} | {
+                who: round(float((~said[rows]).float().mean()), 3)
+                for who, said in (("model_no", says_yes), ("readout_no", readout_yes), ("token_match_no", matched))}
+    return out
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-path", required=True)
@@ -120,11 +144,12 @@ def main(argv=None) -> dict:
     x_val, says_yes, match_val = features(chat, data, val)
     y_fit = torch.tensor([p for *_, p in fit])
     y_val = torch.tensor([p for *_, p in val])
-    layers = []
+    layers, guesses = [], []
     for layer in range(x_fit.shape[1]):
         readout = fit_readout(x_fit[:, layer], y_fit)
         with torch.no_grad():
             guess = readout(x_val[:, layer])[:, 0] > 0
+        guesses.append(guess)
         layers.append({"after_layer": layer, "readout_accuracy": round(float((guess == y_val).float().mean()), 3),
                        "readout_no": round(float((~guess[~y_val]).float().mean()), 3),
                        "readout_yes": round(float(guess[y_val].float().mean()), 3)})
@@ -139,7 +164,8 @@ def main(argv=None) -> dict:
               "token_match_yes": round(float(matched[y_val].float().mean()), 3),
               "model_no": round(float((~says_yes[~y_val]).float().mean()), 3),
               "model_yes": round(float(says_yes[y_val].float().mean()), 3),
-              "layers": layers}  # after_layer 0: the embeddings (the image tokens included)
+              "layers": layers,  # after_layer 0: the embeddings (the image tokens included)
+              "no_by_absent_kind": no_by_absent_kind(val, says_yes, guesses[-1], matched)}
     print(json.dumps(result, indent=1))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

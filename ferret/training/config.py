@@ -145,6 +145,9 @@ class TrainSection:
     # shape words, so the presence head's query knows what is asked (off when the layer is None).
     name_supervision_layer: int | None = None
     name_supervision_head: int = 0
+    # Push that head onto each word on its own (half its attention on the colour, half on the
+    # shape) instead of onto the two together, which full_coordpe_v2n's met with the shape word alone.
+    name_supervision_each_word: bool = False
     box_code_weight: float = 0.0
     box_code_sigma: float = 6.0
     # > 0 (needs a tokenizer with one token per number 0-999): add this times a cross-entropy

@@ -122,7 +122,7 @@ class AttentionSupervision:
 
     def __init__(self, model, tokenizer, layer: int, head: int, coordinate_heads: bool = False,
                  boxes: bool = True, presence: bool = True, name: bool = False, presence_weight: float = 1.0,
-                 absent_target: str = "bos"):
+                 absent_target: str = "bos", name_each_word: bool = False):
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         from ferret.data.synthetic_tokenizer import number_token_ids
@@ -146,6 +146,10 @@ class AttentionSupervision:
         if absent_target not in ("bos", "self"):
             raise ValueError(f"attention supervision: absent target {absent_target!r} is not 'bos' or 'self'")
         self.absent_target = absent_target
+        # The name head's target: the asked words together (one query; the head may look at the
+        # shape word alone, as full_coordpe_v2n's did) or each word on its own (one query per word,
+        # so the head splits its attention and carries the colour too).
+        self.name_each_word = name_each_word
         self.name_ids: set[int] = set()
         if name:  # from the yes/no position onto the asked name's words
             from ferret.training.dense_supervision import DenseVocabulary, NameDirections
@@ -217,8 +221,8 @@ class AttentionSupervision:
                         out.append((start - 1, self.head, target, (), self.presence_weight))
                 if self.name_ids:
                     words = asked_name_positions(ids, start, self.name_ids)
-                    if words:
-                        out.append((start - 1, self.head, torch.zeros_like(target), words, 1.0))
+                    groups = [(j,) for j in words] if self.name_each_word else [words] if words else []
+                    out += [(start - 1, self.head, torch.zeros_like(target), group, 1.0) for group in groups]
         return out
 
     def loss(self, batch: dict) -> torch.Tensor:
