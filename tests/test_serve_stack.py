@@ -177,9 +177,8 @@ def _image_on_canvas(page, editor, timeout=20.0):
 
 
 def _set_slider(page, elem_id, value, timeout=30.0):
-    """Type `value` into a gradio slider's number box until its range input shows it. A fill can
-    land while the accordion is still rendering and be overwritten, so it is retried (CI saw one
-    lost fill on a busy 2-core machine)."""
+    """Type `value` into a gradio slider's number box until its range input shows it, retrying:
+    CI once saw a fill that the slider never took, on a busy 2-core machine (cause not found)."""
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
     number = page.locator(f"{elem_id} input[type='number']")

@@ -144,12 +144,11 @@ def main(argv=None) -> dict:
     x_val, says_yes, match_val = features(chat, data, val)
     y_fit = torch.tensor([p for *_, p in fit])
     y_val = torch.tensor([p for *_, p in val])
-    layers, guesses = [], []
+    layers = []
     for layer in range(x_fit.shape[1]):
         readout = fit_readout(x_fit[:, layer], y_fit)
         with torch.no_grad():
             guess = readout(x_val[:, layer])[:, 0] > 0
-        guesses.append(guess)
         layers.append({"after_layer": layer, "readout_accuracy": round(float((guess == y_val).float().mean()), 3),
                        "readout_no": round(float((~guess[~y_val]).float().mean()), 3),
                        "readout_yes": round(float(guess[y_val].float().mean()), 3)})
@@ -165,7 +164,7 @@ def main(argv=None) -> dict:
               "model_no": round(float((~says_yes[~y_val]).float().mean()), 3),
               "model_yes": round(float(says_yes[y_val].float().mean()), 3),
               "layers": layers,  # after_layer 0: the embeddings (the image tokens included)
-              "no_by_absent_kind": no_by_absent_kind(val, says_yes, guesses[-1], matched)}
+              "no_by_absent_kind": no_by_absent_kind(val, says_yes, guess, matched)}  # guess: the last layer's
     print(json.dumps(result, indent=1))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

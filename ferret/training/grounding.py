@@ -221,8 +221,8 @@ class AttentionSupervision:
                         out.append((start - 1, self.head, target, (), self.presence_weight))
                 if self.name_ids:
                     words = asked_name_positions(ids, start, self.name_ids)
-                    groups = [(j,) for j in words] if self.name_each_word else [words] if words else []
-                    out += [(start - 1, self.head, torch.zeros_like(target), group, 1.0) for group in groups]
+                    groups = [(j,) for j in words] if self.name_each_word else [words]
+                    out += [(start - 1, self.head, torch.zeros_like(target), group, 1.0) for group in groups if group]
         return out
 
     def loss(self, batch: dict) -> torch.Tensor:
