@@ -195,3 +195,21 @@ def test_chained_turns_keep_every_question_and_render_through_the_loader(tmp_pat
     for i in range(len(dataset)):
         item = dataset[i]
         assert int((item["input_ids"] == region_id).sum()) == len(item["region_masks"])
+
+
+def test_one_object_curriculum_world_asks_everything_but_relations(tmp_path):
+    # The curriculum world (issue 13): every name has exactly one answer in its image.
+    synthetic.main(["--out", str(tmp_path), "--n", "120", "--seed", "5", "--workers", "1",
+                    "--min-objects", "1", "--max-objects", "1"])
+    records = _load(tmp_path, "scenes_train.json") + _load(tmp_path, "scenes_val.json")
+    assert records and all(len(r["objects"]) == 1 for r in records)
+    summary = _load(tmp_path, "meta.json")
+    assert "relation" not in summary["task_counts"]
+    assert set(summary["task_counts"]) == set(synthetic.TASK_WEIGHTS) - {"relation"}
+    assert summary["config"]["max_objects"] == 1
+
+
+def test_object_count_flags_are_checked(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        synthetic.main(["--out", str(tmp_path), "--min-objects", "3", "--max-objects", "2"])
+    assert "--min-objects" in capsys.readouterr().err

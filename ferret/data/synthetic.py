@@ -425,6 +425,8 @@ class _SampleBuilder:
                            self._listing([objs[j].name for j in order]) + ".", [], order)
 
     def relation(self) -> dict | None:
+        if len(self.scene.objects) < 2:  # a one-object scene has no relation to ask about
+            return None
         for _ in range(6):  # some scenes cannot answer some relations clearly: try another
             sample = self._relation_once(str(self.rng.choice(["left", "above", "largest", "nearest"])))
             if sample is not None:
@@ -636,13 +638,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-side", type=int, default=SyntheticConfig.max_side)
     parser.add_argument("--turns-per-sample", type=int, default=SyntheticConfig.turns_per_sample,
                         help="chain up to this many question/answer pairs of a scene into one sample")
+    parser.add_argument("--min-objects", type=int, default=SyntheticConfig.min_objects)
+    parser.add_argument("--max-objects", type=int, default=SyntheticConfig.max_objects,
+                        help="1 and 1 make a curriculum world where every name has one answer")
     args = parser.parse_args(argv)
     if args.turns_per_sample < 1:
         parser.error(f"--turns-per-sample must be >= 1, got {args.turns_per_sample}")
     if not 32 <= args.min_side <= args.max_side:
         parser.error(f"need 32 <= --min-side <= --max-side, got {args.min_side}, {args.max_side}")
+    if not 1 <= args.min_objects <= args.max_objects <= len(COLORS) * len(SHAPES):
+        parser.error(f"need 1 <= --min-objects <= --max-objects <= {len(COLORS) * len(SHAPES)}, "
+                     f"got {args.min_objects}, {args.max_objects}")
     config = SyntheticConfig(samples_per_scene=args.samples_per_scene, min_side=args.min_side,
-                             max_side=args.max_side, turns_per_sample=args.turns_per_sample)
+                             max_side=args.max_side, turns_per_sample=args.turns_per_sample,
+                             min_objects=args.min_objects, max_objects=args.max_objects)
     summary = generate(args.out, args.n, args.seed, config, args.workers)
     print(json.dumps({k: summary[k] for k in ("samples", "scenes", "samples_per_split", "task_counts",
                                               "subtask_counts", "free_form_samples", "seconds")}, indent=2))
