@@ -519,37 +519,3 @@ def test_warm_up_region_readout_trains_the_sampler_but_not_the_tower(tmp_path):
     assert features.grad is None  # the tower gets nothing from it
     sampler_grads = [p.grad for p in model.model.region_geo_sampler.parameters() if p.grad is not None]
     assert sampler_grads and any(float(g.abs().sum()) > 0 for g in sampler_grads)
-
-
-def test_yes_no_weight_adds_the_cross_entropy_of_the_answer_word_only():
-    # train.yes_no_weight: the "Yes"/"No" that decides a yes/no answer is one token of a long
-    # sample; the extra term is that token's cross-entropy alone, at the position that writes it.
-    from transformers import AutoTokenizer
-
-    from ferret.conversation import tokenize_conversation
-    from ferret.training.config import TrainConfig
-    from ferret.training.grounding import answer_word_loss
-    from ferret.training.synthetic_world import SyntheticWorldSupervision
-
-    tokenizer = AutoTokenizer.from_pretrained("ferret/assets/model")
-    model = conv_model(tokenizer, hidden_size=64, num_attention_heads=4, num_key_value_heads=4)
-    messages = [("USER", "<image>\nWhat is the blue cross <bbox_location0>?"), ("ASSISTANT", "A blue cross."),
-                ("USER", "Is there a red ring in the image?"), ("ASSISTANT", "No."),
-                ("USER", "Is there a blue cross in the image?"), ("ASSISTANT", "Yes, the blue cross [1, 2, 3, 4].")]
-    ids, labels = tokenize_conversation(messages, tokenizer)
-    ids, labels = torch.as_tensor(ids).reshape(1, -1), torch.as_tensor(labels).reshape(1, -1)
-    cfg = TrainConfig()
-    cfg.train.dense_loss_weight, cfg.train.yes_no_weight = 0.0, 3.0
-    aux = SyntheticWorldSupervision(model, tokenizer, cfg)
-    assert set(tokenizer.convert_ids_to_tokens(aux.yes_no_ids.tolist())) == {"\u2581Yes,", "\u2581Yes", "\u2581No"}
-    with torch.no_grad():
-        out = model(input_ids=ids, images=torch.randn(1, 3, 48, 48), labels=labels)
-    spliced = spliced_labels(ids, labels, 16, out.logits.shape[1])
-    words = [t for t in range(spliced.shape[1] - 1) if int(spliced[0, t + 1]) in aux.yes_no_ids.tolist()]
-    assert [tokenizer.convert_ids_to_tokens(int(spliced[0, t + 1])) for t in words] == ["\u2581No", "\u2581Yes,"]
-    expected = torch.nn.functional.cross_entropy(out.logits[0, words], spliced[0, [t + 1 for t in words]])
-    torch.testing.assert_close(answer_word_loss(out.logits, spliced, aux.yes_no_ids), expected)
-    torch.testing.assert_close(aux.add_losses(out.loss, {"input_ids": ids, "labels": labels}, out, torch.device("cpu")),
-                               out.loss + 3.0 * expected)
-    assert answer_word_loss(out.logits, torch.full_like(spliced, IGNORE_INDEX), aux.yes_no_ids) == 0
-    assert SyntheticWorldSupervision(model, tokenizer, TrainConfig()).yes_no_ids is None  # off by default

@@ -156,9 +156,6 @@ class TrainSection:
     number_smoothing_sigma: float = 4.0
     # Start the number tokens' embedding rows as a smooth code of their value (number tokenizers).
     init_number_rows: bool = False
-    # > 0: add this times the cross-entropy of the answer words "Yes" and "No" alone. The yes/no
-    # decision is one token of a ~220-token sample, so the answer loss barely weighs it.
-    yes_no_weight: float = 0.0
 
 
 @dataclass
@@ -233,7 +230,6 @@ class TrainConfig:
                                    "train.dense_loss_weight > 0 (and data.scene_records)")
         _non_negative("train.number_smoothing_weight", t.number_smoothing_weight)
         _positive("train.number_smoothing_sigma", t.number_smoothing_sigma)
-        _non_negative("train.yes_no_weight", t.yes_no_weight)
         for name in ("adam_beta1", "adam_beta2"):
             if not 0.0 <= getattr(t, name) < 1.0:
                 raise TrainConfigError(f"train.{name}: {getattr(t, name)} is not in [0, 1)")

@@ -375,13 +375,3 @@ def number_smoothing_loss(logits: torch.Tensor, labels: torch.Tensor, number_ids
     grid = torch.arange(len(number_ids), device=logits.device, dtype=torch.float32)
     weights = torch.softmax(-0.5 * ((grid[None, :] - values[rows].float()[:, None]) / sigma) ** 2, dim=-1)
     return -(weights * log_probs).sum(-1).mean()
-
-
-def answer_word_loss(logits: torch.Tensor, labels: torch.Tensor, word_ids: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of the positions whose next label is one of `word_ids` (zero when none).
-    `logits` [B, T, V] and `labels` [B, T] as the LM loss sees them (position t predicts label t+1)."""
-    targets = labels[:, 1:]
-    rows = torch.isin(targets, word_ids.to(targets.device))
-    if not bool(rows.any()):
-        return logits.new_zeros((), dtype=torch.float32)
-    return F.cross_entropy(logits[:, :-1][rows].float(), targets[rows])

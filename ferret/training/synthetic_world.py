@@ -173,10 +173,6 @@ class SyntheticWorldSupervision:
         self.attention, self.number_ids = grounding_supervision(model, tokenizer, cfg)
         if self.readout is not None and t.box_code_weight > 0:
             self.readout.box_code = (self.number_ids, t.box_code_weight, t.box_code_sigma)
-        # The first token of the answers "Yes, the X [...].", "Yes." (relations) and "No." (train.yes_no_weight).
-        self.yes_no_ids = (torch.tensor(sorted({tokenizer.convert_tokens_to_ids(tokenizer.tokenize(f" {a}")[0])
-                                                for a in ("Yes, the", "Yes.", "No.")}))
-                           if t.yes_no_weight > 0 else None)
         self._dense: list[torch.Tensor] = []
         self._attention: list[torch.Tensor] = []
         self._masses: list[float] = []
@@ -201,17 +197,13 @@ class SyntheticWorldSupervision:
             loss = loss + t.attention_supervision_weight * attend
             self._attention.append(attend.detach().float())
             self._masses.append(self.attention[0].last_mass)  # the box head's
-        smoothing = self.number_ids is not None and t.number_smoothing_weight > 0
-        if smoothing or self.yes_no_ids is not None:
-            from ferret.training.grounding import answer_word_loss, number_smoothing_loss, spliced_labels
+        if self.number_ids is not None and t.number_smoothing_weight > 0:
+            from ferret.training.grounding import number_smoothing_loss, spliced_labels
 
             labels = spliced_labels(batch["input_ids"], batch["labels"], unwrap(self.model).get_vision_tower().num_patches,
                                     outputs.logits.shape[1]).to(device)
-            if smoothing:
-                smooth = number_smoothing_loss(outputs.logits, labels, self.number_ids, t.number_smoothing_sigma)
-                loss = loss + t.number_smoothing_weight * smooth
-            if self.yes_no_ids is not None:
-                loss = loss + t.yes_no_weight * answer_word_loss(outputs.logits, labels, self.yes_no_ids)
+            smooth = number_smoothing_loss(outputs.logits, labels, self.number_ids, t.number_smoothing_sigma)
+            loss = loss + t.number_smoothing_weight * smooth
         return loss
 
     def step_metrics(self, world: int, device: torch.device) -> dict:
