@@ -213,3 +213,17 @@ def test_object_count_flags_are_checked(tmp_path, capsys):
     with pytest.raises(SystemExit):
         synthetic.main(["--out", str(tmp_path), "--min-objects", "3", "--max-objects", "2"])
     assert "--min-objects" in capsys.readouterr().err
+
+
+def test_an_object_count_that_cannot_fit_fails_with_a_message():
+    config = SyntheticConfig(min_objects=30, max_objects=30, min_side=64, max_side=64)
+    with pytest.raises(ValueError, match="min_objects=30"):
+        render_scene(0, seed=0, config=config)
+
+
+def test_the_cli_reports_an_impossible_world_in_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        synthetic.main(["--out", str(tmp_path), "--n", "5", "--workers", "1", "--min-side", "64", "--max-side", "64",
+                        "--min-objects", "30", "--max-objects", "30"])
+    err = capsys.readouterr().err
+    assert "min_objects=30" in err and "Traceback" not in err

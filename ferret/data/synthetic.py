@@ -78,6 +78,9 @@ POPE_QUESTION = "Is there a {name} in the image?"
 # Share of each family's samples asked in the benchmark wording (the rest keep the free wording).
 BENCHMARK_WORDING_PROB = 0.5
 DATASET_NAME = "synthetic_grit"
+# Tries per scene before render_scene gives up: the default world never needs a second, 12 objects
+# a canvas fit about half the time, and an impossible min_objects must fail, not loop forever.
+RENDER_ATTEMPTS = 100
 SPLITS = ("train", "val", "test")
 
 
@@ -241,10 +244,12 @@ def _boxes_touch(a: tuple[int, int, int, int], b: tuple[int, int, int, int], mar
 def render_scene(scene_id: int, seed: int, config: SyntheticConfig = SyntheticConfig()) -> Scene:
     """Draw one scene; identical (scene_id, seed, config) give an identical scene."""
     rng = np.random.default_rng([seed, scene_id, 1])
-    while True:
+    for _ in range(RENDER_ATTEMPTS):
         scene = _try_render(rng, scene_id, config)
         if scene is not None:
             return scene
+    raise ValueError(f"scene {scene_id}: could not place min_objects={config.min_objects} objects with unique "
+                     f"names and visible parts in {RENDER_ATTEMPTS} tries; lower min_objects or raise the image size")
 
 
 def _try_render(rng: np.random.Generator, scene_id: int, config: SyntheticConfig) -> Scene | None:
@@ -652,7 +657,10 @@ def main(argv: list[str] | None = None) -> None:
     config = SyntheticConfig(samples_per_scene=args.samples_per_scene, min_side=args.min_side,
                              max_side=args.max_side, turns_per_sample=args.turns_per_sample,
                              min_objects=args.min_objects, max_objects=args.max_objects)
-    summary = generate(args.out, args.n, args.seed, config, args.workers)
+    try:
+        summary = generate(args.out, args.n, args.seed, config, args.workers)
+    except ValueError as exc:  # a world these settings cannot draw: one line, no traceback
+        parser.error(str(exc))
     print(json.dumps({k: summary[k] for k in ("samples", "scenes", "samples_per_split", "task_counts",
                                               "subtask_counts", "free_form_samples", "seconds")}, indent=2))
 
