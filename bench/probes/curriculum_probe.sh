@@ -38,5 +38,6 @@ for dir in "checkpoints/curr_${name}_2"/checkpoints/step-*; do
     python bench/probes/export_step.py --step-dir "$dir" --like "checkpoints/curr_${name}_2/hf" \
         --dst "/tmp/curr_${name}_$step"
     score "/tmp/curr_${name}_$step" $((steps1 + step))
+    rm -rf "/tmp/curr_${name}_$step"
 done
 score "checkpoints/curr_${name}_2/hf" $((steps1 + steps2))
