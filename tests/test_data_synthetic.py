@@ -227,3 +227,24 @@ def test_the_cli_reports_an_impossible_world_in_one_line(tmp_path, capsys):
                         "--min-objects", "30", "--max-objects", "30"])
     err = capsys.readouterr().err
     assert "min_objects=30" in err and "Traceback" not in err
+
+
+def test_task_weight_flag_shifts_the_question_mix(tmp_path):
+    # More yes/no questions (issue 13): same scenes as the default world, more "negative" samples.
+    base, more = tmp_path / "base", tmp_path / "more"
+    common = ["--n", "400", "--seed", "3", "--workers", "1"]
+    synthetic.main(["--out", str(base)] + common)
+    synthetic.main(["--out", str(more)] + common + ["--task-weight", "negative=0.6"])
+    counts = _load(base, "meta.json")["task_counts"], _load(more, "meta.json")["task_counts"]
+    assert counts[1]["negative"] > 1.5 * counts[0]["negative"]
+    assert _load(more, "meta.json")["config"]["task_weights"]["negative"] == 0.6
+    assert _load(base, "scenes_val.json") == _load(more, "scenes_val.json")
+
+
+@pytest.mark.parametrize("item, message", [("negatve=0.3", "FAMILY one of"), ("negative", "FAMILY=WEIGHT"),
+                                           ("negative=x", "not a number"), ("negative=-1", ">= 0")])
+def test_bad_task_weights_are_refused_in_one_line(tmp_path, capsys, item, message):
+    with pytest.raises(SystemExit):
+        synthetic.main(["--out", str(tmp_path), "--n", "5", "--task-weight", item])
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

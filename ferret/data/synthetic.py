@@ -632,6 +632,26 @@ def generate(out_dir: str, n: int, seed: int = 0, config: SyntheticConfig = Synt
     return summary
 
 
+def parse_task_weights(items: list[str]) -> dict[str, float]:
+    """TASK_WEIGHTS with each "family=weight" item applied; the weights need not sum to 1."""
+    weights = dict(TASK_WEIGHTS)
+    for item in items:
+        family, sep, value = item.partition("=")
+        family = family.strip()
+        if not sep or family not in weights:
+            raise ValueError(f"--task-weight wants FAMILY=WEIGHT with FAMILY one of {sorted(weights)}, got {item!r}")
+        try:
+            weight = float(value)
+        except ValueError:
+            raise ValueError(f"--task-weight {item!r}: {value!r} is not a number") from None
+        if not (weight >= 0.0 and math.isfinite(weight)):
+            raise ValueError(f"--task-weight {item!r}: the weight must be a finite number >= 0")
+        weights[family] = weight
+    if sum(weights.values()) <= 0.0:
+        raise ValueError("--task-weight: at least one family needs a weight > 0")
+    return weights
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Generate the synthetic GRIT world.")
     parser.add_argument("--out", required=True, help="output folder (images/, train/val/test.json)")
@@ -646,6 +666,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--min-objects", type=int, default=SyntheticConfig.min_objects)
     parser.add_argument("--max-objects", type=int, default=SyntheticConfig.max_objects,
                         help="1 and 1 make a curriculum world where every name has one answer")
+    parser.add_argument("--task-weight", action="append", default=[], metavar="FAMILY=WEIGHT",
+                        help="change one question family's weight (repeatable), e.g. negative=0.30; "
+                             f"families and defaults: {TASK_WEIGHTS}")
     args = parser.parse_args(argv)
     if args.turns_per_sample < 1:
         parser.error(f"--turns-per-sample must be >= 1, got {args.turns_per_sample}")
@@ -654,9 +677,14 @@ def main(argv: list[str] | None = None) -> None:
     if not 1 <= args.min_objects <= args.max_objects <= len(COLORS) * len(SHAPES):
         parser.error(f"need 1 <= --min-objects <= --max-objects <= {len(COLORS) * len(SHAPES)}, "
                      f"got {args.min_objects}, {args.max_objects}")
+    try:
+        task_weights = parse_task_weights(args.task_weight)
+    except ValueError as exc:
+        parser.error(str(exc))
     config = SyntheticConfig(samples_per_scene=args.samples_per_scene, min_side=args.min_side,
                              max_side=args.max_side, turns_per_sample=args.turns_per_sample,
-                             min_objects=args.min_objects, max_objects=args.max_objects)
+                             min_objects=args.min_objects, max_objects=args.max_objects,
+                             task_weights=task_weights)
     try:
         summary = generate(args.out, args.n, args.seed, config, args.workers)
     except ValueError as exc:  # a world these settings cannot draw: one line, no traceback
