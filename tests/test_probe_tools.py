@@ -83,16 +83,3 @@ def test_yes_no_readout_splits_absent_names_by_the_words_the_scene_has():
     assert set(table) == {"colour+shape", "neither", "colour"}  # kinds with no question are left out
     assert table["colour+shape"] == {"questions": 1, "model_no": 0.0, "readout_no": 1.0, "token_match_no": 1.0}
     assert table["colour"] == {"questions": 1, "model_no": 1.0, "readout_no": 0.0, "token_match_no": 1.0}
-
-
-def test_yes_no_probes_read_where_each_answer_style_decides():
-    from transformers import AutoTokenizer
-
-    from ferret.training.grounding import yes_no_decision
-
-    tokenizer = AutoTokenizer.from_pretrained("ferret/assets/model")
-    tokens = tokenizer.convert_ids_to_tokens
-    prefix, yes_id, no_id = yes_no_decision(tokenizer, "red ring", "yes_no")
-    assert prefix == [] and tokens([yes_id, no_id]) == ["\u2581Yes,", "\u2581No"]  # the first answer token
-    prefix, yes_id, no_id = yes_no_decision(tokenizer, "red ring", "name_first")
-    assert tokens(prefix) == ["\u2581The", "\u2581red", "\u2581ring"] and tokens([yes_id, no_id]) == ["\u2581[", "\u2581is"]

@@ -8,8 +8,6 @@ that writes the answer's first word: its mass on the BOS token and on the image 
 per head. Training pushes the presence head (`train.attention_supervision_head` of that layer)
 onto the asked object when it is present and onto BOS when it is not, so a head that does its job
 shows a clearly higher BOS mass for absent names than for present ones. Validation only.
-`--answers name_first` (a model trained on "The X [box]." / "The X is not in the image.") writes
-the answer's "The X" after the prompt and reads at X's last word, where that answer decides.
 
 `layers` in the output repeats this for every layer and adds each head's mass on the question's
 colour and shape tokens: a head there must bring the asked name to the answer position, or the
@@ -32,13 +30,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--data", default="data/synth")
     parser.add_argument("--scenes", type=int, default=30)
     parser.add_argument("--layer", type=int, default=2)
-    parser.add_argument("--answers", choices=("yes_no", "name_first"), default="yes_no",
-                        help="the answer style the model was trained on (ferret.data.synthetic --yes-no-answers)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     from ferret.chat import FerretChat
     from ferret.data.synthetic import COLORS, SHAPES
-    from ferret.training.grounding import spliced_index, yes_no_decision
+    from ferret.training.grounding import spliced_index
 
     data = Path(args.data)
     scenes = json.loads((data / "scenes_val.json").read_text())[: args.scenes]
@@ -55,24 +51,21 @@ def main(argv=None) -> dict:
         absent = rng.choice([f"{c} {s}" for c in COLORS for s in SHAPES if f"{c} {s}" not in names])
         for kind, name in (("present", scene["objects"][0]["name"]), ("absent", absent)):
             request = chat._prepare(str(data / scene["image"]), f"Is there a {name} in the image?")
-            question_ids = torch.as_tensor(request.sample["input_ids"])
-            prefix = yes_no_decision(chat.tokenizer, name, args.answers)[0]  # the answer's words before it decides
-            request.sample["input_ids"] = torch.cat([question_ids, torch.tensor(prefix, dtype=question_ids.dtype)])
             inputs = chat._batch_inputs([request])
             inputs.pop("region_generator")
             with torch.no_grad():
                 attentions = model(**inputs, output_attentions=True).attentions
             ids = inputs["input_ids"][0]
             start, to_spliced = spliced_index(ids, n_image)
-            tokens = chat.tokenizer.convert_ids_to_tokens([max(int(i), 0) for i in ids[:len(question_ids)]])
+            tokens = chat.tokenizer.convert_ids_to_tokens([max(int(i), 0) for i in ids])
             asked = [to_spliced(j) for j, tok in enumerate(tokens) if tok.lstrip("▁Ġ ") in words][-2:]
             rows = []
             for layer in attentions:
-                attention = layer[0, :, -1]  # [heads, keys] at the position that writes the deciding word
+                attention = layer[0, :, -1]  # [heads, keys] at the position that writes the answer's first word
                 rows.append(torch.stack([attention[:, 0], attention[:, start:start + n_image].sum(-1),
                                          attention[:, asked].sum(-1), attention[:, asked[0]], attention[:, asked[-1]]]))
             masses[kind].append(torch.stack(rows))
-    result = {"model": args.model_path, "answers": args.answers, "layer": args.layer, "scenes": len(scenes)}
+    result = {"model": args.model_path, "layer": args.layer, "scenes": len(scenes)}
     mean = {kind: torch.stack(rows).mean(0) for kind, rows in masses.items()}
 
     def table(kind, layer, parts=("bos", "image")):

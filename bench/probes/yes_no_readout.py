@@ -11,10 +11,6 @@ matcher that uses no attention at all: each image token's own colour and shape r
 loss's projection on the names' word embeddings), scored max over tokens of p(colour) x p(shape),
 one threshold fitted on the training questions. That is what the image tokens hold.
 
-`--answers name_first` is for a model trained on "The X [box]." / "The X is not in the image."
-(ferret.data.synthetic --yes-no-answers name_first): the answer's "The X" is written after the
-prompt, and the position read is X's last word, whose next token ("[" or "is") decides.
-
 Reading it: a readout well above the model's own answers means the layers hold presence and the
 LM head does not use it (a loss or readout problem); a readout near chance means no layer holds it
 (the attention that should find the object does not); a token matcher well above both means the
@@ -61,25 +57,22 @@ def absent_kind(scene: dict, name: str) -> str:
 
 
 @torch.no_grad()
-def features(chat, data: Path, asked: list[tuple[dict, str, bool]], batch: int = 16, answers: str = "yes_no"):
+def features(chat, data: Path, asked: list[tuple[dict, str, bool]], batch: int = 16):
     """([questions, layers + 1, hidden] residuals at the answer position, [questions] model says yes,
     [questions] token matcher score)."""
     from ferret.training.dense_supervision import DenseVocabulary, NameDirections, class_logits
-    from ferret.training.grounding import spliced_index, yes_no_decision
+    from ferret.training.grounding import spliced_index
 
     vocabulary = DenseVocabulary.synthetic()
     directions = NameDirections.from_embeddings(chat.model.get_input_embeddings().weight,
                                                 NameDirections.token_ids(chat.tokenizer, vocabulary))
     n_image = chat.model.get_vision_tower().num_patches
     rows, says_yes, matches = [], [], []
+    # The first tokens of the trained answers "Yes, the X [...]." and "No." (after "ASSISTANT:").
+    yes_id, no_id = (chat.tokenizer.convert_tokens_to_ids(chat.tokenizer.tokenize(f" {a}")[0]) for a in ("Yes, the", "No."))
     for i in range(0, len(asked), batch):
         requests = [chat._prepare(str(data / scene["image"]), f"Is there a {name} in the image?")
                     for scene, name, _ in asked[i:i + batch]]
-        decisions = [yes_no_decision(chat.tokenizer, name, answers) for _, name, _ in asked[i:i + batch]]
-        for request, (prefix, _, _) in zip(requests, decisions):  # the answer's words before the decision
-            ids = torch.as_tensor(request.sample["input_ids"])
-            request.sample["input_ids"] = torch.cat([ids, torch.tensor(prefix, dtype=ids.dtype)])
-        yes_id, no_id = (torch.tensor([d[k] for d in decisions]) for k in (1, 2))
         inputs = chat._batch_inputs(requests)
         inputs.pop("region_generator")
         out = chat.model(**inputs, output_hidden_states=True)
@@ -138,8 +131,6 @@ def main(argv=None) -> dict:
     parser.add_argument("--data", default="data/synth")
     parser.add_argument("--fit-scenes", type=int, default=400)
     parser.add_argument("--scenes", type=int, default=200)
-    parser.add_argument("--answers", choices=("yes_no", "name_first"), default="yes_no",
-                        help="the answer style the model was trained on (ferret.data.synthetic --yes-no-answers)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     from ferret.chat import FerretChat
@@ -149,8 +140,8 @@ def main(argv=None) -> dict:
     chat = FerretChat.from_pretrained(args.model_path, device="cpu", dtype=torch.float32)
     fit = questions(json.loads((data / "scenes_train.json").read_text())[: args.fit_scenes], seed=1)
     val = questions(json.loads((data / "scenes_val.json").read_text())[: args.scenes], seed=2)
-    x_fit, _, match_fit = features(chat, data, fit, answers=args.answers)
-    x_val, says_yes, match_val = features(chat, data, val, answers=args.answers)
+    x_fit, _, match_fit = features(chat, data, fit)
+    x_val, says_yes, match_val = features(chat, data, val)
     y_fit = torch.tensor([p for *_, p in fit])
     y_val = torch.tensor([p for *_, p in val])
     layers = []
@@ -166,7 +157,7 @@ def main(argv=None) -> dict:
     hits = torch.stack([((match_fit > t) == y_fit).float().mean() for t in candidates])
     threshold = candidates[int(hits.argmax())]
     matched = match_val > threshold
-    result = {"model": args.model_path, "answers": args.answers, "fit_questions": len(fit), "val_questions": len(val),
+    result = {"model": args.model_path, "fit_questions": len(fit), "val_questions": len(val),
               "token_match_accuracy": round(float((matched == y_val).float().mean()), 3),
               "token_match_no": round(float((~matched[~y_val]).float().mean()), 3),
               "token_match_yes": round(float(matched[y_val].float().mean()), 3),

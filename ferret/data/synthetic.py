@@ -123,14 +123,6 @@ class SyntheticConfig:
 YES_NO_ANSWER_STYLES = ("yes_no", "name_first")
 
 
-def yes_no_replies(name: str, style: str) -> tuple[str, str]:
-    """The trained answers to "Is there a `name` in the image?" in `style`: (present, with the
-    object's box as <bbox_location0>; absent)."""
-    if style == "name_first":
-        return f"The {name} <bbox_location0>.", f"The {name} is not in the image."
-    return f"Yes, the {name} <bbox_location0>.", "No."
-
-
 @dataclass
 class SceneObject:
     color: str
@@ -347,6 +339,7 @@ class _SampleBuilder:
 
     def __init__(self, scene: Scene, rng: np.random.Generator, config: SyntheticConfig):
         self.scene, self.rng, self.config = scene, rng, config
+        self.name_first = config.yes_no_answers == "name_first"
         self._rle_cache: dict[int, dict] = {}
 
     def rle(self, obj_index: int) -> dict:
@@ -493,8 +486,8 @@ class _SampleBuilder:
         if self.rng.random() < 0.5:
             i = self._pick()
             name = objs[i].name
-            return self.sample("negative", "present", POPE_QUESTION.format(name=name),
-                               yes_no_replies(name, self.config.yes_no_answers)[0], [], [i])
+            answer = f"The {name} <bbox_location0>." if self.name_first else f"Yes, the {name} <bbox_location0>."
+            return self.sample("negative", "present", POPE_QUESTION.format(name=name), answer, [], [i])
         present = {(o.color, o.shape) for o in objs}
         anchor = objs[self._pick()]
         # Hard negatives half the time: share the colour or the shape of a present object.
@@ -504,9 +497,8 @@ class _SampleBuilder:
             options = [(c, s) for c in COLORS for s in SHAPES]
         options = [o for o in options if o not in present]
         color, shape = options[int(self.rng.integers(len(options)))]
-        name = f"{color} {shape}"
-        return self.sample("negative", "absent", POPE_QUESTION.format(name=name),
-                           yes_no_replies(name, self.config.yes_no_answers)[1], [], [])
+        answer = f"The {color} {shape} is not in the image." if self.name_first else "No."
+        return self.sample("negative", "absent", POPE_QUESTION.format(name=f"{color} {shape}"), answer, [], [])
 
 
 def build_samples(scene: Scene, seed: int, count: int, config: SyntheticConfig = SyntheticConfig()) -> list[dict]:

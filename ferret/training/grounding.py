@@ -114,30 +114,6 @@ def presence_decision_position(input_ids: torch.Tensor, start: int, end: int, sh
     return start - 1
 
 
-def yes_no_decision(tokenizer, name: str, answers: str) -> tuple[list[int], int, int]:
-    """(answer tokens written before the deciding one, its "yes" id, its "no" id) of the yes/no
-    answers to "Is there a `name` in the image?" in a trained style (ferret.data.synthetic's
-    `yes_no_answers`): "yes_no" decides at the first token, "name_first" after "The X". For the
-    probes that read a model's decision."""
-    from ferret.constants import IGNORE_INDEX
-    from ferret.conversation import tokenize_conversation
-    from ferret.data.synthetic import yes_no_replies
-    from ferret.training.dense_supervision import DenseVocabulary, NameDirections
-
-    shape_ids = set(NameDirections.token_ids(tokenizer, DenseVocabulary.synthetic())[1])
-    prefixes, deciding = [], []
-    for reply in yes_no_replies(name, answers):
-        ids, labels = tokenize_conversation([("USER", f"Is there a {name} in the image?"),
-                                             ("ASSISTANT", reply.replace("<bbox_location0>", "[1, 2, 3, 4]"))], tokenizer)
-        start = int((labels != IGNORE_INDEX).nonzero()[0])
-        decide = presence_decision_position(ids, start, len(ids), shape_ids)
-        prefixes.append(ids[start:decide + 1].tolist())
-        deciding.append(int(ids[decide + 1]))
-    if prefixes[0] != prefixes[1] or deciding[0] == deciding[1]:
-        raise ValueError(f"the {answers} answers for {name!r} do not share a prefix up to one deciding token")
-    return prefixes[0], deciding[0], deciding[1]
-
-
 def spliced_index(input_ids_row: torch.Tensor, num_image_tokens: int) -> tuple[int, callable]:
     """(image start in the spliced sequence, map text index -> spliced index) for one sample whose
     single image placeholder expands into `num_image_tokens` embeddings."""
