@@ -248,22 +248,3 @@ def test_bad_task_weights_are_refused_in_one_line(tmp_path, capsys, item, messag
         synthetic.main(["--out", str(tmp_path), "--n", "5", "--task-weight", item])
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
-
-
-def test_name_first_yes_no_answers_restate_the_name_and_read_as_pope_answers(tmp_path):
-    from ferret.eval.metrics import parse_yes_no
-
-    synthetic.main(["--out", str(tmp_path), "--n", "200", "--seed", "4", "--workers", "1",
-                    "--yes-no-answers", "name_first"])
-    samples = _load(tmp_path, "train.json")
-    asked = [(s["subtask"], s["conversations"][0]["value"], s["conversations"][1]["value"])
-             for s in samples if s["task"] == "negative"]
-    assert {sub for sub, _, _ in asked} == {"present", "absent"}
-    for subtask, question, answer in asked:
-        name = question.split("Is there a ", 1)[1].split(" in the image?")[0]
-        if subtask == "present":
-            assert answer == f"The {name} <bbox_location0>." and parse_yes_no(answer) == "yes"
-        else:
-            assert answer == f"The {name} is not in the image." and parse_yes_no(answer) == "no"
-    with pytest.raises(ValueError, match="yes_no_answers"):
-        SyntheticConfig(yes_no_answers="maybe")

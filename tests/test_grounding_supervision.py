@@ -402,42 +402,6 @@ def test_name_head_is_supervised_onto_the_asked_colour_and_shape_words():
         grounding_supervision(model, tokenizer, cfg)
 
 
-@pytest.mark.parametrize("answer", ["The red ring is not in the image.", "No."])
-def test_presence_query_sits_where_the_answer_decides(answer):
-    # Name-first yes/no answers (ferret.data.synthetic, --yes-no-answers name_first) decide at the
-    # token after the restated name; "Yes"/"No" answers at their first token.
-    from transformers import AutoTokenizer
-
-    from ferret.conversation import tokenize_conversation
-    from ferret.training.config import TrainConfig
-    from ferret.training.synthetic_world import grounding_supervision
-
-    tokenizer = AutoTokenizer.from_pretrained("ferret/assets/model")
-    model = conv_model(tokenizer, hidden_size=64, num_attention_heads=4, num_key_value_heads=4)
-    messages = [("USER", "<image>\nIs there a red ring in the image?"), ("ASSISTANT", answer)]
-    ids, labels = tokenize_conversation(messages, tokenizer)
-    ids, labels = torch.as_tensor(ids).reshape(1, -1), torch.as_tensor(labels).reshape(1, -1)
-    presence = torch.zeros(1, 17, dtype=torch.bool)
-    presence[0, 0] = True  # absent: the BOS sink
-    batch = {"input_ids": ids, "labels": labels, "answer_cells": [torch.zeros(0, 16, dtype=torch.bool)],
-             "presence_cells": [presence]}
-    cfg = TrainConfig()
-    cfg.train.attention_supervision_weight = 1.0
-    cfg.train.attention_supervision_layer = 1
-    cfg.train.name_supervision_layer, cfg.train.name_supervision_head = 0, 3
-    box_head, name_head = grounding_supervision(model, tokenizer, cfg)[0]
-    (position, head, target, words, _), = box_head._queries(batch, 0)
-    assert target.equal(presence[0]) and head == cfg.train.attention_supervision_head and words == ()
-    start = int((labels[0] != IGNORE_INDEX).nonzero()[0])
-    decided = tokenizer.convert_ids_to_tokens(ids[0, position + 1:position + 2].tolist())[0]
-    if answer.startswith("The"):
-        assert position == start + 2 and tokenizer.convert_ids_to_tokens(int(ids[0, position])) == "\u2581ring"
-        assert decided == "\u2581is"  # "[" when the object is there
-    else:
-        assert position == start - 1 and decided == "\u2581No"
-    assert {p for p, *_ in name_head._queries(batch, 0)} == {position}  # the name head asks from there too
-
-
 def test_coordinate_heads_split_the_box_numbers_over_four_heads(number_tokenizer):
     model = conv_model(number_tokenizer, hidden_size=64, num_attention_heads=4, num_key_value_heads=4)
     supervision = AttentionSupervision(model, number_tokenizer, layer=1, head=0, coordinate_heads=True)

@@ -109,18 +109,6 @@ class SyntheticConfig:
     # noise triples PNG size and encode time. Backgrounds are textured/noisy regardless.
     pixel_noise: float = 0.0
     task_weights: dict[str, float] = field(default_factory=lambda: dict(TASK_WEIGHTS))
-    # How "Is there a X in the image?" is answered. "yes_no": "Yes, the X [box]." / "No." (the
-    # answer's first token decides). "name_first": "The X [box]." / "The X is not in the image."
-    # (the token after the restated name decides, where the name is as close as in a grounding
-    # answer); both read as yes / no by POPE's rule.
-    yes_no_answers: str = "yes_no"
-
-    def __post_init__(self):
-        if self.yes_no_answers not in YES_NO_ANSWER_STYLES:
-            raise ValueError(f"yes_no_answers must be one of {YES_NO_ANSWER_STYLES}, got {self.yes_no_answers!r}")
-
-
-YES_NO_ANSWER_STYLES = ("yes_no", "name_first")
 
 
 @dataclass
@@ -339,7 +327,6 @@ class _SampleBuilder:
 
     def __init__(self, scene: Scene, rng: np.random.Generator, config: SyntheticConfig):
         self.scene, self.rng, self.config = scene, rng, config
-        self.name_first = config.yes_no_answers == "name_first"
         self._rle_cache: dict[int, dict] = {}
 
     def rle(self, obj_index: int) -> dict:
@@ -486,8 +473,8 @@ class _SampleBuilder:
         if self.rng.random() < 0.5:
             i = self._pick()
             name = objs[i].name
-            answer = f"The {name} <bbox_location0>." if self.name_first else f"Yes, the {name} <bbox_location0>."
-            return self.sample("negative", "present", POPE_QUESTION.format(name=name), answer, [], [i])
+            return self.sample("negative", "present", POPE_QUESTION.format(name=name),
+                               f"Yes, the {name} <bbox_location0>.", [], [i])
         present = {(o.color, o.shape) for o in objs}
         anchor = objs[self._pick()]
         # Hard negatives half the time: share the colour or the shape of a present object.
@@ -497,8 +484,7 @@ class _SampleBuilder:
             options = [(c, s) for c in COLORS for s in SHAPES]
         options = [o for o in options if o not in present]
         color, shape = options[int(self.rng.integers(len(options)))]
-        answer = f"The {color} {shape} is not in the image." if self.name_first else "No."
-        return self.sample("negative", "absent", POPE_QUESTION.format(name=f"{color} {shape}"), answer, [], [])
+        return self.sample("negative", "absent", POPE_QUESTION.format(name=f"{color} {shape}"), "No.", [], [])
 
 
 def build_samples(scene: Scene, seed: int, count: int, config: SyntheticConfig = SyntheticConfig()) -> list[dict]:
@@ -683,9 +669,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--task-weight", action="append", default=[], metavar="FAMILY=WEIGHT",
                         help="change one question family's weight (repeatable), e.g. negative=0.30; "
                              f"families and defaults: {TASK_WEIGHTS}")
-    parser.add_argument("--yes-no-answers", choices=YES_NO_ANSWER_STYLES, default=SyntheticConfig.yes_no_answers,
-                        help='answers to "Is there a X?": yes_no ("Yes, the X [box]." / "No.") or name_first '
-                             '("The X [box]." / "The X is not in the image.")')
     args = parser.parse_args(argv)
     if args.turns_per_sample < 1:
         parser.error(f"--turns-per-sample must be >= 1, got {args.turns_per_sample}")
@@ -701,7 +684,7 @@ def main(argv: list[str] | None = None) -> None:
     config = SyntheticConfig(samples_per_scene=args.samples_per_scene, min_side=args.min_side,
                              max_side=args.max_side, turns_per_sample=args.turns_per_sample,
                              min_objects=args.min_objects, max_objects=args.max_objects,
-                             task_weights=task_weights, yes_no_answers=args.yes_no_answers)
+                             task_weights=task_weights)
     try:
         summary = generate(args.out, args.n, args.seed, config, args.workers)
     except ValueError as exc:  # a world these settings cannot draw: one line, no traceback

@@ -103,17 +103,6 @@ def asked_name_positions(input_ids: torch.Tensor, answer_start: int, name_ids: s
     return tuple(found[-2:])
 
 
-def presence_decision_position(input_ids: torch.Tensor, start: int, end: int, shape_ids: set[int]) -> int:
-    """Text position whose next token says whether the asked object is there, for the answer run
-    [start, end): the restated name's shape word when the answer opens with the name ("The purple
-    star is not in the image." / "The purple star [...]"), else the position before the answer
-    (whose first token is "Yes" / "No")."""
-    for j in range(start, min(start + 3, end)):
-        if int(input_ids[j]) in shape_ids:
-            return j
-    return start - 1
-
-
 def spliced_index(input_ids_row: torch.Tensor, num_image_tokens: int) -> tuple[int, callable]:
     """(image start in the spliced sequence, map text index -> spliced index) for one sample whose
     single image placeholder expands into `num_image_tokens` embeddings."""
@@ -161,17 +150,11 @@ class AttentionSupervision:
         # shape word alone, as full_coordpe_v2n's did) or each word on its own (one query per word,
         # so the head splits its attention and carries the colour too).
         self.name_each_word = name_each_word
-        from ferret.training.dense_supervision import DenseVocabulary, NameDirections
-
         self.name_ids: set[int] = set()
-        try:
-            colors, shapes = NameDirections.token_ids(tokenizer, DenseVocabulary.synthetic())
-        except ValueError:  # names in pieces: no synthetic-world answers to find the decision in
-            if name:
-                raise
-            colors, shapes = [], []
-        self.shape_ids = set(shapes)  # to find where a yes/no answer decides
         if name:  # from the yes/no position onto the asked name's words
+            from ferret.training.dense_supervision import DenseVocabulary, NameDirections
+
+            colors, shapes = NameDirections.token_ids(tokenizer, DenseVocabulary.synthetic())
             self.name_ids = set(colors) | set(shapes)
         if coordinate_heads:
             if heads < BOX_COORDINATES:
@@ -228,19 +211,18 @@ class AttentionSupervision:
                 out += [(j, c, target if c == k else bos, (), 1.0) for c in range(BOX_COORDINATES)]
         presence = batch.get("presence_cells") if (self.presence or self.name_ids) else None
         if presence is not None and len(presence[row]):
-            for (start, end), target in zip(answer_runs(labels), presence[row]):
+            for (start, _), target in zip(answer_runs(labels), presence[row]):
                 if not bool(target.any()) or start == 0:
                     continue
-                decide = presence_decision_position(ids, start, end, self.shape_ids)
-                if self.presence:  # from the position that writes the deciding token
+                if self.presence:  # from the position that writes "Yes" / "No"
                     if self.absent_target == "self" and not bool(target[1:].any()):
-                        out.append((decide, self.head, torch.zeros_like(target), (decide,), self.presence_weight))
+                        out.append((start - 1, self.head, torch.zeros_like(target), (start - 1,), self.presence_weight))
                     else:
-                        out.append((decide, self.head, target, (), self.presence_weight))
+                        out.append((start - 1, self.head, target, (), self.presence_weight))
                 if self.name_ids:
                     words = asked_name_positions(ids, start, self.name_ids)
                     groups = [(j,) for j in words] if self.name_each_word else [words]
-                    out += [(decide, self.head, torch.zeros_like(target), group, 1.0) for group in groups if group]
+                    out += [(start - 1, self.head, torch.zeros_like(target), group, 1.0) for group in groups if group]
         return out
 
     def loss(self, batch: dict) -> torch.Tensor:
