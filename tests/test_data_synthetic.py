@@ -234,10 +234,10 @@ def test_task_weight_flag_shifts_the_question_mix(tmp_path):
     base, more = tmp_path / "base", tmp_path / "more"
     common = ["--n", "400", "--seed", "3", "--workers", "1"]
     synthetic.main(["--out", str(base)] + common)
-    synthetic.main(["--out", str(more)] + common + ["--task-weight", "negative=0.6"])
+    synthetic.main(["--out", str(more)] + common + ["--task-weight", "negative=0.9"])
     counts = _load(base, "meta.json")["task_counts"], _load(more, "meta.json")["task_counts"]
     assert counts[1]["negative"] > 1.5 * counts[0]["negative"]
-    assert _load(more, "meta.json")["config"]["task_weights"]["negative"] == 0.6
+    assert _load(more, "meta.json")["config"]["task_weights"]["negative"] == 0.9
     assert _load(base, "scenes_val.json") == _load(more, "scenes_val.json")
 
 
