@@ -101,13 +101,14 @@ def test_try_runs_fast_and_answers_with_the_default_model():
     assert "assets/model" in proc.stdout and "RANDOM" not in proc.stdout, proc.stdout  # the embedded model
     assert "[125, 200, 375, 533] <region_fea>" in proc.stdout  # the region went into the prompt
     # Both questions answered in the trained formats: an object name, then an object name and its
-    # box, reported in pixels (which name, and the accuracy, are MODEL_CARD.md's and
-    # tests/test_embedded_model.py's business: the shipped model often swaps the asked shape).
+    # box, reported in pixels; the embedded model grounds the blue square (issue 13; its accuracy
+    # over many scenes is MODEL_CARD.md's and tests/test_embedded_model.py's business).
     name = r"(red|green|blue|yellow|purple|orange|pink|cyan) (circle|square|triangle|star|cross|ring)"
     assert re.search(r"Answer: An? " + name + r"\.", proc.stdout), proc.stdout
     assert re.search(r"Answer: The " + name + r" \[\d+, \d+, \d+, \d+\]", proc.stdout), proc.stdout
     assert re.search(r"The " + name + r": \[", proc.stdout), proc.stdout
-    assert re.search(r"Grounding: IoU \d\.\d\d with the true box \((grounded|missed)", proc.stdout), proc.stdout
+    grounding = re.search(r"Grounding: IoU (\d\.\d\d) with the true box \((grounded|missed)", proc.stdout)
+    assert grounding and float(grounding.group(1)) >= 0.5 and grounding.group(2) == "grounded", proc.stdout
     assert "Traceback" not in proc.stderr
     assert elapsed < 60, f"demo took {elapsed:.1f} s"
 

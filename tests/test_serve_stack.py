@@ -37,6 +37,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 RED_CIRCLE = (50, 60, 150, 160)  # shapes.png, from examples.json
+BLUE_SQUARE = (230, 50, 330, 150)
 RESULTS: dict = {}
 
 
@@ -275,6 +276,22 @@ def test_browser_draw_a_box_and_ask(stack):
             assert "region0" not in page.locator("#ferret-chatbot").inner_text()
             assert page.locator("#ferret-regions-text").inner_text().strip() == "No region marked."
 
+            # A grounding question: the answer's box is drawn on the image (checked against the
+            # blue square by test_browser_draws_the_answer_box_on_the_object).
+            page.locator("table tbody tr").first.click()
+            question.fill("What is the location of the blue square in the image?")
+            page.click("#ferret-send")
+            page.wait_for_function(
+                "document.querySelector('#ferret-output img') !== null"
+                " || document.querySelector('.toast-body.error') !== null", timeout=120_000)
+            assert page.locator(".toast-body.error").count() == 0, page.locator(".toast-body.error").first.inner_text()
+            src = page.locator("#ferret-output img").get_attribute("src")
+            data = page.request.get(src if src.startswith("http") else stack["web_url"] + src).body()
+            RESULTS["browser_ground_answer"] = page.locator("#ferret-chatbot").inner_text()
+            RESULTS["browser_ground_box"] = _drawn_box(Image.open(io.BytesIO(data)), Image.open(EXAMPLES / "shapes.png"))
+            page.click("#ferret-clear")
+            page.wait_for_function("document.querySelector('#ferret-output img') === null", timeout=30_000)
+
             # A refusal is an error, not an answer: two placeholders for no region.
             page.locator("table tbody tr").first.click()
             question.fill("Compare <region> with <region>?")
@@ -285,6 +302,40 @@ def test_browser_draw_a_box_and_ask(stack):
             assert "Compare" not in page.locator("#ferret-chatbot").inner_text()  # no answer bubble for it
         finally:
             browser.close()
+
+
+def _drawn_box(output: Image.Image, original: Image.Image) -> list[int] | None:
+    """Bounding box of what the page drew in the first answer colour (PALETTE[0]: the outline and
+    its label) on top of the original image; None when nothing was drawn."""
+    drawn, before = (np.asarray(im.convert("RGB")).astype(int) for im in (output, original))
+    if drawn.shape != before.shape:
+        return None
+    mask = (np.abs(drawn - np.array(PALETTE[0])).sum(-1) < 40) & (np.abs(drawn - before).sum(-1) > 40)
+    if mask.sum() < 20:
+        return None
+    ys, xs = mask.nonzero()
+    return [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
+
+
+def test_drawn_box_is_read_back_from_the_page_image():
+    # The helper the browser grounding check rests on: a box drawn like the page draws it is found.
+    from ferret.serve.drawing import draw_grounding
+    from ferret.regions import GroundedRegion
+
+    original = Image.open(EXAMPLES / "shapes.png")
+    answer = GroundedRegion(phrase="the blue square", box=BLUE_SQUARE, point=None, grid=(), span=(0, 0))
+    output = draw_grounding(original, [answer])
+    assert _iou(_drawn_box(output, original), BLUE_SQUARE) > 0.75  # the label above the box counts too
+    assert _drawn_box(original, original) is None
+
+
+def test_browser_draws_the_answer_box_on_the_object(stack):
+    if stack["embedded"] is None:
+        pytest.skip("no embedded trained model ships yet: the tiny random model cannot ground")
+    if "browser_ground_box" not in RESULTS:
+        pytest.skip("the browser test did not run")
+    box = RESULTS["browser_ground_box"]
+    assert box is not None and _iou(box, BLUE_SQUARE) >= 0.5, (box, RESULTS["browser_ground_answer"])
 
 
 def test_browser_answer_names_the_object(stack):
