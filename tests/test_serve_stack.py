@@ -255,9 +255,7 @@ def test_browser_draw_a_box_and_ask(stack):
             assert "region0 [" in chat and "⚠" not in chat, f"chat: {chat!r}"
             answer = chat.split("?", 1)[1].strip()
 
-            src = page.locator("#ferret-output img").get_attribute("src")
-            data = page.request.get(src if src.startswith("http") else stack["web_url"] + src).body()
-            output = Image.open(io.BytesIO(data)).convert("RGB")
+            output = _output_image(page, stack).convert("RGB")
             assert output.size == (400, 300)
             pixels = np.asarray(output).astype(int)
             drawn = (np.abs(pixels - np.array(PALETTE[0])).sum(-1) < 40).sum()
@@ -285,10 +283,8 @@ def test_browser_draw_a_box_and_ask(stack):
                 "document.querySelector('#ferret-output img') !== null"
                 " || document.querySelector('.toast-body.error') !== null", timeout=120_000)
             assert page.locator(".toast-body.error").count() == 0, page.locator(".toast-body.error").first.inner_text()
-            src = page.locator("#ferret-output img").get_attribute("src")
-            data = page.request.get(src if src.startswith("http") else stack["web_url"] + src).body()
             RESULTS["browser_ground_answer"] = page.locator("#ferret-chatbot").inner_text()
-            RESULTS["browser_ground_box"] = _drawn_box(Image.open(io.BytesIO(data)), Image.open(EXAMPLES / "shapes.png"))
+            RESULTS["browser_ground_box"] = _drawn_box(_output_image(page, stack), Image.open(EXAMPLES / "shapes.png"))
             page.click("#ferret-clear")
             page.wait_for_function("document.querySelector('#ferret-output img') === null", timeout=30_000)
 
@@ -302,6 +298,12 @@ def test_browser_draw_a_box_and_ask(stack):
             assert "Compare" not in page.locator("#ferret-chatbot").inner_text()  # no answer bubble for it
         finally:
             browser.close()
+
+
+def _output_image(page, stack) -> Image.Image:
+    """The answer picture the page shows (#ferret-output), fetched as the browser fetched it."""
+    src = page.locator("#ferret-output img").get_attribute("src")
+    return Image.open(io.BytesIO(page.request.get(src if src.startswith("http") else stack["web_url"] + src).body()))
 
 
 def _drawn_box(output: Image.Image, original: Image.Image) -> list[int] | None:
