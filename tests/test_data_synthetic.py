@@ -248,3 +248,19 @@ def test_bad_task_weights_are_refused_in_one_line(tmp_path, capsys, item, messag
         synthetic.main(["--out", str(tmp_path), "--n", "5", "--task-weight", item])
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_bigger_world_keeps_the_smaller_worlds_held_out_splits(tmp_path):
+    # More training scenes without moving val/test: later scenes all go to train.
+    small, big = tmp_path / "small", tmp_path / "big"
+    common = ["--seed", "3", "--workers", "1", "--samples-per-scene", "2"]
+    synthetic.main(["--out", str(small), "--n", "80"] + common)
+    synthetic.main(["--out", str(big), "--n", "160", "--split-scenes", "40"] + common)
+    for split in ("val", "test"):
+        assert _load(small, f"{split}.json") == _load(big, f"{split}.json"), split
+        assert _load(small, f"scenes_{split}.json") == _load(big, f"scenes_{split}.json"), split
+    train_small = {x["scene_id"] for x in _load(small, "train.json")}
+    train_big = {x["scene_id"] for x in _load(big, "train.json")}
+    assert train_small < train_big and train_big - train_small == set(range(40, 80))
+    with pytest.raises(SystemExit):
+        synthetic.main(["--out", str(tmp_path / "bad"), "--n", "5", "--split-scenes", "-1"])

@@ -96,6 +96,10 @@ class SyntheticConfig:
     samples_per_scene: int = 5
     val_fraction: float = 0.05
     test_fraction: float = 0.05
+    # Val and test are drawn from scenes 0..split_scenes-1 exactly as a world of that many scenes
+    # draws them; every later scene is train. So a larger world (more training scenes) keeps a
+    # smaller one's held-out splits scene for scene. 0: split all scenes.
+    split_scenes: int = 0
     free_form_prob: float = 0.3
     min_visible_fraction: float = 0.5
     # Share of non-free-form samples whose referred (human-turn) regions carry no segment mask,
@@ -564,9 +568,10 @@ def scene_record(scene: Scene) -> dict:
 
 def split_of_scenes(num_scenes: int, seed: int, config: SyntheticConfig) -> list[str]:
     """Split label per scene id: samples of one scene never cross splits."""
-    order = np.random.default_rng([seed, 0]).permutation(num_scenes)
-    n_test = max(1, round(num_scenes * config.test_fraction)) if num_scenes >= 3 else 0
-    n_val = max(1, round(num_scenes * config.val_fraction)) if num_scenes >= 3 else 0
+    split = min(config.split_scenes, num_scenes) if config.split_scenes > 0 else num_scenes
+    order = np.random.default_rng([seed, 0]).permutation(split)
+    n_test = max(1, round(split * config.test_fraction)) if split >= 3 else 0
+    n_val = max(1, round(split * config.val_fraction)) if split >= 3 else 0
     labels = ["train"] * num_scenes
     for rank, scene_id in enumerate(order.tolist()):
         if rank < n_test:
@@ -672,6 +677,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--task-weight", action="append", default=[], metavar="FAMILY=WEIGHT",
                         help="change one question family's weight (repeatable), e.g. negative=0.30; "
                              f"families and defaults: {TASK_WEIGHTS}")
+    parser.add_argument("--split-scenes", type=int, default=0, metavar="N",
+                        help="draw val/test from the first N scenes only, as a world of N scenes does; "
+                             "later scenes are all train (a bigger world with the same held-out splits)")
     args = parser.parse_args(argv)
     if args.turns_per_sample < 1:
         parser.error(f"--turns-per-sample must be >= 1, got {args.turns_per_sample}")
@@ -680,6 +688,8 @@ def main(argv: list[str] | None = None) -> None:
     if not 1 <= args.min_objects <= args.max_objects <= len(COLORS) * len(SHAPES):
         parser.error(f"need 1 <= --min-objects <= --max-objects <= {len(COLORS) * len(SHAPES)}, "
                      f"got {args.min_objects}, {args.max_objects}")
+    if args.split_scenes < 0:
+        parser.error(f"--split-scenes must be >= 0, got {args.split_scenes}")
     try:
         task_weights = parse_task_weights(args.task_weight)
     except ValueError as exc:
@@ -687,7 +697,7 @@ def main(argv: list[str] | None = None) -> None:
     config = SyntheticConfig(samples_per_scene=args.samples_per_scene, min_side=args.min_side,
                              max_side=args.max_side, turns_per_sample=args.turns_per_sample,
                              min_objects=args.min_objects, max_objects=args.max_objects,
-                             task_weights=task_weights)
+                             task_weights=task_weights, split_scenes=args.split_scenes)
     try:
         summary = generate(args.out, args.n, args.seed, config, args.workers)
     except ValueError as exc:  # a world these settings cannot draw: one line, no traceback
