@@ -483,7 +483,9 @@ def _example_rows() -> list[list[str]]:
     for entry in json.loads(table.read_text()):
         path = EXAMPLES_DIR / entry["file"]
         if path.is_file():
-            rows.append([str(path), f"What is the object in {REGION_PLACEHOLDER}?"])
+            # The synthetic world's referring wording: the embedded model answers "Red." to the
+            # untrained "What is the object in <region>?" and "A red circle." to this one.
+            rows.append([str(path), f"What is the object {REGION_PLACEHOLDER}?"])
     return rows
 
 

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The validation numbers every full run gets in bench/probes/results/ (issue 13): grounding on 60
+# val scenes and on the out-of-generator set, naming and yes/no as direct checks on 60 val scenes,
+# the yes/no readout and the presence heads, and the run's per-10-step metrics. Two chains side
+# by side, one core each: ~4 min on the 2-core VM. Never the test split.
+#   bash bench/probes/val_probes.sh RUN          # reads checkpoints/RUN/hf and checkpoints/RUN/metrics.jsonl
+set -euo pipefail
+run=$1
+model=checkpoints/$run/hf
+res=bench/probes/results
+export HF_HUB_OFFLINE=1 PYTHONSAFEPATH=1 OMP_NUM_THREADS=1
+[ -d "$model" ] || { echo "val_probes: $model does not exist (has the run exported?)" >&2; exit 1; }
+mkdir -p "$res/yes_no" "runs/val_$run"
+cp "checkpoints/$run/metrics.jsonl" "$res/${run}_metrics.jsonl"
+grounding() {
+    python bench/probes/grounding_probe.py --model-path "$model" --scenes 60 --out "$res/${run}_grounding_val.json"
+    python bench/probes/grounding_probe.py --model-path "$model" --split ood --data data/ood --scenes 60 \
+        --out "$res/${run}_grounding_ood.json"
+    python bench/probes/presence_probe.py --model-path "$model" --layer 2 --scenes 20 --out "$res/yes_no/presence_$run.json"
+}
+direct() {
+    python -m ferret.eval.synthetic_direct --data data/synth --split val --max-scenes 60 --model-path "$model" \
+        --out "runs/val_$run"
+    cp "runs/val_$run/direct_checks.json" "$res/${run}_direct_val.json"
+    python bench/probes/yes_no_readout.py --model-path "$model" --out "$res/yes_no/readout_$run.json"
+}
+grounding > "runs/val_$run/grounding.log" 2>&1 & g=$!
+direct > "runs/val_$run/direct.log" 2>&1 & d=$!
+status=0
+wait "$g" || { status=1; tail -5 "runs/val_$run/grounding.log" >&2; }
+wait "$d" || { status=1; tail -5 "runs/val_$run/direct.log" >&2; }
+exit "$status"
