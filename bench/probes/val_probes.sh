@@ -2,7 +2,7 @@
 # The validation numbers every full run gets in bench/probes/results/ (issue 13): grounding on 60
 # val scenes and on the out-of-generator set, naming and yes/no as direct checks on 60 val scenes,
 # the yes/no readout and the presence heads, and the run's per-10-step metrics. Two chains side
-# by side, one core each: ~4 min on the 2-core VM. Never the test split.
+# by side, one core each: ~70 s on the 2-core VM. Never the test split.
 #   bash bench/probes/val_probes.sh RUN          # reads checkpoints/RUN/hf and checkpoints/RUN/metrics.jsonl
 set -euo pipefail
 run=$1
