@@ -4,25 +4,29 @@
 # the yes/no readout and the presence heads, and the run's per-10-step metrics. Two chains side
 # by side, one core each: ~70 s on the 2-core VM. Never the test split.
 #   bash bench/probes/val_probes.sh RUN          # reads checkpoints/RUN/hf and checkpoints/RUN/metrics.jsonl
+#   bash bench/probes/val_probes.sh RUN WORLD    # val of another world (e.g. data/synth20, the +-20 deg
+#                                                # world); results are named RUN_on_<world folder>
 set -euo pipefail
+model=checkpoints/$1/hf
+data=${2:-data/synth}
 run=$1
-model=checkpoints/$run/hf
+[ "$data" = data/synth ] || run=${1}_on_$(basename "$data")
 res=bench/probes/results
 export HF_HUB_OFFLINE=1 PYTHONSAFEPATH=1 OMP_NUM_THREADS=1
 [ -d "$model" ] || { echo "val_probes: $model does not exist (has the run exported?)" >&2; exit 1; }
 mkdir -p "$res/yes_no" "runs/val_$run"
-cp "checkpoints/$run/metrics.jsonl" "$res/${run}_metrics.jsonl"
+[ "$data" != data/synth ] || cp "checkpoints/$1/metrics.jsonl" "$res/${run}_metrics.jsonl"
 grounding() {
-    python bench/probes/grounding_probe.py --model-path "$model" --scenes 60 --out "$res/${run}_grounding_val.json"
+    python bench/probes/grounding_probe.py --model-path "$model" --data "$data" --scenes 60 --out "$res/${run}_grounding_val.json"
     python bench/probes/grounding_probe.py --model-path "$model" --split ood --data data/ood --scenes 60 \
         --out "$res/${run}_grounding_ood.json"
-    python bench/probes/presence_probe.py --model-path "$model" --layer 2 --scenes 20 --out "$res/yes_no/presence_$run.json"
+    python bench/probes/presence_probe.py --model-path "$model" --data "$data" --layer 2 --scenes 20 --out "$res/yes_no/presence_$run.json"
 }
 direct() {
-    python -m ferret.eval.synthetic_direct --data data/synth --split val --max-scenes 60 --model-path "$model" \
+    python -m ferret.eval.synthetic_direct --data "$data" --split val --max-scenes 60 --model-path "$model" \
         --out "runs/val_$run"
     cp "runs/val_$run/direct_checks.json" "$res/${run}_direct_val.json"
-    python bench/probes/yes_no_readout.py --model-path "$model" --out "$res/yes_no/readout_$run.json"
+    python bench/probes/yes_no_readout.py --model-path "$model" --data "$data" --out "$res/yes_no/readout_$run.json"
 }
 grounding > "runs/val_$run/grounding.log" 2>&1 & g=$!
 direct > "runs/val_$run/direct.log" 2>&1 & d=$!

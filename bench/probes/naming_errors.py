@@ -1,0 +1,89 @@
+"""Where a model's naming goes wrong: error rates by object size and shape, and the shape swaps.
+
+Reads `synthetic_direct`'s `direct_checks.json` (it lists every wrong answer) and the scene records
+of the same split, so it runs in a second on any finished evaluation (issue 13):
+
+    python bench/probes/naming_errors.py --checks runs/eval/test/direct_checks.json \
+        --scenes data/synth/scenes_test.json --out bench/probes/results/naming_errors/RUN_test.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+from pathlib import Path
+
+from ferret.data.synthetic import COLORS, SHAPES
+
+NAMING_CHECKS = ("refer_box", "refer_point", "refer_free_form")
+
+
+def words_in(answer: str, vocabulary) -> list[str]:
+    """The vocabulary words an answer says, in vocabulary order ("A red star." -> ["star"])."""
+    tokens = {t.strip(".,!?").lower() for t in answer.split()}
+    return [w for w in vocabulary if w in tokens]
+
+
+def breakdown(checks: dict, scenes: list[dict]) -> dict:
+    """Per naming check: error rate by size and by shape, what went wrong, the commonest shape swaps."""
+    objects = {(Path(s["image"]).name, o["name"]): o for s in scenes for o in s["objects"]}
+    totals = Counter()
+    for obj in objects.values():
+        totals[("size", obj["size"])] += 1
+        totals[("shape", obj["shape"])] += 1
+    result = {}
+    for check in NAMING_CHECKS:
+        wrong = [w for w in checks["wrong"] if w["check"] == check]
+        missing = [w for w in wrong if (w["image"], w["expected"]) not in objects]
+        if missing:
+            raise ValueError(f"{check}: {len(missing)} wrong answers name objects the scene records lack "
+                             f"(first: {missing[0]['image']} {missing[0]['expected']!r}); wrong --scenes?")
+        by = Counter()
+        kinds = Counter()
+        swaps = Counter()
+        for w in wrong:
+            obj = objects[(w["image"], w["expected"])]
+            by[("size", obj["size"])] += 1
+            by[("shape", obj["shape"])] += 1
+            said_colours, said_shapes = words_in(w["answer"], COLORS), words_in(w["answer"], SHAPES)
+            colour_right, shape_right = obj["color"] in said_colours, obj["shape"] in said_shapes
+            kinds["shape wrong, colour right" if colour_right and not shape_right else
+                  "colour wrong, shape right" if shape_right and not colour_right else
+                  "both wrong" if not colour_right and not shape_right else "both said, other words too"] += 1
+            if not shape_right and said_shapes:
+                swaps[f"{obj['shape']} -> {said_shapes[0]}"] += 1
+        result[check] = {
+            "accuracy": checks["accuracy"][check],
+            "wrong": len(wrong),
+            "error_rate": {f"{axis} {value}": round(by[(axis, value)] / totals[(axis, value)], 4)
+                           for axis, value in sorted(totals)},
+            "objects": {f"{axis} {value}": totals[(axis, value)] for axis, value in sorted(totals)},
+            "kinds": dict(kinds.most_common()),
+            "shape_swaps": dict(swaps.most_common(10)),
+        }
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checks", required=True, help="direct_checks.json of synthetic_direct")
+    parser.add_argument("--scenes", required=True, help="scenes_<split>.json of the same split")
+    parser.add_argument("--out", help="write the breakdown here as JSON")
+    args = parser.parse_args(argv)
+    checks = json.loads(Path(args.checks).read_text())
+    scenes = json.loads(Path(args.scenes).read_text())
+    try:
+        result = {"checks": args.checks, "scenes": args.scenes, **breakdown(checks, scenes)}
+    except ValueError as exc:
+        parser.error(str(exc))
+    text = json.dumps(result, indent=2)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    print(text)
+    return result
+
+
+if __name__ == "__main__":
+    main()
