@@ -264,3 +264,36 @@ def test_bigger_world_keeps_the_smaller_worlds_held_out_splits(tmp_path):
     assert train_small < train_big and train_big - train_small == set(range(40, 80))
     with pytest.raises(SystemExit):
         synthetic.main(["--out", str(tmp_path / "bad"), "--n", "5", "--split-scenes", "-1"])
+
+
+def test_max_rotation_bounds_the_turn_of_every_shape(monkeypatch):
+    # --max-rotation 180 draws shapes at any angle; the default world keeps +-20. The angle
+    # reaches shape_mask unchanged, so watch it there.
+    angles = []
+    real = synthetic.shape_mask
+
+    def recording(shape, cx, cy, radius, angle, width, height):
+        angles.append(angle)
+        return real(shape, cx, cy, radius, angle, width, height)
+
+    monkeypatch.setattr(synthetic, "shape_mask", recording)
+    for limit in (20.0, 180.0):
+        angles.clear()
+        for scene_id in range(30):
+            render_scene(scene_id, seed=0, config=SyntheticConfig(max_rotation=limit))
+        assert max(abs(a) for a in angles) <= limit
+        assert max(angles) > 0.8 * limit and min(angles) < -0.8 * limit, limit
+    assert SyntheticConfig().max_rotation == 20.0
+
+
+def test_max_rotation_flag_draws_that_world_and_is_checked(tmp_path, capsys):
+    common = ["--seed", "3", "--workers", "1", "--n", "10"]
+    synthetic.main(["--out", str(tmp_path / "cli20"), "--max-rotation", "20"] + common)
+    generate(str(tmp_path / "api20"), n=10, seed=3, config=SyntheticConfig(), workers=1)
+    synthetic.main(["--out", str(tmp_path / "any"), "--max-rotation", "180"] + common)
+    image = "images/scene_000000.png"
+    assert filecmp.cmp(tmp_path / "cli20" / image, tmp_path / "api20" / image, shallow=False)
+    assert not filecmp.cmp(tmp_path / "cli20" / image, tmp_path / "any" / image, shallow=False)
+    with pytest.raises(SystemExit):
+        synthetic.main(["--out", str(tmp_path / "bad"), "--max-rotation", "200"] + common)
+    assert "--max-rotation must be in [0, 180] degrees" in capsys.readouterr().err

@@ -103,6 +103,10 @@ class SyntheticConfig:
     split_scenes: int = 0
     free_form_prob: float = 0.3
     min_visible_fraction: float = 0.5
+    # Shapes are turned by a uniform angle in [-max_rotation, max_rotation] degrees. A world with any
+    # angle (180) was tried in session 14 (run full_rot192, MODEL_CARD.md): it named the
+    # out-of-generator set's turned triangles better but that set's shapes overall no better.
+    max_rotation: float = 20.0
     # Share of non-free-form samples whose referred (human-turn) regions carry no segment mask,
     # so the region mask is the plain box (a point: its window within the box). Chat and the
     # benchmarks refer with plain boxes and points; training only on segment-cut masks would
@@ -278,7 +282,8 @@ def _try_render(rng: np.random.Generator, scene_id: int, config: SyntheticConfig
             radius = rng.uniform(low, high) * min(width, height)
             cx = rng.uniform(radius + 1, width - radius - 2)
             cy = rng.uniform(radius + 1, height - radius - 2)
-            full = shape_mask(shape, cx, cy, radius, rng.uniform(-20, 20), width, height)
+            full = shape_mask(shape, cx, cy, radius, rng.uniform(-config.max_rotation, config.max_rotation),
+                              width, height)
             if any(obj.color == color and _boxes_touch(_tight_box(f), _tight_box(full))
                    for obj, f in zip(objects, full_masks)):
                 continue  # same-coloured neighbours would merge into one blob
@@ -681,6 +686,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--split-scenes", type=int, default=0, metavar="N",
                         help="draw val/test from the first N scenes only, as a world of N scenes does; "
                              "later scenes are all train (a bigger world with the same held-out splits)")
+    parser.add_argument("--max-rotation", type=float, default=SyntheticConfig.max_rotation, metavar="DEG",
+                        help="shapes turn by up to this many degrees either way (180: any angle)")
     args = parser.parse_args(argv)
     if args.turns_per_sample < 1:
         parser.error(f"--turns-per-sample must be >= 1, got {args.turns_per_sample}")
@@ -691,6 +698,8 @@ def main(argv: list[str] | None = None) -> None:
                      f"got {args.min_objects}, {args.max_objects}")
     if args.split_scenes < 0:
         parser.error(f"--split-scenes must be >= 0, got {args.split_scenes}")
+    if not 0 <= args.max_rotation <= 180:
+        parser.error(f"--max-rotation must be in [0, 180] degrees, got {args.max_rotation}")
     try:
         task_weights = parse_task_weights(args.task_weight)
     except ValueError as exc:
@@ -698,7 +707,8 @@ def main(argv: list[str] | None = None) -> None:
     config = SyntheticConfig(samples_per_scene=args.samples_per_scene, min_side=args.min_side,
                              max_side=args.max_side, turns_per_sample=args.turns_per_sample,
                              min_objects=args.min_objects, max_objects=args.max_objects,
-                             task_weights=task_weights, split_scenes=args.split_scenes)
+                             task_weights=task_weights, split_scenes=args.split_scenes,
+                             max_rotation=args.max_rotation)
     try:
         summary = generate(args.out, args.n, args.seed, config, args.workers)
     except ValueError as exc:  # a world these settings cannot draw: one line, no traceback

@@ -30,8 +30,8 @@ it shares only the names (`COLORS`, `SHAPES`, `SIZE_CLASSES`) and the record for
     mask is the pixels its coverage wins with >= 0.5), fill colour the world's RGB +-15 per channel,
     some with a darker outline or a brightness ramp;
   * shapes with their own proportions (square half-side 0.78-0.88 r, star inner radius 0.38-0.50 r,
-    cross arm half-width 0.26-0.36 r, ring hole 0.45-0.62 r) and wider rotations (square and
-    cross +-35 deg, triangle +-40 deg, star any, the generator: +-20 deg);
+    cross arm half-width 0.26-0.36 r, ring hole 0.45-0.62 r) and rotations (square and cross
+    +-35 deg, triangle +-40 deg, star any; the generator: +-20 deg unless --max-rotation says more);
   * radius a continuous 0.065-0.27 of the shorter side (at least 0.028 of the longer side, so no
     object falls under ~7 px when the image is squashed to the model's square input), with none
     of the generator's gaps between size classes. The record's `size` is the nearest class:
