@@ -7,7 +7,9 @@ object and once for an absent name, and reads each attention head of `--layer` a
 that writes the answer's first word: its mass on the BOS token and on the image tokens, averaged
 per head. Training pushes the presence head (`train.attention_supervision_head` of that layer)
 onto the asked object when it is present and onto BOS when it is not, so a head that does its job
-shows a clearly higher BOS mass for absent names than for present ones. Validation only.
+shows a clearly higher BOS mass for absent names than for present ones; `absent_colour` asks for an
+absent name whose colour the scene has, where a head that matches on colour alone looks at the
+same-coloured object instead of BOS. Validation only.
 
 `layers` in the output repeats this for every layer and adds each head's mass on the question's
 colour and shape tokens: a head there must bring the asked name to the answer position, or the
@@ -45,11 +47,16 @@ def main(argv=None) -> dict:
     rng = random.Random(0)
     words = set(COLORS) | set(SHAPES)
     # per question: [layers, 5 (bos, image, name = its colour word + its shape word), heads]
-    masses = {"present": [], "absent": []}
+    # "absent_colour": an absent name whose colour a present object has (the yes/no answers' commonest
+    # mistake); drawn after the others so "present"/"absent" stay the questions of earlier results.
+    masses = {"present": [], "absent": [], "absent_colour": []}
     for scene in scenes:
         names = {o["name"] for o in scene["objects"]}
         absent = rng.choice([f"{c} {s}" for c in COLORS for s in SHAPES if f"{c} {s}" not in names])
-        for kind, name in (("present", scene["objects"][0]["name"]), ("absent", absent)):
+        colours = sorted({o["color"] for o in scene["objects"]})
+        absent_colour = rng.choice([f"{c} {s}" for c in colours for s in SHAPES if f"{c} {s}" not in names])
+        for kind, name in (("present", scene["objects"][0]["name"]), ("absent", absent),
+                           ("absent_colour", absent_colour)):
             request = chat._prepare(str(data / scene["image"]), f"Is there a {name} in the image?")
             inputs = chat._batch_inputs([request])
             inputs.pop("region_generator")
