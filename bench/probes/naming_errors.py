@@ -14,15 +14,9 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from ferret.data.synthetic import COLORS, SHAPES
+from ferret.eval.synthetic_direct import first_name
 
 NAMING_CHECKS = ("refer_box", "refer_point", "refer_free_form")
-
-
-def words_in(answer: str, vocabulary) -> list[str]:
-    """The vocabulary words an answer says, in vocabulary order ("A red star." -> ["star"])."""
-    tokens = {t.strip(".,!?").lower() for t in answer.split()}
-    return [w for w in vocabulary if w in tokens]
 
 
 def breakdown(checks: dict, scenes: list[dict]) -> dict:
@@ -46,13 +40,16 @@ def breakdown(checks: dict, scenes: list[dict]) -> dict:
             obj = objects[(w["image"], w["expected"])]
             by[("size", obj["size"])] += 1
             by[("shape", obj["shape"])] += 1
-            said_colours, said_shapes = words_in(w["answer"], COLORS), words_in(w["answer"], SHAPES)
-            colour_right, shape_right = obj["color"] in said_colours, obj["shape"] in said_shapes
-            kinds["shape wrong, colour right" if colour_right and not shape_right else
-                  "colour wrong, shape right" if shape_right and not colour_right else
-                  "both wrong" if not colour_right and not shape_right else "both said, other words too"] += 1
-            if not shape_right and said_shapes:
-                swaps[f"{obj['shape']} -> {said_shapes[0]}"] += 1
+            said = first_name(w["answer"])  # the name the grader read: wrong means said != expected
+            if said is None:
+                kinds["no colour-and-shape name"] += 1
+                continue
+            colour, shape = said.split(" ")
+            colour_right, shape_right = colour == obj["color"], shape == obj["shape"]
+            kinds["shape wrong, colour right" if colour_right else
+                  "colour wrong, shape right" if shape_right else "both wrong"] += 1
+            if not shape_right:
+                swaps[f"{obj['shape']} -> {shape}"] += 1
         result[check] = {
             "accuracy": checks["accuracy"][check],
             "wrong": len(wrong),
