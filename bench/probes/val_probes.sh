@@ -4,8 +4,8 @@
 # the yes/no readout and the presence heads, and the run's per-10-step metrics. Two chains side
 # by side, one core each: ~70 s on the 2-core VM. Never the test split.
 #   bash bench/probes/val_probes.sh RUN          # reads checkpoints/RUN/hf and checkpoints/RUN/metrics.jsonl
-#   bash bench/probes/val_probes.sh RUN WORLD    # val of another world (e.g. data/synth20, the +-20 deg
-#                                                # world); results are named RUN_on_<world folder>
+#   bash bench/probes/val_probes.sh RUN WORLD    # val of another world (e.g. data/synth_rot, drawn with
+#                                                # --max-rotation 180); results are named RUN_on_<world folder>
 set -euo pipefail
 model=checkpoints/$1/hf
 data=${2:-data/synth}
