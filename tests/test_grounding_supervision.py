@@ -10,7 +10,7 @@ from ferret.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from ferret.model.configuration_ferret import FerretConfigError
 from ferret.model.tiny import build_tiny_model
 from ferret.model.vision_tower import ConvVisionConfig, ConvVisionTower
-from ferret.data.synthetic_tokenizer import number_token_ids, train_bpe_tokenizer
+from ferret.data.synthetic_tokenizer import digit_token_ids, digit_twin, number_token_ids, train_bpe_tokenizer
 from ferret.training.grounding import (
     AttentionSupervision,
     answer_box_spans,
@@ -127,6 +127,22 @@ def test_every_number_is_one_token_and_text_round_trips(number_tokenizer, tiny_t
         assert number_tokenizer.decode(encoded) == text
     assert number_tokenizer.decode(number_tokenizer("size 1000x1000", add_special_tokens=False)["input_ids"]) == "size 1000x1000"
     assert number_token_ids(tiny_tokenizer) is None  # digits one by one
+
+
+def test_digit_twin_is_the_digit_tokenizer_of_the_same_texts(number_tokenizer):
+    # Requirement 2 of issue 13 compares digits with number tokens on one learned vocabulary.
+    from ferret.model.tiny import TINY_CORPUS
+
+    twin = digit_twin(number_tokenizer)
+    built = train_bpe_tokenizer(TINY_CORPUS * 4, vocab_size=400, number_tokens=False)
+    assert twin.backend_tokenizer.to_str() == built.backend_tokenizer.to_str()
+    assert len(twin) == len(number_tokenizer) - 990 and number_token_ids(twin) is None
+    text = "<image>\nWhat is <region_fea>? ASSISTANT: A blue square [230, 50, 330, 150].</s>"
+    encoded = twin(text)["input_ids"]
+    assert [twin.convert_ids_to_tokens(i) for i in encoded if i in digit_token_ids(twin)] == list("2305033015" "0")
+    assert twin.decode(encoded[1:]) == text
+    with pytest.raises(ValueError, match="one token per number"):
+        digit_twin(twin)
 
 
 def test_smooth_number_code_is_a_kernel_peaked_at_equal_values():
@@ -417,6 +433,38 @@ def test_coordinate_heads_split_the_box_numbers_over_four_heads(number_tokenizer
     with torch.no_grad():
         model(input_ids=batch["input_ids"], images=torch.randn(1, 3, 48, 48))
     assert torch.isfinite(supervision.loss(batch))
+
+
+def test_coordinate_heads_with_digits_supervise_every_digit_of_the_number(tiny_tokenizer):
+    # A digit tokenizer writes "400" in three steps: head c looks at the object from each of them.
+    model = conv_model(tiny_tokenizer, hidden_size=64, num_attention_heads=4, num_key_value_heads=4)
+    supervision = AttentionSupervision(model, tiny_tokenizer, layer=1, head=0, coordinate_heads=True)
+    batch = _batch(tiny_tokenizer, 16)
+    queries = supervision._queries(batch, 0)
+    ids = batch["input_ids"][0].tolist()
+    digits = digit_token_ids(tiny_tokenizer)
+    on_object = {c: "".join(str(digits.index(ids[j + 1])) for j, h, t, *_ in queries if h == c and t[1:].any())
+                 for c in range(4)}
+    assert on_object == {0: "12", 1: "30", 2: "400", 3: "999"}
+    assert len(queries) == 4 * (2 + 2 + 3 + 3)
+    assert all(bool(t[0]) != bool(t[1:].any()) for _, _, t, _, _ in queries)
+    with torch.no_grad():
+        model(input_ids=batch["input_ids"], images=torch.randn(1, 3, 48, 48))
+    assert torch.isfinite(supervision.loss(batch))
+    # The training config accepts it; the box code and the smooth rows still need number tokens.
+    from ferret.training.config import TrainConfig, TrainConfigError
+    from ferret.training.synthetic_world import grounding_supervision
+
+    cfg = TrainConfig()
+    cfg.train.attention_supervision_weight, cfg.train.attention_supervision_layer = 1.0, 1
+    cfg.train.attention_supervision_coordinate_heads = True
+    heads, numbers = grounding_supervision(model, tiny_tokenizer, cfg)
+    assert len(heads) == 1 and heads[0].coordinate_heads and numbers is None
+    for key in ("box_code_weight", "init_number_rows"):
+        setattr(cfg.train, key, 0.25 if key == "box_code_weight" else True)
+        with pytest.raises(TrainConfigError, match="one token"):
+            grounding_supervision(model, tiny_tokenizer, cfg)
+        setattr(cfg.train, key, TrainConfig().train.__dict__[key])
 
 
 def test_init_coordinate_heads_copies_block_c_through_head_c(number_tokenizer):

@@ -13,7 +13,8 @@ Behaviour, chosen to match what Ferret's code expects of the Vicuna tokenizer:
 * digits are split one by one, as LLaMA does, so grid coordinates cost one token per digit;
   or, with ``number_tokens=True``, every integer 0-999 is one token (Ferret's 0-999 grid: one
   token per coordinate, whose embedding can carry the value; see ``number_token_ids``). The text
-  is the same either way ("[345, 120, 560, 780]").
+  is the same either way ("[345, 120, 560, 780]"), and ``digit_twin`` turns a number-token
+  tokenizer into the digit one the same texts would have built (to measure one against the other).
 * ``<region_fea>`` and ``<image>`` are special tokens with one id each, appended after the
   learned vocabulary (``<region_fea>`` first, like the released checkpoint's id 32000).
 """
@@ -31,7 +32,8 @@ from transformers import PreTrainedTokenizerFast
 from ferret.constants import IMAGE_TOKEN, REGION_TOKEN
 from ferret.conversation import FERRET_V1_SYSTEM
 
-__all__ = ["SPECIAL_TOKENS", "TEMPLATE_TEXTS", "train_bpe_tokenizer", "add_ferret_tokens", "number_token_ids"]
+__all__ = ["SPECIAL_TOKENS", "TEMPLATE_TEXTS", "train_bpe_tokenizer", "add_ferret_tokens", "number_token_ids",
+           "digit_token_ids", "digit_twin"]
 
 UNK, BOS, EOS = "<unk>", "<s>", "</s>"
 SPECIAL_TOKENS = (UNK, BOS, EOS)
@@ -120,6 +122,60 @@ def number_token_ids(tokenizer) -> list[int] | None:
     return ids
 
 
+def digit_token_ids(tokenizer) -> list[int] | None:
+    """Ids of the tokens "0".."9" (index = digit) when each is one token, else None."""
+    ids = [tokenizer.encode(str(d), add_special_tokens=False) for d in range(10)]
+    return [found[0] for found in ids] if all(len(found) == 1 for found in ids) else None
+
+
+def _is_number(token: str) -> bool:
+    return token.isascii() and token.isdigit()
+
+
+def digit_twin(tokenizer: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
+    """The tokenizer ``train_bpe_tokenizer(number_tokens=False)`` builds on the same texts, made
+    from one built with ``number_tokens=True``: the multi-digit number tokens and their merges go,
+    digits split one by one again, and ``<region_fea>`` / ``<image>`` follow the learned vocabulary.
+    The learned BPE is the same either way (it is trained on digits split one by one), so the two
+    tokenizers differ only in how numbers are written."""
+    if number_token_ids(tokenizer) is None:
+        raise ValueError("digit_twin needs a tokenizer with one token per number 0-999 (number_tokens=True)")
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    for pre in spec["pre_tokenizer"]["pretokenizers"]:
+        if pre["type"] == "Digits":
+            pre["individual_digits"] = True
+    kept = [t for t, _ in sorted(spec["model"]["vocab"].items(), key=lambda kv: kv[1])
+            if not (_is_number(t) and len(t) > 1)]
+    spec["model"]["vocab"] = {t: i for i, t in enumerate(kept)}
+    spec["model"]["merges"] = [m for m in spec["model"]["merges"]
+                               if not all(_is_number(part) for part in (m.split(" ") if isinstance(m, str) else m))]
+    spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] in SPECIAL_TOKENS]
+    spec["post_processor"] = None
+    return _as_ferret_tokenizer(Tokenizer.from_str(json.dumps(spec)))
+
+
+def _as_ferret_tokenizer(tok: Tokenizer) -> PreTrainedTokenizerFast:
+    """Append the Ferret tokens, prepend BOS to every encoding and wrap for transformers."""
+    tok.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t in (REGION_TOKEN, IMAGE_TOKEN)]
+    )
+    bos_id = tok.token_to_id(BOS)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        unk_token=UNK,
+        pad_token=UNK,
+        additional_special_tokens=[REGION_TOKEN, IMAGE_TOKEN],
+        padding_side="right",
+        clean_up_tokenization_spaces=False,
+        model_max_length=4096,
+    )
+
+
 def add_ferret_tokens(tokenizer) -> int:
     """Add ``<region_fea>`` (and ``<image>``) as special tokens to a transformers tokenizer.
 
@@ -163,24 +219,7 @@ def train_bpe_tokenizer(
     tok = _with_byte_tokens(base)
     if number_tokens:
         tok = _with_number_tokens(tok)
-    tok.add_special_tokens(
-        [AddedToken(t, special=True, normalized=False) for t in (REGION_TOKEN, IMAGE_TOKEN)]
-    )
-    bos_id = tok.token_to_id(BOS)
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]
-    )
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=BOS,
-        eos_token=EOS,
-        unk_token=UNK,
-        pad_token=UNK,
-        additional_special_tokens=[REGION_TOKEN, IMAGE_TOKEN],
-        padding_side="right",
-        clean_up_tokenization_spaces=False,
-        model_max_length=4096,
-    )
+    fast = _as_ferret_tokenizer(tok)
     if save_dir is not None:
         Path(save_dir).mkdir(parents=True, exist_ok=True)
         fast.save_pretrained(str(save_dir))

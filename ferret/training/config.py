@@ -128,7 +128,7 @@ class TrainSection:
     attention_supervision_layer: int = -2
     attention_supervision_head: int = 0
     # Heads 0-3 of that layer each own one box coordinate (ferret.training.grounding's coordinate
-    # heads; needs number tokens, head_dim x 4 == hidden_size); with box_code_weight > 0 the image
+    # heads; needs number or digit tokens, head_dim x 4 == hidden_size); with box_code_weight > 0 the image
     # tokens learn to hold their object's box in the 4 coordinate blocks, read by the number rows.
     attention_supervision_coordinate_heads: bool = False
     # The head pushed, from the position that writes "Yes"/"No", onto the asked object or BOS:

@@ -25,6 +25,8 @@ object is, so training adds:
   object from the positions that write the box's c-th number and to the BOS sink from the
   positions that write the others, and starts with a value/output map that copies block c.
   Written out, the LM's logits over the number tokens then peak at the object's coordinate.
+  With a digit tokenizer the heads work the same way from every position that writes one of the
+  c-th number's digits; the box code, which the number tokens' rows read, needs number tokens.
 * **Number tokens with a smooth code** (`init_number_rows`, `number_smoothing_loss`). With one
   token per integer 0-999 (`ferret.data.synthetic_tokenizer.number_token_ids`), the input and
   output embedding rows of the numbers start as a sinusoidal code of the value (nearby values: similar rows), and
@@ -75,11 +77,19 @@ def answer_box_spans(input_ids: torch.Tensor, labels: torch.Tensor, open_ids: se
     return spans
 
 
-def number_positions(input_ids: torch.Tensor, span: tuple[int, int], number_ids: set[int]) -> list[int]:
-    """Positions in `span` whose next token is a number (they write the box's numbers, in order)."""
+def number_runs(input_ids: torch.Tensor, span: tuple[int, int], number_ids: set[int]) -> list[list[int]]:
+    """The positions in `span` that write each of the box's numbers, one list per number, in
+    order: those whose next token is a number token. With one token per number 0-999 each list
+    holds one position; with digits, the consecutive positions that write the number's digits."""
     ids = input_ids.tolist()
-    start, end = span
-    return [j for j in range(start, end) if j + 1 < len(ids) and ids[j + 1] in number_ids]
+    runs: list[list[int]] = []
+    for j in range(*span):
+        if j + 1 < len(ids) and ids[j + 1] in number_ids:
+            if runs and runs[-1][-1] == j - 1:
+                runs[-1].append(j)
+            else:
+                runs.append([j])
+    return runs
 
 
 def answer_runs(labels: torch.Tensor) -> list[tuple[int, int]]:
@@ -125,7 +135,7 @@ class AttentionSupervision:
                  absent_target: str = "bos", name_each_word: bool = False):
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-        from ferret.data.synthetic_tokenizer import number_token_ids
+        from ferret.data.synthetic_tokenizer import digit_token_ids, number_token_ids
 
         base = unwrap(model)
         layers = base.model.layers
@@ -159,9 +169,9 @@ class AttentionSupervision:
         if coordinate_heads:
             if heads < BOX_COORDINATES:
                 raise ValueError(f"attention supervision: coordinate heads need {BOX_COORDINATES} heads, the model has {heads}")
-            numbers = number_token_ids(tokenizer)
+            numbers = number_token_ids(tokenizer) or digit_token_ids(tokenizer)
             if numbers is None:
-                raise ValueError("attention supervision: coordinate heads need one token per number 0-999")
+                raise ValueError("attention supervision: coordinate heads need one token per number 0-999 or per digit")
             self.number_ids = set(numbers)
         self.head_dim = self.attention.head_dim
         self.kv_group = heads // base.config.num_key_value_heads
@@ -207,8 +217,8 @@ class AttentionSupervision:
             if not self.coordinate_heads:
                 out += [(j, self.head, target, (), 1.0) for j in range(*span)]
                 continue
-            for k, j in enumerate(number_positions(ids, span, self.number_ids)[:BOX_COORDINATES]):
-                out += [(j, c, target if c == k else bos, (), 1.0) for c in range(BOX_COORDINATES)]
+            for k, run in enumerate(number_runs(ids, span, self.number_ids)[:BOX_COORDINATES]):
+                out += [(j, c, target if c == k else bos, (), 1.0) for j in run for c in range(BOX_COORDINATES)]
         presence = batch.get("presence_cells") if (self.presence or self.name_ids) else None
         if presence is not None and len(presence[row]):
             for (start, _), target in zip(answer_runs(labels), presence[row]):

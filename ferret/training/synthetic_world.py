@@ -122,10 +122,9 @@ def grounding_supervision(model, tokenizer, cfg: TrainConfig):
     base = unwrap(model)
     number_ids = number_token_ids(tokenizer)
     coordinates = t.attention_supervision_coordinate_heads
-    if (t.number_smoothing_weight > 0 or t.init_number_rows or coordinates or t.box_code_weight > 0) and number_ids is None:
-        raise TrainConfigError("train.number_smoothing_weight / init_number_rows / attention_supervision_coordinate_heads / "
-                               "box_code_weight: the tokenizer does not write each number 0-999 as one token "
-                               "(build it with number tokens)")
+    if (t.number_smoothing_weight > 0 or t.init_number_rows or t.box_code_weight > 0) and number_ids is None:
+        raise TrainConfigError("train.number_smoothing_weight / init_number_rows / box_code_weight: the tokenizer "
+                               "does not write each number 0-999 as one token (build it with number tokens)")
     fresh = cfg.model.pretrained is None  # a pretrained model's number rows and heads are already trained
     if t.init_number_rows and fresh:
         init_number_rows(base, number_ids, blocks=4 if coordinates else 1)
