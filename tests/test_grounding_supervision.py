@@ -1,6 +1,7 @@
 """Conv vision tower, number tokens and the training-only grounding supervision
 (ferret.model.vision_tower.ConvVisionTower, ferret.data.synthetic_tokenizer number tokens, ferret.training.grounding)."""
 
+import copy
 import random
 
 import pytest
@@ -460,11 +461,11 @@ def test_coordinate_heads_with_digits_supervise_every_digit_of_the_number(tiny_t
     cfg.train.attention_supervision_coordinate_heads = True
     heads, numbers = grounding_supervision(model, tiny_tokenizer, cfg)
     assert len(heads) == 1 and heads[0].coordinate_heads and numbers is None
-    for key in ("box_code_weight", "init_number_rows"):
-        setattr(cfg.train, key, 0.25 if key == "box_code_weight" else True)
+    for key, value in (("box_code_weight", 0.25), ("init_number_rows", True)):
+        wrong = copy.deepcopy(cfg)
+        setattr(wrong.train, key, value)
         with pytest.raises(TrainConfigError, match="one token"):
-            grounding_supervision(model, tiny_tokenizer, cfg)
-        setattr(cfg.train, key, TrainConfig().train.__dict__[key])
+            grounding_supervision(model, tiny_tokenizer, wrong)
 
 
 def test_init_coordinate_heads_copies_block_c_through_head_c(number_tokenizer):

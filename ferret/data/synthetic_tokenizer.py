@@ -147,8 +147,7 @@ def digit_twin(tokenizer: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
     kept = [t for t, _ in sorted(spec["model"]["vocab"].items(), key=lambda kv: kv[1])
             if not (_is_number(t) and len(t) > 1)]
     spec["model"]["vocab"] = {t: i for i, t in enumerate(kept)}
-    spec["model"]["merges"] = [m for m in spec["model"]["merges"]
-                               if not all(_is_number(part) for part in (m.split(" ") if isinstance(m, str) else m))]
+    spec["model"]["merges"] = [m for m in spec["model"]["merges"] if not all(_is_number(part) for part in m)]
     spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] in SPECIAL_TOKENS]
     spec["post_processor"] = None
     return _as_ferret_tokenizer(Tokenizer.from_str(json.dumps(spec)))
