@@ -1,6 +1,7 @@
 """The synthetic GRIT world: determinism, splits, geometry of masks/boxes, task families."""
 
 import filecmp
+import hashlib
 import json
 import os
 
@@ -10,7 +11,8 @@ from PIL import Image
 
 from ferret.data import synthetic
 from ferret.data.rle import decode_rle
-from ferret.data.synthetic import COLORS, SHAPES, SyntheticConfig, generate, render_scene, shape_mask
+from ferret.data.synthetic import (COLORS, SHAPE_PROPORTIONS, SHAPES, SyntheticConfig, generate, render_scene,
+                                    shape_coverage, shape_mask)
 
 
 @pytest.fixture(scope="module")
@@ -297,3 +299,87 @@ def test_max_rotation_flag_draws_that_world_and_is_checked(tmp_path, capsys):
     with pytest.raises(SystemExit):
         synthetic.main(["--out", str(tmp_path / "bad"), "--max-rotation", "200"] + common)
     assert "--max-rotation must be in [0, 180] degrees" in capsys.readouterr().err
+
+
+def _scene_digest(scene) -> str:
+    digest = hashlib.sha256(scene.image.tobytes())
+    for obj in scene.objects:
+        digest.update(obj.mask.tobytes())
+        digest.update(str(obj.box).encode())
+    return digest.hexdigest()[:16]
+
+
+def test_default_world_draws_pixel_for_pixel_as_before_shape_variety():
+    # Digests taken before `shape_variety` existed: every world trained so far must redraw unchanged.
+    expected = {0: "c37c3f7a09c35da6", 1: "73fba88b75c949ec", 7: "2578b83adcbc2862"}
+    assert {sid: _scene_digest(render_scene(sid, seed=0)) for sid in expected} == expected
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_shape_coverage_is_the_antialiased_mask(shape):
+    coverage = shape_coverage(shape, 50.3, 40.6, 20, 10.0, 100, 80)
+    mask = shape_mask(shape, 50.3, 40.6, 20, 10.0, 100, 80)
+    assert coverage.dtype == np.float32 and coverage.min() >= 0 and coverage.max() <= 1
+    edge = (coverage > 0.05) & (coverage < 0.95)
+    assert edge.sum() > 20  # soft edges
+    # the same shape: the coverage's >= 0.5 pixels and the hard mask differ only along the edge
+    assert ((coverage >= 0.5) != mask).sum() <= 0.15 * mask.sum()
+    assert not coverage[:, :25].any() and not coverage[:12].any()  # nothing outside the shape's window
+
+
+def test_shape_proportion_changes_the_shape_within_its_range():
+    for shape, (default, (low, high)) in SHAPE_PROPORTIONS.items():
+        assert low < default < high, shape
+        thin, thick = (shape_mask(shape, 50, 50, 30, 0.0, 100, 100, proportion=p).sum() for p in (low, high))
+        # a bigger half side / arm / inner radius fills more, except for the ring, whose hole grows
+        assert (thin > thick) if shape == "ring" else (thin < thick), shape
+        assert np.array_equal(shape_mask(shape, 50, 50, 30, 0.0, 100, 100, proportion=default),
+                              shape_mask(shape, 50, 50, 30, 0.0, 100, 100)), shape
+
+
+def test_shape_variety_world_varies_proportions_and_softens_edges(tmp_path, monkeypatch):
+    config = SyntheticConfig(shape_variety=True)
+    proportions = {shape: [] for shape in SHAPE_PROPORTIONS}
+    real = synthetic.shape_coverage
+
+    def recording(shape, cx, cy, radius, angle, width, height, proportion=None, **kwargs):
+        if shape in proportions:
+            proportions[shape].append(proportion)
+        return real(shape, cx, cy, radius, angle, width, height, proportion, **kwargs)
+
+    monkeypatch.setattr(synthetic, "shape_coverage", recording)
+    scenes = [render_scene(sid, seed=0, config=config) for sid in range(40)]
+    for shape, drawn in proportions.items():
+        low, high = SHAPE_PROPORTIONS[shape][1]
+        assert len(drawn) >= 5 and all(low <= p <= high for p in drawn), shape
+        assert max(drawn) - min(drawn) > 0.4 * (high - low), shape  # really varied, not one value
+    # deterministic, and different from the default world's drawing of the same scene
+    assert _scene_digest(render_scene(3, seed=0, config=config)) == _scene_digest(scenes[3])
+    assert _scene_digest(scenes[3]) != _scene_digest(render_scene(3, seed=0))
+    for scene in scenes:
+        for obj in scene.objects:
+            assert obj.mask.any() and obj.box == synthetic._tight_box(obj.mask)
+    # anti-aliased: pixels just outside an object's mask carry a blend of its colour and the background
+    scene = scenes[0]
+    obj = scene.objects[0]
+    padded = np.pad(obj.mask, 1)
+    grown = padded[1:-1, 1:-1] | padded[:-2, 1:-1] | padded[2:, 1:-1] | padded[1:-1, :-2] | padded[1:-1, 2:]
+    ring = grown & ~obj.mask
+    for other in scene.objects:
+        ring &= ~other.mask
+    colour = np.array(COLORS[obj.color], np.float32)
+    inside = np.abs(scene.image[obj.mask].astype(np.float32) - colour).sum(axis=1)
+    outside = np.abs(scene.image[ring].astype(np.float32) - colour).sum(axis=1)
+    assert np.median(inside) < np.median(outside)
+
+
+def test_shape_variety_flag_writes_that_world(tmp_path):
+    common = ["--seed", "3", "--workers", "1", "--n", "10"]
+    synthetic.main(["--out", str(tmp_path / "plain"), *common])
+    synthetic.main(["--out", str(tmp_path / "varied"), "--shape-variety", *common])
+    meta = json.loads((tmp_path / "varied" / "meta.json").read_text())
+    assert meta["config"]["shape_variety"] is True
+    assert json.loads((tmp_path / "plain" / "meta.json").read_text())["config"]["shape_variety"] is False
+    plain = np.asarray(Image.open(tmp_path / "plain" / "images" / "scene_000000.png"))
+    varied = np.asarray(Image.open(tmp_path / "varied" / "images" / "scene_000000.png"))
+    assert plain.shape == varied.shape and not np.array_equal(plain, varied)

@@ -120,6 +120,10 @@ class SyntheticConfig:
     # default: the model sees 64-112 px inputs, where resizing averages such noise away, and
     # noise triples PNG size and encode time. Backgrounds are textured/noisy regardless.
     pixel_noise: float = 0.0
+    # Draw each object with its own proportions (SHAPE_PROPORTIONS' ranges) and anti-aliased edges
+    # (VARIETY_SUPERSAMPLE), instead of one exact star, cross, ring and square with hard edges. Off by
+    # default, so every existing world redraws pixel for pixel (MODEL_CARD.md, run full_variety).
+    shape_variety: bool = False
     task_weights: dict[str, float] = field(default_factory=lambda: dict(TASK_WEIGHTS))
 
 
@@ -169,46 +173,84 @@ def _rotated(points: np.ndarray, angle_deg: float, cx: float, cy: float) -> list
     return [tuple(p) for p in moved.tolist()]
 
 
-def _star_points(radius: float) -> np.ndarray:
+# Each shape's one proportion (a fraction of its radius): the square's half side, the ring's hole,
+# the star's inner radius, the cross's arm half-width. The default world draws every shape with the
+# first value; `shape_variety` draws each object's from the range, which holds the first value and
+# the proportions any other drawing code is likely to pick (the out-of-generator set's included).
+SHAPE_PROPORTIONS: dict[str, tuple[float, tuple[float, float]]] = {
+    "square": (0.85, (0.72, 0.92)),
+    "ring": (0.55, (0.40, 0.68)),
+    "star": (0.45, (0.34, 0.56)),
+    "cross": (0.32, (0.22, 0.40)),
+}
+# Supersampling of `shape_variety` drawing: edges are anti-aliased, as most drawing code makes them.
+VARIETY_SUPERSAMPLE = 4
+
+
+def _star_points(radius: float, inner: float = SHAPE_PROPORTIONS["star"][0]) -> np.ndarray:
     angles = np.deg2rad(-90 + 36 * np.arange(10))
-    radii = np.where(np.arange(10) % 2 == 0, radius, 0.45 * radius)
+    radii = np.where(np.arange(10) % 2 == 0, radius, inner * radius)
     return np.stack([radii * np.cos(angles), radii * np.sin(angles)], axis=1)
 
 
-def _cross_points(radius: float) -> np.ndarray:
-    arm, half = radius, 0.32 * radius
+def _cross_points(radius: float, half_width: float = SHAPE_PROPORTIONS["cross"][0]) -> np.ndarray:
+    arm, half = radius, half_width * radius
     return np.array([
         (-half, -arm), (half, -arm), (half, -half), (arm, -half), (arm, half), (half, half),
         (half, arm), (-half, arm), (-half, half), (-arm, half), (-arm, -half), (-half, -half),
     ])
 
 
-def shape_mask(shape: str, cx: float, cy: float, radius: float, angle: float,
-               width: int, height: int) -> np.ndarray:
-    """Full (unoccluded) mask of one shape, (H, W) bool."""
-    canvas = Image.new("L", (width, height), 0)
-    draw = ImageDraw.Draw(canvas)
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, radius: float, angle: float,
+                proportion: float | None, fill: int) -> None:
+    """Fill one shape into `draw` (in the canvas's own pixel units)."""
+    if proportion is None and shape in SHAPE_PROPORTIONS:
+        proportion = SHAPE_PROPORTIONS[shape][0]
     if shape == "circle":
-        draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=1)
+        draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=fill)
     elif shape == "ring":
-        draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=1)
-        inner = 0.55 * radius
+        draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=fill)
+        inner = proportion * radius
         draw.ellipse((cx - inner, cy - inner, cx + inner, cy + inner), fill=0)
     elif shape == "square":
-        half = 0.85 * radius
+        half = proportion * radius
         corners = np.array([(-half, -half), (half, -half), (half, half), (-half, half)])
-        draw.polygon(_rotated(corners, angle, cx, cy), fill=1)
+        draw.polygon(_rotated(corners, angle, cx, cy), fill=fill)
     elif shape == "triangle":
         angles = np.deg2rad(np.array([-90.0, 30.0, 150.0]))
         corners = np.stack([radius * np.cos(angles), radius * np.sin(angles)], axis=1)
-        draw.polygon(_rotated(corners, angle, cx, cy), fill=1)
+        draw.polygon(_rotated(corners, angle, cx, cy), fill=fill)
     elif shape == "star":
-        draw.polygon(_rotated(_star_points(radius), angle, cx, cy), fill=1)
+        draw.polygon(_rotated(_star_points(radius, proportion), angle, cx, cy), fill=fill)
     elif shape == "cross":
-        draw.polygon(_rotated(_cross_points(radius), angle, cx, cy), fill=1)
+        draw.polygon(_rotated(_cross_points(radius, proportion), angle, cx, cy), fill=fill)
     else:
         raise ValueError(f"unknown shape {shape!r}; known: {SHAPES}")
+
+
+def shape_mask(shape: str, cx: float, cy: float, radius: float, angle: float,
+               width: int, height: int, proportion: float | None = None) -> np.ndarray:
+    """Full (unoccluded) mask of one shape, (H, W) bool. `proportion`: see SHAPE_PROPORTIONS."""
+    canvas = Image.new("L", (width, height), 0)
+    _draw_shape(ImageDraw.Draw(canvas), shape, cx, cy, radius, angle, proportion, fill=1)
     return np.asarray(canvas, dtype=bool)
+
+
+def shape_coverage(shape: str, cx: float, cy: float, radius: float, angle: float, width: int, height: int,
+                   proportion: float | None = None, supersample: int = VARIETY_SUPERSAMPLE) -> np.ndarray:
+    """Share of each pixel the shape covers, (H, W) float32 in [0, 1]: drawn `supersample` times finer
+    in a window around the shape, then averaged back (anti-aliased edges)."""
+    s = supersample
+    x0, y0 = max(0, int(cx - radius) - 2), max(0, int(cy - radius) - 2)
+    x1, y1 = min(width, int(cx + radius) + 3), min(height, int(cy + radius) + 3)
+    coverage = np.zeros((height, width), np.float32)
+    if x1 <= x0 or y1 <= y0:
+        return coverage
+    fine = Image.new("L", ((x1 - x0) * s, (y1 - y0) * s), 0)
+    _draw_shape(ImageDraw.Draw(fine), shape, (cx - x0) * s, (cy - y0) * s, radius * s, angle, proportion, fill=255)
+    cells = np.asarray(fine, np.float32).reshape(y1 - y0, s, x1 - x0, s)
+    coverage[y0:y1, x0:x1] = cells.mean(axis=(1, 3)) / 255.0
+    return coverage
 
 
 def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
@@ -270,6 +312,7 @@ def _try_render(rng: np.random.Generator, scene_id: int, config: SyntheticConfig
     wanted = int(rng.integers(config.min_objects, config.max_objects + 1))
     used: set[tuple[str, str]] = set()
     full_masks: list[np.ndarray] = []
+    coverages: list[np.ndarray | None] = []  # anti-aliased coverage per object (shape_variety only)
     objects: list[SceneObject] = []
     for _ in range(wanted):
         for _attempt in range(12):
@@ -282,8 +325,14 @@ def _try_render(rng: np.random.Generator, scene_id: int, config: SyntheticConfig
             radius = rng.uniform(low, high) * min(width, height)
             cx = rng.uniform(radius + 1, width - radius - 2)
             cy = rng.uniform(radius + 1, height - radius - 2)
-            full = shape_mask(shape, cx, cy, radius, rng.uniform(-config.max_rotation, config.max_rotation),
-                              width, height)
+            angle = rng.uniform(-config.max_rotation, config.max_rotation)
+            if config.shape_variety:
+                span = SHAPE_PROPORTIONS.get(shape, (None, None))[1]
+                proportion = float(rng.uniform(*span)) if span else None
+                coverage = shape_coverage(shape, cx, cy, radius, angle, width, height, proportion)
+                full = coverage >= 0.5
+            else:
+                coverage, full = None, shape_mask(shape, cx, cy, radius, angle, width, height)
             if any(obj.color == color and _boxes_touch(_tight_box(f), _tight_box(full))
                    for obj, f in zip(objects, full_masks)):
                 continue  # same-coloured neighbours would merge into one blob
@@ -294,15 +343,19 @@ def _try_render(rng: np.random.Generator, scene_id: int, config: SyntheticConfig
                     obj.mask = visible
                 objects.append(SceneObject(color, shape, size, float(radius), full))
                 full_masks.append(full)
+                coverages.append(coverage)
                 used.add((color, shape))
                 break
     if len(objects) < config.min_objects:
         return None
     image = _background(rng, width, height)
-    for obj in objects:
+    for obj, coverage in zip(objects, coverages):
         obj.box = _tight_box(obj.mask)
         fill = np.clip(np.array(COLORS[obj.color]) + rng.uniform(-18, 18, size=3), 0, 255)
-        image[obj.mask] = fill
+        if coverage is None:
+            image[obj.mask] = fill
+        else:  # painted in order, so a later object's edge blends over an earlier one, as it occludes it
+            image = image * (1 - coverage[..., None]) + fill * coverage[..., None]
     sigma = rng.uniform(0.4, 1.0) * config.pixel_noise
     if sigma > 0:
         image = image + rng.standard_normal(size=(height, width, 1), dtype=np.float32) * sigma
@@ -688,6 +741,8 @@ def main(argv: list[str] | None = None) -> None:
                              "later scenes are all train (a bigger world with the same held-out splits)")
     parser.add_argument("--max-rotation", type=float, default=SyntheticConfig.max_rotation, metavar="DEG",
                         help="shapes turn by up to this many degrees either way (180: any angle)")
+    parser.add_argument("--shape-variety", action="store_true",
+                        help="each object gets its own proportions and anti-aliased edges (SHAPE_PROPORTIONS)")
     args = parser.parse_args(argv)
     if args.turns_per_sample < 1:
         parser.error(f"--turns-per-sample must be >= 1, got {args.turns_per_sample}")
@@ -708,7 +763,7 @@ def main(argv: list[str] | None = None) -> None:
                              max_side=args.max_side, turns_per_sample=args.turns_per_sample,
                              min_objects=args.min_objects, max_objects=args.max_objects,
                              task_weights=task_weights, split_scenes=args.split_scenes,
-                             max_rotation=args.max_rotation)
+                             max_rotation=args.max_rotation, shape_variety=args.shape_variety)
     try:
         summary = generate(args.out, args.n, args.seed, config, args.workers)
     except ValueError as exc:  # a world these settings cannot draw: one line, no traceback
