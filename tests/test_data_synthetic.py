@@ -383,3 +383,16 @@ def test_shape_variety_flag_writes_that_world(tmp_path):
     plain = np.asarray(Image.open(tmp_path / "plain" / "images" / "scene_000000.png"))
     varied = np.asarray(Image.open(tmp_path / "varied" / "images" / "scene_000000.png"))
     assert plain.shape == varied.shape and not np.array_equal(plain, varied)
+
+
+def test_min_radius_reaches_smaller_objects_and_is_checked(tmp_path):
+    def small_radii(config):
+        return [obj.radius / min(scene.width, scene.height) for sid in range(60)
+                for scene in [render_scene(sid, seed=0, config=config)] for obj in scene.objects if obj.size == "small"]
+
+    default, smaller = small_radii(SyntheticConfig()), small_radii(SyntheticConfig(min_radius=0.05))
+    assert min(default) >= 0.08 and max(default) <= 0.11
+    assert min(smaller) < 0.06 and max(smaller) <= 0.11 and sum(r < 0.08 for r in smaller) > 0.3 * len(smaller)
+    for bad in ("0.02", "0.2"):
+        with pytest.raises(SystemExit):
+            synthetic.main(["--out", str(tmp_path / "bad"), "--n", "5", "--min-radius", bad])

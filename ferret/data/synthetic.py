@@ -124,6 +124,10 @@ class SyntheticConfig:
     # (VARIETY_SUPERSAMPLE), instead of one exact star, cross, ring and square with hard edges. Off by
     # default, so every existing world redraws pixel for pixel (MODEL_CARD.md, run full_variety).
     shape_variety: bool = False
+    # Lower end of the "small" class's radius (a fraction of the shorter side; SIZE_CLASSES says 0.08).
+    # Every image is squashed to the model's square input, so at 0.08 no object there is under ~11 px
+    # in radius, while a 640x480 photo's small objects are ~7 px; 0.05 reaches them (run full_small).
+    min_radius: float = SIZE_CLASSES["small"][0]
     task_weights: dict[str, float] = field(default_factory=lambda: dict(TASK_WEIGHTS))
 
 
@@ -322,6 +326,8 @@ def _try_render(rng: np.random.Generator, scene_id: int, config: SyntheticConfig
                 continue
             size = str(rng.choice(list(SIZE_CLASSES)))
             low, high = SIZE_CLASSES[size]
+            if size == "small":
+                low = config.min_radius
             radius = rng.uniform(low, high) * min(width, height)
             cx = rng.uniform(radius + 1, width - radius - 2)
             cy = rng.uniform(radius + 1, height - radius - 2)
@@ -743,6 +749,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="shapes turn by up to this many degrees either way (180: any angle)")
     parser.add_argument("--shape-variety", action="store_true",
                         help="each object gets its own proportions and anti-aliased edges (SHAPE_PROPORTIONS)")
+    parser.add_argument("--min-radius", type=float, default=SyntheticConfig.min_radius, metavar="FRACTION",
+                        help="smallest radius of a 'small' object, a fraction of the shorter side "
+                             f"(default {SyntheticConfig.min_radius}, at most {SIZE_CLASSES['small'][1]})")
     args = parser.parse_args(argv)
     if args.turns_per_sample < 1:
         parser.error(f"--turns-per-sample must be >= 1, got {args.turns_per_sample}")
@@ -755,6 +764,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--split-scenes must be >= 0, got {args.split_scenes}")
     if not 0 <= args.max_rotation <= 180:
         parser.error(f"--max-rotation must be in [0, 180] degrees, got {args.max_rotation}")
+    if not 0.03 <= args.min_radius <= SIZE_CLASSES["small"][1]:
+        parser.error(f"--min-radius must be in [0.03, {SIZE_CLASSES['small'][1]}] (a fraction of the shorter "
+                     f"side; below 0.03 the smallest canvas draws objects of 2 px), got {args.min_radius}")
     try:
         task_weights = parse_task_weights(args.task_weight)
     except ValueError as exc:
@@ -763,7 +775,8 @@ def main(argv: list[str] | None = None) -> None:
                              max_side=args.max_side, turns_per_sample=args.turns_per_sample,
                              min_objects=args.min_objects, max_objects=args.max_objects,
                              task_weights=task_weights, split_scenes=args.split_scenes,
-                             max_rotation=args.max_rotation, shape_variety=args.shape_variety)
+                             max_rotation=args.max_rotation, shape_variety=args.shape_variety,
+                             min_radius=args.min_radius)
     try:
         summary = generate(args.out, args.n, args.seed, config, args.workers)
     except ValueError as exc:  # a world these settings cannot draw: one line, no traceback
