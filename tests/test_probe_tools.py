@@ -87,11 +87,11 @@ def test_yes_no_readout_splits_absent_names_by_the_words_the_scene_has():
 
 def test_naming_errors_sorts_each_wrong_name_by_size_shape_and_kind():
     tool = load_script("naming_errors")
-    scenes = [{"image": "images/s1.png", "objects": [
-        {"name": "red star", "color": "red", "shape": "star", "size": "small"},
-        {"name": "blue ring", "color": "blue", "shape": "ring", "size": "large"}]},
-        {"image": "images/s2.png", "objects": [
-            {"name": "red cross", "color": "red", "shape": "cross", "size": "small"}]}]
+    scenes = [{"image": "images/s1.png", "width": 288, "height": 144, "objects": [
+        {"name": "red star", "color": "red", "shape": "star", "size": "small", "box": [0, 0, 20, 10]},
+        {"name": "blue ring", "color": "blue", "shape": "ring", "size": "large", "box": [0, 0, 80, 40]}]},
+        {"image": "images/s2.png", "width": 144, "height": 144, "objects": [
+            {"name": "red cross", "color": "red", "shape": "cross", "size": "small", "box": [10, 10, 24, 28]}]}]
     checks = {"accuracy": {c: 0.5 for c in tool.NAMING_CHECKS}, "wrong": [
         {"check": "refer_box", "image": "s1.png", "expected": "red star", "answer": "A red cross."},
         {"check": "refer_box", "image": "s2.png", "expected": "red cross", "answer": "A blue ring."},
@@ -102,6 +102,10 @@ def test_naming_errors_sorts_each_wrong_name_by_size_shape_and_kind():
     assert box["wrong"] == 2 and box["error_rate"]["size small"] == 1.0 and box["error_rate"]["size large"] == 0.0
     assert box["kinds"] == {"shape wrong, colour right": 1, "both wrong": 1}
     assert box["shape_swaps"] == {"star -> cross": 1, "cross -> ring": 1}
+    # radii in the 144 px input: star min(10, 10) / 2 = 5, cross min(14, 18) / 2 = 7, ring min(40, 40) / 2 = 20
+    assert box["objects"]["input radius 00-06 px"] == 1 and box["error_rate"]["input radius 00-06 px"] == 1.0
+    assert box["error_rate"]["input radius 06-09 px"] == 1.0 and box["error_rate"]["input radius 15+ px"] == 0.0
+    assert tool.input_radius_bin([0, 0, 30, 30], 144, 144) == "15+ px"
     assert result["refer_point"]["kinds"] == {"colour wrong, shape right": 1}
     assert result["refer_free_form"]["kinds"] == {"no colour-and-shape name": 1}
     checks["wrong"].append({"check": "refer_box", "image": "s9.png", "expected": "red star", "answer": "No."})

@@ -17,15 +17,35 @@ from pathlib import Path
 from ferret.eval.synthetic_direct import first_name
 
 NAMING_CHECKS = ("refer_box", "refer_point", "refer_free_form")
+# Half the shorter side of an object's box as the model sees it (every image squashed to a square of
+# this many pixels: the embedded model's 144), binned; session 16 found naming errors rise steeply
+# under ~9 px, where the generator draws almost nothing (MODEL_CARD.md, run full_small).
+INPUT_SIZE = 144
+RADIUS_BINS_PX = (6, 9, 12, 15)
 
 
-def breakdown(checks: dict, scenes: list[dict]) -> dict:
-    """Per naming check: error rate by size and by shape, what went wrong, the commonest shape swaps."""
+def input_radius_bin(box: list[float], width: int, height: int, input_size: int = INPUT_SIZE) -> str:
+    """The object's input-space radius bin, e.g. "06-09 px" (labels sort in size order)."""
+    x1, y1, x2, y2 = box
+    radius = min((x2 - x1) * input_size / width, (y2 - y1) * input_size / height) / 2
+    low = 0
+    for high in RADIUS_BINS_PX:
+        if radius < high:
+            return f"{low:02d}-{high:02d} px"
+        low = high
+    return f"{low:02d}+ px"
+
+
+def breakdown(checks: dict, scenes: list[dict], input_size: int = INPUT_SIZE) -> dict:
+    """Per naming check: error rate by size, by shape and by radius in the model's input, what went wrong, the commonest shape swaps."""
     objects = {(Path(s["image"]).name, o["name"]): o for s in scenes for o in s["objects"]}
+    radius_bins = {(Path(s["image"]).name, o["name"]): input_radius_bin(o["box"], s["width"], s["height"], input_size)
+                   for s in scenes for o in s["objects"]}
     totals = Counter()
-    for obj in objects.values():
+    for key, obj in objects.items():
         totals[("size", obj["size"])] += 1
         totals[("shape", obj["shape"])] += 1
+        totals[("input radius", radius_bins[key])] += 1
     result = {}
     for check in NAMING_CHECKS:
         wrong = [w for w in checks["wrong"] if w["check"] == check]
@@ -40,6 +60,7 @@ def breakdown(checks: dict, scenes: list[dict]) -> dict:
             obj = objects[(w["image"], w["expected"])]
             by[("size", obj["size"])] += 1
             by[("shape", obj["shape"])] += 1
+            by[("input radius", radius_bins[(w["image"], w["expected"])])] += 1
             said = first_name(w["answer"])  # the name the grader read: wrong means said != expected
             if said is None:
                 kinds["no colour-and-shape name"] += 1
