@@ -327,6 +327,16 @@ def test_shape_coverage_is_the_antialiased_mask(shape):
     assert not coverage[:, :25].any() and not coverage[:12].any()  # nothing outside the shape's window
 
 
+@pytest.mark.parametrize("angle", [20.0, 45.0])
+def test_shape_coverage_keeps_a_turned_squares_corners(angle):
+    # The widest square (half side 0.92 r) turned reaches up to 1.3 r from its centre, past the radius;
+    # the anti-aliased drawing must reach as far as the hard one (their edges differ by under a pixel).
+    coverage = shape_coverage("square", 60.3, 60.6, 30, angle, 120, 120, proportion=0.92)
+    mask = shape_mask("square", 60.3, 60.6, 30, angle, 120, 120, proportion=0.92)
+    soft, hard = synthetic._tight_box(coverage >= 0.5), synthetic._tight_box(mask)
+    assert max(abs(a - b) for a, b in zip(soft, hard)) <= 1, (soft, hard)
+
+
 def test_shape_proportion_changes_the_shape_within_its_range():
     for shape, (default, (low, high)) in SHAPE_PROPORTIONS.items():
         assert low < default < high, shape
@@ -337,7 +347,7 @@ def test_shape_proportion_changes_the_shape_within_its_range():
                               shape_mask(shape, 50, 50, 30, 0.0, 100, 100)), shape
 
 
-def test_shape_variety_world_varies_proportions_and_softens_edges(tmp_path, monkeypatch):
+def test_shape_variety_world_varies_proportions_and_softens_edges(monkeypatch):
     config = SyntheticConfig(shape_variety=True)
     proportions = {shape: [] for shape in SHAPE_PROPORTIONS}
     real = synthetic.shape_coverage

@@ -245,8 +245,11 @@ def shape_coverage(shape: str, cx: float, cy: float, radius: float, angle: float
     """Share of each pixel the shape covers, (H, W) float32 in [0, 1]: drawn `supersample` times finer
     in a window around the shape, then averaged back (anti-aliased edges)."""
     s = supersample
-    x0, y0 = max(0, int(cx - radius) - 2), max(0, int(cy - radius) - 2)
-    x1, y1 = min(width, int(cx + radius) + 3), min(height, int(cy + radius) + 3)
+    # Every shape lies within radius * sqrt(2) of its centre (a turned square's corners reach past the
+    # radius: up to 0.92 * sqrt(2) = 1.3 r); a window of +-radius would cut them off.
+    reach = radius * math.sqrt(2)
+    x0, y0 = max(0, int(cx - reach) - 2), max(0, int(cy - reach) - 2)
+    x1, y1 = min(width, int(cx + reach) + 3), min(height, int(cy + reach) + 3)
     coverage = np.zeros((height, width), np.float32)
     if x1 <= x0 or y1 <= y0:
         return coverage
@@ -333,8 +336,7 @@ def _try_render(rng: np.random.Generator, scene_id: int, config: SyntheticConfig
             cy = rng.uniform(radius + 1, height - radius - 2)
             angle = rng.uniform(-config.max_rotation, config.max_rotation)
             if config.shape_variety:
-                span = SHAPE_PROPORTIONS.get(shape, (None, None))[1]
-                proportion = float(rng.uniform(*span)) if span else None
+                proportion = float(rng.uniform(*SHAPE_PROPORTIONS[shape][1])) if shape in SHAPE_PROPORTIONS else None
                 coverage = shape_coverage(shape, cx, cy, radius, angle, width, height, proportion)
                 full = coverage >= 0.5
             else:
