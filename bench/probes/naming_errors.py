@@ -22,6 +22,7 @@ NAMING_CHECKS = ("refer_box", "refer_point", "refer_free_form")
 # under ~9 px, where the generator draws almost nothing (MODEL_CARD.md, run full_small).
 INPUT_SIZE = 144
 RADIUS_BINS_PX = (6, 9, 12, 15)
+AXES = ("size", "shape", "input radius")  # what each error rate is split by
 
 
 def input_radius_bin(box: list[float], width: int, height: int, input_size: int = INPUT_SIZE) -> str:
@@ -37,15 +38,15 @@ def input_radius_bin(box: list[float], width: int, height: int, input_size: int 
 
 
 def breakdown(checks: dict, scenes: list[dict], input_size: int = INPUT_SIZE) -> dict:
-    """Per naming check: error rate by size, by shape and by radius in the model's input, what went wrong, the commonest shape swaps."""
-    objects = {(Path(s["image"]).name, o["name"]): o for s in scenes for o in s["objects"]}
-    radius_bins = {(Path(s["image"]).name, o["name"]): input_radius_bin(o["box"], s["width"], s["height"], input_size)
-                   for s in scenes for o in s["objects"]}
+    """Per naming check: error rate by size, by shape and by radius in the model's input, what went
+    wrong, the commonest shape swaps."""
+    objects = {(Path(s["image"]).name, o["name"]):
+               {**o, "input radius": input_radius_bin(o["box"], s["width"], s["height"], input_size)}
+               for s in scenes for o in s["objects"]}
     totals = Counter()
-    for key, obj in objects.items():
-        totals[("size", obj["size"])] += 1
-        totals[("shape", obj["shape"])] += 1
-        totals[("input radius", radius_bins[key])] += 1
+    for obj in objects.values():
+        for axis in AXES:
+            totals[(axis, obj[axis])] += 1
     result = {}
     for check in NAMING_CHECKS:
         wrong = [w for w in checks["wrong"] if w["check"] == check]
@@ -58,9 +59,8 @@ def breakdown(checks: dict, scenes: list[dict], input_size: int = INPUT_SIZE) ->
         swaps = Counter()
         for w in wrong:
             obj = objects[(w["image"], w["expected"])]
-            by[("size", obj["size"])] += 1
-            by[("shape", obj["shape"])] += 1
-            by[("input radius", radius_bins[(w["image"], w["expected"])])] += 1
+            for axis in AXES:
+                by[(axis, obj[axis])] += 1
             said = first_name(w["answer"])  # the name the grader read: wrong means said != expected
             if said is None:
                 kinds["no colour-and-shape name"] += 1
