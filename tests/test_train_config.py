@@ -174,3 +174,71 @@ def test_cli_reports_a_bad_key_in_one_line():
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines[-1].startswith("ferret_train: error: train.lr: unknown config key"), proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def staged(*stages) -> dict:
+    data = minimal()
+    data["train"] = {"output_dir": "out/run", "learning_rate": 1e-3, "max_steps": 100}
+    data["stages"] = list(stages)
+    return data
+
+
+def test_stages_chain_each_from_the_export_before_it():
+    cfg = config_from_dict(staged(
+        {"name": "small", "overrides": {"data.data_path": ["small.json"], "train.learning_rate": "3e-4"}},
+        {"name": "last", "overrides": {"train.max_steps": 5}}))
+    first, small, last = cfg.stage_configs()
+    assert first is cfg and first.model.tiny and first.train.output_dir == "out/run"
+    assert small.stages == [] and last.stages == []
+    # a stage is the one before plus its overrides, from the model that one exported
+    assert small.model.pretrained == str(Path("out/run/hf")) and not small.model.tiny
+    assert small.train.output_dir == str(Path("out/run/small"))
+    assert small.data.data_path == ["small.json"] and small.train.learning_rate == 3e-4
+    assert small.train.max_steps == 100
+    assert last.model.pretrained == str(Path("out/run/small/hf"))
+    assert last.train.output_dir == str(Path("out/run/last"))
+    assert last.data.data_path == ["small.json"] and last.train.learning_rate == 3e-4 and last.train.max_steps == 5
+
+
+def test_stages_survive_the_round_trip_through_config_json():
+    from ferret.training.config import config_to_dict
+
+    cfg = config_from_dict(staged({"name": "small", "overrides": {"train.max_steps": 5}}))
+    again = config_from_dict(config_to_dict(cfg))
+    assert again == cfg and [c.train.output_dir for c in again.stage_configs()] == ["out/run", str(Path("out/run/small"))]
+    # command-line overrides apply to the first stage and so to every later one
+    moved = apply_overrides(cfg, ["train.output_dir=elsewhere", "train.seed=7"])
+    assert [(c.train.output_dir, c.train.seed) for c in moved.stage_configs()] == [
+        ("elsewhere", 7), (str(Path("elsewhere/small")), 7)]
+
+
+@pytest.mark.parametrize(
+    "stage,pattern",
+    [
+        ({"name": "s", "overrides": {"train.lr": 1}}, r"^stages\[0\] \(s\): train\.lr: unknown config key"),
+        ({"name": "s", "overrides": {"train.max_steps": "many"}}, r"^stages\[0\] \(s\): train\.max_steps: expected an integer"),
+        ({"name": "s", "overrides": {"train.learning_rate": -1.0}}, r"^stages\[0\] \(s\): train\.learning_rate"),
+        ({"name": "s", "overrides": {"model.pretrained": "x"}}, r"^stages\[0\] \(s\): model\.pretrained is set by the stage"),
+        ({"name": "s", "overrides": {"train.output_dir": "x"}}, r"^stages\[0\] \(s\): train\.output_dir is set by the stage"),
+        ({"name": "s", "overrides": {"steps": 3}}, r"^stages\[0\] \(s\): steps: a key must look like section\.key"),
+        ({"name": "hf"}, r"^stages\[0\] \(hf\): a stage needs its own folder name"),
+        ({"name": "../up"}, r"^stages\[0\] \(\.\./up\): a stage needs its own folder name"),
+        ({"overrides": {}}, r"^stages\[0\]: expected \{name: str, overrides"),
+        ({"name": "s", "steps": 3}, r"^stages\[0\]: expected \{name: str, overrides"),
+    ],
+)
+def test_bad_stages_are_named(stage, pattern):
+    with pytest.raises(TrainConfigError, match=pattern) as err:
+        config_from_dict(staged(stage))
+    assert "\n" not in str(err.value)
+
+
+def test_stage_names_are_unique_and_need_the_export_before_them():
+    with pytest.raises(TrainConfigError, match=r"^stages\[1\] \(a\): a stage needs its own folder name"):
+        config_from_dict(staged({"name": "a"}, {"name": "a"}))
+    data = staged({"name": "a"})
+    data["train"]["export_hf"] = False
+    with pytest.raises(TrainConfigError, match=r"^stages\[0\] \(a\): the stage before it must export its model"):
+        config_from_dict(data)
+    with pytest.raises(TrainConfigError, match=r"^stages: expected a list"):
+        config_from_dict({**minimal(), "stages": {"name": "a"}})

@@ -6,6 +6,8 @@ One module-scoped set of runs, each a few steps:
   resumed    `--resume` of the crashed run                      -> must equal the reference curve
   zero3      ZeRO-3, rank 0 exits hard after step 3 (crashing_train.py after_step), then resumed
   lora       LoRA on the LLM (gradient checkpointing on), projector + sampler trained, merged HF export
+  staged     1 step, then a second stage (config `stages`) of 3 on another world; against two launches,
+             and crashed in its second stage then resumed
 """
 
 import json
@@ -44,13 +46,13 @@ def workspace(tmp_path_factory):
 
 
 def train(workspace: Path, name: str, *overrides: str, crash: tuple[str, int] | None = None, resume: bool = False,
-          expect_ok: bool = True) -> subprocess.CompletedProcess:
+          expect_ok: bool = True, config: Path = CONFIG) -> subprocess.CompletedProcess:
     """A 2-process run; `crash` = (callback, step) kills rank 0 there (tests/crashing_train.py)."""
     out = workspace / name
     entry = [str(SCRIPT)] if crash is None else [str(CRASHING), crash[0], str(crash[1]), "--"]
     args = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-        *entry, "--config", str(CONFIG),
+        *entry, "--config", str(config),
         f"data.data_path={workspace / 'synth' / 'train.json'}",
         f"model.tokenizer={workspace / 'tokenizer'}",
         f"train.output_dir={out}",
@@ -272,3 +274,69 @@ def test_dense_readout_config_errors_name_the_key(workspace):
     proc = train(workspace, "dense_split_names", "train.dense_loss_weight=1.0",
                  f"data.scene_records={workspace / 'synth' / 'scenes_train.json'}", expect_ok=False)
     assert proc.returncode != 0 and "train.dense_loss_weight: the readout needs 'red' to be one token" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def staged(workspace):
+    """small.yaml + a stage `second`: 3 more steps on another world at another learning rate."""
+    import yaml
+
+    from ferret.data.synthetic import generate
+
+    generate(str(workspace / "synth_second"), n=24, seed=4, workers=1)
+    second = {"data.data_path": [str(workspace / "synth_second" / "train.json")], "train.max_steps": 3,
+              "train.learning_rate": 5.0e-4, "train.warmup_steps": 0, "train.save_steps": 1}
+    config = yaml.safe_load(CONFIG.read_text())
+    config["stages"] = [{"name": "second", "overrides": second}]
+    path = workspace / "staged.yaml"
+    path.write_text(yaml.safe_dump(config))
+    proc = train(workspace, "staged", "train.max_steps=1", config=path)
+    return path, second, proc
+
+
+def test_stages_run_in_one_launch_as_two_launches_would(staged, workspace):
+    config, second, proc = staged
+    out = workspace / "staged"
+    assert "[ferret_train] done: 1 steps" in proc.stdout and "[ferret_train] done: 3 steps" in proc.stdout
+    assert sorted(curve(out)) == [1] and sorted(curve(out / "second")) == [1, 2, 3]
+    written = json.loads((out / "second" / "config.json").read_text())
+    assert written["model"]["pretrained"] == str(out / "hf") and written["stages"] == []
+    assert json.loads((out / "config.json").read_text())["stages"][0]["name"] == "second"
+    # the same stage launched on its own from the first stage's export: the same curve, bit for bit
+    alone = train(workspace, "second_alone", f"model.pretrained={out / 'hf'}", "model.tiny=false",
+                  *(f"{key}={json.dumps(value) if isinstance(value, list) else value}" for key, value in second.items()))
+    assert "done: 3 steps" in alone.stdout
+    reference = curve(workspace / "second_alone")
+    for step, record in curve(out / "second").items():
+        for key in ("loss", "lr", "grad_norm"):
+            assert record[key] == reference[step][key], (step, key)
+
+    from ferret.model.builder import load_pretrained
+
+    _, model, _, _ = load_pretrained(out / "second" / "hf", device="cpu")
+    _, first, _, _ = load_pretrained(out / "hf", device="cpu")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(model.state_dict()[name], first.state_dict()[name])  # the second stage trained
+
+
+def test_a_crash_in_the_second_stage_resumes_there(staged, workspace):
+    config, _, _ = staged
+    reference = curve(workspace / "staged" / "second")
+    # the second stage saves every step; rank 0 dies after its step 2 (the first stage has 1 step)
+    crashed = train(workspace, "staged_crash", "train.max_steps=1", config=config, crash=("after_step", 2),
+                    expect_ok=False)
+    assert crashed.returncode != 0 and "done: 1 steps" in crashed.stdout and "done: 3 steps" not in crashed.stdout
+    out = workspace / "staged_crash"
+    assert not (out / "second" / "hf").exists()
+    first_export = (out / "hf" / "model.safetensors").read_bytes()
+    resumed = train(workspace, "staged_crash", "train.max_steps=1", config=config, resume=True)
+    # the first stage is finished (it only exports again, the same weights); the second goes on
+    # from its own last checkpoint and ends as the launch that never crashed
+    assert "at step 1 (epoch" in resumed.stdout and "at step 2 (epoch" in resumed.stdout
+    assert (out / "hf" / "model.safetensors").read_bytes() == first_export
+    again = curve(out / "second")
+    assert sorted(again) == [1, 2, 3]
+    for step in (1, 2, 3):
+        assert again[step]["loss"] == reference[step]["loss"], step
+    assert (out / "second" / "hf" / "model.safetensors").read_bytes() == (
+        workspace / "staged" / "second" / "hf" / "model.safetensors").read_bytes()

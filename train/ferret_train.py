@@ -5,6 +5,9 @@
         train.max_steps=20 train.deepspeed=train/configs/ds_zero3.json
     torchrun ... train/ferret_train.py --config CONFIG --resume        # continue from `latest`
 
+A config's `stages` list chains later stages into the same launch (train/configs/embedded.yaml:
+the default world, then a world with smaller objects); stage k writes to <output_dir>/<its name>.
+
 Multi-node: torchrun's own flags (--nnodes, --node_rank, --rdzv_endpoint ...); the output
 folder must be on a file system shared by all nodes. Backend: nccl + bf16 on GPU, gloo + fp32
 on CPU. The vision tower is frozen; projector, region module and LLM are trained (or LoRA on
@@ -73,9 +76,17 @@ def main(argv: list[str] | None = None, callbacks: TrainingCallbacks = TrainingC
     args = parse_args(argv)
     try:
         cfg = load_train_config(args.config, args.overrides)
-        run = setup(cfg, args)
-        loop(run, callbacks)
-        finish(run)
+        # One launch may chain stages (config `stages`): each starts from the model the one before
+        # exported; with --resume each continues from its own latest checkpoint (a finished one
+        # only re-exports). An explicit checkpoint folder belongs to the first stage.
+        for index, stage in enumerate(cfg.stage_configs()):
+            if index and args.resume is not None:
+                args.resume = "latest"
+            run = setup(stage, args)
+            loop(run, callbacks)
+            finish(run)
+        dist.barrier()
+        dist.destroy_process_group()
         return 0
     except (TrainConfigError, TrainingCheckpointError, DataFormatError, FileNotFoundError) as err:
         # Problems with the inputs are the same on every rank: one line, no traceback.
@@ -346,8 +357,6 @@ def finish(run: Run) -> None:
               f"{' ' + str(summary['skipped_samples']) if skipped else ''}, checkpoint {summary['checkpoint']}, "
               f"export {summary['export']}")
         run.metrics.close()
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """Typed training configuration: plain data (yaml or json) -> validated dataclasses.
 
 A config file has four sections, `model`, `data`, `lora` and `train`; command-line overrides
-use dotted keys (`train.learning_rate=1e-4`). Every problem (unknown key, wrong type, bad
+use dotted keys (`train.learning_rate=1e-4`). An optional list `stages` chains later stages into
+the same launch: each is the stage before plus its own dotted overrides, started from the model
+that stage exported (`TrainConfig.stage_configs`). Every problem (unknown key, wrong type, bad
 value, inconsistent combination) raises `TrainConfigError` whose message names the key in one
 line, so `train/ferret_train.py` can print it and exit instead of failing deep inside DeepSpeed.
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +25,7 @@ __all__ = [
     "DataSection",
     "LoraSection",
     "TrainSection",
+    "StageSection",
     "TrainConfig",
     "load_train_config",
     "apply_overrides",
@@ -159,11 +163,59 @@ class TrainSection:
 
 
 @dataclass
+class StageSection:
+    """A later stage of the same launch: the stage before it plus `overrides` ({"section.key":
+    value}), started from the model that stage exported, written to <output_dir>/<name>."""
+
+    name: str
+    overrides: dict = field(default_factory=dict)
+
+
+# What a later stage sets itself: its model is the one the stage before exported, its folder its name.
+STAGE_SET_KEYS = ("model.pretrained", "model.base_llm", "model.tiny", "model.vision_tower", "model.mm_projector",
+                  "model.vision_tower_weights", "train.output_dir")
+_STAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_RUN_FOLDERS = ("hf", "checkpoints", "tensorboard")  # what a run writes in its output_dir
+
+
+@dataclass
 class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     lora: LoraSection = field(default_factory=LoraSection)
     train: TrainSection = field(default_factory=TrainSection)
+    stages: list[StageSection] = field(default_factory=list)
+
+    def stage_configs(self) -> list["TrainConfig"]:
+        """The launch's stages in order: this config (its config.json keeps `stages`, so it replays
+        the whole launch), then one config per stage (the one before + the stage's overrides, from
+        that one's export), each validated."""
+        configs = [self]
+        names = set()
+        for i, stage in enumerate(self.stages):
+            where = f"stages[{i}] ({stage.name})"
+            if not _STAGE_NAME.fullmatch(stage.name) or stage.name in _RUN_FOLDERS or stage.name in names:
+                raise TrainConfigError(f"{where}: a stage needs its own folder name (letters, digits, _ . -; "
+                                       f"unique; not {', '.join(_RUN_FOLDERS)})")
+            names.add(stage.name)
+            before = configs[-1]
+            if not before.train.export_hf:
+                raise TrainConfigError(f"{where}: the stage before it must export its model (train.export_hf: true)")
+            data = {**config_to_dict(before), "stages": []}
+            try:
+                for key, value in stage.overrides.items():
+                    if key in STAGE_SET_KEYS:
+                        raise TrainConfigError(f"{key} is set by the stage itself (the model the stage before "
+                                               f"exported, <output_dir>/{stage.name})")
+                    section, name = _known_key(key)
+                    data[section][name] = value
+                data["model"].update(pretrained=str(Path(before.train.output_dir) / "hf"), base_llm=None,
+                                     tiny=False, vision_tower=None, mm_projector=None, vision_tower_weights=None)
+                data["train"]["output_dir"] = str(Path(self.train.output_dir) / stage.name)
+                configs.append(config_from_dict(data))
+            except TrainConfigError as err:
+                raise TrainConfigError(f"{where}: {err}") from None
+        return configs
 
     def validate(self) -> None:
         m, d, lo, t = self.model, self.data, self.lora, self.train
@@ -233,6 +285,8 @@ class TrainConfig:
         for name in ("adam_beta1", "adam_beta2"):
             if not 0.0 <= getattr(t, name) < 1.0:
                 raise TrainConfigError(f"train.{name}: {getattr(t, name)} is not in [0, 1)")
+        if self.stages:
+            self.stage_configs()
 
     def accumulation_steps(self, world_size: int) -> int:
         """Micro-batches per optimizer step on each rank (from global_batch_size when it is set)."""
@@ -351,7 +405,33 @@ def _section_types(cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
-_SECTIONS = _section_types(TrainConfig)
+_SECTIONS = {name: tp for name, tp in _section_types(TrainConfig).items() if name != "stages"}
+
+
+def _known_key(key: str) -> tuple[str, str]:
+    """('section', 'key') of a dotted key, or TrainConfigError naming what is unknown."""
+    section, sep, name = key.partition(".")
+    if not sep:
+        raise TrainConfigError(f"{key}: a key must look like section.key")
+    if section not in _SECTIONS:
+        raise TrainConfigError(f"{key}: unknown config section (known: {', '.join(_SECTIONS)})")
+    types_ = _section_types(_SECTIONS[section])
+    if name not in types_:
+        raise TrainConfigError(f"{key}: unknown config key (known in {section}: {', '.join(types_)})")
+    return section, name
+
+
+def _stages_from_data(stages: Any) -> list[StageSection]:
+    if not isinstance(stages, list):
+        raise TrainConfigError(f"stages: expected a list of {{name, overrides}}, got {type(stages).__name__}")
+    parsed = []
+    for i, stage in enumerate(stages):
+        if (not isinstance(stage, dict) or set(stage) - {"name", "overrides"} or not isinstance(stage.get("name"), str)
+                or not isinstance(stage.get("overrides") or {}, dict)):
+            raise TrainConfigError(f"stages[{i}]: expected {{name: str, overrides: {{section.key: value}}}}, "
+                                   f"got {stage!r}")
+        parsed.append(StageSection(stage["name"], dict(stage.get("overrides") or {})))
+    return parsed
 
 
 def config_from_dict(data: dict, *, validate: bool = True) -> TrainConfig:
@@ -360,6 +440,9 @@ def config_from_dict(data: dict, *, validate: bool = True) -> TrainConfig:
         raise TrainConfigError(f"config: expected a mapping of sections, got {type(data).__name__}")
     sections = {}
     for name, value in data.items():
+        if name == "stages":
+            sections[name] = _stages_from_data(value or [])
+            continue
         if name not in _SECTIONS:
             raise TrainConfigError(f"{name}: unknown config section (known: {', '.join(_SECTIONS)})")
         if value is None:
@@ -392,13 +475,8 @@ def apply_overrides(config: TrainConfig, overrides: list[str], *, validate: bool
         key = key.strip().lstrip("-")
         if not sep or "." not in key:
             raise TrainConfigError(f"{text}: an override must look like section.key=value")
-        section, name = key.split(".", 1)
-        if section not in _SECTIONS:
-            raise TrainConfigError(f"{key}: unknown config section (known: {', '.join(_SECTIONS)})")
-        types_ = _section_types(_SECTIONS[section])
-        if name not in types_:
-            raise TrainConfigError(f"{key}: unknown config key (known in {section}: {', '.join(types_)})")
-        data[section][name] = _coerce(key, raw, types_[name], from_text=True)
+        section, name = _known_key(key)
+        data[section][name] = _coerce(key, raw, _section_types(_SECTIONS[section])[name], from_text=True)
     return config_from_dict(data, validate=validate)
 
 
