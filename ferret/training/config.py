@@ -171,9 +171,6 @@ class StageSection:
     overrides: dict = field(default_factory=dict)
 
 
-# What a later stage sets itself: its model is the one the stage before exported, its folder its name.
-STAGE_SET_KEYS = ("model.pretrained", "model.base_llm", "model.tiny", "model.vision_tower", "model.mm_projector",
-                  "model.vision_tower_weights", "train.output_dir")
 _STAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _RUN_FOLDERS = ("hf", "checkpoints", "tensorboard")  # what a run writes in its output_dir
 
@@ -201,17 +198,19 @@ class TrainConfig:
             before = configs[-1]
             if not before.train.export_hf:
                 raise TrainConfigError(f"{where}: the stage before it must export its model (train.export_hf: true)")
+            # What the stage sets itself: its model is the one the stage before exported, its folder its name.
+            own = {"model.pretrained": str(Path(before.train.output_dir) / "hf"), "model.base_llm": None,
+                   "model.tiny": False, "model.vision_tower": None, "model.mm_projector": None,
+                   "model.vision_tower_weights": None, "train.output_dir": str(Path(self.train.output_dir) / stage.name)}
             data = {**config_to_dict(before), "stages": []}
             try:
-                for key, value in stage.overrides.items():
-                    if key in STAGE_SET_KEYS:
-                        raise TrainConfigError(f"{key} is set by the stage itself (the model the stage before "
-                                               f"exported, <output_dir>/{stage.name})")
+                clash = sorted(own.keys() & stage.overrides.keys())
+                if clash:
+                    raise TrainConfigError(f"{', '.join(clash)}: set by the stage itself (the model the stage "
+                                           f"before exported, <output_dir>/{stage.name})")
+                for key, value in {**stage.overrides, **own}.items():
                     section, name = _known_key(key)
                     data[section][name] = value
-                data["model"].update(pretrained=str(Path(before.train.output_dir) / "hf"), base_llm=None,
-                                     tiny=False, vision_tower=None, mm_projector=None, vision_tower_weights=None)
-                data["train"]["output_dir"] = str(Path(self.train.output_dir) / stage.name)
                 configs.append(config_from_dict(data))
             except TrainConfigError as err:
                 raise TrainConfigError(f"{where}: {err}") from None
