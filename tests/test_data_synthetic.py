@@ -406,3 +406,33 @@ def test_min_radius_reaches_smaller_objects_and_is_checked(tmp_path):
     for bad in ("0.02", "0.2"):
         with pytest.raises(SystemExit):
             synthetic.main(["--out", str(tmp_path / "bad"), "--n", "5", "--min-radius", bad])
+
+
+def _absent_names(config, scenes=40):
+    """(asked name, the scene's (colour, shape) pairs) of every absent-name question in `scenes` scenes."""
+    from ferret.data.synthetic import build_samples
+
+    asked = []
+    for sid in range(scenes):
+        scene = render_scene(sid, seed=0, config=config)
+        present = {(o.color, o.shape) for o in scene.objects}
+        for sample in build_samples(scene, 0, 12, config):
+            if sample["subtask"] == "absent":
+                words = sample["conversations"][0]["value"].split("Is there a ")[1].split(" in the image")[0].split()
+                asked.append(((words[0], words[1]), present))
+    return asked
+
+
+def test_colour_negative_share_asks_for_present_colours_with_absent_shapes(tmp_path):
+    weights = dict(synthetic.TASK_WEIGHTS, negative=4.0)
+    default = _absent_names(SyntheticConfig(task_weights=weights))
+    every = _absent_names(SyntheticConfig(task_weights=weights, colour_negative_share=1.0))
+    assert len(default) > 50 and len(every) > 50
+    for name, present in default + every:
+        assert name not in present  # still absent
+    sharing = [sum(name[0] in {c for c, _ in present} for name, present in names) / len(names)
+               for names in (default, every)]
+    assert sharing[0] < 0.8 and sharing[1] == 1.0
+    for bad in ("-0.1", "1.5"):
+        with pytest.raises(SystemExit):
+            synthetic.main(["--out", str(tmp_path / "bad"), "--n", "5", "--colour-negative-share", bad])

@@ -1,5 +1,6 @@
 """The issue-13 probe tools that other measurements rest on: bench/probes/export_step.py (a mid-run
-DeepSpeed checkpoint as a model folder) and bench/probes/repro_check.py's step comparison."""
+DeepSpeed checkpoint as a model folder), bench/probes/repro_check.py's step comparison and
+bench/probes/weight_soup.py (weight averages of exported models)."""
 
 import importlib.util
 from pathlib import Path
@@ -65,6 +66,34 @@ def test_export_step_writes_the_deepspeed_weights_as_a_loadable_model(tmp_path):
         export(["--step-dir", str(step), "--like", str(like), "--dst", str(tmp_path / "bad")])
     with pytest.raises(SystemExit, match="no DeepSpeed model states"):
         export(["--step-dir", str(tmp_path), "--like", str(like), "--dst", str(tmp_path / "none")])
+
+
+def test_weight_soup_averages_with_weights_and_refuses_mismatched_models(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    soup = load_script("weight_soup").main
+    folders = []
+    for i, value in enumerate((1.0, 4.0)):
+        folder = tmp_path / f"m{i}"
+        folder.mkdir()
+        save_file({"w": torch.full((2, 3), value), "b": torch.full((3,), value, dtype=torch.float16)},
+                  str(folder / "model.safetensors"))
+        (folder / "config.json").write_text(f'{{"i": {i}}}')
+        folders.append(folder)
+    soup(["--out", str(tmp_path / "even"), str(folders[0]), str(folders[1])])
+    even = load_file(str(tmp_path / "even" / "model.safetensors"))
+    assert torch.equal(even["w"], torch.full((2, 3), 2.5)) and even["b"].dtype == torch.float16
+    assert (tmp_path / "even" / "config.json").read_text() == '{"i": 0}'  # the first source's files
+    soup(["--out", str(tmp_path / "wise"), f"{folders[0]}:3", f"{folders[1]}:1"])
+    assert torch.equal(load_file(str(tmp_path / "wise" / "model.safetensors"))["w"], torch.full((2, 3), 1.75))
+
+    save_file({"w": torch.zeros(3, 2), "b": torch.zeros(3)}, str(folders[1] / "model.safetensors"))
+    with pytest.raises(SystemExit, match="shape"):
+        soup(["--out", str(tmp_path / "bad"), str(folders[0]), str(folders[1])])
+    with pytest.raises(SystemExit, match="not a number"):
+        soup(["--out", str(tmp_path / "bad"), f"{folders[0]}:x"])
+    with pytest.raises(SystemExit, match="does not exist"):
+        soup(["--out", str(tmp_path / "bad"), str(tmp_path / "nowhere")])
 
 
 def test_yes_no_readout_splits_absent_names_by_the_words_the_scene_has():
