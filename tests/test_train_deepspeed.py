@@ -329,11 +329,15 @@ def test_a_crash_in_the_second_stage_resumes_there(staged, workspace):
     out = workspace / "staged_crash"
     assert not (out / "second" / "hf").exists()
     first_export = (out / "hf" / "model.safetensors").read_bytes()
+    first_summary = (out / "summary.json").read_text()
     resumed = train(workspace, "staged_crash", "train.max_steps=1", config=config, resume=True)
     # the first stage is finished (it only exports again, the same weights); the second goes on
     # from its own last checkpoint and ends as the launch that never crashed
     assert "at step 1 (epoch" in resumed.stdout and "at step 2 (epoch" in resumed.stdout
     assert (out / "hf" / "model.safetensors").read_bytes() == first_export
+    # ... and keeps the summary of the launch that trained it (its loss and speed)
+    assert "already done: 1 steps" in resumed.stdout and (out / "summary.json").read_text() == first_summary
+    assert json.loads(first_summary)["final_loss"] > 0
     again = curve(out / "second")
     assert sorted(again) == [1, 2, 3]
     for step in (1, 2, 3):

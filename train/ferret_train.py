@@ -340,17 +340,25 @@ def finish(run: Run) -> None:
     total_time = time.perf_counter() - run.start
     if rank == 0:
         skipped = sum(skipped, Counter())
+        summary_path = run.out_dir / "summary.json"
+        if run.run_samples == 0 and summary_path.exists():
+            # A resumed launch that found this run finished only exported again; the summary of
+            # the launch that trained it stays (this one has no loss or speed to report).
+            print(f"[ferret_train] already done: {state.global_step} steps ({summary_path} kept), "
+                  f"checkpoint {read_latest(run.out_dir / 'checkpoints')}, export {export_dir}")
+            run.metrics.close()
+            return
         summary = {
             "steps": state.global_step,
             "seconds": round(total_time, 2),
             "samples_per_s": run.run_samples / total_time if total_time else 0.0,
             "tokens_per_s": run.run_tokens / total_time if total_time else 0.0,
-            "final_loss": run.last_loss,
+            "final_loss": run.last_loss if run.run_samples else None,
             "skipped_samples": dict(sorted(skipped.items())),
             "checkpoint": str(read_latest(run.out_dir / "checkpoints")),
             "export": str(export_dir) if export_dir else None,
         }
-        (run.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        summary_path.write_text(json.dumps(summary, indent=2))
         print(f"[ferret_train] done: {summary['steps']} steps in {summary['seconds']:.1f} s, "
               f"{summary['samples_per_s']:.2f} samples/s, {summary['tokens_per_s']:.1f} tokens/s, "
               f"final loss {run.last_loss:.4f}, skipped {sum(skipped.values())} bad samples"
