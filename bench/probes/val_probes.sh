@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The validation numbers every full run gets in bench/probes/results/ (issue 13): grounding on 60
-# val scenes and on the out-of-generator set, naming and yes/no as direct checks on 60 val scenes,
+# val scenes and on the out-of-generator set, naming and yes/no as direct checks on 200 val scenes
+# (since session 18: 678 naming questions of each kind and 400 yes/no each; on 60 scenes these move by
+# +-0.02 between runs that differ in nothing that matters; earlier runs' *_direct_val.json are 60),
 # the yes/no readout and the presence heads, and the run's per-10-step metrics. Two chains side
-# by side, one core each: ~70 s on the 2-core VM. Never the test split.
+# by side, one core each: ~3 min on the 2-core VM. Never the test split.
 #   bash bench/probes/val_probes.sh RUN          # reads checkpoints/RUN/hf and checkpoints/RUN/metrics.jsonl
 #   bash bench/probes/val_probes.sh RUN WORLD    # val of another world (e.g. data/synth_rot, drawn with
 #                                                # --max-rotation 180); results are named RUN_on_<world folder>
@@ -23,9 +25,9 @@ grounding() {
     python bench/probes/presence_probe.py --model-path "$model" --data "$data" --layer 2 --scenes 20 --out "$res/yes_no/presence_$run.json"
 }
 direct() {
-    python -m ferret.eval.synthetic_direct --data "$data" --split val --max-scenes 60 --model-path "$model" \
+    python -m ferret.eval.synthetic_direct --data "$data" --split val --max-scenes 200 --model-path "$model" \
         --out "runs/val_$run"
-    cp "runs/val_$run/direct_checks.json" "$res/${run}_direct_val.json"
+    cp "runs/val_$run/direct_checks.json" "$res/${run}_direct_val200.json"
     python bench/probes/yes_no_readout.py --model-path "$model" --data "$data" --out "$res/yes_no/readout_$run.json"
 }
 grounding > "runs/val_$run/grounding.log" 2>&1 & g=$!
