@@ -556,18 +556,17 @@ class _SampleBuilder:
                                f"Yes, the {name} <bbox_location0>.", [], [i])
         present = {(o.color, o.shape) for o in objs}
         anchor = objs[self._pick()]
-        share = self.config.colour_negative_share
+        share, options = self.config.colour_negative_share, []
         if share is not None and self.rng.random() < share:
+            # The anchor's colour with a shape it lacks here (none left: the default draw below).
             options = [(anchor.color, s) for s in SHAPES if (anchor.color, s) not in present]
-            if options:
-                color, shape = options[int(self.rng.integers(len(options)))]
-                return self.sample("negative", "absent", POPE_QUESTION.format(name=f"{color} {shape}"), "No.", [], [])
-        # Hard negatives half the time: share the colour or the shape of a present object.
-        if self.rng.random() < 0.5:
-            options = [(anchor.color, s) for s in SHAPES] + [(c, anchor.shape) for c in COLORS]
-        else:
-            options = [(c, s) for c in COLORS for s in SHAPES]
-        options = [o for o in options if o not in present]
+        if not options:
+            # Hard negatives half the time: share the colour or the shape of a present object.
+            if self.rng.random() < 0.5:
+                options = [(anchor.color, s) for s in SHAPES] + [(c, anchor.shape) for c in COLORS]
+            else:
+                options = [(c, s) for c in COLORS for s in SHAPES]
+            options = [o for o in options if o not in present]
         color, shape = options[int(self.rng.integers(len(options)))]
         return self.sample("negative", "absent", POPE_QUESTION.format(name=f"{color} {shape}"), "No.", [], [])
 
