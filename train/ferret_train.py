@@ -359,9 +359,10 @@ def finish(run: Run) -> None:
             "export": str(export_dir) if export_dir else None,
         }
         summary_path.write_text(json.dumps(summary, indent=2))
+        final_loss = "none (no steps run)" if summary["final_loss"] is None else f"{summary['final_loss']:.4f}"
         print(f"[ferret_train] done: {summary['steps']} steps in {summary['seconds']:.1f} s, "
               f"{summary['samples_per_s']:.2f} samples/s, {summary['tokens_per_s']:.1f} tokens/s, "
-              f"final loss {run.last_loss:.4f}, skipped {sum(skipped.values())} bad samples"
+              f"final loss {final_loss}, skipped {sum(skipped.values())} bad samples"
               f"{' ' + str(summary['skipped_samples']) if skipped else ''}, checkpoint {summary['checkpoint']}, "
               f"export {summary['export']}")
         run.metrics.close()
