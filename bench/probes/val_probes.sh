@@ -5,7 +5,7 @@
 # +-0.02 between runs that differ in nothing that matters; earlier runs' *_direct_val.json are 60),
 # the yes/no readout and the presence heads, LVIS / POPE / RefCOCO-style grounding on the same 200 val
 # scenes (RUN_report_val200.json, since session 19), and the run's per-10-step metrics. Two chains
-# side by side, one core each: ~6 min on the 2-core VM. Never the test split.
+# side by side, one core each: ~5 min on the 2-core VM. Never the test split.
 #   bash bench/probes/val_probes.sh RUN          # reads checkpoints/RUN/hf and checkpoints/RUN/metrics.jsonl
 #   bash bench/probes/val_probes.sh RUN WORLD    # val of another world (e.g. data/synth_rot, drawn with
 #                                                # --max-rotation 180); results are named RUN_on_<world folder>
@@ -24,17 +24,18 @@ grounding() {
     python bench/probes/grounding_probe.py --model-path "$model" --split ood --data data/ood --scenes 60 \
         --out "$res/${run}_grounding_ood.json"
     python bench/probes/presence_probe.py --model-path "$model" --data "$data" --layer 2 --scenes 20 --out "$res/yes_no/presence_$run.json"
+    # LVIS (the two-way choice) and POPE on the same 200 val scenes: LVIS also needs the model to copy
+    # one of the two offered names, a skill that moves between runs apart from naming (session 19).
+    # It sits in this chain, the shorter one, so that the two chains end together.
+    python -m ferret.eval.synthetic_report --data "$data" --split val --max-scenes 200 --model-path "$model" \
+        --out "runs/val_$run/report" --no-progress
+    cp "runs/val_$run/report/synthetic_report.json" "$res/${run}_report_val200.json"
 }
 direct() {
     python -m ferret.eval.synthetic_direct --data "$data" --split val --max-scenes 200 --model-path "$model" \
         --out "runs/val_$run"
     cp "runs/val_$run/direct_checks.json" "$res/${run}_direct_val200.json"
     python bench/probes/yes_no_readout.py --model-path "$model" --data "$data" --out "$res/yes_no/readout_$run.json"
-    # LVIS (the two-way choice) and POPE on the same 200 val scenes: LVIS also needs the model to copy
-    # one of the two offered names, a skill that moves between runs apart from naming (session 19).
-    python -m ferret.eval.synthetic_report --data "$data" --split val --max-scenes 200 --model-path "$model" \
-        --out "runs/val_$run/report" --no-progress
-    cp "runs/val_$run/report/synthetic_report.json" "$res/${run}_report_val200.json"
 }
 grounding > "runs/val_$run/grounding.log" 2>&1 & g=$!
 direct > "runs/val_$run/direct.log" 2>&1 & d=$!
