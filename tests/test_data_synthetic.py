@@ -436,3 +436,26 @@ def test_colour_negative_share_asks_for_present_colours_with_absent_shapes(tmp_p
     for bad in ("-0.1", "1.5"):
         with pytest.raises(SystemExit):
             synthetic.main(["--out", str(tmp_path / "bad"), "--n", "5", "--colour-negative-share", bad])
+
+
+def test_pixel_noise_flag_noises_the_pixels_and_keeps_the_objects(tmp_path):
+    args = ["--n", "6", "--seed", "3", "--workers", "1"]
+    synthetic.main(["--out", str(tmp_path / "clean"), *args])
+    synthetic.main(["--out", str(tmp_path / "noisy"), *args, "--pixel-noise", "12"])
+    clean = json.loads((tmp_path / "clean" / "meta.json").read_text())
+    noisy = json.loads((tmp_path / "noisy" / "meta.json").read_text())
+    assert clean["config"]["pixel_noise"] == 0.0 and noisy["config"]["pixel_noise"] == 12.0
+    # the same objects, masks and boxes: the noise is drawn after the scene is laid out
+    assert ((tmp_path / "clean" / "scenes_train.json").read_text()
+            == (tmp_path / "noisy" / "scenes_train.json").read_text())
+    images = sorted(p.name for p in (tmp_path / "clean" / "images").iterdir())
+    assert images and images == sorted(p.name for p in (tmp_path / "noisy" / "images").iterdir())
+    for name in images:
+        a = np.asarray(Image.open(tmp_path / "clean" / "images" / name), np.float32)
+        b = np.asarray(Image.open(tmp_path / "noisy" / "images" / name), np.float32)
+        assert a.shape == b.shape
+        # sigma in [0.4, 1] x 12, the same draw on the three channels (clipping trims it a little)
+        assert 3.0 < float((b - a).std()) < 13.0, name
+    for bad in ("-1", "100"):
+        with pytest.raises(SystemExit):
+            synthetic.main(["--out", str(tmp_path / "bad"), "--n", "5", "--pixel-noise", bad])

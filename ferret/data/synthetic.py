@@ -117,8 +117,8 @@ class SyntheticConfig:
     # turns, so a small model gets several supervised answers per forward pass.
     turns_per_sample: int = 1
     # Upper bound of a per-pixel noise sigma over the whole image (objects included). Off by
-    # default: the model sees 64-112 px inputs, where resizing averages such noise away, and
-    # noise triples PNG size and encode time. Backgrounds are textured/noisy regardless.
+    # default: noise triples PNG size and encode time, and backgrounds are textured/noisy
+    # regardless. The out-of-generator set puts such noise over its objects (session 20's probe).
     pixel_noise: float = 0.0
     # Draw each object with its own proportions (SHAPE_PROPORTIONS' ranges) and anti-aliased edges
     # (VARIETY_SUPERSAMPLE), instead of one exact star, cross, ring and square with hard edges. Off by
@@ -767,6 +767,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--colour-negative-share", type=float, default=None, metavar="P",
                         help="share of absent names that take a present object's colour with another shape "
                              "(default: half the absent names share a present colour or shape)")
+    parser.add_argument("--pixel-noise", type=float, default=SyntheticConfig.pixel_noise, metavar="SIGMA",
+                        help="gaussian noise over the whole image, objects included, sigma drawn per scene "
+                             "in [0.4, 1] x SIGMA (default 0: off)")
     args = parser.parse_args(argv)
     if args.turns_per_sample < 1:
         parser.error(f"--turns-per-sample must be >= 1, got {args.turns_per_sample}")
@@ -784,6 +787,8 @@ def main(argv: list[str] | None = None) -> None:
                      f"side; below 0.03 the smallest canvas draws objects of 2 px), got {args.min_radius}")
     if args.colour_negative_share is not None and not 0 <= args.colour_negative_share <= 1:
         parser.error(f"--colour-negative-share must be in [0, 1], got {args.colour_negative_share}")
+    if not 0 <= args.pixel_noise <= 64:
+        parser.error(f"--pixel-noise must be in [0, 64] (a sigma in 0-255 pixel units), got {args.pixel_noise}")
     try:
         task_weights = parse_task_weights(args.task_weight)
     except ValueError as exc:
@@ -793,7 +798,8 @@ def main(argv: list[str] | None = None) -> None:
                              min_objects=args.min_objects, max_objects=args.max_objects,
                              task_weights=task_weights, split_scenes=args.split_scenes,
                              max_rotation=args.max_rotation, shape_variety=args.shape_variety,
-                             min_radius=args.min_radius, colour_negative_share=args.colour_negative_share)
+                             min_radius=args.min_radius, colour_negative_share=args.colour_negative_share,
+                             pixel_noise=args.pixel_noise)
     try:
         summary = generate(args.out, args.n, args.seed, config, args.workers)
     except ValueError as exc:  # a world these settings cannot draw: one line, no traceback
