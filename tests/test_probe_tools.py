@@ -68,6 +68,33 @@ def test_export_step_writes_the_deepspeed_weights_as_a_loadable_model(tmp_path):
         export(["--step-dir", str(tmp_path), "--like", str(like), "--dst", str(tmp_path / "none")])
 
 
+def test_add_fine_region_path_keeps_every_weight_and_refuses_a_second_time(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    import ferret.model  # noqa: F401  (registers the Ferret classes with the Auto factories)
+
+    add = load_script("add_fine_region_path").main
+    conv = {"model_type": "ferret_conv_vision", "image_size": 48, "channels": [16, 32], "strides": [4, 3]}
+    model, tokenizer = build_tiny_model(mm_vision_tower="embedded-conv", mm_hidden_size=32, vision_config=conv)
+    src = tmp_path / "src"
+    model.save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    dst = add(["--src", str(src), "--dst", str(tmp_path / "fine")])
+    loaded = AutoModelForCausalLM.from_pretrained(dst)
+    assert loaded.config.vision_config["fine_region_features"] is True
+    new = loaded.state_dict()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(new[name], tensor), name
+    assert torch.count_nonzero(loaded.model.region_geo_sampler.fine.dim_projector.weight) == 0
+    assert (dst / "tokenizer.json").is_file()
+    with pytest.raises(SystemExit, match="already has the fine region path"):
+        add(["--src", str(dst), "--dst", str(tmp_path / "again")])
+    plain, _ = build_tiny_model()
+    plain.save_pretrained(tmp_path / "clip")
+    with pytest.raises(SystemExit, match="not a conv-tower model"):
+        add(["--src", str(tmp_path / "clip"), "--dst", str(tmp_path / "no")])
+
+
 def test_weight_soup_averages_with_weights_and_refuses_mismatched_models(tmp_path):
     from safetensors.torch import load_file, save_file
 

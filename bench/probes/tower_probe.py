@@ -9,7 +9,9 @@ steps, on the first `--val-scenes` validation scenes: object-level accuracy, whe
 class is the argmax of the readout averaged over the cells it covers most (or, for an object that
 wins no cell, the single cell it covers most), so every object counts, small ones included.
 Prints a learning curve and writes it as JSON (`--out`). Also reports how many objects win no
-cell at the chosen grid (objects the dense loss never supervises).
+cell at the chosen grid (objects the dense loss never supervises). `--ood data/ood` scores the
+final tower the same way on the out-of-generator set too (`final_ood`), and `--val-data` scores
+on another world's val split than the one trained on (a turned world against the default val).
 
 `--box-code linear|mlp` adds the training's box code (ferret.training.grounding.box_code_loss):
 each cell's 256-wide vector, made from the tower's features by a linear map (the embedded model's
@@ -175,6 +177,9 @@ def main(argv=None) -> dict:
                         help="hf: conv and linear weights drawn N(0, 0.02), as the full model's post_init draws them")
     parser.add_argument("--out", default=None)
     parser.add_argument("--save", default=None, help="write the trained tower's state dict here")
+    parser.add_argument("--val-data", default=None, help="score on this world's val split (default: --data's)")
+    parser.add_argument("--ood", default=None, help="also score the final tower on this out-of-generator set "
+                        "(scenes_ood.json, from ferret.eval.ood_scenes)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -197,7 +202,8 @@ def main(argv=None) -> dict:
     params = list(tower.parameters()) + list(head.parameters()) + (list(code_head.parameters()) if code_head else [])
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     train = SceneBatches(data, load_records(data, "train"), args.image_size, grid, vocabulary)
-    val = SceneBatches(data, load_records(data, "val")[: args.val_scenes], args.image_size, grid, vocabulary)
+    val_data = Path(args.val_data) if args.val_data else data
+    val = SceneBatches(val_data, load_records(val_data, "val")[: args.val_scenes], args.image_size, grid, vocabulary)
     info = {"grid": grid, "image_tokens": grid * grid, "params": sum(p.numel() for p in tower.parameters()),
             "unsupervised_objects_val": unsupervised_share(val.records, grid), "args": vars(args)}
     print(json.dumps(info), flush=True)
@@ -235,6 +241,10 @@ def main(argv=None) -> dict:
     final = {"step": step, "seconds": round(time.perf_counter() - start, 1),
              **evaluate(tower, head, val, vocabulary, grid, code_head)}
     result = {**info, "curve": curve, "final": final}
+    if args.ood:
+        ood = SceneBatches(Path(args.ood), load_records(Path(args.ood), "ood"), args.image_size, grid, vocabulary)
+        result["final_ood"] = evaluate(tower, head, ood, vocabulary, grid, code_head)
+        print(json.dumps({"ood": result["final_ood"]}), flush=True)
     print(json.dumps(final), flush=True)
     if args.save:
         torch.save({"config": config.to_dict(), "tower": tower.state_dict()}, args.save)
