@@ -113,55 +113,6 @@ def test_conv_tower_model_round_trips_through_auto_classes(tmp_path, tiny_tokeni
         assert torch.allclose(model(input_ids=ids, images=pixels).logits, loaded(input_ids=ids, images=pixels).logits)
 
 
-def test_fine_region_features_pack_the_first_stage_behind_the_grid():
-    from ferret.model.vision_tower import unpack_fine_cells
-
-    plain = ConvVisionTower(ConvVisionConfig(image_size=48, channels=[16, 32], strides=[4, 3]), frozen=False)
-    config = ConvVisionConfig(image_size=48, channels=[16, 32], strides=[4, 3], fine_region_features=True)
-    assert (config.fine_block, config.region_feature_size) == (3, 32 + 16 * 9)
-    tower = ConvVisionTower(config, frozen=False)
-    tower.load_state_dict(plain.state_dict())
-    pixels = torch.randn(2, 3, 48, 48)
-    out = tower(pixels)
-    assert out.shape == (2, 16, 32 + 144)
-    assert torch.equal(out[..., :32], plain(pixels))  # the grid the projector reads is unchanged
-    fine = unpack_fine_cells(out[..., 32:], 16, 3)  # the first stage's 12 x 12 map, row-major
-    assert torch.equal(fine, tower.stages[0](pixels).flatten(2).transpose(1, 2))
-    with pytest.raises(ValueError, match="fine cells"):
-        unpack_fine_cells(out[..., 33:], 16, 3)
-    with pytest.raises(ValueError, match="two stages"):
-        ConvVisionConfig(image_size=48, channels=[16], strides=[4], fine_region_features=True)
-
-
-def test_fine_region_sampler_starts_as_the_plain_one_and_then_reads_the_fine_map(tiny_tokenizer):
-    plain, _ = build_tiny_model(tiny_tokenizer, mm_vision_tower="embedded-conv", mm_hidden_size=32, vision_config=CONV)
-    fine = {**CONV, "fine_region_features": True}
-    fine_model, _ = build_tiny_model(tiny_tokenizer, mm_vision_tower="embedded-conv", mm_hidden_size=32, vision_config=fine)
-    result = fine_model.load_state_dict(plain.state_dict(), strict=False)
-    assert result.missing_keys and all(".region_geo_sampler.fine." in k for k in result.missing_keys)
-    assert fine_model.config.vision_config["fine_region_features"] is True
-    assert "fine_region_features" not in plain.config.vision_config  # old configs stay as they were
-    pixels = torch.randn(1, 3, 48, 48)
-    mask = torch.zeros(48, 48, dtype=torch.bool)
-    mask[5:20, 10:30] = True
-
-    def region(model):
-        with torch.no_grad():
-            features, _ = model.encode_images(pixels)
-            return model.encode_regions(features, [[mask]], generator=torch.Generator().manual_seed(0))[0]
-
-    assert torch.equal(region(fine_model), region(plain))  # the fine sampler's last projection is zero
-    with torch.no_grad():
-        assert torch.equal(fine_model.encode_images(pixels)[1], plain.encode_images(pixels)[1])
-        fine_model.model.region_geo_sampler.fine.dim_projector.bias.fill_(0.5)
-    assert not torch.allclose(region(fine_model), region(plain))
-    with pytest.raises(ValueError, match="packed fine cells"):
-        fine_model.encode_regions(torch.randn(1, 16, 32), [[mask]])
-    with pytest.raises(FerretConfigError, match="fine_region_features needs region_geo_sampler"):
-        build_tiny_model(tiny_tokenizer, mm_vision_tower="embedded-conv", mm_hidden_size=32, vision_config=fine,
-                         region_geo_sampler=False)
-
-
 # ------------------------------------------------------------------ number tokens
 
 

@@ -68,33 +68,6 @@ def test_export_step_writes_the_deepspeed_weights_as_a_loadable_model(tmp_path):
         export(["--step-dir", str(tmp_path), "--like", str(like), "--dst", str(tmp_path / "none")])
 
 
-def test_add_fine_region_path_keeps_every_weight_and_refuses_a_second_time(tmp_path):
-    from transformers import AutoModelForCausalLM
-
-    import ferret.model  # noqa: F401  (registers the Ferret classes with the Auto factories)
-
-    add = load_script("add_fine_region_path").main
-    conv = {"model_type": "ferret_conv_vision", "image_size": 48, "channels": [16, 32], "strides": [4, 3]}
-    model, tokenizer = build_tiny_model(mm_vision_tower="embedded-conv", mm_hidden_size=32, vision_config=conv)
-    src = tmp_path / "src"
-    model.save_pretrained(src)
-    tokenizer.save_pretrained(src)
-    dst = add(["--src", str(src), "--dst", str(tmp_path / "fine")])
-    loaded = AutoModelForCausalLM.from_pretrained(dst)
-    assert loaded.config.vision_config["fine_region_features"] is True
-    new = loaded.state_dict()
-    for name, tensor in model.state_dict().items():
-        assert torch.equal(new[name], tensor), name
-    assert torch.count_nonzero(loaded.model.region_geo_sampler.fine.dim_projector.weight) == 0
-    assert (dst / "tokenizer.json").is_file()
-    with pytest.raises(SystemExit, match="already has the fine region path"):
-        add(["--src", str(dst), "--dst", str(tmp_path / "again")])
-    plain, _ = build_tiny_model()
-    plain.save_pretrained(tmp_path / "clip")
-    with pytest.raises(SystemExit, match="not a conv-tower model"):
-        add(["--src", str(tmp_path / "clip"), "--dst", str(tmp_path / "no")])
-
-
 def test_weight_soup_averages_with_weights_and_refuses_mismatched_models(tmp_path):
     from safetensors.torch import load_file, save_file
 
@@ -167,3 +140,20 @@ def test_naming_errors_sorts_each_wrong_name_by_size_shape_and_kind():
     checks["wrong"].append({"check": "refer_box", "image": "s9.png", "expected": "red star", "answer": "No."})
     with pytest.raises(ValueError, match="wrong --scenes"):
         tool.breakdown(checks, scenes)
+
+
+def test_compare_runs_reads_each_results_file_and_marks_missing_ones(tmp_path):
+    import json
+
+    row = load_script("compare_runs").row
+    (tmp_path / "naming_errors").mkdir()
+    (tmp_path / "run_direct_val200.json").write_text(json.dumps(
+        {"accuracy": {"refer_box": 0.9, "refer_point": 0.8, "refer_free_form": 0.85, "yes_no_absent": 0.95, "yes_no_present": 0.97}}))
+    (tmp_path / "run_grounding_val.json").write_text(json.dumps({"acc50": 0.96}))
+    (tmp_path / "run_report_val200.json").write_text(json.dumps({"summary": {"lvis": {"acc_box": 0.94, "acc_point": 0.92}}}))
+    (tmp_path / "naming_errors" / "run_ood.json").write_text(json.dumps({"refer_box": {"accuracy": 0.81}}))
+    got = row("run", tmp_path)
+    assert (got["name box"], got["name point"], got["No"], got["Yes"]) == (0.9, 0.8, 0.95, 0.97)
+    assert (got["ground val"], got["LVIS box"], got["LVIS point"], got["ood name box"]) == (0.96, 0.94, 0.92, 0.81)
+    assert got["ground ood"] is None and got["ood name point"] is None and got["tokens shape"] is None
+    assert all(value is None for value in row("absent", tmp_path).values())

@@ -11,8 +11,9 @@ the first `--val-scenes` val scenes and of the out-of-generator set, as a box an
 3-pixel disk the demo draws), split by the object's radius in the tower's input:
 
 * `coarse`: the tower's 12x12 grid (what the shipped region sampler reads);
-* `fine`: the first stage's map, `fine_block` times finer (`ConvVisionConfig.fine_region_features`);
-* `both`: one sampler on each, embeddings summed (`GeoRegionSamplerWithFineCells`).
+* `fine`: the first stage's map (36x36 for the embedded tower);
+* `both`: one sampler on each, embeddings summed (the fine region path of session 21's ft_fine,
+  whose code is in commit 4ce20ac).
 
 The arms share the seed, the scenes and the regions, so they differ only in the maps they read.
 Validation and the out-of-generator set only, never test.
@@ -51,49 +52,42 @@ class RegionClassifier(nn.Module):
         geometry = dict(num_init_point=base.num_init_point, num_sub_point=base.num_sub_point,
                         num_neighbor=base.num_neighbor, pooler_mode=base.pooler_mode, feature_layout=base.feature_layout)
         width = model.config.hidden_size
-        self.maps, self.hidden, self.fine_dim, self.block = maps, tower.hidden_size, tower.channels[0], tower.fine_block
-        self.coarse = GeoRegionSampler(self.hidden, width, **geometry) if maps in ("coarse", "both") else None
-        self.fine = GeoRegionSampler(self.fine_dim, width, **geometry) if maps in ("fine", "both") else None
+        self.maps = maps
+        self.coarse = GeoRegionSampler(tower.hidden_size, width, **geometry) if maps in ("coarse", "both") else None
+        self.fine = GeoRegionSampler(tower.channels[0], width, **geometry) if maps in ("fine", "both") else None
         self.head = nn.Linear(width, vocabulary.num_colors + vocabulary.num_shapes + 2)
         self.num_colors = vocabulary.num_colors + 1
 
-    def forward(self, features: torch.Tensor, masks: list[list[torch.Tensor]], seed: int):
-        from ferret.model.vision_tower import unpack_fine_cells
-
+    def forward(self, grid: torch.Tensor, fine: torch.Tensor, masks: list[list[torch.Tensor]], seed: int):
         out = None
         if self.coarse is not None:
-            out = torch.cat(self.coarse(features[..., : self.hidden], masks, generator=torch.Generator().manual_seed(seed)))
+            out = torch.cat(self.coarse(grid, masks, generator=torch.Generator().manual_seed(seed)))
         if self.fine is not None:
-            fine_map = unpack_fine_cells(features[..., self.hidden:], self.fine_dim, self.block)
-            fine = torch.cat(self.fine(fine_map, masks, generator=torch.Generator().manual_seed(seed + 1)))
+            fine = torch.cat(self.fine(fine, masks, generator=torch.Generator().manual_seed(seed + 1)))
             out = fine if out is None else out + fine
         logits = self.head(out)
         return logits[:, : self.num_colors], logits[:, self.num_colors:]
 
 
-def fine_tower_features(model, pixels: torch.Tensor) -> torch.Tensor:
-    """The tower's grid plus its first stage's cells packed behind it (as fine_region_features)."""
-    tower = model.get_vision_tower()
-    first = tower.stages[0](pixels)
-    grid = tower(pixels)
-    packed = nn.functional.pixel_unshuffle(first, tower.config.fine_block).flatten(2).transpose(1, 2)
-    return torch.cat([grid[..., : tower.config.hidden_size], packed], dim=-1)
-
-
 class FeatureCache:
+    """Per scene: the tower's grid [S*S, hidden] and its first stage's map [(S*b)^2, channels[0]],
+    both row-major, kept in fp16 (the arms share the cache: ~0.17 MB a scene)."""
+
     def __init__(self, model, data: Path, records: list[dict], processor):
         self.model, self.data, self.records, self.processor, self.cache = model, data, records, processor, {}
 
     @torch.no_grad()
-    def __call__(self, indices: list[int]) -> torch.Tensor:
+    def __call__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         from ferret.processing import preprocess_images
 
         todo = [i for i in indices if i not in self.cache]
         if todo:
             pixels = preprocess_images([str(self.data / self.records[i]["image"]) for i in todo], self.processor)
-            for i, f in zip(todo, fine_tower_features(self.model, pixels)):
-                self.cache[i] = f.half()  # the arms share the cache: ~0.17 MB a scene
-        return torch.stack([self.cache[i] for i in indices]).float()
+            tower = self.model.get_vision_tower()
+            grid, first = tower(pixels), tower.stages[0](pixels).flatten(2).transpose(1, 2)
+            for i, g, f in zip(todo, grid, first):
+                self.cache[i] = (g.half(), f.half())
+        return tuple(torch.stack([self.cache[i][part] for i in indices]).float() for part in (0, 1))
 
 
 def object_regions(record: dict) -> list[tuple[str, int, torch.Tensor]]:
@@ -128,7 +122,7 @@ def score(classifier: RegionClassifier, cache: FeatureCache, records: list[dict]
     for i, record in enumerate(records):
         regions = object_regions(record)
         features = cache([i])
-        colour, shape = classifier(features, [[m for _, _, m in regions]], seed=i)
+        colour, shape = classifier(*features, [[m for _, _, m in regions]], seed=i)
         for (kind, k, _), c, s in zip(regions, colour.argmax(-1), shape.argmax(-1)):
             obj = record["objects"][k]
             ok_shape = int(s) == vocabulary.shapes.index(obj["shape"]) + 1
@@ -181,7 +175,7 @@ def main(argv=None) -> dict:
             records = [train[i] for i in picks]
             masks = warm_up_region_masks(records, draw)
             targets = [region_object_targets(r, [m], vocabulary) for r, m in zip(records, masks)]
-            colour, shape = classifier(caches["train"](picks), [[m] for m in masks], seed=step)
+            colour, shape = classifier(*caches["train"](picks), [[m] for m in masks], seed=step)
             loss = (nn.functional.cross_entropy(colour, torch.cat([t["region_color"] for t in targets]))
                     + nn.functional.cross_entropy(shape, torch.cat([t["region_shape"] for t in targets])))
             optimiser.zero_grad()

@@ -24,8 +24,6 @@ from ferret.processing import FerretProcessor
 
 CONV_TOWER_TYPE = ConvVisionConfig.model_type
 CONV_TOWER_FIELDS = ("image_size", "channels", "strides", "blocks_per_stage", "norm_groups", "position_embedding")
-# Written only when set, so that the configs of towers without them stay as they were.
-CONV_TOWER_OPTIONAL_FIELDS = ("fine_region_features",)
 
 SELECT_FEATURES = ("patch", "cls_patch")
 
@@ -96,9 +94,6 @@ class FerretConfig(LlamaConfig):
                     f"mm_hidden_size={self.mm_hidden_size} does not match the vision tower's "
                     f"hidden_size={vision.hidden_size}"
                 )
-            if getattr(vision, "fine_region_features", False) and not self.region_geo_sampler:
-                raise FerretConfigError("vision_config.fine_region_features needs region_geo_sampler: true "
-                                        "(the mask-pooling adapter reads the grid only)")
 
     @property
     def is_multimodal(self) -> bool:
@@ -138,13 +133,12 @@ def _normalise_vision_config(vision_config: dict | PreTrainedConfig) -> dict:
     if isinstance(vision_config, PreTrainedConfig):
         vision_config = vision_config.to_dict()
     if vision_config.get("model_type") == CONV_TOWER_TYPE:
-        fields = {k: vision_config[k] for k in CONV_TOWER_FIELDS + CONV_TOWER_OPTIONAL_FIELDS if k in vision_config}
+        fields = {k: vision_config[k] for k in CONV_TOWER_FIELDS if k in vision_config}
         try:
             conv = ConvVisionConfig(**fields)
         except (TypeError, ValueError) as error:
             raise FerretConfigError(f"vision_config is not a valid conv tower config: {error}") from None
-        return {"model_type": CONV_TOWER_TYPE, **{k: getattr(conv, k) for k in CONV_TOWER_FIELDS},
-                **{k: getattr(conv, k) for k in CONV_TOWER_OPTIONAL_FIELDS if getattr(conv, k)}}
+        return {"model_type": CONV_TOWER_TYPE, **{k: getattr(conv, k) for k in CONV_TOWER_FIELDS}}
     fields = {k: v for k, v in vision_config.items() if k not in ("model_type", "transformers_version")}
     try:
         config = CLIPVisionConfig(**fields)

@@ -62,20 +62,17 @@ class GradientCover(Protocol):
 
 
 def _build_region_sampler(config: FerretConfig) -> nn.Module:
-    from ferret.model.sampler import GeoRegionSampler, GeoRegionSamplerWithFineCells
+    from ferret.model.sampler import GeoRegionSampler
 
-    geometry = dict(
+    return GeoRegionSampler(
+        input_dim=config.mm_hidden_size,
+        output_dim=config.hidden_size,
         num_init_point=config.sampler_num_init_point,
         num_sub_point=tuple(config.sampler_num_sub_point),
         num_neighbor=tuple(config.sampler_num_neighbor),
         pooler_mode=config.sampler_pooler_mode,
         feature_layout=config.feature_layout,
     )
-    tower = config.vision_tower_config()
-    if getattr(tower, "fine_region_features", False):
-        return GeoRegionSamplerWithFineCells(config.mm_hidden_size, config.hidden_size, fine_dim=tower.channels[0],
-                                             fine_block=tower.fine_block, **geometry)
-    return GeoRegionSampler(input_dim=config.mm_hidden_size, output_dim=config.hidden_size, **geometry)
 
 
 class FerretModel(LlamaModel):
@@ -166,9 +163,7 @@ class FerretLlamaForCausalLM(LlamaForCausalLM):
             raise ValueError("this Ferret model has no vision tower (config has no mm_vision_tower/vision_config)")
         features = tower(images)
         projector_dtype = self.model.mm_projector.weight.dtype
-        # A conv tower with fine_region_features packs finer cells behind the grid's channels:
-        # they are for the region sampler, the projector reads the grid.
-        projected = self.model.mm_projector(features[..., : self.config.mm_hidden_size].to(projector_dtype))
+        projected = self.model.mm_projector(features.to(projector_dtype))
         return features, projected
 
     def encode_regions(

@@ -187,36 +187,6 @@ class GeoRegionSampler(nn.Module):
         return _split_per_image(embeddings, index, counts, num_images)
 
 
-class GeoRegionSamplerWithFineCells(GeoRegionSampler):
-    """GeoRegionSampler on the tower's grid plus a second one (`fine`) on the finer map that a
-    conv tower with `fine_region_features` packs behind the grid's channels; a region's
-    embedding is the sum of the two. The fine sampler's last projection starts at zero, so the
-    module starts as the plain sampler (a model without it loads and answers the same)."""
-
-    def __init__(self, input_dim: int, output_dim: int, fine_dim: int, fine_block: int, **kwargs):
-        super().__init__(input_dim, output_dim, **kwargs)
-        self.fine_dim, self.fine_block = int(fine_dim), int(fine_block)
-        self.fine = GeoRegionSampler(self.fine_dim, output_dim, **kwargs)
-        nn.init.zeros_(self.fine.dim_projector.weight)
-        nn.init.zeros_(self.fine.dim_projector.bias)
-        self.fine.dim_projector._is_hf_initialized = True  # keep the zeros through post_init
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, fine_dim={self.fine_dim}, fine_block={self.fine_block}"
-
-    def forward(self, feature_maps, region_masks, image_index=None, generator=None):
-        from ferret.model.vision_tower import unpack_fine_cells
-
-        width = self.input_dim + self.fine_dim * self.fine_block**2
-        if feature_maps.dim() != 3 or feature_maps.shape[-1] != width:
-            raise ValueError(f"feature_map must be [B, HW, {width}] (grid + packed fine cells), "
-                             f"got shape {tuple(feature_maps.shape)}")
-        coarse = super().forward(feature_maps[..., : self.input_dim], region_masks, image_index, generator)
-        fine_map = unpack_fine_cells(feature_maps[..., self.input_dim :], self.fine_dim, self.fine_block)
-        fine = self.fine(fine_map, region_masks, image_index, generator)
-        return [None if c is None else c + f for c, f in zip(coarse, fine)]
-
-
 # --------------------------------------------------------------------------- helpers
 
 

@@ -118,23 +118,14 @@ class ConvVisionConfig(PreTrainedConfig):
     grid. Convolutions are translation-equivariant and the LLM's rotary positions act only on
     queries and keys, so without it an image token's value says what is there but not where: a
     head that attends to the right object copies no location, and boxes cannot be read out.
-
-    `fine_region_features` appends to each token the first stage's cells under it (space to
-    depth: `fine_block`^2 cells of `channels[0]`), so the region sampler can also read a map
-    `fine_block` times finer (`region_feature_size` channels in all). The projector reads the
-    first `hidden_size` channels only, so the LLM's image tokens are unchanged. Why: a region's
-    name is read from its sampled points, and at 12x12 an object under 12 px spans one cell or
-    less, while shape errors on small objects are most of the naming errors (the model card).
     """
 
     model_type = "ferret_conv_vision"
 
     def __init__(self, image_size: int = 144, channels=(48, 96, 160), strides=(4, 3, 1),
-                 blocks_per_stage: int = 1, norm_groups: int = 8, position_embedding: bool = False,
-                 fine_region_features: bool = False, **kwargs):
+                 blocks_per_stage: int = 1, norm_groups: int = 8, position_embedding: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.position_embedding = bool(position_embedding)
-        self.fine_region_features = bool(fine_region_features)
         self.image_size = int(image_size)
         self.channels = [int(c) for c in channels]
         self.strides = [int(s) for s in strides]
@@ -148,8 +139,6 @@ class ConvVisionConfig(PreTrainedConfig):
         if self.image_size % math.prod(self.strides):
             raise ValueError(f"conv tower: image_size {self.image_size} is not a multiple of the total stride "
                              f"{math.prod(self.strides)}")
-        if self.fine_region_features and len(self.strides) < 2:
-            raise ValueError("conv tower: fine_region_features needs at least two stages (the first one's map is the fine one)")
 
     @property
     def hidden_size(self) -> int:
@@ -158,17 +147,6 @@ class ConvVisionConfig(PreTrainedConfig):
     @property
     def grid_size(self) -> int:
         return self.image_size // math.prod(self.strides)
-
-    @property
-    def fine_block(self) -> int:
-        """How many first-stage cells span one token, per side."""
-        return math.prod(self.strides[1:])
-
-    @property
-    def region_feature_size(self) -> int:
-        """Channels per token of the tower's output: hidden_size, plus the packed fine cells."""
-        extra = self.channels[0] * self.fine_block**2 if self.fine_region_features else 0
-        return self.hidden_size + extra
 
 
 def _conv_norm_act(c_in: int, c_out: int, stride: int, groups: int) -> nn.Sequential:
@@ -250,39 +228,19 @@ class ConvVisionTower(nn.Module):
         return self.stages[0][0][0].weight.dtype
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[B, 3, S0, S0] -> [B, S*S, region_feature_size]: the last stage's cells (hidden_size
-        channels), then, with fine_region_features, the first stage's cells under each one."""
         check_pixel_shape(pixel_values, self._config.image_size)
         stored = self.dtype
         device = self.stages[0][0][0].weight.device
         with torch.autocast(device.type, enabled=False):
-            maps = pixel_values.to(device=device, dtype=torch.float32)
-            first = None
-            for stage in self.stages:
-                if stored == torch.float32:
-                    maps = stage(maps)
-                else:
-                    weights = {name: p.float() for name, p in stage.named_parameters()}
-                    maps = torch.func.functional_call(stage, weights, (maps,))
-                first = maps if first is None else first
+            if stored == torch.float32:
+                maps = self.stages(pixel_values.to(device=device, dtype=torch.float32))
+            else:
+                weights = {name: p.float() for name, p in self.stages.named_parameters()}
+                maps = torch.func.functional_call(self.stages, weights, (pixel_values.to(device=device, dtype=torch.float32),))
             tokens = maps.flatten(2).transpose(1, 2)
             if self.position_embedding is not None:
                 tokens = tokens + self.position_embedding.float()
-            if self._config.fine_region_features:
-                packed = nn.functional.pixel_unshuffle(first, self._config.fine_block)  # [B, C0*b*b, S, S]
-                tokens = torch.cat([tokens, packed.flatten(2).transpose(1, 2)], dim=-1)
         return tokens.to(stored)
-
-
-def unpack_fine_cells(features: torch.Tensor, channels: int, block: int) -> torch.Tensor:
-    """[B, S*S, channels*block^2] packed fine cells (ConvVisionTower's tail) -> the fine map
-    [B, (S*block)^2, channels], row-major."""
-    batch, cells, width = features.shape
-    side = math.isqrt(cells)
-    if side * side != cells or width != channels * block * block:
-        raise ValueError(f"fine cells: expected [B, S*S, {channels * block * block}], got {tuple(features.shape)}")
-    grid = features.transpose(1, 2).reshape(batch, width, side, side)
-    return nn.functional.pixel_shuffle(grid, block).flatten(2).transpose(1, 2)
 
 
 def build_vision_tower(vision_config, select_layer: int = -2, select_feature: str = "patch", frozen: bool = True) -> nn.Module:
