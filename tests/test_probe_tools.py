@@ -3,6 +3,7 @@ DeepSpeed checkpoint as a model folder), bench/probes/repro_check.py's step comp
 bench/probes/weight_soup.py (weight averages of exported models)."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -143,8 +144,6 @@ def test_naming_errors_sorts_each_wrong_name_by_size_shape_and_kind():
 
 
 def test_compare_runs_reads_each_results_file_and_marks_missing_ones(tmp_path):
-    import json
-
     row = load_script("compare_runs").row
     (tmp_path / "naming_errors").mkdir()
     (tmp_path / "run_direct_val200.json").write_text(json.dumps(
@@ -157,3 +156,22 @@ def test_compare_runs_reads_each_results_file_and_marks_missing_ones(tmp_path):
     assert (got["ground val"], got["LVIS box"], got["LVIS point"], got["ood name box"]) == (0.96, 0.94, 0.92, 0.81)
     assert got["ground ood"] is None and got["ood name point"] is None and got["tokens shape"] is None
     assert all(value is None for value in row("absent", tmp_path).values())
+
+
+def test_tower_probe_pools_worlds_and_scores_the_out_of_generator_set(tmp_path):
+    from ferret.data.synthetic import SyntheticConfig, generate
+    from ferret.eval.ood_scenes import generate_ood
+
+    probe = load_script("tower_probe").main
+    generate(str(tmp_path / "a"), n=60, seed=1, workers=1)
+    generate(str(tmp_path / "b"), n=60, seed=2, workers=1, config=SyntheticConfig(max_rotation=45))
+    generate_ood(tmp_path / "ood", n=3, seed=0)
+    args = ["--image-size", "48", "--channels", "16,32", "--strides", "4,3", "--max-steps", "3", "--batch", "4",
+            "--val-scenes", "4", "--threads", "1", "--eval-every", "100", "--ood", str(tmp_path / "ood")]
+    pooled = probe(["--data", str(tmp_path / "a"), str(tmp_path / "b"), *args])
+    assert pooled["final"]["step"] == 3 and pooled["final"]["objects"] > 0
+    assert pooled["final_ood"]["objects"] == sum(len(s["objects"]) for s in json.loads((tmp_path / "ood" / "scenes_ood.json").read_text()))
+    scored_on_b = probe(["--data", str(tmp_path / "a"), "--val-data", str(tmp_path / "b"), *args])
+    b_val = json.loads((tmp_path / "b" / "scenes_val.json").read_text())[:4]
+    assert scored_on_b["final"]["objects"] == sum(len(s["objects"]) for s in b_val)
+    assert "final_ood" not in probe(["--data", str(tmp_path / "a"), *args[:-2]])

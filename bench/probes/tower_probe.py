@@ -156,7 +156,8 @@ def evaluate(tower, head, batches: SceneBatches, vocabulary: DenseVocabulary, gr
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", default="data/synth")
+    parser.add_argument("--data", nargs="+", default=["data/synth"],
+                        help="training world(s); several: their training scenes pooled, as one world")
     parser.add_argument("--image-size", type=int, default=144)
     parser.add_argument("--channels", default="48,96,160")
     parser.add_argument("--strides", default="4,3,1")
@@ -183,7 +184,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    data = Path(args.data)
+    data = Path(args.data[0])
     vocabulary = DenseVocabulary.synthetic()
     config = ConvVisionConfig(image_size=args.image_size, channels=[int(c) for c in args.channels.split(",")],
                               strides=[int(s) for s in args.strides.split(",")], blocks_per_stage=args.blocks_per_stage,
@@ -201,7 +202,8 @@ def main(argv=None) -> dict:
     rows = number_rows()
     params = list(tower.parameters()) + list(head.parameters()) + (list(code_head.parameters()) if code_head else [])
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    train = SceneBatches(data, load_records(data, "train"), args.image_size, grid, vocabulary)
+    pooled = [{**r, "image": str(Path(root) / r["image"])} for root in args.data for r in load_records(Path(root), "train")]
+    train = SceneBatches(Path("."), pooled, args.image_size, grid, vocabulary)
     val_data = Path(args.val_data) if args.val_data else data
     val = SceneBatches(val_data, load_records(val_data, "val")[: args.val_scenes], args.image_size, grid, vocabulary)
     info = {"grid": grid, "image_tokens": grid * grid, "params": sum(p.numel() for p in tower.parameters()),
