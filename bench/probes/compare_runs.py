@@ -29,23 +29,11 @@ def _get(data, *keys):
     return data
 
 
-def _find(data, key):
-    """The first value under `key` anywhere in nested dicts."""
-    if isinstance(data, dict):
-        if key in data:
-            return data[key]
-        for value in data.values():
-            found = _find(value, key)
-            if found is not None:
-                return found
-    return None
-
-
 def row(run: str, results: Path = RESULTS) -> dict[str, float | None]:
     direct = _get(_read(results / f"{run}_direct_val200.json"), "accuracy") or {}
-    report = _read(results / f"{run}_report_val200.json")
-    lvis = _find(report, "lvis") or {}
+    lvis = _get(_read(results / f"{run}_report_val200.json"), "summary", "lvis") or {}
     ood = _read(results / "naming_errors" / f"{run}_ood.json")
+    tokens = _read(results / "token" / f"{run}.json")
     return {
         "name box": direct.get("refer_box"), "name point": direct.get("refer_point"),
         "name free": direct.get("refer_free_form"), "No": direct.get("yes_no_absent"),
@@ -55,8 +43,8 @@ def row(run: str, results: Path = RESULTS) -> dict[str, float | None]:
         "LVIS box": lvis.get("acc_box"), "LVIS point": lvis.get("acc_point"),
         "ood name box": _get(ood, "refer_box", "accuracy"), "ood name point": _get(ood, "refer_point", "accuracy"),
         "ood name free": _get(ood, "refer_free_form", "accuracy"),
-        "tokens shape": _get(_read(results / "token" / f"{run}.json"), "readout", "projected/own", "shape"),
-        "region shape": _get(_read(results / "token" / f"{run}.json"), "readout", "region/own", "shape"),
+        "tokens shape": _get(tokens, "readout", "projected/own", "shape"),
+        "region shape": _get(tokens, "readout", "region/own", "shape"),
     }
 
 

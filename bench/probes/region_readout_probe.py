@@ -7,8 +7,10 @@ naming misses by shape, and the region embeddings tell 0.94 of the shapes, the n
 The model's tower is frozen. For each `--maps` arm a fresh region sampler (the model's geometry)
 and a linear colour / shape classifier are trained on one referred object per training scene (its
 visible mask or, half the time, its box, as the warm-up refers), then scored on every object of
-the first `--val-scenes` val scenes and of the out-of-generator set, as a box and as a point (the
-3-pixel disk the demo draws), split by the object's radius in the tower's input:
+the first `--val-scenes` val scenes and of the out-of-generator set, as a box and as a point (a
+disk of radius 3 px around one pixel of the object, smaller than the 11x11 window that
+`ferret.regions.region_mask` makes of a point, so the point numbers are a lower bound), split by
+the object's radius in the tower's input:
 
 * `coarse`: the tower's 12x12 grid (what the shipped region sampler reads);
 * `fine`: the first stage's map (36x36 for the embedded tower);
@@ -52,7 +54,6 @@ class RegionClassifier(nn.Module):
         geometry = dict(num_init_point=base.num_init_point, num_sub_point=base.num_sub_point,
                         num_neighbor=base.num_neighbor, pooler_mode=base.pooler_mode, feature_layout=base.feature_layout)
         width = model.config.hidden_size
-        self.maps = maps
         self.coarse = GeoRegionSampler(tower.hidden_size, width, **geometry) if maps in ("coarse", "both") else None
         self.fine = GeoRegionSampler(tower.channels[0], width, **geometry) if maps in ("fine", "both") else None
         self.head = nn.Linear(width, vocabulary.num_colors + vocabulary.num_shapes + 2)
@@ -63,8 +64,8 @@ class RegionClassifier(nn.Module):
         if self.coarse is not None:
             out = torch.cat(self.coarse(grid, masks, generator=torch.Generator().manual_seed(seed)))
         if self.fine is not None:
-            fine = torch.cat(self.fine(fine, masks, generator=torch.Generator().manual_seed(seed + 1)))
-            out = fine if out is None else out + fine
+            detail = torch.cat(self.fine(fine, masks, generator=torch.Generator().manual_seed(seed + 1)))
+            out = detail if out is None else out + detail
         logits = self.head(out)
         return logits[:, : self.num_colors], logits[:, self.num_colors:]
 
