@@ -42,6 +42,18 @@ def test_patch_coverage_uneven_cells_sum_to_area():
     assert cover[0, 0] == pytest.approx(mask[: ys[1], : xs[1]].mean())
 
 
+@pytest.mark.parametrize("shape, grid", [((37, 53), 8), ((5, 3), 8), ((12, 1), 12), ((160, 320), 12)])
+def test_patch_coverage_matches_cell_by_cell_count(shape, grid):
+    # Masks smaller than the grid have empty cells (coverage 0), the others exact pixel counts.
+    rng = np.random.default_rng(1)
+    mask = rng.random(shape) < 0.4
+    ys = np.rint(np.linspace(0, shape[0], grid + 1)).astype(int)
+    xs = np.rint(np.linspace(0, shape[1], grid + 1)).astype(int)
+    expected = np.array([[mask[ys[i]:ys[i + 1], xs[j]:xs[j + 1]].mean() if ys[i + 1] > ys[i] and xs[j + 1] > xs[j] else 0.0
+                          for j in range(grid)] for i in range(grid)])
+    np.testing.assert_array_equal(patch_coverage(mask, grid), expected)
+
+
 def test_patch_coverage_rejects_bad_mask():
     with pytest.raises(ValueError, match="2-D mask"):
         patch_coverage(np.zeros((3,), dtype=bool), 2)
