@@ -158,6 +158,20 @@ def test_compare_runs_reads_each_results_file_and_marks_missing_ones(tmp_path):
     assert all(value is None for value in row("absent", tmp_path).values())
 
 
+def test_binding_curve_averages_windows_skips_gaps_and_reads_a_running_run_first(tmp_path):
+    module = load_script("binding_curve")
+    rows = [{"step": 10, "attention_mass": 0.2}, {"step": 20, "attention_mass": 0.4},
+            {"step": 30, "attention_mass": float("nan")}, {"step": 40}, {"step": 50, "attention_mass": 0.9}]
+    assert module.curve(rows, 20, 80) == pytest.approx([0.3, None, 0.9, None])
+    (tmp_path / "checkpoints" / "run").mkdir(parents=True)
+    (tmp_path / "bench" / "probes" / "results").mkdir(parents=True)
+    (tmp_path / "bench" / "probes" / "results" / "run_metrics.jsonl").write_text('{"step": 10, "attention_mass": 0.1}\n')
+    assert module.read_metrics("run", tmp_path) == [{"step": 10, "attention_mass": 0.1}]
+    (tmp_path / "checkpoints" / "run" / "metrics.jsonl").write_text('{"step": 10, "attention_mass": 0.7}\n\n')
+    assert module.read_metrics("run", tmp_path) == [{"step": 10, "attention_mass": 0.7}]
+    assert module.read_metrics("absent", tmp_path) == []
+
+
 def test_tower_probe_pools_worlds_and_scores_the_out_of_generator_set(tmp_path):
     from ferret.data.synthetic import SyntheticConfig, generate
     from ferret.eval.ood_scenes import generate_ood
