@@ -97,6 +97,28 @@ def test_weight_soup_averages_with_weights_and_refuses_mismatched_models(tmp_pat
         soup(["--out", str(tmp_path / "bad"), str(tmp_path / "nowhere")])
 
 
+def test_scale_projector_scales_every_image_token_and_nothing_else(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    import ferret.model  # noqa: F401  (registers the Ferret classes with the Auto factories)
+
+    scale = load_script("scale_projector").main
+    model, tokenizer = build_tiny_model()
+    model.save_pretrained(tmp_path / "src", safe_serialization=True)
+    tokenizer.save_pretrained(tmp_path / "src")
+    dst = scale([str(tmp_path / "src"), "0.5", "--out", str(tmp_path / "half")])
+    scaled = AutoModelForCausalLM.from_pretrained(dst)
+    pixels = torch.randn(2, 3, model.config.vision_tower_config().image_size, model.config.vision_tower_config().image_size)
+    with torch.no_grad():
+        assert torch.allclose(scaled.encode_images(pixels)[1], 0.5 * model.encode_images(pixels)[1], atol=1e-6)
+    before, after = model.state_dict(), scaled.state_dict()
+    for key in ("model.mm_projector.weight", "model.mm_projector.bias"):
+        assert torch.equal(after[key], 0.5 * before[key])
+    assert all(torch.equal(before[k], after[k]) for k in before if "mm_projector" not in k)
+    with pytest.raises(SystemExit, match="must be > 0"):
+        scale([str(tmp_path / "src"), "0", "--out", str(tmp_path / "zero")])
+
+
 def test_yes_no_readout_splits_absent_names_by_the_words_the_scene_has():
     probe = load_script("yes_no_readout")
     scene = {"objects": [{"color": "red", "shape": "circle"}, {"color": "blue", "shape": "square"}]}
