@@ -2,7 +2,7 @@
 of LLM steps, from each run's per-10-step metrics (issue 13; the learning curve the LLM-stage
 probes are judged on).
 
-    python bench/probes/binding_curve.py full_rot45 full_rot45_w2400 probe_w2400_frozen --window 150
+    python bench/probes/binding_curve.py full_rot45 full_rot45_w2400 p1_rot45_w2400_s073 --window 100
 
 A run is read from checkpoints/RUN/metrics.jsonl while it trains, else from
 bench/probes/results/RUN_metrics.jsonl (val_probes.sh copies it there); a run with neither shows "-". The logged mass is one

@@ -117,11 +117,11 @@ def patch_coverage(mask_hw: np.ndarray, grid: int) -> np.ndarray:
     # Exact pixel counts per cell, summed over row bands then column bands (5x faster than an
     # integral image; it runs for every object of every scene the warm-up and the LLM stage draw).
     # A mask smaller than the grid has empty bands: they count 0 and are left out of reduceat.
+    heights, widths = np.diff(ys), np.diff(xs)
     area = np.zeros((grid, grid), dtype=np.int64)
-    rows_kept, cols_kept = np.diff(ys) > 0, np.diff(xs) > 0
-    bands = np.add.reduceat(mask_hw, ys[:-1][rows_kept], axis=0, dtype=np.int64)
-    area[np.ix_(rows_kept, cols_kept)] = np.add.reduceat(bands, xs[:-1][cols_kept], axis=1)
-    cells = np.outer(np.diff(ys), np.diff(xs)).astype(np.float64)
+    bands = np.add.reduceat(mask_hw, ys[:-1][heights > 0], axis=0, dtype=np.int64)
+    area[np.ix_(heights > 0, widths > 0)] = np.add.reduceat(bands, xs[:-1][widths > 0], axis=1)
+    cells = np.outer(heights, widths).astype(np.float64)
     return area / np.maximum(cells, 1.0)
 
 
