@@ -30,4 +30,5 @@ if __name__ == "__main__":
     where, step, separator, *argv = sys.argv[1:]
     if where not in EXIT_CODES or separator != "--":
         sys.exit(f"usage: crashing_train.py {'|'.join(EXIT_CODES)} STEP -- ARGS")
-    sys.exit(ferret_train.main(argv, TrainingCallbacks(**{where: exit_hard_at(int(step), EXIT_CODES[where])})))
+    ferret_train.exit_without_teardown(
+        ferret_train.main(argv, TrainingCallbacks(**{where: exit_hard_at(int(step), EXIT_CODES[where])})))

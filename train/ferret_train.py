@@ -368,5 +368,16 @@ def finish(run: Run) -> None:
         run.metrics.close()
 
 
+def exit_without_teardown(code: int) -> None:
+    """End the process once main() has returned, skipping the interpreter's teardown. Every file is
+    written and closed by then (checkpoints, export, metrics, TensorBoard), but on CPU a native
+    worker thread (gloo / DeepSpeed) may still be joinable when the C++ statics are destroyed:
+    "terminate called without an active exception" aborted about 1 in 15 finished 2-process ZeRO-3
+    runs here, turning a good run into exit code -6."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_without_teardown(main())
