@@ -568,3 +568,27 @@ def test_warm_up_region_readout_trains_the_sampler_but_not_the_tower(tmp_path):
     assert features.grad is None  # the tower gets nothing from it
     sampler_grads = [p.grad for p in model.model.region_geo_sampler.parameters() if p.grad is not None]
     assert sampler_grads and any(float(g.abs().sum()) > 0 for g in sampler_grads)
+
+
+def test_answer_box_cells_are_the_best_overlapping_objects_cells():
+    # The attention targets: each answer box's object (the one whose box overlaps it most), its
+    # cells covered >= min_cover, else its single most covered cell; cached per object.
+    import numpy as np
+
+    from ferret.data.rle import encode_rle
+    from ferret.training.dense_supervision import ScenePatchTargets
+
+    big, tiny = np.zeros((40, 40), dtype=bool), np.zeros((40, 40), dtype=bool)
+    big[0:20, 0:20] = True
+    tiny[30:32, 22:24] = True  # 4 px of a 400 px cell: under min_cover
+    record = {"scene_id": 5, "width": 40, "height": 40, "objects": [
+        {"name": "red circle", "box": [0, 0, 19, 19], "mask": encode_rle(big)},
+        {"name": "blue star", "box": [22, 30, 23, 31], "mask": encode_rle(tiny)}]}
+    targets = ScenePatchTargets([record], grid=2)
+    expected = [[True, False, False, False], [False, False, False, True]]
+    assert targets.answer_box_cells(5, [[1, 1, 18, 20], [21, 29, 24, 32]]).tolist() == expected
+    again = targets.answer_box_cells("5", [[21, 29, 24, 32], [0, 0, 19, 19]])
+    assert again.tolist() == expected[::-1]
+    again[0] = True  # the caller's rows are its own, not the cache
+    assert targets.object_cells(5, "blue star").tolist() == expected[1]
+    assert targets.object_cells(5, "green ring") is None

@@ -166,6 +166,7 @@ class ScenePatchTargets:
         self.grid, self.min_cover = grid, min_cover
         self.vocabulary = vocabulary or DenseVocabulary.synthetic()
         self._cache: dict[int, dict[str, torch.Tensor]] = {}
+        self._object_cells: dict[tuple[int, int], torch.Tensor] = {}  # (scene, object) -> its cells
 
     @classmethod
     def from_file(cls, path: str, grid: int, **kwargs) -> "ScenePatchTargets":
@@ -190,21 +191,30 @@ class ScenePatchTargets:
         """[len(boxes), grid*grid] bool: the cells covered (>= min_cover, else the single most
         covered cell) by the object each answer box belongs to (the scene object whose box
         overlaps it most). The targets of ferret.training.grounding.AttentionSupervision."""
-        from ferret.data.rle import decode_rle
         from ferret.eval.metrics import box_iou
 
         record = self.records[int(scene_id)]
-        width, height = int(record["width"]), int(record["height"])
         out = torch.zeros(len(boxes), self.grid * self.grid, dtype=torch.bool)
         for i, box in enumerate(boxes):
             overlaps = [box_iou(tuple(box), tuple(o["box"])) for o in record["objects"]]
-            obj = record["objects"][int(np.argmax(overlaps))]
-            cover = patch_coverage(decode_rle(obj["mask"], (height, width)), self.grid).reshape(-1)
+            out[i] = self._cells_of(int(scene_id), int(np.argmax(overlaps)))
+        return out
+
+    def _cells_of(self, scene_id: int, index: int) -> torch.Tensor:
+        """[grid*grid] bool cells of object `index` of the scene; computed once (every LLM step asks
+        for its answer boxes' objects, and the same objects come back epoch after epoch)."""
+        from ferret.data.rle import decode_rle
+
+        key = (scene_id, index)
+        if key not in self._object_cells:
+            record = self.records[scene_id]
+            mask = decode_rle(record["objects"][index]["mask"], (int(record["height"]), int(record["width"])))
+            cover = patch_coverage(mask, self.grid).reshape(-1)
             cells = cover >= self.min_cover
             if not cells.any():
                 cells[int(cover.argmax())] = True
-            out[i] = torch.from_numpy(cells)
-        return out
+            self._object_cells[key] = torch.from_numpy(cells)
+        return self._object_cells[key]
 
     def object_cells(self, scene_id, name: str) -> torch.Tensor | None:
         """[grid*grid] bool cells of the scene's object called `name` (as answer_box_cells), or
