@@ -214,8 +214,6 @@ def test_config_needs_scene_records_for_the_dense_loss():
         config_from_dict({**base, "train": {"vision_warmup_steps": 10}})
     with pytest.raises(TrainConfigError, match="train.vision_warmup_batch_multiple"):
         config_from_dict({**base, "train": {"vision_warmup_batch_multiple": 0}})
-    with pytest.raises(TrainConfigError, match="train.vision_warmup_token_norm"):
-        config_from_dict({**base, "train": {"vision_warmup_token_norm": -1.0}})
 
 
 def test_collator_pads_to_a_multiple_within_max_length():

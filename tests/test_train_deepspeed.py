@@ -251,31 +251,13 @@ def test_dense_readout_run_logs_and_lowers_the_auxiliary_loss(workspace, world_t
 def test_vision_warm_up_trains_the_tower_alone_before_the_loop(workspace, world_tokenizer):
     # Stage 1 (train.vision_warmup_steps): tower + projector on the readout only, gradients
     # averaged over the 2 ranks; its loss falls, then the DeepSpeed loop runs as usual.
-    # train.vision_warmup_token_norm: at its end the projector is scaled so the image tokens' mean
-    # norm (first 32 scene records) is 40.
-    scenes = workspace / "synth" / "scenes_train.json"
     proc = train(workspace, "warmup", "train.dense_loss_weight=1.0", f"model.tokenizer={world_tokenizer}",
-                 f"data.scene_records={scenes}", "train.vision_warmup_steps=12",
-                 "train.vision_warmup_learning_rate=5e-3", "train.max_steps=2", "train.save_steps=0",
-                 "train.vision_warmup_token_norm=40")
+                 f"data.scene_records={workspace / 'synth' / 'scenes_train.json'}", "train.vision_warmup_steps=12",
+                 "train.vision_warmup_learning_rate=5e-3", "train.max_steps=2", "train.save_steps=0")
     line = next(l for l in proc.stdout.splitlines() if "vision warm-up done" in l)
     first, last = (float(v) for v in line.split("readout loss ")[1].split(" (")[0].split(" -> "))
     assert last < first, line
     assert "step 2/2" in proc.stdout
-    scaled = next(l for l in proc.stdout.splitlines() if "image tokens' mean norm" in l)
-    measured = float(scaled.split("mean norm ")[1].split(" ->")[0])
-    assert measured < 30 and "-> 40.0" in scaled, scaled
-
-    from ferret.model.builder import load_pretrained
-    from ferret.processing import preprocess_images
-
-    records = sorted(json.loads(scenes.read_text()), key=lambda r: int(r["scene_id"]))[:32]
-    _, model, image_processor, _ = load_pretrained(workspace / "warmup" / "hf", device="cpu")
-    with torch.no_grad():
-        _, tokens = model.encode_images(preprocess_images([str(scenes.parent / r["image"]) for r in records],
-                                                          image_processor))
-    # the 2 LLM steps after it move the projector only a little
-    assert 34 < tokens.norm(dim=-1).mean().item() < 46
     # a resumed run does not warm up again: the tower's state is in the checkpoint
     again = train(workspace, "warmup", "train.dense_loss_weight=1.0", f"model.tokenizer={world_tokenizer}",
                   f"data.scene_records={workspace / 'synth' / 'scenes_train.json'}", "train.vision_warmup_steps=12",

@@ -125,10 +125,6 @@ class TrainSection:
     vision_warmup_steps: int = 0
     vision_warmup_batch_multiple: int = 1
     vision_warmup_learning_rate: float = 1e-3
-    # > 0: at the warm-up's end, scale the projector so the image tokens' mean norm (all tokens of the
-    # first 32 scene records) is this; no warm-up, no scaling. A 2,400-step warm-up grows the tokens
-    # (94 by this measure) and the LLM stage then binds late; scaled to 68 they bind on time.
-    vision_warmup_token_norm: float = 0.0
     # > 0: add this times ferret.training.grounding's attention supervision (one head of one decoder
     # layer pushed, from the answer's box positions, onto the image cells of the box's object;
     # needs data.scene_records).
@@ -270,7 +266,6 @@ class TrainConfig:
         _non_negative("train.vision_warmup_steps", t.vision_warmup_steps)
         _positive("train.vision_warmup_batch_multiple", t.vision_warmup_batch_multiple)
         _positive("train.vision_warmup_learning_rate", t.vision_warmup_learning_rate)
-        _non_negative("train.vision_warmup_token_norm", t.vision_warmup_token_norm)
         if t.vision_warmup_steps > 0 and t.dense_loss_weight <= 0:
             raise TrainConfigError("train.vision_warmup_steps: the warm-up trains on the dense readout; "
                                    "set train.dense_loss_weight > 0 (and data.scene_records)")

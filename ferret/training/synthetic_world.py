@@ -288,15 +288,6 @@ def warm_up_vision(model, readout: DenseReadout, scene_targets, image_processor,
         if rank == 0 and (step + 1) % 100 == 0:
             print(f"[ferret_train] vision warm-up {step + 1}/{steps} readout loss {loss.item():.4f} "
                   f"({time.perf_counter() - start:.0f} s)", flush=True)
-    if t.vision_warmup_token_norm > 0:
-        measured = step_loss.token_norm()
-        scale = t.vision_warmup_token_norm / measured
-        with torch.no_grad():  # one Linear: every image token becomes exactly `scale` times itself
-            base.model.mm_projector.weight.mul_(scale)
-            base.model.mm_projector.bias.mul_(scale)
-        if rank == 0:
-            print(f"[ferret_train] vision warm-up: image tokens' mean norm {measured:.1f} -> "
-                  f"{t.vision_warmup_token_norm:.1f} (projector x {scale:.3f})", flush=True)
     for module in modules:
         module.to(stored_dtype)
     # first and last tenth's mean: a falling loss says the tower learned
@@ -344,17 +335,6 @@ class WarmUpStep:
         if self.base.model.region_module is not None:
             loss = loss + self.region_loss(features, records, step)
         return loss
-
-    @torch.no_grad()
-    def token_norm(self, scenes: int = 32) -> float:
-        """The mean norm of the projected image tokens of the first `scenes` scene records (the same
-        scenes and weights on every rank, so every rank gets the same number)."""
-        from ferret.processing import preprocess_images
-
-        records = [self.targets.records[i] for i in self.scene_ids[:scenes]]
-        pixels = preprocess_images([str(self.image_root / r["image"]) for r in records], self.image_processor)
-        _, tokens = self.base.encode_images(pixels.to(self.device))
-        return float(tokens.float().norm(dim=-1).mean())
 
     def region_loss(self, features: torch.Tensor, records: list, step: int) -> torch.Tensor:
         """The region module's readout of one referred object in each of the first
