@@ -3,13 +3,17 @@
     python bench/train_throughput.py                # CPU, tiny Ferret, synthetic GRIT batches
     python bench/train_throughput.py --steps 8 --batch 4 --geometry released
     python bench/train_throughput.py --model embedded --batch 8   # the shipped default model's
-        architecture (train/configs/embedded.yaml: 112 px CLIP 192x4 trained, LLaMA 256x4, released
-        sampler geometry), its tokenizer, tower trainable as in its training run
+        architecture (train/configs/embedded.yaml: its conv tower, LLaMA 256x4, released sampler
+        geometry), its tokenizer, tower trainable as in its training run
+    python bench/train_throughput.py --model embedded --batch 8 --backends fast,fast+labels --turns 5
+        # the LM head at every position (as transformers does) vs only where a label follows
+        # (`logits_at_labels`, what train/ferret_train.py asks for), on 5-turn samples as in training
 
 A training step is what train/ferret_train.py does per micro-batch without DeepSpeed:
 forward (vision tower, projector, region sampler, LLaMA), backward, AdamW step, zero_grad.
 The sampler backend is switched with FERRET_SAMPLER_BACKEND between interleaved rounds
-(reference, fast, reference, fast, ...), so both see the same machine load; every backend
+(reference, fast, reference, fast, ...), so both see the same machine load; a backend named
+`NAME+labels` is sampler NAME with the forward's `logits_at_labels=True`; every backend
 trains its own copy of the same initial weights on the same batches with the same seeds.
 Prints a table and writes JSON to bench/results/train_throughput_<device>.json.
 """
@@ -38,13 +42,14 @@ GEOMETRIES = {
 }
 
 
-def make_batches(batch: int, count: int, seed: int, tokenizer, image_processor) -> list[dict]:
+def make_batches(batch: int, count: int, seed: int, tokenizer, image_processor, turns: int = 1) -> list[dict]:
     from ferret.data.collate import FerretCollator
     from ferret.data.grit import DataSource, GritDataConfig, GritDataset
-    from ferret.data.synthetic import generate
+    from ferret.data.synthetic import SyntheticConfig, generate
 
     folder = Path(tempfile.mkdtemp(prefix="ferret-bench-"))
-    generate(str(folder), n=max(8, batch * count * 2), seed=seed, workers=1)
+    generate(str(folder), n=max(8, batch * count * 2), seed=seed, workers=1,
+             config=SyntheticConfig(turns_per_sample=turns))
     dataset = GritDataset.from_sources([DataSource(str(folder / "train.json"))], tokenizer, image_processor,
                                        GritDataConfig(point_strategy="segment_mask|center", seed=seed))
     collate = FerretCollator(tokenizer.pad_token_id)
@@ -65,16 +70,18 @@ def build_embedded_architecture(seed: int):
     model.get_vision_tower().requires_grad_(not cfg.model.freeze_vision_tower)
     params = sum(p.numel() for p in model.parameters())
     c, v = model.config, model.config.vision_tower_config()
-    description = (f"embedded ({params:,} params: LLaMA {c.hidden_size}x{c.num_hidden_layers}, CLIP {v.hidden_size}x"
-                   f"{v.num_hidden_layers} {v.image_size} px trainable, sampler {c.sampler_num_init_point}/"
+    tower = model.get_vision_tower()
+    description = (f"embedded ({params:,} params: LLaMA {c.hidden_size}x{c.num_hidden_layers}, {type(tower).__name__} "
+                   f"{v.image_size} px trainable, {tower.num_patches} image tokens, sampler {c.sampler_num_init_point}/"
                    f"{c.sampler_num_sub_point}/k{c.sampler_num_neighbor})")
     return model, tokenizer, description
 
 
-def train_step(model, optimizer, batch: dict, seed: int) -> float:
+def train_step(model, optimizer, batch: dict, seed: int, logits_at_labels: bool = False) -> float:
     generator = torch.Generator().manual_seed(seed)
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"].long(), labels=batch["labels"],
-                images=batch["pixel_values"], region_masks=batch["region_masks"], region_generator=generator)
+                images=batch["pixel_values"], region_masks=batch["region_masks"], region_generator=generator,
+                logits_at_labels=logits_at_labels)
     out.loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -90,6 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="tiny: ferret.model.tiny with --geometry; embedded: the architecture of "
                              "train/configs/embedded.yaml (its own sampler geometry; --geometry is ignored)")
     parser.add_argument("--backends", default="reference,fast")
+    parser.add_argument("--turns", type=int, default=1, help="question/answer turns per sample")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(REPO / "bench" / "results"))
     args = parser.parse_args(argv)
@@ -107,7 +115,10 @@ def main(argv: list[str] | None = None) -> dict:
         description = "ferret.model.tiny (2-layer LLaMA 64, 2-layer CLIP 32, 112 px)"
     model.train()
     image_processor = build_image_processor(model.config.vision_tower_config().image_size)
-    batches = make_batches(args.batch, args.steps + 1, args.seed, tokenizer, image_processor)
+    batches = make_batches(args.batch, args.steps + 1, args.seed, tokenizer, image_processor, args.turns)
+    labelled = sum(int((b["labels"] != -100).sum()) for b in batches)
+    positions = sum(int(b["attention_mask"].sum()) + b["input_ids"].shape[0] * (model.get_vision_tower().num_patches - 1)
+                    for b in batches)
     regions = sum(len(m) for b in batches for m in b["region_masks"])
 
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
@@ -119,9 +130,10 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         for step, batch in enumerate(batches):  # step 0 is warm-up, untimed
             for backend in backends:
-                os.environ["FERRET_SAMPLER_BACKEND"] = backend
+                sampler, _, mode = backend.partition("+")
+                os.environ["FERRET_SAMPLER_BACKEND"] = sampler
                 start = time.perf_counter()
-                loss = train_step(models[backend], optimizers[backend], batch, args.seed + step)
+                loss = train_step(models[backend], optimizers[backend], batch, args.seed + step, mode == "labels")
                 elapsed = time.perf_counter() - start
                 if step:
                     times[backend].append(elapsed)
@@ -150,7 +162,8 @@ def main(argv: list[str] | None = None) -> dict:
         "dtype": "float32",
         "model": description,
         "sampler_geometry": args.geometry,
-        "shapes": {"batch": args.batch, "timed_steps": args.steps, "regions_in_run": regions,
+        "shapes": {"batch": args.batch, "turns_per_sample": args.turns, "timed_steps": args.steps, "regions_in_run": regions,
+                   "labelled_share_of_positions": round(labelled / positions, 3),
                    "max_tokens": max(int(b["input_ids"].shape[1]) for b in batches)},
         "results": rows,
     }
@@ -160,7 +173,8 @@ def main(argv: list[str] | None = None) -> dict:
               f"{row['speedup_vs_' + reference]:>8.2f}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / ("train_throughput_cpu.json" if args.model == "tiny" else f"train_throughput_{args.model}_cpu.json")
+    suffix = "" if args.backends == "reference,fast" else "_" + args.backends.replace(",", "_").replace("+", "-")
+    path = out / (f"train_throughput{suffix}_cpu.json" if args.model == "tiny" else f"train_throughput_{args.model}{suffix}_cpu.json")
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
     return result

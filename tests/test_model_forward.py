@@ -159,6 +159,37 @@ def test_image_positions_are_ignored_in_labels_and_loss_matches_manual(tiny):
     torch.testing.assert_close(out.loss, expected)
 
 
+def test_logits_at_labels_gives_the_full_forwards_loss_gradients_and_labelled_rows(tiny):
+    model, tokenizer = tiny
+    pad = tokenizer.pad_token_id
+    a, b = _ids(tokenizer, regions=1), _ids(tokenizer, text_before_image="a longer text here", tail="one two three")
+    width = max(len(a), len(b))
+    ids = torch.tensor([a + [pad] * (width - len(a)), b + [pad] * (width - len(b))])
+    mask = torch.tensor([[1] * len(a) + [0] * (width - len(a)), [1] * len(b) + [0] * (width - len(b))])
+    # Only the answers are labelled, as in training: the last 3 tokens of each sample.
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[0, len(a) - 3 : len(a)] = ids[0, len(a) - 3 : len(a)]
+    labels[1, len(b) - 3 : len(b)] = ids[1, len(b) - 3 : len(b)]
+    images = torch.randn(2, 3, 112, 112)
+
+    def run(**extra):
+        model.zero_grad()
+        out = model(input_ids=ids, attention_mask=mask, labels=labels, images=images, region_masks=[[_box_mask()], []],
+                    region_generator=torch.Generator().manual_seed(3), **extra)
+        out.loss.backward()
+        return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    full, full_grads = run()
+    fast, fast_grads = run(logits_at_labels=True)
+    torch.testing.assert_close(fast.loss, full.loss)
+    assert fast.logits.shape == (6, model.config.vocab_size)  # 3 labelled tokens per row, each predicted once
+    assert full_grads.keys() == fast_grads.keys()
+    for name in full_grads:
+        torch.testing.assert_close(fast_grads[name], full_grads[name], atol=1e-6, rtol=1e-5, msg=name)
+    with pytest.raises(ValueError, match="needs labels"):
+        model(input_ids=ids, logits_at_labels=True)
+
+
 def test_padded_batch_matches_single_samples(tiny):
     model, tokenizer = tiny
     pad = tokenizer.pad_token_id

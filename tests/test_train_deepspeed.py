@@ -220,20 +220,23 @@ def test_lora_run_trains_adapters_projector_and_sampler(workspace):
 
 @pytest.fixture(scope="module")
 def world_tokenizer(workspace) -> Path:
-    """The readout needs each colour and shape name as one token: a tokenizer trained on the world."""
+    """The readout needs each colour and shape name as one token, number smoothing each number 0-999:
+    a tokenizer trained on the world, with number tokens as the embedded model's."""
     from ferret.data.build_tokenizer import build
     from ferret.data.synthetic import generate
 
     generate(str(workspace / "tokenizer_corpus"), n=300, seed=5, workers=1)  # every colour and shape
-    build(str(workspace / "tokenizer_corpus"), str(workspace / "world_tokenizer"), vocab_size=600)
+    build(str(workspace / "tokenizer_corpus"), str(workspace / "world_tokenizer"), vocab_size=600, number_tokens=True)
     return workspace / "world_tokenizer"
 
 
 def test_dense_readout_run_logs_and_lowers_the_auxiliary_loss(workspace, world_tokenizer):
     # The synthetic world writes scenes_train.json; the readout loss reads the patch and region
     # targets from it through hooks, on both ranks, and the export stays the plain architecture.
+    # Number smoothing reads every position's logits: the one loss that needs the LM head's full
+    # output (train steps ask the model for the labelled positions' logits otherwise).
     proc = train(workspace, "dense", "train.dense_loss_weight=1.0", f"model.tokenizer={world_tokenizer}",
-                 f"data.scene_records={workspace / 'synth' / 'scenes_train.json'}",
+                 f"data.scene_records={workspace / 'synth' / 'scenes_train.json'}", "train.number_smoothing_weight=0.1",
                  "train.max_steps=6", "train.save_steps=0", "train.learning_rate=5e-3")
     out = workspace / "dense"
     metrics = curve(out)

@@ -270,7 +270,9 @@ def train_step(run: Run, batches) -> dict:
         # same draw whether or not the run was interrupted.
         generator = torch.Generator(device=procs.device).manual_seed(
             region_seed(cfg.train.seed, state.global_step, procs.rank, micro_step))
-        outputs = engine(**move_batch(batch, procs.device, run.compute_dtype), region_generator=generator)
+        # The LM head only where a label follows, unless an auxiliary loss reads every position's logits.
+        outputs = engine(**move_batch(batch, procs.device, run.compute_dtype), region_generator=generator,
+                         logits_at_labels=not run.aux.reads_all_logits)
         engine.backward(run.aux.add_losses(outputs.loss, batch, outputs, procs.device))
         engine.step()
         losses.append(outputs.loss.detach().float())

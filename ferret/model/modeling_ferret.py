@@ -18,11 +18,13 @@ from collections.abc import Sequence
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaForCausalLM, LlamaPreTrainedModel
 
-from ferret.constants import IMAGE_TOKEN_INDEX
+from ferret.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from ferret.model.configuration_ferret import FerretConfig
 from ferret.model.multimodal_inputs import MultimodalInputs, splice_multimodal_embeddings
 from ferret.model.region_adapter import MaskPoolingRegionAdapter
@@ -282,8 +284,15 @@ class FerretLlamaForCausalLM(LlamaForCausalLM):
         images: torch.Tensor | None = None,
         region_masks: RegionMasks | None = None,
         region_generator: torch.Generator | Sequence[torch.Generator | None] | None = None,
+        logits_at_labels: bool = False,
         **kwargs,
     ):
+        """`logits_at_labels=True` (training; needs `labels`): the LM head runs only at the positions
+        whose next token is labelled, and `logits` is [N, vocab] for those N positions in row-major
+        order. The loss is the same mean cross-entropy; the head and its backward skip the prompt
+        and the image tokens (most of the sequence)."""
+        if logits_at_labels and labels is None:
+            raise ValueError("logits_at_labels=True needs labels")
         # (a covered training step splices text-only batches too: the cover touches the multimodal weights)
         covered_step = self._active_gradient_cover() is not None and self.get_vision_tower() is not None
         needs_splice = input_ids is not None and (
@@ -300,6 +309,8 @@ class FerretLlamaForCausalLM(LlamaForCausalLM):
             )
             input_ids, inputs_embeds = None, merged.inputs_embeds
             attention_mask, position_ids, labels = merged.attention_mask, merged.position_ids, merged.labels
+        if logits_at_labels:
+            return self._labelled_forward(input_ids, attention_mask, position_ids, inputs_embeds, labels, **kwargs)
         return super().forward(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -311,6 +322,16 @@ class FerretLlamaForCausalLM(LlamaForCausalLM):
             logits_to_keep=logits_to_keep,
             **kwargs,
         )
+
+    def _labelled_forward(self, input_ids, attention_mask, position_ids, inputs_embeds, labels, **kwargs):
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            inputs_embeds=inputs_embeds, use_cache=False, **kwargs).last_hidden_state
+        # Position t predicts label t+1, as in transformers' causal-LM loss.
+        targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
+        keep = targets != IGNORE_INDEX
+        logits = self.lm_head(hidden[keep])
+        loss = F.cross_entropy(logits.float(), targets[keep], ignore_index=IGNORE_INDEX)
+        return CausalLMOutputWithPast(loss=loss, logits=logits)
 
     @torch.no_grad()
     def generate(

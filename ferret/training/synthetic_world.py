@@ -176,6 +176,12 @@ class SyntheticWorldSupervision:
         self._attention: list[torch.Tensor] = []
         self._masses: list[float] = []
 
+    @property
+    def reads_all_logits(self) -> bool:
+        """Whether add_losses needs the logits at every position (number smoothing does); else the
+        trainer asks the model for the labelled positions' logits only."""
+        return self.number_ids is not None and self.cfg.train.number_smoothing_weight > 0
+
     def warm_up(self, image_processor, rank: int, world: int, device: torch.device) -> float | None:
         """Stage 1 (`train.vision_warmup_steps` > 0): see warm_up_vision. None when not configured."""
         if self.cfg.train.vision_warmup_steps <= 0:
