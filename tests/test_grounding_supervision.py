@@ -419,6 +419,49 @@ def test_name_head_is_supervised_onto_the_asked_colour_and_shape_words():
         grounding_supervision(model, tokenizer, cfg)
 
 
+def test_name_copy_points_each_restated_word_at_its_question_word():
+    # train.name_supervision_copy: the answer's restated name ("The pink cross [...]") is copied
+    # from the question; only turns whose question names one object (not the two-way choice).
+    from transformers import AutoTokenizer
+
+    from ferret.conversation import tokenize_conversation
+    from ferret.training.config import TrainConfig, TrainConfigError
+    from ferret.training.grounding import name_copy_queries
+    from ferret.training.synthetic_world import grounding_supervision
+
+    tokenizer = AutoTokenizer.from_pretrained("ferret/assets/model")
+    messages = [("USER", "<image>\nWhere is the pink cross?"), ("ASSISTANT", "The pink cross [10, 20, 30, 40]."),
+                ("USER", "Is the object <bbox_location0> of the image a blue ring or a green cross?"),
+                ("ASSISTANT", "A green cross."),
+                ("USER", "Is there a red ring in the image?"), ("ASSISTANT", "Yes, the red ring [1, 2, 3, 4].")]
+    ids, labels = tokenize_conversation(messages, tokenizer)
+    ids, labels = torch.as_tensor(ids), torch.as_tensor(labels)
+    cfg = TrainConfig()
+    cfg.train.attention_supervision_weight = 1.0
+    cfg.train.attention_supervision_layer = 1
+    cfg.train.name_supervision_layer, cfg.train.name_supervision_head = 0, 3
+    cfg.train.name_supervision_copy = True
+    model = conv_model(tokenizer, hidden_size=64, num_attention_heads=4, num_key_value_heads=4)
+    name_head = grounding_supervision(model, tokenizer, cfg)[0][1]
+    queries = name_copy_queries(ids, labels, name_head.name_words)
+    words = lambda positions: tokenizer.convert_ids_to_tokens(ids[list(positions)].tolist())
+    # (what the query position writes next, the question word it is pointed at), in order
+    seen = [(words([j + 1]), words(at)) for j, at in queries]
+    # (the question's "cross?" is one token: the mark glued on)
+    assert seen == [(["\u2581pink"], ["\u2581pink"]), (["\u2581cross"], ["\u2581cross?"]),
+                    (["\u2581red"], ["\u2581red"]), (["\u2581ring"], ["\u2581ring"])]
+    assert all(labels[j + 1] != IGNORE_INDEX and labels[a] == IGNORE_INDEX for j, at in queries for a in at)
+    batch = {"input_ids": ids[None], "labels": labels[None], "answer_cells": [torch.zeros(0, 16, dtype=torch.bool)]}
+    copy = [(p, w) for p, _, t, w, _ in name_head._queries(batch, 0) if not t.any()]
+    assert copy == queries
+    cfg.train.name_supervision_copy = False
+    assert grounding_supervision(model, tokenizer, cfg)[0][1]._queries(batch, 0) == []
+    cfg.train.name_supervision_copy, cfg.train.name_supervision_layer = True, None
+    cfg.data.scene_records, cfg.data.data_path, cfg.model.tiny = "scenes_train.json", ["train.json"], True
+    with pytest.raises(TrainConfigError, match="name_supervision_copy"):
+        cfg.validate()
+
+
 def test_coordinate_heads_split_the_box_numbers_over_four_heads(number_tokenizer):
     model = conv_model(number_tokenizer, hidden_size=64, num_attention_heads=4, num_key_value_heads=4)
     supervision = AttentionSupervision(model, number_tokenizer, layer=1, head=0, coordinate_heads=True)

@@ -11,7 +11,12 @@ of the answer. Reports, beside Acc@0.5 (IoU >= 0.5 with the object):
     looks at the image but binds the wrong name scores here, not in Acc@0.5);
   * mean_iou on the asked object; miss_near / miss_other_object: answers with IoU 0.1-0.5 on the
     asked object (found, box coarse) / below 0.5 on it but >= 0.5 on another object (wrong object);
-  * name_box: naming with a box region ("What is the object <region>?"), colour and shape right.
+  * name_box: naming with a box region ("What is the object <region>?"), colour and shape right;
+  * restated_name: grounding answers ("The <name> [box].") that restate the asked name, and
+    acc50_restated: Acc@0.5 among those (the box is written after the name, so a wrong name there
+    sends the box elsewhere); restated_other_object: answers that restate, instead, the name of
+    another object of the scene (the name read from the image rather than copied from the question);
+    restated_colour / restated_shape: answers whose restated colour / shape word is the asked one.
 The training loss hides a model that writes an average box; these numbers do not.
 """
 
@@ -65,7 +70,8 @@ def main(argv=None) -> dict:
     answers = []
     for i in range(0, len(asks), args.batch_size):
         answers += chat.ask_batch(asks[i:i + args.batch_size], max_new_tokens=32)
-    hits = anys = floors = names = near = other = 0
+    hits = anys = floors = names = near = other = restated = restated_hits = restated_other = 0
+    restated_words = np.zeros(2)
     ious = []
     examples = []
     for k, (scene, obj) in enumerate(truths):
@@ -79,6 +85,8 @@ def main(argv=None) -> dict:
             own = box_iou(box, tuple(obj["box"]))
             best = max(box_iou(box, tuple(o["box"])) for o in scene["objects"])
             hits += own >= 0.5
+            if first_name(ground.text) == obj["name"]:
+                restated_hits += own >= 0.5
             anys += best >= 0.5
             near += 0.1 <= own < 0.5  # the asked object, coarsely
             other += own < 0.5 <= best  # another object of the scene
@@ -86,13 +94,22 @@ def main(argv=None) -> dict:
         else:
             ious.append(0.0)
         names += first_name(refer.text) == obj["name"]
+        said = first_name(ground.text)
+        restated += said == obj["name"]
+        restated_other += said != obj["name"] and said in {o["name"] for o in scene["objects"]}
+        if said is not None:
+            restated_words += [a == b for a, b in zip(said.split(), obj["name"].split())]
         if len(examples) < 6:
             examples.append({"name": obj["name"], "truth": obj["box"], "ground": ground.text, "refer": refer.text})
     n = len(truths)
     result = {"model_path": args.model_path, "split": args.split, "scenes": len(scenes), "objects": n,
               "acc50": round(hits / n, 4), "any_object": round(anys / n, 4), "floor": round(floors / n, 4),
               "mean_iou": round(sum(ious) / n, 4), "miss_near": round(near / n, 4), "miss_other_object": round(other / n, 4),
-              "name_box": round(names / n, 4), "seconds": round(time.perf_counter() - start, 1), "examples": examples}
+              "name_box": round(names / n, 4), "restated_name": round(restated / n, 4),
+              "acc50_restated": round(restated_hits / max(restated, 1), 4),
+              "restated_other_object": round(restated_other / n, 4),
+              "restated_colour": round(restated_words[0] / n, 4), "restated_shape": round(restated_words[1] / n, 4),
+              "seconds": round(time.perf_counter() - start, 1), "examples": examples}
     print(json.dumps(result, indent=1))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -113,6 +113,35 @@ def asked_name_positions(input_ids: torch.Tensor, answer_start: int, name_ids: s
     return tuple(found[-2:])
 
 
+def name_word_ids(tokenizer, words: set[str]) -> dict[int, str]:
+    """Token id -> name word, for every token that is a name word after a space, with or without
+    trailing punctuation: BPE glues the question's last word to its mark (" cross?")."""
+    out = {}
+    for token, i in tokenizer.get_vocab().items():
+        word = token.lstrip("\u2581 ").rstrip("?.,!")
+        if token[:1] in ("\u2581", " ") and word in words:
+            out[i] = word
+    return out
+
+
+def name_copy_queries(input_ids: torch.Tensor, labels: torch.Tensor, word_of: dict[int, str]) -> list[tuple[int, tuple[int, ...]]]:
+    """(position, question positions) for each answer token that repeats a name word of its own
+    turn's question (`word_of`: name_word_ids): the position before it (which writes it) and where
+    the question holds that word. Only turns whose question names one object (at most two name
+    words): with two offered names (the LVIS choice) which to copy depends on the image."""
+    ids = input_ids.tolist()
+    out, question_start = [], 0
+    for start, end in answer_runs(labels):
+        asked = [j for j in range(question_start, start) if ids[j] in word_of]
+        if 0 < len(asked) <= 2:
+            for j in range(max(start, 1), end):
+                same = tuple(a for a in asked if ids[j] in word_of and word_of[ids[a]] == word_of[ids[j]])
+                if same:
+                    out.append((j - 1, same))
+        question_start = end
+    return out
+
+
 def spliced_index(input_ids_row: torch.Tensor, num_image_tokens: int) -> tuple[int, callable]:
     """(image start in the spliced sequence, map text index -> spliced index) for one sample whose
     single image placeholder expands into `num_image_tokens` embeddings."""
@@ -132,7 +161,7 @@ class AttentionSupervision:
 
     def __init__(self, model, tokenizer, layer: int, head: int, coordinate_heads: bool = False,
                  boxes: bool = True, presence: bool = True, name: bool = False, presence_weight: float = 1.0,
-                 absent_target: str = "bos", name_each_word: bool = False):
+                 absent_target: str = "bos", name_each_word: bool = False, name_copy: bool = False):
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         from ferret.data.synthetic_tokenizer import digit_token_ids, number_token_ids
@@ -160,6 +189,15 @@ class AttentionSupervision:
         # shape word alone, as full_coordpe_v2n's did) or each word on its own (one query per word,
         # so the head splits its attention and carries the colour too).
         self.name_each_word = name_each_word
+        # Also from each answer position that writes one of the question's name words, onto that
+        # word in the question (the copy the answer's restated name needs).
+        self.name_copy = name_copy
+        self.name_words: dict[int, str] = {}
+        if name_copy:
+            from ferret.training.dense_supervision import DenseVocabulary
+
+            vocabulary = DenseVocabulary.synthetic()
+            self.name_words = name_word_ids(tokenizer, set(vocabulary.colors) | set(vocabulary.shapes))
         self.name_ids: set[int] = set()
         if name:  # from the yes/no position onto the asked name's words
             from ferret.training.dense_supervision import DenseVocabulary, NameDirections
@@ -219,6 +257,8 @@ class AttentionSupervision:
                 continue
             for k, run in enumerate(number_runs(ids, span, self.number_ids)[:BOX_COORDINATES]):
                 out += [(j, c, target if c == k else bos, (), 1.0) for j in run for c in range(BOX_COORDINATES)]
+        if self.name_copy:
+            out += [(j, self.head, torch.zeros_like(bos), words, 1.0) for j, words in name_copy_queries(ids, labels, self.name_words)]
         presence = batch.get("presence_cells") if (self.presence or self.name_ids) else None
         if presence is not None and len(presence[row]):
             for (start, _), target in zip(answer_runs(labels), presence[row]):

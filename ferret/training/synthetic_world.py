@@ -156,7 +156,8 @@ def grounding_supervision(model, tokenizer, cfg: TrainConfig):
             try:
                 supervision.append(AttentionSupervision(model, tokenizer, t.name_supervision_layer, t.name_supervision_head,
                                                         boxes=False, presence=False, name=True,
-                                                        name_each_word=t.name_supervision_each_word))
+                                                        name_each_word=t.name_supervision_each_word,
+                                                        name_copy=t.name_supervision_copy))
             except ValueError as err:
                 raise TrainConfigError(f"train.name_supervision_layer/head: {err}") from None
     return supervision, (torch.tensor(number_ids) if number_ids is not None else None)
