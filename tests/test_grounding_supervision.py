@@ -456,8 +456,28 @@ def test_name_copy_points_each_restated_word_at_its_question_word():
     assert copy == queries
     cfg.train.name_supervision_copy = False
     assert grounding_supervision(model, tokenizer, cfg)[0][1]._queries(batch, 0) == []
-    cfg.train.name_supervision_copy, cfg.train.name_supervision_layer = True, None
+    # train.name_supervision_copy_steps: the copy only in the stage's first N steps
+    from ferret.training.synthetic_world import SyntheticWorldSupervision
+
+    cfg.train.name_supervision_copy, cfg.train.name_supervision_copy_steps = True, 4
+    cfg.train.dense_loss_weight = 0.0
+    aux = SyntheticWorldSupervision(model, tokenizer, cfg)
+    name_head = aux.attention[1]
+    for step, copying in [(0, True), (3, True), (4, False), (900, False)]:
+        # (a batch without answer cells: the toggle alone, no attention loss to compute)
+        aux.add_losses(torch.zeros(()), {"input_ids": ids[None]}, None, torch.device("cpu"), step)
+        assert name_head.name_copy is copying and aux.attention[0].name_copy is False
+        assert bool([q for q in name_head._queries(batch, 0) if not q[2].any()]) is copying
     cfg.data.scene_records, cfg.data.data_path, cfg.model.tiny = "scenes_train.json", ["train.json"], True
+    cfg.validate()
+    cfg.train.name_supervision_copy = False
+    with pytest.raises(TrainConfigError, match="name_supervision_copy_steps"):
+        cfg.validate()
+    cfg.train.name_supervision_copy, cfg.train.name_supervision_copy_steps = True, 0
+    with pytest.raises(TrainConfigError, match="name_supervision_copy_steps"):
+        cfg.validate()
+    cfg.train.name_supervision_copy_steps = None
+    cfg.train.name_supervision_copy, cfg.train.name_supervision_layer = True, None
     with pytest.raises(TrainConfigError, match="name_supervision_copy"):
         cfg.validate()
 

@@ -273,7 +273,7 @@ def train_step(run: Run, batches) -> dict:
         # The LM head only where a label follows, unless an auxiliary loss reads every position's logits.
         outputs = engine(**move_batch(batch, procs.device, run.compute_dtype), region_generator=generator,
                          logits_at_labels=not run.aux.reads_all_logits)
-        engine.backward(run.aux.add_losses(outputs.loss, batch, outputs, procs.device))
+        engine.backward(run.aux.add_losses(outputs.loss, batch, outputs, procs.device, state.global_step))
         engine.step()
         losses.append(outputs.loss.detach().float())
         samples += batch["input_ids"].shape[0]

@@ -157,6 +157,9 @@ class TrainSection:
     # runs whose box heads bound late restated one of the two words wrong in a third of their
     # answers at step 700, the run that bound on time in 0.03 (session 24).
     name_supervision_copy: bool = False
+    # The copy supervision for this stage's first N LLM steps only (None: every step). Both copy
+    # runs bound on time but named 0.02-0.06 worse at the end than their controls (session 26).
+    name_supervision_copy_steps: int | None = None
     box_code_weight: float = 0.0
     box_code_sigma: float = 6.0
     # > 0 (needs a tokenizer with one token per number 0-999): add this times a cross-entropy
@@ -282,6 +285,11 @@ class TrainConfig:
         if t.name_supervision_copy and t.name_supervision_layer is None:
             raise TrainConfigError("train.name_supervision_copy: the copy is supervised on the name head; "
                                    "set train.name_supervision_layer (and _head)")
+        if t.name_supervision_copy_steps is not None:
+            _positive("train.name_supervision_copy_steps", t.name_supervision_copy_steps)
+            if not t.name_supervision_copy:
+                raise TrainConfigError("train.name_supervision_copy_steps: limits the copy supervision, which is "
+                                       "off; set train.name_supervision_copy=true or leave the steps unset")
         _non_negative("train.box_code_weight", t.box_code_weight)
         _positive("train.box_code_sigma", t.box_code_sigma)
         if t.box_code_weight > 0 and t.dense_loss_weight <= 0:

@@ -190,9 +190,13 @@ class SyntheticWorldSupervision:
         return warm_up_vision(self.model, self.readout, self.scene_targets, image_processor, self.cfg,
                               rank, world, device)
 
-    def add_losses(self, loss: torch.Tensor, batch: dict, outputs, device: torch.device) -> torch.Tensor:
-        """`loss` (the answer loss of the forward just run) plus the configured auxiliary losses."""
+    def add_losses(self, loss: torch.Tensor, batch: dict, outputs, device: torch.device, step: int = 0) -> torch.Tensor:
+        """`loss` (the answer loss of the forward just run, at optimizer step `step` of the stage) plus
+        the configured auxiliary losses."""
         t = self.cfg.train
+        if t.name_supervision_copy_steps is not None:
+            for head in self.attention:
+                head.name_copy = bool(head.name_words) and step < t.name_supervision_copy_steps
         if self.readout is not None:
             # Every rank runs the same graph whether or not this batch has targets.
             dense = self.readout.loss(batch, device) if "patch_color" in batch else loss.new_zeros(())
