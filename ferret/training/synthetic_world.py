@@ -190,7 +190,7 @@ class SyntheticWorldSupervision:
         return warm_up_vision(self.model, self.readout, self.scene_targets, image_processor, self.cfg,
                               rank, world, device)
 
-    def add_losses(self, loss: torch.Tensor, batch: dict, outputs, device: torch.device, step: int = 0) -> torch.Tensor:
+    def add_losses(self, loss: torch.Tensor, batch: dict, outputs, device: torch.device, step: int) -> torch.Tensor:
         """`loss` (the answer loss of the forward just run, at optimizer step `step` of the stage) plus
         the configured auxiliary losses."""
         t = self.cfg.train
