@@ -1,5 +1,6 @@
 """Typed training config: file + overrides -> dataclasses; every bad key is named in one line."""
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -242,3 +243,20 @@ def test_stage_names_are_unique_and_need_the_export_before_them():
         config_from_dict(data)
     with pytest.raises(TrainConfigError, match=r"^stages: expected a list"):
         config_from_dict({**minimal(), "stages": {"name": "a"}})
+
+
+def test_resume_before_an_override_keeps_the_override(monkeypatch):
+    # `--resume` takes an optional folder, so `--resume train.output_dir=X` used to read the
+    # override as a checkpoint folder and fail with "X=... is not a complete checkpoint".
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ferret_train_cli", REPO / "train" / "ferret_train.py")
+    cli = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, cli)  # its dataclasses look their module up
+    spec.loader.exec_module(cli)
+    args = cli.parse_args(["--config", "c.yaml", "--resume", "train.output_dir=out", "train.seed=3"])
+    assert args.resume == "latest" and args.overrides == ["train.output_dir=out", "train.seed=3"]
+    args = cli.parse_args(["--config", "c.yaml", "train.output_dir=out", "--resume"])
+    assert args.resume == "latest" and args.overrides == ["train.output_dir=out"]
+    args = cli.parse_args(["--config", "c.yaml", "--resume", "runs/x/checkpoints/step-00000010"])
+    assert args.resume == "runs/x/checkpoints/step-00000010" and args.overrides == []

@@ -67,7 +67,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.learning_rate=1e-4")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    # `--resume train.output_dir=X` would take the override as the checkpoint folder; an override
+    # always holds "=", a folder name practically never.
+    if args.resume is not None and "=" in args.resume and not Path(args.resume).exists():
+        args.overrides.insert(0, args.resume)
+        args.resume = "latest"
+    return args
 
 
 def main(argv: list[str] | None = None, callbacks: TrainingCallbacks = TrainingCallbacks()) -> int:
