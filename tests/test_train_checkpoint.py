@@ -154,3 +154,35 @@ def test_sampler_partitions_epoch_and_resumes_mid_epoch():
     assert list(ranks[0]) == shares[0][4:] and len(ranks[0]) == 2
     ranks[0].set_epoch(4)
     assert list(ranks[0]) != shares[0]  # a new permutation each epoch
+
+
+def test_length_grouped_sampler_keeps_the_epoch_and_batches_similar_lengths():
+    from ferret.training.seeding import ResumableDistributedSampler
+
+    lengths = [(i * 37) % 101 for i in range(203)]  # 203: a short last window and a padded rank share
+    plain = [ResumableDistributedSampler(203, r, 2, seed=5) for r in range(2)]
+    grouped = [ResumableDistributedSampler(203, r, 2, seed=5, lengths=lengths, batch_size=4) for r in range(2)]
+    for s in plain + grouped:
+        s.set_epoch(1)
+    shares = [list(s) for s in grouped]
+    assert len(shares[0]) == len(shares[1]) == len(plain[0]) == 102
+    assert set(shares[0]) | set(shares[1]) == set(range(203))  # every sample once (plus the padding repeat)
+
+    def spread(share):  # mean (longest - shortest) within a micro-batch of 4
+        batches = [share[k:k + 4] for k in range(0, 100, 4)]
+        return sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) / len(batches)
+
+    assert spread(shares[0]) < 0.3 * spread(list(plain[0]))
+    # the two ranks of a step get neighbours in length order
+    steps = [(shares[0][k:k + 4], shares[1][k:k + 4]) for k in range(0, 100, 4)]
+    assert all(abs(max(lengths[i] for i in a) - max(lengths[i] for i in b)) <= 10 for a, b in steps)
+    # windows are not visited longest-first: the step order is shuffled within a window
+    first = [max(lengths[i] for i in shares[0][k:k + 4]) for k in range(0, 64, 4)]
+    assert first != sorted(first, reverse=True)
+    # resumable: a later start is the same order's tail; another epoch is another order
+    grouped[0].set_epoch(1, start=8)
+    assert list(grouped[0]) == shares[0][8:]
+    grouped[0].set_epoch(2)
+    assert list(grouped[0]) != shares[0]
+    with pytest.raises(ValueError, match="lengths"):
+        ResumableDistributedSampler(10, 0, 2, seed=5, lengths=[1, 2, 3], batch_size=2)

@@ -268,6 +268,26 @@ def test_vision_warm_up_trains_the_tower_alone_before_the_loop(workspace, world_
     assert "vision warm-up" not in again.stdout and "resumed from" in again.stdout
 
 
+def test_a_launch_after_its_warm_up_trains_as_a_launch_from_the_warm_ups_export(workspace, world_tokenizer):
+    # The embedded recipe warms up and trains the LLM in one launch; its probes start LLM stages
+    # from the warm-up's export. Both must train alike, bit for bit: the warm-up's last gradients
+    # once leaked into the first LLM step and moved the whole run (session 27).
+    world = (f"model.tokenizer={world_tokenizer}", "train.dense_loss_weight=1.0",
+             f"data.scene_records={workspace / 'synth' / 'scenes_train.json'}", "train.vision_warmup_steps=8",
+             "train.vision_warmup_learning_rate=5e-3", "train.save_steps=0")
+    train(workspace, "warm_one_launch", *world, "train.max_steps=3")
+    # the warm-up alone: one LLM step at learning rate 0 (the linear warm-up starts there) exports it
+    train(workspace, "warm_export", *world, "train.max_steps=1")
+    assert curve(workspace / "warm_export")[1]["lr"] == 0.0
+    train(workspace, "warm_from_export", *world[:3], f"model.pretrained={workspace / 'warm_export' / 'hf'}",
+          "model.tiny=false", "train.max_steps=3", "train.save_steps=0")
+    one, two = curve(workspace / "warm_one_launch"), curve(workspace / "warm_from_export")
+    assert sorted(one) == sorted(two) == [1, 2, 3]
+    for step in one:
+        for key in ("loss", "grad_norm", "dense_loss"):
+            assert one[step][key] == two[step][key], (step, key, one[step][key], two[step][key])
+
+
 def test_dense_readout_config_errors_name_the_key(workspace):
     proc = train(workspace, "dense_bad", "train.dense_loss_weight=1.0",
                  f"data.scene_records={workspace / 'missing_scenes.json'}", expect_ok=False)

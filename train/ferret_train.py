@@ -177,7 +177,9 @@ def setup(cfg: TrainConfig, args: argparse.Namespace) -> Run:
     install_gradient_cover(model)
     dataset, collate, scene_targets = build_data(cfg, tokenizer, image_processor, model)
     aux = SyntheticWorldSupervision(model, tokenizer, cfg, scene_targets)
-    sampler = ResumableDistributedSampler(len(dataset), rank, world, cfg.train.seed, cfg.train.shuffle)
+    sampler = ResumableDistributedSampler(len(dataset), rank, world, cfg.train.seed, cfg.train.shuffle,
+                                          lengths=dataset.rough_lengths() if cfg.data.group_by_length else None,
+                                          batch_size=micro)
     steps_per_epoch = sampler.per_rank // (micro * accum)
     if steps_per_epoch == 0:
         raise TrainConfigError(f"train.per_device_batch_size: {len(dataset)} samples over {world} ranks cannot "

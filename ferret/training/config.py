@@ -78,6 +78,9 @@ class DataSection:
     # Pad each batch to a multiple of this many tokens (1: to its longest sample). On CPU, bf16
     # matmuls build a oneDNN kernel per shape; few shapes keep that cache small.
     pad_to_multiple_of: int = 1
+    # Batch samples of similar length (ferret.training.seeding.ResumableDistributedSampler): fewer
+    # padded tokens, the same samples per epoch. The vision warm-up draws its own scenes.
+    group_by_length: bool = False
 
 
 @dataclass

@@ -76,6 +76,9 @@ class SceneTargetDataset(torch.utils.data.Dataset):
     def skip_report(self) -> str:
         return self.dataset.skip_report()
 
+    def rough_lengths(self) -> list[int]:
+        return self.dataset.rough_lengths()
+
     def __getitem__(self, index: int) -> dict:
         item = self.dataset[index]
         sample = self.dataset.samples[item["sample_index"]]  # (a bad sample is replaced by a later one)

@@ -299,6 +299,9 @@ def warm_up_vision(model, readout: DenseReadout, scene_targets, image_processor,
         if rank == 0 and (step + 1) % 100 == 0:
             print(f"[ferret_train] vision warm-up {step + 1}/{steps} readout loss {loss.item():.4f} "
                   f"({time.perf_counter() - start:.0f} s)", flush=True)
+    # The last step's gradients would otherwise be added into the first LLM step's (autograd
+    # accumulates into .grad): the one launch then trained unlike a run from the warm-up's export.
+    optimizer.zero_grad(set_to_none=True)
     for module in modules:
         module.to(stored_dtype)
     # first and last tenth's mean: a falling loss says the tower learned
