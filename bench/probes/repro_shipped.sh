@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Does a finished run of train/configs/embedded.yaml reproduce the shipped model? (issue 13, requirement 4)
+#   bash bench/probes/repro_shipped.sh [RUN]      # default RUN: checkpoints/embedded_s27
+# Compares both stages' logged numbers (timing aside) with ferret/assets/model/train_metrics*.jsonl,
+# and the run's export, consolidated to fp16 as the card's Training does, with
+# ferret/assets/model/model.safetensors tensor for tensor. Writes
+# bench/probes/results/repro_<run name>_final.json.
+set -euo pipefail
+run=${1:-checkpoints/embedded_s27}
+export HF_HUB_OFFLINE=1 PYTHONSAFEPATH=1
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+python -m ferret.model.consolidate --src "$run/small_objects/hf" --dst "$tmp/model" --dtype float16 --overwrite > /dev/null
+python - "$run" "$tmp/model" <<'PY'
+import json
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+sys.path.insert(0, "bench/probes")
+from repro_check import compare, read_metrics
+
+run, consolidated = Path(sys.argv[1]), Path(sys.argv[2])
+shipped = Path("ferret/assets/model")
+stage1 = compare(read_metrics(shipped / "train_metrics.jsonl"), read_metrics(run / "metrics.jsonl"), 10**9)
+stage2 = compare(read_metrics(shipped / "train_metrics_small_objects.jsonl"),
+                 read_metrics(run / "small_objects" / "metrics.jsonl"), 10**9)
+a, b = load_file(shipped / "model.safetensors"), load_file(consolidated / "model.safetensors")
+result = {
+    "run": str(run),
+    "stage1_logged_steps": len(stage1), "stage1_all_equal": bool(stage1) and all(s["equal"] for s in stage1),
+    "stage2_logged_steps": len(stage2), "stage2_all_equal": bool(stage2) and all(s["equal"] for s in stage2),
+    "fp16_weights_equal_to_shipped": set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a),
+    "tensors": len(a),
+}
+print(json.dumps(result, indent=1))
+Path(f"bench/probes/results/repro_{run.name}_final.json").write_text(json.dumps(result, indent=1) + "\n")
+PY
