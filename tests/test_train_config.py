@@ -260,3 +260,11 @@ def test_resume_before_an_override_keeps_the_override(monkeypatch):
     assert args.resume == "latest" and args.overrides == ["train.output_dir=out"]
     args = cli.parse_args(["--config", "c.yaml", "--resume", "runs/x/checkpoints/step-00000010"])
     assert args.resume == "runs/x/checkpoints/step-00000010" and args.overrides == []
+
+
+def test_length_grouping_needs_a_shuffled_order():
+    data = {**minimal(), "data": {"data_path": ["a.json"], "group_by_length": True}, "train": {"shuffle": False}}
+    with pytest.raises(TrainConfigError, match=r"^data.group_by_length: .*train.shuffle false"):
+        config_from_dict(data)
+    data["train"]["shuffle"] = True
+    assert config_from_dict(data).data.group_by_length

@@ -237,6 +237,9 @@ class TrainConfig:
             raise TrainConfigError("model.mm_projector: only used with model.base_llm")
         if not d.data_path:
             raise TrainConfigError("data.data_path: at least one GRIT json file is required")
+        if d.group_by_length and not t.shuffle:
+            raise TrainConfigError("data.group_by_length: groups a shuffled order; with train.shuffle false "
+                                   "there is none to group")
         if d.image_folder and len(d.image_folder) != len(d.data_path):
             raise TrainConfigError(
                 f"data.image_folder: {len(d.image_folder)} folders for {len(d.data_path)} data_path files"
