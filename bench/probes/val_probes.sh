@@ -9,6 +9,8 @@
 #   bash bench/probes/val_probes.sh RUN          # reads checkpoints/RUN/hf and checkpoints/RUN/metrics.jsonl
 #   bash bench/probes/val_probes.sh RUN WORLD    # val of another world (e.g. data/synth_rot, drawn with
 #                                                # --max-rotation 180); results are named RUN_on_<world folder>
+#   PRESENCE_LAYER=1 bash bench/probes/val_probes.sh RUN   # the presence head's layer, when
+#                                                # train.presence_supervision_layer moved it (default 2)
 set -euo pipefail
 model=checkpoints/$1/hf
 data=${2:-data/synth}
@@ -23,7 +25,7 @@ grounding() {
     python bench/probes/grounding_probe.py --model-path "$model" --data "$data" --scenes 60 --out "$res/${run}_grounding_val.json"
     python bench/probes/grounding_probe.py --model-path "$model" --split ood --data data/ood --scenes 60 \
         --out "$res/${run}_grounding_ood.json"
-    python bench/probes/presence_probe.py --model-path "$model" --data "$data" --layer 2 --scenes 20 --out "$res/yes_no/presence_$run.json"
+    python bench/probes/presence_probe.py --model-path "$model" --data "$data" --layer "${PRESENCE_LAYER:-2}" --scenes 20 --out "$res/yes_no/presence_$run.json"
     # LVIS (the two-way choice) and POPE on the same 200 val scenes: LVIS also needs the model to copy
     # one of the two offered names, a skill that moves between runs apart from naming (session 19).
     # It sits in this chain, the shorter one, so that the two chains end together.
