@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Does a finished run of train/configs/embedded.yaml reproduce the shipped model? (issue 13, requirement 4)
-#   bash bench/probes/repro_shipped.sh [RUN]      # default RUN: checkpoints/embedded_s27
+#   bash bench/probes/repro_shipped.sh [RUN]      # default RUN: checkpoints/embedded (the config's own output_dir)
 # Compares both stages' logged numbers (timing aside) with ferret/assets/model/train_metrics*.jsonl,
 # and the run's export, consolidated to fp16 as the card's Training does, with
 # ferret/assets/model/model.safetensors tensor for tensor. Writes
 # bench/probes/results/repro_<run name>_final.json.
 set -euo pipefail
-run=${1:-checkpoints/embedded_s27}
+run=${1:-checkpoints/embedded}
 export HF_HUB_OFFLINE=1 PYTHONSAFEPATH=1
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
