@@ -41,6 +41,7 @@ warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprec
 import torch.distributed as dist  # noqa: E402
 
 from ferret.processing import FerretProcessor  # noqa: E402
+from ferret.training.answer_loss import answer_loss  # noqa: E402
 from ferret.training.callbacks import TrainingCallbacks  # noqa: E402
 from ferret.training.checkpoint import (  # noqa: E402
     TrainerState, TrainingCheckpointError, consolidated_state_dict, export_hf_folder, load_deepspeed_checkpoint,
@@ -281,7 +282,8 @@ def train_step(run: Run, batches) -> dict:
         # The LM head only where a label follows, unless an auxiliary loss reads every position's logits.
         outputs = engine(**move_batch(batch, procs.device, run.compute_dtype), region_generator=generator,
                          logits_at_labels=not run.aux.reads_all_logits)
-        engine.backward(run.aux.add_losses(outputs.loss, batch, outputs, procs.device, state.global_step))
+        engine.backward(run.aux.add_losses(answer_loss(outputs.loss, batch["labels"], cfg.train.lm_loss_tokens),
+                                           batch, outputs, procs.device, state.global_step))
         engine.step()
         losses.append(outputs.loss.detach().float())
         samples += batch["input_ids"].shape[0]

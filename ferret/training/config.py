@@ -110,6 +110,11 @@ class TrainSection:
     warmup_steps: int = 0  # > 0 overrides warmup_ratio
     lr_scheduler: Literal["cosine", "constant"] = "cosine"
     max_grad_norm: float = 1.0
+    # None: the answer loss is the mean over a micro-batch's answer tokens. A number: their sum over
+    # this constant (a micro-batch's mean answer tokens in a shuffled order), so a token weighs the
+    # same in every batch; length-grouped batches otherwise give the long samples' tokens (grounded
+    # captions) 0.78x their weight in a shuffled order (bench/probes/token_weight.py).
+    lm_loss_tokens: float | None = None
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     seed: int = 42
     save_steps: int = 1500  # 0: only the final checkpoint
@@ -291,6 +296,8 @@ class TrainConfig:
         if t.name_supervision_copy and t.name_supervision_layer is None:
             raise TrainConfigError("train.name_supervision_copy: the copy is supervised on the name head; "
                                    "set train.name_supervision_layer (and _head)")
+        if t.lm_loss_tokens is not None:
+            _positive("train.lm_loss_tokens", t.lm_loss_tokens)
         if t.name_supervision_copy_steps is not None:
             _positive("train.name_supervision_copy_steps", t.name_supervision_copy_steps)
             if not t.name_supervision_copy:
