@@ -211,3 +211,15 @@ def test_tower_probe_pools_worlds_and_scores_the_out_of_generator_set(tmp_path):
     b_val = json.loads((tmp_path / "b" / "scenes_val.json").read_text())[:4]
     assert scored_on_b["final"]["objects"] == sum(len(s["objects"]) for s in b_val)
     assert "final_ood" not in probe(["--data", str(tmp_path / "a"), *args[:-2]])
+
+
+def test_token_weight_splits_answers_by_turn_and_weighs_tokens_by_their_micro_batch():
+    probe = load_script("token_weight")
+    assert probe.answer_segments([-100, 5, 6, -100, -100, 7, -100, 8, 9, 10]) == [2, 1, 3]
+    assert probe.answer_segments([-100, -100]) == []
+    # Two micro-batches: a long caption alone with a short answer, then two short answers. By
+    # tokens the caption has 8 of 12; by weight (1 / micro-batch tokens) 8/10 of one batch of two.
+    weights = probe.task_weights([[{"caption": 8}, {"yes_no": 2}], [{"yes_no": 1}, {"yes_no": 1}]])
+    assert weights["caption"]["token_share"] == pytest.approx(8 / 12)
+    assert weights["caption"]["loss_weight_share"] == pytest.approx(0.8 / 2)
+    assert weights["yes_no"]["loss_weight_share"] == pytest.approx((0.2 + 1.0) / 2)

@@ -25,6 +25,19 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[2]
 
 
+def config_dataset(config: str, overrides: list[str]):
+    """The training config and the dataset its trainer builds (tokenizer and image processor included)."""
+    from ferret.data.grit import DataSource, GritDataConfig, GritDataset
+    from ferret.training.config import load_train_config, resolve_path
+    from ferret.training.model_setup import build_model
+
+    cfg = load_train_config(config, overrides)
+    _, tokenizer, image_processor = build_model(cfg)  # the tiny model is cheap to build
+    sources = [DataSource(path=resolve_path(p)) for p in cfg.data.data_path]
+    return cfg, GritDataset.from_sources(sources, tokenizer, image_processor, GritDataConfig(
+        point_strategy=cfg.data.point_input_sample, max_length=cfg.data.model_max_length, seed=cfg.train.seed))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True)
@@ -34,16 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
 
-    from ferret.data.grit import DataSource, GritDataConfig, GritDataset
-    from ferret.training.config import load_train_config, resolve_path
-    from ferret.training.model_setup import build_model
     from ferret.training.seeding import ResumableDistributedSampler
 
-    cfg = load_train_config(args.config, args.overrides)
-    _, tokenizer, image_processor = build_model(cfg)  # the tiny model is cheap to build
-    sources = [DataSource(path=resolve_path(p)) for p in cfg.data.data_path]
-    dataset = GritDataset.from_sources(sources, tokenizer, image_processor, GritDataConfig(
-        point_strategy=cfg.data.point_input_sample, max_length=cfg.data.model_max_length, seed=cfg.train.seed))
+    cfg, dataset = config_dataset(args.config, args.overrides)
     micro, multiple = cfg.train.per_device_batch_size, max(1, cfg.data.pad_to_multiple_of)
     rough = dataset.rough_lengths()
     real: dict[int, int] = {}

@@ -21,6 +21,9 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # length_grouping.py beside this script
+from length_grouping import config_dataset  # noqa: E402
+
 
 def answer_segments(labels) -> list[int]:
     """Token counts of the runs of supervised labels (one run per answer turn)."""
@@ -58,16 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
 
-    from ferret.data.grit import DataSource, GritDataConfig, GritDataset
-    from ferret.training.config import load_train_config, resolve_path
-    from ferret.training.model_setup import build_model
     from ferret.training.seeding import ResumableDistributedSampler
 
-    cfg = load_train_config(args.config, args.overrides)
-    _, tokenizer, image_processor = build_model(cfg)
-    sources = [DataSource(path=resolve_path(p)) for p in cfg.data.data_path]
-    dataset = GritDataset.from_sources(sources, tokenizer, image_processor, GritDataConfig(
-        point_strategy=cfg.data.point_input_sample, max_length=cfg.data.model_max_length, seed=cfg.train.seed))
+    cfg, dataset = config_dataset(args.config, args.overrides)
     micro = cfg.train.per_device_batch_size
     cache: dict[int, dict[str, int]] = {}
 
