@@ -16,7 +16,10 @@ of the answer. Reports, beside Acc@0.5 (IoU >= 0.5 with the object):
     acc50_restated: Acc@0.5 among those (the box is written after the name, so a wrong name there
     sends the box elsewhere); restated_other_object: answers that restate, instead, the name of
     another object of the scene (the name read from the image rather than copied from the question);
-    restated_colour / restated_shape: answers whose restated colour / shape word is the asked one.
+    restated_colour / restated_shape: answers whose restated colour / shape word is the asked one;
+  * coordinate_abs_error_px: mean |answer - truth| of each coordinate in image pixels, and
+    near_miss_worst_coordinate: among the near misses, the share whose worst coordinate is each one
+    (each coordinate has its own head in layer 2: one head binding late shows here, session 29).
 The training loss hides a model that writes an average box; these numbers do not.
 """
 
@@ -34,6 +37,9 @@ from ferret.eval.synthetic_direct import REFER_QUESTION, first_name
 from ferret.regions import Box
 
 GROUND_QUESTION = "What is the location of the {name} in the image?"
+
+
+COORDINATES = ("x1", "y1", "x2", "y2")
 
 
 def median_box(records: list[dict]) -> tuple[float, float, float, float]:
@@ -72,6 +78,7 @@ def main(argv=None) -> dict:
         answers += chat.ask_batch(asks[i:i + args.batch_size], max_new_tokens=32)
     hits = anys = floors = names = near = other = restated = restated_hits = restated_other = 0
     restated_words = np.zeros(2)
+    coordinate_errors, worst_in_near = [], np.zeros(4)
     ious = []
     examples = []
     for k, (scene, obj) in enumerate(truths):
@@ -89,6 +96,10 @@ def main(argv=None) -> dict:
                 restated_hits += own >= 0.5
             anys += best >= 0.5
             near += 0.1 <= own < 0.5  # the asked object, coarsely
+            error = np.abs(np.subtract(box, obj["box"]))
+            coordinate_errors.append(error)
+            if 0.1 <= own < 0.5:
+                worst_in_near[int(error.argmax())] += 1
             other += own < 0.5 <= best  # another object of the scene
             ious.append(own)
         else:
@@ -109,6 +120,9 @@ def main(argv=None) -> dict:
               "acc50_restated": round(restated_hits / max(restated, 1), 4),
               "restated_other_object": round(restated_other / n, 4),
               "restated_colour": round(restated_words[0] / n, 4), "restated_shape": round(restated_words[1] / n, 4),
+              "coordinate_abs_error_px": dict(zip(COORDINATES, np.mean(coordinate_errors, axis=0).round(2).tolist()))
+              if coordinate_errors else None,
+              "near_miss_worst_coordinate": dict(zip(COORDINATES, (worst_in_near / max(near, 1)).round(3).tolist())),
               "seconds": round(time.perf_counter() - start, 1), "examples": examples}
     print(json.dumps(result, indent=1))
     if args.out:
