@@ -483,7 +483,8 @@ def test_name_copy_points_each_restated_word_at_its_question_word():
 
 
 def test_coordinate_heads_split_the_box_numbers_over_four_heads(number_tokenizer):
-    model = conv_model(number_tokenizer, hidden_size=64, num_attention_heads=4, num_key_value_heads=4)
+    model = conv_model(number_tokenizer, hidden_size=64, num_attention_heads=4, num_key_value_heads=4,
+                       attn_implementation="eager")
     supervision = AttentionSupervision(model, number_tokenizer, layer=1, head=0, coordinate_heads=True)
     batch = _batch(number_tokenizer, 16)
     queries = supervision._queries(batch, 0)
@@ -495,8 +496,45 @@ def test_coordinate_heads_split_the_box_numbers_over_four_heads(number_tokenizer
         on_object = bool(target[1:].any())
         assert on_object == (h == k // 4) and bool(target[0]) == (not on_object)
     with torch.no_grad():
-        model(input_ids=batch["input_ids"], images=torch.randn(1, 3, 48, 48))
+        out = model(input_ids=batch["input_ids"], images=torch.randn(1, 3, 48, 48), output_attentions=True)
     assert torch.isfinite(supervision.loss(batch))
+    # Each head's own mass on the object, from its own number's position (the log's per-head masses).
+    p = int((batch["input_ids"][0] == IMAGE_TOKEN_INDEX).nonzero()[0])
+    n_image = supervision.num_image_tokens
+    expected = {}
+    for k, (j, h, target, _, _) in enumerate(queries):
+        if target[1:].any():
+            row = out.attentions[1][0, h, j + n_image - 1, p:p + n_image]
+            expected[h] = row[target[1:]].sum().item()
+    assert sorted(supervision.last_head_mass) == [0, 1, 2, 3]
+    for h, mass in expected.items():
+        assert supervision.last_head_mass[h] == pytest.approx(mass, rel=1e-4)
+    assert supervision.last_mass == pytest.approx(sum(expected.values()) / 4, rel=1e-4)
+
+
+def test_step_metrics_log_each_coordinate_heads_mass(number_tokenizer):
+    # The mean of the four heads hid one head binding late (session 29); the log has each one.
+    from ferret.training.config import TrainConfig
+    from ferret.training.synthetic_world import SyntheticWorldSupervision
+
+    model = conv_model(number_tokenizer, hidden_size=64, num_attention_heads=4, num_key_value_heads=4)
+    cfg = TrainConfig()
+    cfg.train.attention_supervision_weight, cfg.train.attention_supervision_layer = 1.0, 1
+    cfg.train.attention_supervision_coordinate_heads = True
+    aux = SyntheticWorldSupervision(model, number_tokenizer, cfg)
+    batch = _batch(number_tokenizer, 16)
+    heads = []
+    for _ in range(2):
+        with torch.no_grad():
+            model(input_ids=batch["input_ids"], images=torch.randn(1, 3, 48, 48))
+        aux.add_losses(torch.zeros(()), batch, None, torch.device("cpu"), 0)
+        heads.append(dict(aux.attention[0].last_head_mass))
+    record = aux.step_metrics(1, torch.device("cpu"))
+    for h in range(4):
+        assert record[f"attention_mass_head{h}"] == pytest.approx((heads[0][h] + heads[1][h]) / 2)
+    assert record["attention_mass"] == pytest.approx(sum(record[f"attention_mass_head{h}"] for h in range(4)) / 4)
+    line = SyntheticWorldSupervision.describe(record)
+    assert line.endswith("(" + "/".join(f"{record[f'attention_mass_head{h}']:.2f}" for h in range(4)) + ")")
 
 
 def test_coordinate_heads_with_digits_supervise_every_digit_of_the_number(tiny_tokenizer):

@@ -219,6 +219,7 @@ class AttentionSupervision:
         self.captured: tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] | None = None
         self.attention.register_forward_pre_hook(self._capture, with_kwargs=True)
         self.last_mass = float("nan")
+        self.last_head_mass: dict[int, float] = {}  # per head: a coordinate head can bind alone
 
     def _capture(self, _module, args, kwargs):
         hidden = kwargs.get("hidden_states", args[0] if args else None)
@@ -280,7 +281,7 @@ class AttentionSupervision:
             raise RuntimeError("attention supervision: no forward pass captured")
         hidden, (cos, sin) = self.captured
         self.captured = None
-        total, count, masses = hidden.new_zeros((), dtype=torch.float32), 0, []
+        total, count, masses, by_head = hidden.new_zeros((), dtype=torch.float32), 0, [], {}
         for row in range(len(batch["answer_cells"])):
             queries = self._queries(batch, row)
             if not queries:
@@ -304,7 +305,9 @@ class AttentionSupervision:
                 on_object = targets[:, 1:].any(-1)
                 if bool(on_object.any()):
                     masses.append((log_target - log_all)[on_object].exp().detach())
+                    by_head.setdefault(head, []).append(masses[-1])
         self.last_mass = torch.cat(masses).mean().item() if masses else float("nan")
+        self.last_head_mass = {head: torch.cat(m).mean().item() for head, m in sorted(by_head.items())}
         return total / max(count, 1)
 
 

@@ -176,6 +176,7 @@ class SyntheticWorldSupervision:
         self._dense: list[torch.Tensor] = []
         self._attention: list[torch.Tensor] = []
         self._masses: list[float] = []
+        self._head_masses: list[dict[int, float]] = []
 
     @property
     def reads_all_logits(self) -> bool:
@@ -206,7 +207,8 @@ class SyntheticWorldSupervision:
             attend = (sum(a.loss(batch) for a in self.attention) if "answer_cells" in batch else loss.new_zeros(()))
             loss = loss + t.attention_supervision_weight * attend
             self._attention.append(attend.detach().float())
-            self._masses.append(self.attention[0].last_mass)  # the box head's
+            self._masses.append(self.attention[0].last_mass)  # the box heads'
+            self._head_masses.append(self.attention[0].last_head_mass)
         if self.number_ids is not None and t.number_smoothing_weight > 0:
             from ferret.training.grounding import number_smoothing_loss, spliced_labels
 
@@ -228,14 +230,21 @@ class SyntheticWorldSupervision:
         if self.attention:
             record["attention_loss"] = torch.stack(self._attention).mean().item()
             record["attention_mass"] = float(np.nanmean(self._masses))
-        self._dense, self._attention, self._masses = [], [], []
+            # Each box head's own mass: their mean hid one coordinate head binding late (session 29).
+            heads = sorted({h for masses in self._head_masses for h in masses})
+            if len(heads) > 1:
+                for h in heads:
+                    record[f"attention_mass_head{h}"] = float(np.mean([m[h] for m in self._head_masses if h in m]))
+        self._dense, self._attention, self._masses, self._head_masses = [], [], [], []
         return record
 
     @staticmethod
     def describe(record: dict) -> str:
         """The auxiliary part of a step's log line."""
         return ((f" dense_loss {record['dense_loss']:.4f}" if "dense_loss" in record else "")
-                + (f" attention_mass {record['attention_mass']:.3f}" if "attention_mass" in record else ""))
+                + (f" attention_mass {record['attention_mass']:.3f}" if "attention_mass" in record else "")
+                + (" (" + "/".join(f"{record[k]:.2f}" for k in sorted(record) if k.startswith("attention_mass_head"))
+                   + ")" if "attention_mass_head0" in record else ""))
 
 
 # --------------------------------------------------------------------------- stage 1: vision warm-up
