@@ -8,7 +8,8 @@ For each object of the first `--scenes` validation scenes, asks "What is the loc
 in the image?" with the true answer ("The <name> [x1, y1, x2, y2].") teacher-forced, and reads head
 c of `--layer` (the coordinate heads: head c is trained to look at the object from the position
 that writes number c) at the position that writes number c. Per head: its mass on the image
-tokens, on the cells inside the object's box, and the attention-weighted mean column (x1, x2) or
+tokens, on the cells inside the object's box, on the cells of the other objects' boxes (not this
+one's; and of those that share its colour / its shape), the share of objects it gives under half its mass, and the attention-weighted mean column (x1, x2) or
 row (y1, y2) of the image cells minus the object's own centre, in grid cells (the image is resized
 to the tower's square input, so a cell is 1/grid of the width or height). Validation only.
 """
@@ -71,7 +72,14 @@ def main(argv=None) -> dict:
             start, to_spliced = spliced_index(ids, n_image)
             tokens = chat.tokenizer.convert_ids_to_tokens([max(int(i), 0) for i in ids])
             numbers = [j for j, t in enumerate(tokens) if t.lstrip("▁").isdigit()][-4:]
-            inside = box_cells(obj["box"], width, height, grid).reshape(-1).float()
+            inside = box_cells(obj["box"], width, height, grid).reshape(-1)
+            others, same_colour, same_shape = (torch.zeros_like(inside) for _ in range(3))
+            for other in scene["objects"]:
+                if other is not obj:
+                    cells_of = box_cells(other["box"], width, height, grid).reshape(-1) & ~inside
+                    others |= cells_of
+                    same_colour |= cells_of if other["color"] == obj["color"] else torch.zeros_like(inside)
+                    same_shape |= cells_of if other["shape"] == obj["shape"] else torch.zeros_like(inside)
             x1, y1, x2, y2 = obj["box"]
             centre = ((x1 + x2) / 2 / width * grid - 0.5, (y1 + y2) / 2 / height * grid - 0.5)
             for c, (name, at) in enumerate(zip(COORDINATES, numbers)):
@@ -80,14 +88,20 @@ def main(argv=None) -> dict:
                 weights = cells.reshape(grid, grid) / max(mass, 1e-9)
                 along = weights.sum(0) if name[0] == "x" else weights.sum(1)  # over columns / rows
                 mean_at = float((along * torch.arange(grid)).sum())
-                rows[name].append((mass, float(cells @ inside), mean_at - centre[0 if name[0] == "x" else 1]))
+                rows[name].append((mass, float(cells[inside].sum()), float(cells[others].sum()),
+                                   mean_at - centre[0 if name[0] == "x" else 1],
+                                   float(cells[same_colour].sum()), float(cells[same_shape].sum())))
     result = {"model": args.model_path, "layer": args.layer, "scenes": len(scenes), "objects": len(rows["x1"]),
               "grid": grid}
     for name, values in rows.items():
         t = torch.tensor(values)
         result[name] = {"image_mass": round(float(t[:, 0].mean()), 3), "object_mass": round(float(t[:, 1].mean()), 3),
-                        "mean_offset_from_centre_cells": round(float(t[:, 2].mean()), 2),
-                        "mean_abs_offset_from_centre_cells": round(float(t[:, 2].abs().mean()), 2)}
+                        "other_objects_mass": round(float(t[:, 2].mean()), 3),
+                        "same_colour_objects_mass": round(float(t[:, 4].mean()), 3),
+                        "same_shape_objects_mass": round(float(t[:, 5].mean()), 3),
+                        "objects_below_half_mass": round(float((t[:, 1] < 0.5).float().mean()), 3),
+                        "mean_offset_from_centre_cells": round(float(t[:, 3].mean()), 2),
+                        "mean_abs_offset_from_centre_cells": round(float(t[:, 3].abs().mean()), 2)}
     print(json.dumps(result, indent=1))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
