@@ -223,3 +223,12 @@ def test_token_weight_splits_answers_by_turn_and_weighs_tokens_by_their_micro_ba
     assert weights["caption"]["token_share"] == pytest.approx(8 / 12)
     assert weights["caption"]["loss_weight_share"] == pytest.approx(0.8 / 2)
     assert weights["yes_no"]["loss_weight_share"] == pytest.approx((0.2 + 1.0) / 2)
+
+
+def test_coordinate_attention_box_cells_are_the_cells_whose_centre_is_in_the_box():
+    box_cells = load_script("coordinate_attention_probe").box_cells
+    # a 200 x 100 image on a 4 x 4 grid: cell centres at x 25, 75, 125, 175 and y 12.5, 37.5, 62.5, 87.5
+    cells = box_cells((60, 30, 130, 70), 200, 100, 4)
+    assert cells.shape == (4, 4)
+    assert cells.nonzero().tolist() == [[1, 1], [1, 2], [2, 1], [2, 2]]
+    assert not box_cells((0, 0, 20, 10), 200, 100, 4).any()  # smaller than a cell, off its centre

@@ -11,7 +11,9 @@ that writes number c) at the position that writes number c. Per head: its mass o
 tokens, on the cells inside the object's box, on the cells of the other objects' boxes (not this
 one's; and of those that share its colour / its shape), the share of objects it gives under half its mass, and the attention-weighted mean column (x1, x2) or
 row (y1, y2) of the image cells minus the object's own centre, in grid cells (the image is resized
-to the tower's square input, so a cell is 1/grid of the width or height). Validation only.
+to the tower's square input, so a cell is 1/grid of the width or height). An object's cells are
+those whose centre lies in its box, so an object smaller than a cell can have none and scores 0 on
+every head of every model alike: compare heads and models, not the numbers with 1. Validation only.
 """
 
 from __future__ import annotations
