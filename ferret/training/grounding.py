@@ -281,7 +281,7 @@ class AttentionSupervision:
             raise RuntimeError("attention supervision: no forward pass captured")
         hidden, (cos, sin) = self.captured
         self.captured = None
-        total, count, masses, by_head = hidden.new_zeros((), dtype=torch.float32), 0, [], {}
+        total, count, by_head = hidden.new_zeros((), dtype=torch.float32), 0, {}
         for row in range(len(batch["answer_cells"])):
             queries = self._queries(batch, row)
             if not queries:
@@ -304,8 +304,8 @@ class AttentionSupervision:
                 count += len(positions)
                 on_object = targets[:, 1:].any(-1)
                 if bool(on_object.any()):
-                    masses.append((log_target - log_all)[on_object].exp().detach())
-                    by_head.setdefault(head, []).append(masses[-1])
+                    by_head.setdefault(head, []).append((log_target - log_all)[on_object].exp().detach())
+        masses = [m for head_masses in by_head.values() for m in head_masses]
         self.last_mass = torch.cat(masses).mean().item() if masses else float("nan")
         self.last_head_mass = {head: torch.cat(m).mean().item() for head, m in sorted(by_head.items())}
         return total / max(count, 1)

@@ -241,10 +241,10 @@ class SyntheticWorldSupervision:
     @staticmethod
     def describe(record: dict) -> str:
         """The auxiliary part of a step's log line."""
+        heads = [value for key, value in record.items() if key.startswith("attention_mass_head")]  # in head order
         return ((f" dense_loss {record['dense_loss']:.4f}" if "dense_loss" in record else "")
                 + (f" attention_mass {record['attention_mass']:.3f}" if "attention_mass" in record else "")
-                + (" (" + "/".join(f"{record[k]:.2f}" for k in sorted(record) if k.startswith("attention_mass_head"))
-                   + ")" if "attention_mass_head0" in record else ""))
+                + (" (" + "/".join(f"{m:.2f}" for m in heads) + ")" if heads else ""))
 
 
 # --------------------------------------------------------------------------- stage 1: vision warm-up
