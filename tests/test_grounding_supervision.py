@@ -482,6 +482,51 @@ def test_name_copy_points_each_restated_word_at_its_question_word():
         cfg.validate()
 
 
+def test_box_name_reads_point_each_number_position_at_the_box_colour_and_shape():
+    # train.name_supervision_boxes: from each position that writes a box's number, the name head
+    # looks at the box's colour word and at its shape word (one query each), in a term of its own.
+    from transformers import AutoTokenizer
+
+    from ferret.conversation import tokenize_conversation
+    from ferret.training.config import TrainConfig, TrainConfigError
+    from ferret.training.synthetic_world import grounding_supervision
+
+    tokenizer = AutoTokenizer.from_pretrained("ferret/assets/model")  # one token per number 0-999
+    model = conv_model(tokenizer, hidden_size=64, num_attention_heads=4, num_key_value_heads=4,
+                       attn_implementation="eager")
+    messages = [("USER", "<image>\nWhere is the pink cross?"), ("ASSISTANT", "The pink cross [10, 20, 30, 40]."),
+                ("USER", "Is there a red ring in the image?"), ("ASSISTANT", "No.")]
+    ids, labels = tokenize_conversation(messages, tokenizer)
+    ids, labels = torch.as_tensor(ids).reshape(1, -1), torch.as_tensor(labels).reshape(1, -1)
+    presence = torch.zeros(2, 17, dtype=torch.bool)
+    presence[1, 0] = True
+    batch = {"input_ids": ids, "labels": labels, "answer_cells": [torch.zeros(1, 16, dtype=torch.bool)],
+             "presence_cells": [presence]}
+    cfg = TrainConfig()
+    cfg.train.attention_supervision_weight = 1.0
+    cfg.train.attention_supervision_layer = 1
+    cfg.train.name_supervision_layer, cfg.train.name_supervision_head = 0, 3
+    assert len(grounding_supervision(model, tokenizer, cfg)[0]) == 2
+    cfg.train.name_supervision_boxes = True
+    _, name_head, box_names = grounding_supervision(model, tokenizer, cfg)[0]
+    queries = box_names._queries(batch, 0)
+    tokens = lambda positions: tokenizer.convert_ids_to_tokens(ids[0, list(positions)].tolist())
+    # (what the query position writes next, the word it is pointed at): both words from each of the 4
+    assert [(tokens([j + 1]), tokens(w)) for j, _, _, w, _ in queries] == [
+        ([number], [word]) for number in ("10", "20", "30", "40") for word in ("\u2581pink", "\u2581cross")]
+    assert all(h == 3 and not t.any() and w == 1.0 for _, h, t, _, w in queries)
+    assert len(name_head._queries(batch, 0)) == 1  # the yes/no read stays on the name term alone
+    with torch.no_grad():
+        out = model(input_ids=ids, images=torch.randn(1, 3, 48, 48), output_attentions=True)
+    expected = torch.stack([-out.attentions[0][0, 3, j + 15, w[0] + 15].log() for j, _, _, w, _ in queries]).mean()
+    torch.testing.assert_close(box_names.loss(batch), expected, rtol=1e-4, atol=1e-5)
+    cfg.data.scene_records, cfg.data.data_path, cfg.model.tiny = "scenes_train.json", ["train.json"], True
+    cfg.validate()
+    cfg.train.name_supervision_layer = None
+    with pytest.raises(TrainConfigError, match="name_supervision_boxes"):
+        cfg.validate()
+
+
 def test_coordinate_heads_split_the_box_numbers_over_four_heads(number_tokenizer):
     model = conv_model(number_tokenizer, hidden_size=64, num_attention_heads=4, num_key_value_heads=4,
                        attn_implementation="eager")

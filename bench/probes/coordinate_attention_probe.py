@@ -11,7 +11,10 @@ that writes number c) at the position that writes number c. Per head: its mass o
 tokens, on the cells inside the object's box, on the cells of the other objects' boxes (not this
 one's; and of those that share its colour / its shape), the share of objects it gives under half its mass, and the attention-weighted mean column (x1, x2) or
 row (y1, y2) of the image cells minus the object's own centre, in grid cells (the image is resized
-to the tower's square input, so a cell is 1/grid of the width or height). An object's cells are
+to the tower's square input, so a cell is 1/grid of the width or height). And where the heads'
+queries get the name from: each head of the layers below, at the same positions, its mass on the
+answer's colour word and on its shape word ("name_reads"; a coordinate head can only match both if
+the residual at its position holds both). An object's cells are
 those whose centre lies in its box, so an object smaller than a cell can have none and scores 0 on
 every head of every model alike: compare heads and models, not the numbers with 1. Validation only.
 """
@@ -57,6 +60,7 @@ def main(argv=None) -> dict:
     n_image = model.get_vision_tower().num_patches
     grid = int(round(n_image ** 0.5))
     rows = {c: [] for c in COORDINATES}  # per object: (image mass, object mass, offset from centre)
+    reads = {c: [] for c in COORDINATES}  # per object: [layers below, heads, (colour word, shape word)]
     for scene in scenes:
         picture = load_image(str(data / scene["image"]))
         width, height = picture.size
@@ -74,6 +78,9 @@ def main(argv=None) -> dict:
             start, to_spliced = spliced_index(ids, n_image)
             tokens = chat.tokenizer.convert_ids_to_tokens([max(int(i), 0) for i in ids])
             numbers = [j for j, t in enumerate(tokens) if t.lstrip("▁").isdigit()][-4:]
+            colour_at, shape_at = numbers[0] - 3, numbers[0] - 2  # "... <colour> <shape> [x1"
+            if tokens[colour_at].lstrip("▁") != obj["color"] or tokens[shape_at].lstrip("▁") != obj["shape"]:
+                raise ValueError(f"answer tokens {tokens[colour_at:numbers[0]]} do not end in {obj['name']!r} [")
             inside = box_cells(obj["box"], width, height, grid).reshape(-1)
             others, same_colour, same_shape = (torch.zeros_like(inside) for _ in range(3))
             for other in scene["objects"]:
@@ -86,6 +93,8 @@ def main(argv=None) -> dict:
             centre = ((x1 + x2) / 2 / width * grid - 0.5, (y1 + y2) / 2 / height * grid - 0.5)
             for c, (name, at) in enumerate(zip(COORDINATES, numbers)):
                 cells = attention[c, to_spliced(at - 1), start:start + n_image]  # the position that writes it
+                reads[name].append(torch.stack([a[0, :, to_spliced(at - 1)][:, [to_spliced(colour_at), to_spliced(shape_at)]]
+                                                for a in attentions[: args.layer]]))
                 mass = float(cells.sum())
                 weights = cells.reshape(grid, grid) / max(mass, 1e-9)
                 along = weights.sum(0) if name[0] == "x" else weights.sum(1)  # over columns / rows
@@ -104,6 +113,11 @@ def main(argv=None) -> dict:
                         "objects_below_half_mass": round(float((t[:, 1] < 0.5).float().mean()), 3),
                         "mean_offset_from_centre_cells": round(float(t[:, 3].mean()), 2),
                         "mean_abs_offset_from_centre_cells": round(float(t[:, 3].abs().mean()), 2)}
+    result["name_reads"] = {  # layer -> head -> coordinate -> [mass on the colour word, on the shape word]
+        f"layer{layer}": {f"head{head}": {name: [round(float(v), 3) for v in torch.stack(reads[name]).mean(0)[layer, head]]
+                                          for name in COORDINATES}
+                          for head in range(reads["x1"][0].shape[1])}
+        for layer in range(args.layer)}
     print(json.dumps(result, indent=1))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

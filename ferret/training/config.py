@@ -168,6 +168,11 @@ class TrainSection:
     # The copy supervision for this stage's first N LLM steps only (None: every step). Both copy
     # runs bound on time but named 0.02-0.06 worse at the end than their controls (session 26).
     name_supervision_copy_steps: int | None = None
+    # Also push that head, from the positions that write a box's numbers, onto each of the box's own
+    # colour and shape words (the two before its "["): a second draw's x1 coordinate head matched
+    # the shape alone, as no head of its layers 0-1 read the colour at the "[" that writes x1
+    # (`coordinate_attention_probe.py`'s name_reads; the shipped model's layer 1 head 2 does, session 30).
+    name_supervision_boxes: bool = False
     box_code_weight: float = 0.0
     box_code_sigma: float = 6.0
     # > 0 (needs a tokenizer with one token per number 0-999): add this times a cross-entropy
@@ -298,6 +303,9 @@ class TrainConfig:
                                    "set train.name_supervision_layer (and _head)")
         if t.lm_loss_tokens is not None:
             _positive("train.lm_loss_tokens", t.lm_loss_tokens)
+        if t.name_supervision_boxes and t.name_supervision_layer is None:
+            raise TrainConfigError("train.name_supervision_boxes: the box name reads are supervised on the name "
+                                   "head; set train.name_supervision_layer (and _head)")
         if t.name_supervision_copy_steps is not None:
             _positive("train.name_supervision_copy_steps", t.name_supervision_copy_steps)
             if not t.name_supervision_copy:

@@ -14,7 +14,10 @@ object is, so training adds:
   only depend on X if an earlier layer brought X's words to that position: `name=True` pushes a
   head of an earlier layer, from the same position, onto the question's colour and shape tokens
   (the shipped model's layer 0 learnt such a head by itself; the position-code runs never did,
-  and their presence head then looked the same way whatever was asked). The head's queries and keys are recomputed from the layer's input
+  and their presence head then looked the same way whatever was asked). `name_boxes=True` pushes
+  a head likewise from the positions that write a box's numbers onto the box's colour and shape
+  words: a coordinate head matches the object only if its query holds both (a draw whose x1
+  position read the shape word alone put 0.19 of that head's attention on same-shape objects). The head's queries and keys are recomputed from the layer's input
   (captured by a forward pre-hook), so the model and its attention kernel are unchanged and the
   exported model carries nothing of it.
 * **Coordinate heads** (`AttentionSupervision(coordinate_heads=True)`, `box_code_loss`,
@@ -161,7 +164,8 @@ class AttentionSupervision:
 
     def __init__(self, model, tokenizer, layer: int, head: int, coordinate_heads: bool = False,
                  boxes: bool = True, presence: bool = True, name: bool = False, presence_weight: float = 1.0,
-                 absent_target: str = "bos", name_each_word: bool = False, name_copy: bool = False):
+                 absent_target: str = "bos", name_each_word: bool = False, name_copy: bool = False,
+                 name_boxes: bool = False):
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         from ferret.data.synthetic_tokenizer import digit_token_ids, number_token_ids
@@ -198,18 +202,23 @@ class AttentionSupervision:
 
             vocabulary = DenseVocabulary.synthetic()
             self.name_words = name_word_ids(tokenizer, set(vocabulary.colors) | set(vocabulary.shapes))
+        self.name = name  # from the yes/no position onto the asked name's words
+        # From the positions that write a box's numbers onto the box's own name words (the two
+        # before its "["), each word its own query: the coordinate heads' queries there need both.
+        self.name_boxes = name_boxes
         self.name_ids: set[int] = set()
-        if name:  # from the yes/no position onto the asked name's words
+        if name or name_boxes:
             from ferret.training.dense_supervision import DenseVocabulary, NameDirections
 
             colors, shapes = NameDirections.token_ids(tokenizer, DenseVocabulary.synthetic())
             self.name_ids = set(colors) | set(shapes)
-        if coordinate_heads:
-            if heads < BOX_COORDINATES:
+        if coordinate_heads or name_boxes:
+            if coordinate_heads and heads < BOX_COORDINATES:
                 raise ValueError(f"attention supervision: coordinate heads need {BOX_COORDINATES} heads, the model has {heads}")
             numbers = number_token_ids(tokenizer) or digit_token_ids(tokenizer)
             if numbers is None:
-                raise ValueError("attention supervision: coordinate heads need one token per number 0-999 or per digit")
+                raise ValueError("attention supervision: coordinate heads and box name reads need one token per "
+                                 "number 0-999 or per digit")
             self.number_ids = set(numbers)
         self.head_dim = self.attention.head_dim
         self.kv_group = heads // base.config.num_key_value_heads
@@ -258,9 +267,14 @@ class AttentionSupervision:
                 continue
             for k, run in enumerate(number_runs(ids, span, self.number_ids)[:BOX_COORDINATES]):
                 out += [(j, c, target if c == k else bos, (), 1.0) for j in run for c in range(BOX_COORDINATES)]
+        if self.name_boxes:
+            for start, end in answer_box_spans(ids, labels, self.open_ids, self.close_ids):
+                words = [j for j in (start - 2, start - 1) if j >= 0 and int(ids[j]) in self.name_ids]
+                for run in number_runs(ids, (start, end), self.number_ids)[:BOX_COORDINATES]:
+                    out += [(j, self.head, torch.zeros_like(bos), (w,), 1.0) for j in run for w in words]
         if self.name_copy:
             out += [(j, self.head, torch.zeros_like(bos), words, 1.0) for j, words in name_copy_queries(ids, labels, self.name_words)]
-        presence = batch.get("presence_cells") if (self.presence or self.name_ids) else None
+        presence = batch.get("presence_cells") if (self.presence or self.name) else None
         if presence is not None and len(presence[row]):
             for (start, _), target in zip(answer_runs(labels), presence[row]):
                 if not bool(target.any()) or start == 0:
@@ -270,7 +284,7 @@ class AttentionSupervision:
                         out.append((start - 1, self.head, torch.zeros_like(target), (start - 1,), self.presence_weight))
                     else:
                         out.append((start - 1, self.head, target, (), self.presence_weight))
-                if self.name_ids:
+                if self.name:
                     words = asked_name_positions(ids, start, self.name_ids)
                     groups = [(j,) for j in words] if self.name_each_word else [words]
                     out += [(start - 1, self.head, torch.zeros_like(target), group, 1.0) for group in groups if group]

@@ -112,7 +112,8 @@ class DenseReadout:
 def grounding_supervision(model, tokenizer, cfg: TrainConfig):
     """(attention supervisions: [] or [the box head's] or [the box head's, the presence head's] when
     train.presence_supervision_* puts presence on another head, then the name head's when
-    train.name_supervision_layer is set; number token ids or None) for
+    train.name_supervision_layer is set, then its box name reads' when train.name_supervision_boxes;
+    number token ids or None) for
     ferret.training.grounding's training-only losses; also starts the number rows as a smooth code
     when configured."""
     from ferret.data.synthetic_tokenizer import number_token_ids
@@ -160,6 +161,13 @@ def grounding_supervision(model, tokenizer, cfg: TrainConfig):
                                                         name_copy=t.name_supervision_copy))
             except ValueError as err:
                 raise TrainConfigError(f"train.name_supervision_layer/head: {err}") from None
+            if t.name_supervision_boxes:  # its own mean: ~8 queries a box would drown the yes/no reads
+                try:
+                    supervision.append(AttentionSupervision(model, tokenizer, t.name_supervision_layer,
+                                                            t.name_supervision_head, boxes=False, presence=False,
+                                                            name_boxes=True))
+                except ValueError as err:
+                    raise TrainConfigError(f"train.name_supervision_boxes: {err}") from None
     return supervision, (torch.tensor(number_ids) if number_ids is not None else None)
 
 
