@@ -366,13 +366,28 @@ def test_presence_can_live_on_another_layers_head(number_tokenizer):
         grounding_supervision(model, number_tokenizer, cfg)
 
 
+def _absent_red_ring_batch(tokenizer, first_turn: tuple[str, str], boxes: int = 0):
+    """(ids [1, T], labels [1, T], batch) of one sample on a 4x4 grid: `first_turn` (question,
+    answer) about the image, then "Is there a red ring in the image?" "No." (the BOS sink)."""
+    from ferret.conversation import tokenize_conversation
+
+    question, answer = first_turn
+    messages = [("USER", "<image>\n" + question), ("ASSISTANT", answer),
+                ("USER", "Is there a red ring in the image?"), ("ASSISTANT", "No.")]
+    ids, labels = tokenize_conversation(messages, tokenizer)
+    ids, labels = torch.as_tensor(ids).reshape(1, -1), torch.as_tensor(labels).reshape(1, -1)
+    presence = torch.zeros(2, 17, dtype=torch.bool)
+    presence[1, 0] = True  # the second turn asks "Is there ...?" (absent: the BOS sink)
+    return ids, labels, {"input_ids": ids, "labels": labels, "answer_cells": [torch.zeros(boxes, 16, dtype=torch.bool)],
+                         "presence_cells": [presence]}
+
+
 def test_name_head_is_supervised_onto_the_asked_colour_and_shape_words():
     # train.name_supervision_*: from the position that writes "Yes"/"No", a head of an earlier layer
     # looks at the question's colour and shape words (the position-code runs' presence head could
     # not tell what was asked: bench/probes/README.md, session 8).
     from transformers import AutoTokenizer
 
-    from ferret.conversation import tokenize_conversation
     from ferret.training.config import TrainConfig, TrainConfigError
     from ferret.training.grounding import asked_name_positions
     from ferret.training.synthetic_world import grounding_supervision
@@ -380,14 +395,7 @@ def test_name_head_is_supervised_onto_the_asked_colour_and_shape_words():
     tokenizer = AutoTokenizer.from_pretrained("ferret/assets/model")  # colour and shape names are single tokens
     model = conv_model(tokenizer, hidden_size=64, num_attention_heads=4, num_key_value_heads=4,
                        attn_implementation="eager")
-    messages = [("USER", "<image>\nWhat is the blue cross <bbox_location0>?"), ("ASSISTANT", "A blue cross."),
-                ("USER", "Is there a red ring in the image?"), ("ASSISTANT", "No.")]
-    ids, labels = tokenize_conversation(messages, tokenizer)
-    ids, labels = torch.as_tensor(ids).reshape(1, -1), torch.as_tensor(labels).reshape(1, -1)
-    presence = torch.zeros(2, 17, dtype=torch.bool)
-    presence[1, 0] = True  # the second turn asks "Is there ...?" (absent: the BOS sink)
-    batch = {"input_ids": ids, "labels": labels, "answer_cells": [torch.zeros(0, 16, dtype=torch.bool)],
-             "presence_cells": [presence]}
+    ids, labels, batch = _absent_red_ring_batch(tokenizer, ("What is the blue cross <bbox_location0>?", "A blue cross."))
     cfg = TrainConfig()
     cfg.train.attention_supervision_weight = 1.0
     cfg.train.attention_supervision_layer = 1
@@ -487,21 +495,14 @@ def test_box_name_reads_point_each_number_position_at_the_box_colour_and_shape()
     # looks at the box's colour word and at its shape word (one query each), in a term of its own.
     from transformers import AutoTokenizer
 
-    from ferret.conversation import tokenize_conversation
     from ferret.training.config import TrainConfig, TrainConfigError
     from ferret.training.synthetic_world import grounding_supervision
 
     tokenizer = AutoTokenizer.from_pretrained("ferret/assets/model")  # one token per number 0-999
     model = conv_model(tokenizer, hidden_size=64, num_attention_heads=4, num_key_value_heads=4,
                        attn_implementation="eager")
-    messages = [("USER", "<image>\nWhere is the pink cross?"), ("ASSISTANT", "The pink cross [10, 20, 30, 40]."),
-                ("USER", "Is there a red ring in the image?"), ("ASSISTANT", "No.")]
-    ids, labels = tokenize_conversation(messages, tokenizer)
-    ids, labels = torch.as_tensor(ids).reshape(1, -1), torch.as_tensor(labels).reshape(1, -1)
-    presence = torch.zeros(2, 17, dtype=torch.bool)
-    presence[1, 0] = True
-    batch = {"input_ids": ids, "labels": labels, "answer_cells": [torch.zeros(1, 16, dtype=torch.bool)],
-             "presence_cells": [presence]}
+    ids, labels, batch = _absent_red_ring_batch(tokenizer, ("Where is the pink cross?", "The pink cross [10, 20, 30, 40]."),
+                                                boxes=1)
     cfg = TrainConfig()
     cfg.train.attention_supervision_weight = 1.0
     cfg.train.attention_supervision_layer = 1
