@@ -172,6 +172,8 @@ class TrainSection:
     # colour and shape words (the two before its "["): a second draw's x1 coordinate head matched
     # the shape alone, as no head of its layers 0-1 read the colour at the "[" that writes x1
     # (`coordinate_attention_probe.py`'s name_reads; the shipped model's layer 1 head 2 does, session 30).
+    # On that draw it fixed x1 (grounding 0.845 -> 0.952) but cost "No" (0.963 -> 0.835) and the
+    # two-way choice (LVIS 0.93 -> 0.73): off in embedded.yaml (card, boxnames_s7).
     name_supervision_boxes: bool = False
     box_code_weight: float = 0.0
     box_code_sigma: float = 6.0
