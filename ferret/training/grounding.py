@@ -17,9 +17,10 @@ object is, so training adds:
   and their presence head then looked the same way whatever was asked). `name_boxes=True` pushes
   a head likewise from the positions that write a box's numbers onto the box's colour and shape
   words: a coordinate head matches the object only if its query holds both (a draw whose x1
-  position read the shape word alone put 0.19 of that head's attention on same-shape objects). The head's queries and keys are recomputed from the layer's input
-  (captured by a forward pre-hook), so the model and its attention kernel are unchanged and the
-  exported model carries nothing of it.
+  position read the shape word alone put 0.19 of that head's attention on same-shape objects).
+  The head's queries and keys are recomputed from the layer's input (captured by a forward
+  pre-hook), so the model and its attention kernel are unchanged and the exported model carries
+  nothing of it.
 * **Coordinate heads** (`AttentionSupervision(coordinate_heads=True)`, `box_code_loss`,
   `init_coordinate_heads`). Copying a box needs the head that finds the object to bring back one
   coordinate at a time. The hidden width is split in 4 blocks, one per coordinate (x1, y1, x2,
