@@ -523,8 +523,25 @@ def test_box_name_reads_point_each_number_position_at_the_box_colour_and_shape()
     torch.testing.assert_close(box_names.loss(batch), expected, rtol=1e-4, atol=1e-5)
     cfg.data.scene_records, cfg.data.data_path, cfg.model.tiny = "scenes_train.json", ["train.json"], True
     cfg.validate()
-    cfg.train.name_supervision_layer = None
+    # train.name_supervision_boxes_layer/head: the same reads on a head of their own, the name head
+    # keeping its yes/no read alone.
+    cfg.train.name_supervision_boxes_layer, cfg.train.name_supervision_boxes_head = 1, 2
+    _, name_head, box_names = grounding_supervision(model, tokenizer, cfg)[0]
+    assert box_names.attention is model.model.layers[1].self_attn and box_names.head == 2
+    assert [(j, w) for j, h, _, w, _ in box_names._queries(batch, 0) if h == 2] == [(j, w) for j, _, _, w, _ in queries]
+    assert len(name_head._queries(batch, 0)) == 1
+    cfg.validate()
+    cfg.train.name_supervision_layer = None  # not needed once the box reads have their own head
+    assert len(grounding_supervision(model, tokenizer, cfg)[0]) == 2
+    cfg.validate()
+    cfg.train.name_supervision_boxes_head = 4
+    with pytest.raises(TrainConfigError, match="name_supervision_boxes.*head 4 outside"):
+        grounding_supervision(model, tokenizer, cfg)
+    cfg.train.name_supervision_boxes_layer = None
     with pytest.raises(TrainConfigError, match="name_supervision_boxes"):
+        cfg.validate()
+    cfg.train.name_supervision_boxes, cfg.train.name_supervision_boxes_layer = False, 1
+    with pytest.raises(TrainConfigError, match="name_supervision_boxes_layer"):
         cfg.validate()
 
 

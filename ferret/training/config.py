@@ -175,6 +175,11 @@ class TrainSection:
     # On that draw it fixed x1 (grounding 0.845 -> 0.952) but cost "No" (0.963 -> 0.835) and the
     # two-way choice (LVIS 0.93 -> 0.73): off in embedded.yaml (card, boxnames_s7).
     name_supervision_boxes: bool = False
+    # The head those box name reads are pushed on, when not the name head: one with no other job
+    # (the shipped draw's layer 1 head 2 read x1's colour unprompted), so the name head's yes/no read
+    # and two-way choice are left as they were.
+    name_supervision_boxes_layer: int | None = None
+    name_supervision_boxes_head: int = 0
     box_code_weight: float = 0.0
     box_code_sigma: float = 6.0
     # > 0 (needs a tokenizer with one token per number 0-999): add this times a cross-entropy
@@ -305,9 +310,13 @@ class TrainConfig:
                                    "set train.name_supervision_layer (and _head)")
         if t.lm_loss_tokens is not None:
             _positive("train.lm_loss_tokens", t.lm_loss_tokens)
-        if t.name_supervision_boxes and t.name_supervision_layer is None:
+        if t.name_supervision_boxes and t.name_supervision_layer is None and t.name_supervision_boxes_layer is None:
             raise TrainConfigError("train.name_supervision_boxes: the box name reads are supervised on the name "
-                                   "head; set train.name_supervision_layer (and _head)")
+                                   "head; set train.name_supervision_layer (and _head) or "
+                                   "train.name_supervision_boxes_layer (and _head)")
+        if t.name_supervision_boxes_layer is not None and not t.name_supervision_boxes:
+            raise TrainConfigError("train.name_supervision_boxes_layer: the head of the box name reads, which are "
+                                   "off; set train.name_supervision_boxes=true or leave the layer unset")
         if t.name_supervision_copy_steps is not None:
             _positive("train.name_supervision_copy_steps", t.name_supervision_copy_steps)
             if not t.name_supervision_copy:
