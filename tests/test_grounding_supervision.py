@@ -427,6 +427,42 @@ def test_name_head_is_supervised_onto_the_asked_colour_and_shape_words():
         grounding_supervision(model, tokenizer, cfg)
 
 
+def test_colour_head_reads_the_asked_colour_word_alone_from_the_yes_no_position():
+    # train.name_supervision_colour_head: another head of the name layer looks, from the position
+    # that writes "Yes"/"No", at the asked colour word only (one query a yes/no answer).
+    from transformers import AutoTokenizer
+
+    from ferret.training.config import TrainConfig, TrainConfigError
+    from ferret.training.synthetic_world import grounding_supervision
+
+    tokenizer = AutoTokenizer.from_pretrained("ferret/assets/model")
+    model = conv_model(tokenizer, hidden_size=64, num_attention_heads=4, num_key_value_heads=4,
+                       attn_implementation="eager")
+    ids, labels, batch = _absent_red_ring_batch(tokenizer, ("What is the blue cross <bbox_location0>?", "A blue cross."))
+    cfg = TrainConfig()
+    cfg.train.attention_supervision_weight = 1.0
+    cfg.train.attention_supervision_layer = 1
+    cfg.train.name_supervision_layer, cfg.train.name_supervision_head = 0, 1
+    cfg.train.name_supervision_colour_head = 3
+    _, name_head, colour_head = grounding_supervision(model, tokenizer, cfg)[0]
+    (position, _, _, _, _), = name_head._queries(batch, 0)
+    (colour_position, head, target, words, weight), = colour_head._queries(batch, 0)
+    assert (colour_position, head, weight) == (position, 3, 1.0) and not target.any()
+    assert tokenizer.convert_ids_to_tokens(ids[0, list(words)].tolist()) == ["\u2581red"]
+    with torch.no_grad():
+        out = model(input_ids=ids, images=torch.randn(1, 3, 48, 48), output_attentions=True)
+    expected = -out.attentions[0][0, 3, position + 15, words[0] + 15].log()
+    torch.testing.assert_close(colour_head.loss(batch), expected, rtol=1e-4, atol=1e-5)
+    cfg.data.scene_records, cfg.data.data_path, cfg.model.tiny = "scenes_train.json", ["train.json"], True
+    cfg.validate()
+    cfg.train.name_supervision_colour_head = 1
+    with pytest.raises(TrainConfigError, match="name_supervision_colour_head: the name head itself"):
+        cfg.validate()
+    cfg.train.name_supervision_colour_head, cfg.train.name_supervision_layer = 3, None
+    with pytest.raises(TrainConfigError, match="name_supervision_colour_head"):
+        cfg.validate()
+
+
 def test_name_copy_points_each_restated_word_at_its_question_word():
     # train.name_supervision_copy: the answer's restated name ("The pink cross [...]") is copied
     # from the question; only turns whose question names one object (not the two-way choice).

@@ -180,6 +180,10 @@ class TrainSection:
     # and two-way choice are left as they were.
     name_supervision_boxes_layer: int | None = None
     name_supervision_boxes_head: int = 0
+    # Another head of the name head's layer pushed, from the "Yes"/"No" position, onto the asked colour
+    # word alone: the two draws that kept the conjunction ("No" 0.963) had layer 0 head 3 doing so
+    # unasked, both box-name runs lost it and "No" with it (0.835 / 0.730; session 31).
+    name_supervision_colour_head: int | None = None
     box_code_weight: float = 0.0
     box_code_sigma: float = 6.0
     # > 0 (needs a tokenizer with one token per number 0-999): add this times a cross-entropy
@@ -317,6 +321,13 @@ class TrainConfig:
         if t.name_supervision_boxes_layer is not None and not t.name_supervision_boxes:
             raise TrainConfigError("train.name_supervision_boxes_layer: the head of the box name reads, which are "
                                    "off; set train.name_supervision_boxes=true or leave the layer unset")
+        if t.name_supervision_colour_head is not None:
+            if t.name_supervision_layer is None:
+                raise TrainConfigError("train.name_supervision_colour_head: a head of the name head's layer; "
+                                       "set train.name_supervision_layer (and _head)")
+            if t.name_supervision_colour_head == t.name_supervision_head:
+                raise TrainConfigError("train.name_supervision_colour_head: the name head itself "
+                                       f"({t.name_supervision_head}); pick another head of its layer")
         if t.name_supervision_copy_steps is not None:
             _positive("train.name_supervision_copy_steps", t.name_supervision_copy_steps)
             if not t.name_supervision_copy:

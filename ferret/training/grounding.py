@@ -166,7 +166,7 @@ class AttentionSupervision:
     def __init__(self, model, tokenizer, layer: int, head: int, coordinate_heads: bool = False,
                  boxes: bool = True, presence: bool = True, name: bool = False, presence_weight: float = 1.0,
                  absent_target: str = "bos", name_each_word: bool = False, name_copy: bool = False,
-                 name_boxes: bool = False):
+                 name_boxes: bool = False, name_colour: bool = False):
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         from ferret.data.synthetic_tokenizer import digit_token_ids, number_token_ids
@@ -207,12 +207,16 @@ class AttentionSupervision:
         # From the positions that write a box's numbers onto the box's own name words (the two
         # before its "["), each word its own query: the coordinate heads' queries there need both.
         self.name_boxes = name_boxes
+        # From the yes/no position onto the asked colour word alone: both draws whose yes/no answers
+        # held the conjunction had a second layer-0 head doing this unasked (session 31).
+        self.name_colour = name_colour
         self.name_ids: set[int] = set()
-        if name or name_boxes:
+        self.colour_ids: set[int] = set()
+        if name or name_boxes or name_colour:
             from ferret.training.dense_supervision import DenseVocabulary, NameDirections
 
             colors, shapes = NameDirections.token_ids(tokenizer, DenseVocabulary.synthetic())
-            self.name_ids = set(colors) | set(shapes)
+            self.name_ids, self.colour_ids = set(colors) | set(shapes), set(colors)
         if coordinate_heads or name_boxes:
             if coordinate_heads and heads < BOX_COORDINATES:
                 raise ValueError(f"attention supervision: coordinate heads need {BOX_COORDINATES} heads, the model has {heads}")
@@ -275,7 +279,7 @@ class AttentionSupervision:
                     out += [(j, self.head, torch.zeros_like(bos), (w,), 1.0) for j in run for w in words]
         if self.name_copy:
             out += [(j, self.head, torch.zeros_like(bos), words, 1.0) for j, words in name_copy_queries(ids, labels, self.name_words)]
-        presence = batch.get("presence_cells") if (self.presence or self.name) else None
+        presence = batch.get("presence_cells") if (self.presence or self.name or self.name_colour) else None
         if presence is not None and len(presence[row]):
             for (start, _), target in zip(answer_runs(labels), presence[row]):
                 if not bool(target.any()) or start == 0:
@@ -289,6 +293,10 @@ class AttentionSupervision:
                     words = asked_name_positions(ids, start, self.name_ids)
                     groups = [(j,) for j in words] if self.name_each_word else [words]
                     out += [(start - 1, self.head, torch.zeros_like(target), group, 1.0) for group in groups if group]
+                if self.name_colour:
+                    colour = tuple(j for j in asked_name_positions(ids, start, self.name_ids) if int(ids[j]) in self.colour_ids)
+                    if colour:
+                        out.append((start - 1, self.head, torch.zeros_like(target), colour, 1.0))
         return out
 
     def loss(self, batch: dict) -> torch.Tensor:

@@ -112,7 +112,8 @@ class DenseReadout:
 def grounding_supervision(model, tokenizer, cfg: TrainConfig):
     """(attention supervisions: [] or [the box head's] or [the box head's, the presence head's] when
     train.presence_supervision_* puts presence on another head, then the name head's when
-    train.name_supervision_layer is set, then the box name reads' (on the name head or
+    train.name_supervision_layer is set, then the colour read's when train.name_supervision_colour_head,
+    then the box name reads' (on the name head or
     train.name_supervision_boxes_layer/head) when train.name_supervision_boxes;
     number token ids or None) for
     ferret.training.grounding's training-only losses; also starts the number rows as a smooth code
@@ -162,6 +163,13 @@ def grounding_supervision(model, tokenizer, cfg: TrainConfig):
                                                         name_copy=t.name_supervision_copy))
             except ValueError as err:
                 raise TrainConfigError(f"train.name_supervision_layer/head: {err}") from None
+            if t.name_supervision_colour_head is not None:
+                try:
+                    supervision.append(AttentionSupervision(model, tokenizer, t.name_supervision_layer,
+                                                            t.name_supervision_colour_head, boxes=False,
+                                                            presence=False, name_colour=True))
+                except ValueError as err:
+                    raise TrainConfigError(f"train.name_supervision_colour_head: {err}") from None
         if t.name_supervision_boxes:  # its own mean: ~8 queries a box would drown the yes/no reads
             box_names = ((t.name_supervision_layer, t.name_supervision_head) if t.name_supervision_boxes_layer is None
                          else (t.name_supervision_boxes_layer, t.name_supervision_boxes_head))
