@@ -175,9 +175,9 @@ class TrainSection:
     # On that draw it fixed x1 (grounding 0.845 -> 0.952) but cost "No" (0.963 -> 0.835) and the
     # two-way choice (LVIS 0.93 -> 0.73): off in embedded.yaml (card, boxnames_s7).
     name_supervision_boxes: bool = False
-    # The head those box name reads are pushed on, when not the name head: one with no other job
-    # (the shipped draw's layer 1 head 2 read x1's colour unprompted), so the name head's yes/no read
-    # and two-way choice are left as they were.
+    # The head those box name reads are pushed on, when not the name head (the shipped draw's layer 1
+    # head 2 reads x1's colour unasked). On layer 1 head 2 the seed-7 draw lost more of "No" (0.730)
+    # than on the name head: the cost is the push's, not the head's (card, boxhead_s7).
     name_supervision_boxes_layer: int | None = None
     name_supervision_boxes_head: int = 0
     # Another head of the name head's layer pushed, from the "Yes"/"No" position, onto the asked colour
