@@ -382,23 +382,33 @@ def _absent_red_ring_batch(tokenizer, first_turn: tuple[str, str], boxes: int = 
                          "presence_cells": [presence]}
 
 
+def _name_layer_setup(first_turn: tuple[str, str], boxes: int = 0):
+    """(tokenizer, eager 4-head model, (ids, labels, batch) of _absent_red_ring_batch, a config whose
+    box head is layer 1 head 0) for the name-layer supervision tests. The shipped tokenizer: colour
+    and shape names are single tokens, and each number 0-999 is one."""
+    from transformers import AutoTokenizer
+
+    from ferret.training.config import TrainConfig
+
+    tokenizer = AutoTokenizer.from_pretrained("ferret/assets/model")
+    model = conv_model(tokenizer, hidden_size=64, num_attention_heads=4, num_key_value_heads=4,
+                       attn_implementation="eager")
+    cfg = TrainConfig()
+    cfg.train.attention_supervision_weight = 1.0
+    cfg.train.attention_supervision_layer = 1
+    return tokenizer, model, _absent_red_ring_batch(tokenizer, first_turn, boxes=boxes), cfg
+
+
 def test_name_head_is_supervised_onto_the_asked_colour_and_shape_words():
     # train.name_supervision_*: from the position that writes "Yes"/"No", a head of an earlier layer
     # looks at the question's colour and shape words (the position-code runs' presence head could
     # not tell what was asked: bench/probes/README.md, session 8).
-    from transformers import AutoTokenizer
-
-    from ferret.training.config import TrainConfig, TrainConfigError
+    from ferret.training.config import TrainConfigError
     from ferret.training.grounding import asked_name_positions
     from ferret.training.synthetic_world import grounding_supervision
 
-    tokenizer = AutoTokenizer.from_pretrained("ferret/assets/model")  # colour and shape names are single tokens
-    model = conv_model(tokenizer, hidden_size=64, num_attention_heads=4, num_key_value_heads=4,
-                       attn_implementation="eager")
-    ids, labels, batch = _absent_red_ring_batch(tokenizer, ("What is the blue cross <bbox_location0>?", "A blue cross."))
-    cfg = TrainConfig()
-    cfg.train.attention_supervision_weight = 1.0
-    cfg.train.attention_supervision_layer = 1
+    tokenizer, model, (ids, labels, batch), cfg = _name_layer_setup(
+        ("What is the blue cross <bbox_location0>?", "A blue cross."))
     cfg.train.name_supervision_layer, cfg.train.name_supervision_head = 0, 3
     box_head, name_head = grounding_supervision(model, tokenizer, cfg)[0]
     (position, head, target, words, _), = name_head._queries(batch, 0)
@@ -430,18 +440,11 @@ def test_name_head_is_supervised_onto_the_asked_colour_and_shape_words():
 def test_colour_head_reads_the_asked_colour_word_alone_from_the_yes_no_position():
     # train.name_supervision_colour_head: another head of the name layer looks, from the position
     # that writes "Yes"/"No", at the asked colour word only (one query a yes/no answer).
-    from transformers import AutoTokenizer
-
-    from ferret.training.config import TrainConfig, TrainConfigError
+    from ferret.training.config import TrainConfigError
     from ferret.training.synthetic_world import grounding_supervision
 
-    tokenizer = AutoTokenizer.from_pretrained("ferret/assets/model")
-    model = conv_model(tokenizer, hidden_size=64, num_attention_heads=4, num_key_value_heads=4,
-                       attn_implementation="eager")
-    ids, labels, batch = _absent_red_ring_batch(tokenizer, ("What is the blue cross <bbox_location0>?", "A blue cross."))
-    cfg = TrainConfig()
-    cfg.train.attention_supervision_weight = 1.0
-    cfg.train.attention_supervision_layer = 1
+    tokenizer, model, (ids, labels, batch), cfg = _name_layer_setup(
+        ("What is the blue cross <bbox_location0>?", "A blue cross."))
     cfg.train.name_supervision_layer, cfg.train.name_supervision_head = 0, 1
     cfg.train.name_supervision_colour_head = 3
     _, name_head, colour_head = grounding_supervision(model, tokenizer, cfg)[0]
@@ -529,19 +532,11 @@ def test_name_copy_points_each_restated_word_at_its_question_word():
 def test_box_name_reads_point_each_number_position_at_the_box_colour_and_shape():
     # train.name_supervision_boxes: from each position that writes a box's number, the name head
     # looks at the box's colour word and at its shape word (one query each), in a term of its own.
-    from transformers import AutoTokenizer
-
-    from ferret.training.config import TrainConfig, TrainConfigError
+    from ferret.training.config import TrainConfigError
     from ferret.training.synthetic_world import grounding_supervision
 
-    tokenizer = AutoTokenizer.from_pretrained("ferret/assets/model")  # one token per number 0-999
-    model = conv_model(tokenizer, hidden_size=64, num_attention_heads=4, num_key_value_heads=4,
-                       attn_implementation="eager")
-    ids, labels, batch = _absent_red_ring_batch(tokenizer, ("Where is the pink cross?", "The pink cross [10, 20, 30, 40]."),
-                                                boxes=1)
-    cfg = TrainConfig()
-    cfg.train.attention_supervision_weight = 1.0
-    cfg.train.attention_supervision_layer = 1
+    tokenizer, model, (ids, labels, batch), cfg = _name_layer_setup(
+        ("Where is the pink cross?", "The pink cross [10, 20, 30, 40]."), boxes=1)
     cfg.train.name_supervision_layer, cfg.train.name_supervision_head = 0, 3
     assert len(grounding_supervision(model, tokenizer, cfg)[0]) == 2
     cfg.train.name_supervision_boxes = True
