@@ -110,14 +110,13 @@ class DenseReadout:
 
 
 def grounding_supervision(model, tokenizer, cfg: TrainConfig):
-    """(attention supervisions: [] or [the box head's] or [the box head's, the presence head's] when
-    train.presence_supervision_* puts presence on another head, then the name head's when
-    train.name_supervision_layer is set, then the colour read's when train.name_supervision_colour_head,
-    then the box name reads' (on the name head or
-    train.name_supervision_boxes_layer/head) when train.name_supervision_boxes;
-    number token ids or None) for
-    ferret.training.grounding's training-only losses; also starts the number rows as a smooth code
-    when configured."""
+    """(attention supervisions, number token ids or None) for ferret.training.grounding's
+    training-only losses; also starts the number rows as a smooth code when configured. The
+    supervisions, in order: the box head's (none without train.attention_supervision_weight); the
+    presence head's when train.presence_supervision_* puts presence on another head; the name head's
+    when train.name_supervision_layer is set; the colour read's when train.name_supervision_colour_head;
+    the box name reads' (on the name head or train.name_supervision_boxes_layer/head) when
+    train.name_supervision_boxes."""
     from ferret.data.synthetic_tokenizer import number_token_ids
     from ferret.training.grounding import AttentionSupervision, init_coordinate_heads, init_number_rows
 
