@@ -554,6 +554,22 @@ def test_box_name_reads_point_each_number_position_at_the_box_colour_and_shape()
     torch.testing.assert_close(box_names.loss(batch), expected, rtol=1e-4, atol=1e-5)
     cfg.data.scene_records, cfg.data.data_path, cfg.model.tiny = "scenes_train.json", ["train.json"], True
     cfg.validate()
+    # train.name_supervision_boxes_steps: the box name reads in the stage's first N steps only
+    from ferret.training.synthetic_world import SyntheticWorldSupervision
+
+    cfg.train.name_supervision_boxes_steps, cfg.train.dense_loss_weight = 4, 0.0
+    cfg.validate()
+    aux = SyntheticWorldSupervision(model, tokenizer, cfg)
+    box_names = aux.attention[-1]
+    for step, reading in [(0, True), (3, True), (4, False), (900, False)]:
+        aux.add_losses(torch.zeros(()), {"input_ids": ids}, None, torch.device("cpu"), step)
+        assert box_names.name_boxes is reading and not aux.attention[1].name_boxes
+        assert len(box_names._queries(batch, 0)) == (8 if reading else 0)
+        assert len(aux.attention[1]._queries(batch, 0)) == 1  # the yes/no read goes on
+    cfg.train.name_supervision_boxes_steps = 0
+    with pytest.raises(TrainConfigError, match="name_supervision_boxes_steps"):
+        cfg.validate()
+    cfg.train.name_supervision_boxes_steps = None
     # train.name_supervision_boxes_layer/head: the same reads on a head of their own, the name head
     # keeping its yes/no read alone.
     cfg.train.name_supervision_boxes_layer, cfg.train.name_supervision_boxes_head = 1, 2
@@ -573,6 +589,9 @@ def test_box_name_reads_point_each_number_position_at_the_box_colour_and_shape()
         cfg.validate()
     cfg.train.name_supervision_boxes, cfg.train.name_supervision_boxes_layer = False, 1
     with pytest.raises(TrainConfigError, match="name_supervision_boxes_layer"):
+        cfg.validate()
+    cfg.train.name_supervision_boxes_layer, cfg.train.name_supervision_boxes_steps = None, 700
+    with pytest.raises(TrainConfigError, match="name_supervision_boxes_steps"):
         cfg.validate()
 
 

@@ -180,6 +180,11 @@ class TrainSection:
     # than on the name head: the cost is the push's, not the head's (card, boxhead_s7).
     name_supervision_boxes_layer: int | None = None
     name_supervision_boxes_head: int = 0
+    # The box name reads for this stage's first N LLM steps only (None: every step), as the copy
+    # supervision (name_supervision_copy_steps): kept on to the end, the push cost "No" in one draw
+    # and naming in the other (boxcolour_s7 / boxcolour_s42, session 32) while the coordinate heads
+    # had bound by step ~600 (mass 0.97).
+    name_supervision_boxes_steps: int | None = None
     # Another head of the name head's layer pushed, from the "Yes"/"No" position, onto the asked colour
     # word alone: the two draws that kept the conjunction ("No" 0.963) had layer 0 head 3 doing so
     # unasked, both box-name runs lost it and "No" with it (0.835 / 0.730; session 31).
@@ -321,6 +326,11 @@ class TrainConfig:
         if t.name_supervision_boxes_layer is not None and not t.name_supervision_boxes:
             raise TrainConfigError("train.name_supervision_boxes_layer: the head of the box name reads, which are "
                                    "off; set train.name_supervision_boxes=true or leave the layer unset")
+        if t.name_supervision_boxes_steps is not None:
+            _positive("train.name_supervision_boxes_steps", t.name_supervision_boxes_steps)
+            if not t.name_supervision_boxes:
+                raise TrainConfigError("train.name_supervision_boxes_steps: limits the box name reads, which are "
+                                       "off; set train.name_supervision_boxes=true or leave the steps unset")
         if t.name_supervision_colour_head is not None:
             if t.name_supervision_layer is None:
                 raise TrainConfigError("train.name_supervision_colour_head: a head of the name head's layer; "

@@ -188,6 +188,7 @@ class SyntheticWorldSupervision:
         t = cfg.train
         self.readout = DenseReadout(model, tokenizer) if t.dense_loss_weight > 0 else None
         self.attention, self.number_ids = grounding_supervision(model, tokenizer, cfg)
+        self.box_name_reads = [head for head in self.attention if head.name_boxes]
         if self.readout is not None and t.box_code_weight > 0:
             self.readout.box_code = (self.number_ids, t.box_code_weight, t.box_code_sigma)
         self._dense: list[torch.Tensor] = []
@@ -215,6 +216,9 @@ class SyntheticWorldSupervision:
         if t.name_supervision_copy_steps is not None:
             for head in self.attention:
                 head.name_copy = bool(head.name_words) and step < t.name_supervision_copy_steps
+        if t.name_supervision_boxes_steps is not None:
+            for head in self.box_name_reads:
+                head.name_boxes = step < t.name_supervision_boxes_steps
         if self.readout is not None:
             # Every rank runs the same graph whether or not this batch has targets.
             dense = self.readout.loss(batch, device) if "patch_color" in batch else loss.new_zeros(())
