@@ -6,6 +6,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -158,6 +159,10 @@ def test_naming_errors_sorts_each_wrong_name_by_size_shape_and_kind():
     assert box["objects"]["input radius 00-06 px"] == 1 and box["error_rate"]["input radius 00-06 px"] == 1.0
     assert box["error_rate"]["input radius 06-09 px"] == 1.0 and box["error_rate"]["input radius 15+ px"] == 0.0
     assert tool.input_radius_bin([0, 0, 30, 30], 144, 144) == "15+ px"
+    # s1 is squashed 2x (288 x 144), s2 not at all
+    assert box["objects"]["squash 1.75+x"] == 2 and box["error_rate"]["squash 1.75+x"] == 0.5
+    assert box["error_rate"]["squash 1.00-1.25x"] == 1.0
+    assert tool.squash_bin(160, 200) == "1.25-1.50x" and tool.squash_bin(300, 200) == "1.50-1.75x"
     assert result["refer_point"]["kinds"] == {"colour wrong, shape right": 1}
     assert result["refer_free_form"]["kinds"] == {"no colour-and-shape name": 1}
     checks["wrong"].append({"check": "refer_box", "image": "s9.png", "expected": "red star", "answer": "No."})
@@ -211,6 +216,27 @@ def test_tower_probe_pools_worlds_and_scores_the_out_of_generator_set(tmp_path):
     b_val = json.loads((tmp_path / "b" / "scenes_val.json").read_text())[:4]
     assert scored_on_b["final"]["objects"] == sum(len(s["objects"]) for s in b_val)
     assert "final_ood" not in probe(["--data", str(tmp_path / "a"), *args[:-2]])
+    padded = probe(["--data", str(tmp_path / "a"), "--pad", *args])
+    assert padded["final"]["objects"] == pooled["final"]["objects"]
+
+
+def test_tower_probe_pad_scene_keeps_the_aspect_ratio_and_moves_nothing():
+    from PIL import Image
+
+    from ferret.data.rle import decode_rle, encode_rle
+
+    tool = load_script("tower_probe")
+    mask = np.zeros((40, 100), dtype=bool)
+    mask[10:20, 60:90] = True
+    image = Image.new("RGB", (100, 40), (200, 10, 10))
+    record = {"width": 100, "height": 40, "objects": [{"name": "red square", "box": [60, 10, 90, 20],
+                                                        "mask": encode_rle(mask)}]}
+    canvas, padded = tool.pad_scene(image, record)
+    assert canvas.size == (100, 100) and (padded["width"], padded["height"]) == (100, 100)
+    assert canvas.getpixel((50, 20)) == (200, 10, 10) and canvas.getpixel((50, 70)) != (200, 10, 10)
+    square = decode_rle(padded["objects"][0]["mask"], (100, 100))
+    assert square[:40].tolist() == mask.tolist() and not square[40:].any()
+    assert padded["objects"][0]["box"] == [60, 10, 90, 20] and record["width"] == 100  # pixels do not move
 
 
 def test_token_weight_splits_answers_by_turn_and_weighs_tokens_by_their_micro_batch():

@@ -22,7 +22,21 @@ NAMING_CHECKS = ("refer_box", "refer_point", "refer_free_form")
 # under ~9 px, where the generator draws almost nothing (MODEL_CARD.md, run full_small).
 INPUT_SIZE = 144
 RADIUS_BINS_PX = (6, 9, 12, 15)
-AXES = ("size", "shape", "input radius")  # what each error rate is split by
+# How much the square input squashes the image (longer side / shorter side, binned): is keeping the
+# aspect ratio (padding) a lever for naming? (session 34)
+SQUASH_BINS = (1.25, 1.5, 1.75)
+AXES = ("size", "shape", "input radius", "squash")  # what each error rate is split by
+
+
+def squash_bin(width: int, height: int) -> str:
+    """The image's squash-factor bin, e.g. "1.25-1.50x" (labels sort in order)."""
+    factor = max(width, height) / min(width, height)
+    low = 1.0
+    for high in SQUASH_BINS:
+        if factor < high:
+            return f"{low:.2f}-{high:.2f}x"
+        low = high
+    return f"{low:.2f}+x"
 
 
 def input_radius_bin(box: list[float], width: int, height: int, input_size: int = INPUT_SIZE) -> str:
@@ -41,7 +55,8 @@ def breakdown(checks: dict, scenes: list[dict], input_size: int = INPUT_SIZE) ->
     """Per naming check: error rate by size, by shape and by radius in the model's input, what went
     wrong, the commonest shape swaps."""
     objects = {(Path(s["image"]).name, o["name"]):
-               {**o, "input radius": input_radius_bin(o["box"], s["width"], s["height"], input_size)}
+               {**o, "input radius": input_radius_bin(o["box"], s["width"], s["height"], input_size),
+                "squash": squash_bin(s["width"], s["height"])}
                for s in scenes for o in s["objects"]}
     totals = Counter()
     for obj in objects.values():
@@ -87,10 +102,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checks", required=True, help="direct_checks.json of synthetic_direct")
     parser.add_argument("--scenes", required=True, help="scenes_<split>.json of the same split")
+    parser.add_argument("--max-scenes", type=int, default=None,
+                        help="the first N scenes only (those synthetic_direct --max-scenes N asked about)")
     parser.add_argument("--out", help="write the breakdown here as JSON")
     args = parser.parse_args(argv)
     checks = json.loads(Path(args.checks).read_text())
-    scenes = json.loads(Path(args.scenes).read_text())
+    scenes = json.loads(Path(args.scenes).read_text())[: args.max_scenes]
     try:
         result = {"checks": args.checks, "scenes": args.scenes, **breakdown(checks, scenes)}
     except ValueError as exc:
