@@ -7,7 +7,7 @@
 #
 #   bash bench/probes/stage2_probe.sh BASE_MODEL NAME [section.key=value ...]
 #       e.g. bash bench/probes/stage2_probe.sh ferret/assets/model s3_colneg \
-#                data.data_path=[data/synth_small_colneg/train.json] \
+#                data.data_path=data/synth_small_colneg/train.json \
 #                data.scene_records=data/synth_small_colneg/scenes_train.json
 #   -> checkpoints/NAME/hf (the model), checkpoints/NAME/metrics.jsonl, checkpoints/NAME/stage2_config.json
 set -euo pipefail
