@@ -38,6 +38,12 @@ def test_repro_compare_is_exact_and_ignores_throughput():
     assert len(compare(reference, same, 20)) == 2  # only the first `steps` steps
     missing = compare(reference[:1], same, 20)
     assert missing[1]["equal"] is False and "not in the reference" in missing[1]["why"]
+    # a number logged since the reference was made is listed, not compared; one the rerun lost differs
+    logged_more = [dict(row, attention_mass_head0=0.5) for row in reference]
+    assert [s["equal"] for s in compare(reference, logged_more, 30)] == [True, True, True]
+    assert compare(reference, logged_more, 10)[0]["new_keys"] == ["attention_mass_head0"]
+    lost = [{k: v for k, v in row.items() if k != "grad_norm"} for row in reference]
+    assert compare(reference, lost, 10)[0]["differ"] == {"grad_norm": [3.0, None]}
 
 
 def test_export_step_writes_the_deepspeed_weights_as_a_loadable_model(tmp_path):

@@ -51,9 +51,13 @@ def compare(reference: list[dict], rerun: list[dict], steps: int) -> list[dict]:
         if ref is None:
             out.append({"step": row["step"], "equal": False, "why": "not in the reference log"})
             continue
-        keys = sorted((set(ref) | set(row)) - TIMING - {"step"})
+        # Every number the reference logged must come back equal (a missing one differs); numbers
+        # the reference could not log (logging added since) are listed, not compared.
+        keys = sorted(set(ref) - TIMING - {"step"})
         differ = {k: [ref.get(k), row.get(k)] for k in keys if ref.get(k) != row.get(k)}
-        out.append({"step": row["step"], "loss": [ref["loss"], row["loss"]], "equal": not differ, "differ": differ})
+        new_keys = sorted(set(row) - set(ref) - TIMING)
+        out.append({"step": row["step"], "loss": [ref["loss"], row["loss"]], "equal": not differ, "differ": differ,
+                    **({"new_keys": new_keys} if new_keys else {})})
     return out
 
 

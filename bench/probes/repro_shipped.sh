@@ -31,15 +31,14 @@ a, b = load_file(shipped / "model.safetensors"), load_file(consolidated / "model
 
 
 def differences(steps: list[dict]) -> dict:
-    """Per logged key that differs anywhere: in how many steps, and by how much at most. A key the
-    shipped log lacks (logging added later, e.g. the per-head attention masses) is only listed."""
+    """Per logged key that differs anywhere: in how many steps, and by how much at most (None when
+    the relaunch did not log it)."""
     out = {}
     for s in steps:
-        for key, (ref, new) in s.get("differ", {}).items():
-            entry = out.setdefault(key, {"steps": 0, "max_abs": None})
+        for key, (ref, new) in s["differ"].items():
+            entry = out.setdefault(key, {"steps": 0, "max_abs": 0.0})
             entry["steps"] += 1
-            if isinstance(ref, (int, float)) and isinstance(new, (int, float)):
-                entry["max_abs"] = max(entry["max_abs"] or 0.0, abs(ref - new))
+            entry["max_abs"] = None if new is None or entry["max_abs"] is None else max(entry["max_abs"], abs(ref - new))
     return out
 
 
@@ -48,9 +47,11 @@ result = {
     "stage1_logged_steps": len(stage1), "stage1_all_equal": bool(stage1) and all(s["equal"] for s in stage1),
     "stage1_losses_equal": bool(stage1) and all(s["loss"][0] == s["loss"][1] for s in stage1),
     "stage1_differences": differences(stage1),
+    "stage1_new_keys": sorted({k for s in stage1 for k in s.get("new_keys", [])}),
     "stage2_logged_steps": len(stage2), "stage2_all_equal": bool(stage2) and all(s["equal"] for s in stage2),
     "stage2_losses_equal": bool(stage2) and all(s["loss"][0] == s["loss"][1] for s in stage2),
     "stage2_differences": differences(stage2),
+    "stage2_new_keys": sorted({k for s in stage2 for k in s.get("new_keys", [])}),
     "fp16_weights_equal_to_shipped": set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a),
     "tensors": len(a),
 }
