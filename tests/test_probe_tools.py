@@ -169,6 +169,11 @@ def test_naming_errors_sorts_each_wrong_name_by_size_shape_and_kind():
     assert box["objects"]["squash 1.75+x"] == 2 and box["error_rate"]["squash 1.75+x"] == 0.5
     assert box["error_rate"]["squash 1.00-1.25x"] == 1.0
     assert tool.squash_bin(160, 200) == "1.25-1.50x" and tool.squash_bin(300, 200) == "1.50-1.75x"
+    # the star (radius 5, 2x squash) is thin, the ring (radius 20) is not, the cross sits on a square canvas
+    assert box["objects"]["thin squash >= 1.5, radius < 9 px"] == 1
+    assert box["error_rate"]["thin squash >= 1.5, radius < 9 px"] == 1.0
+    assert box["error_rate"]["thin squash >= 1.5, radius >= 9 px"] == 0.0
+    assert box["objects"]["thin squash < 1.5, radius < 9 px"] == 1
     assert result["refer_point"]["kinds"] == {"colour wrong, shape right": 1}
     assert result["refer_free_form"]["kinds"] == {"no colour-and-shape name": 1}
     checks["wrong"].append({"check": "refer_box", "image": "s9.png", "expected": "red star", "answer": "No."})

@@ -25,7 +25,10 @@ RADIUS_BINS_PX = (6, 9, 12, 15)
 # How much the square input squashes the image (longer side / shorter side, binned): is keeping the
 # aspect ratio (padding) a lever for naming? (session 34)
 SQUASH_BINS = (1.25, 1.5, 1.75)
-AXES = ("size", "shape", "input radius", "squash")  # what each error rate is split by
+# Small objects of squashed canvases (radius < 9 px in the input, squash >= 1.5) are thin there:
+# session 34 found the out-of-generator box errors concentrated on them.
+THIN_SQUASH, THIN_RADIUS_PX = 1.5, 9
+AXES = ("size", "shape", "input radius", "squash", "thin")  # what each error rate is split by
 
 
 def squash_bin(width: int, height: int) -> str:
@@ -39,10 +42,22 @@ def squash_bin(width: int, height: int) -> str:
     return f"{low:.2f}+x"
 
 
+def input_radius(box: list[float], width: int, height: int, input_size: int = INPUT_SIZE) -> float:
+    """Half the shorter side of the object's box in the square input, in pixels."""
+    x1, y1, x2, y2 = box
+    return min((x2 - x1) * input_size / width, (y2 - y1) * input_size / height) / 2
+
+
+def thin_bin(box: list[float], width: int, height: int, input_size: int = INPUT_SIZE) -> str:
+    """Which of the four squash x size cells the object falls in, e.g. "squash >= 1.5, radius < 9 px"."""
+    squash = max(width, height) / min(width, height) >= THIN_SQUASH
+    small = input_radius(box, width, height, input_size) < THIN_RADIUS_PX
+    return (f"squash {'>=' if squash else '<'} {THIN_SQUASH}, radius {'<' if small else '>='} {THIN_RADIUS_PX} px")
+
+
 def input_radius_bin(box: list[float], width: int, height: int, input_size: int = INPUT_SIZE) -> str:
     """The object's input-space radius bin, e.g. "06-09 px" (labels sort in size order)."""
-    x1, y1, x2, y2 = box
-    radius = min((x2 - x1) * input_size / width, (y2 - y1) * input_size / height) / 2
+    radius = input_radius(box, width, height, input_size)
     low = 0
     for high in RADIUS_BINS_PX:
         if radius < high:
@@ -56,7 +71,8 @@ def breakdown(checks: dict, scenes: list[dict], input_size: int = INPUT_SIZE) ->
     wrong, the commonest shape swaps."""
     objects = {(Path(s["image"]).name, o["name"]):
                {**o, "input radius": input_radius_bin(o["box"], s["width"], s["height"], input_size),
-                "squash": squash_bin(s["width"], s["height"])}
+                "squash": squash_bin(s["width"], s["height"]),
+                "thin": thin_bin(o["box"], s["width"], s["height"], input_size)}
                for s in scenes for o in s["objects"]}
     totals = Counter()
     for obj in objects.values():
