@@ -10,6 +10,7 @@ from ferret.training.config import (
     TrainConfigError,
     apply_overrides,
     config_from_dict,
+    config_to_dict,
     load_train_config,
 )
 
@@ -202,8 +203,6 @@ def test_stages_chain_each_from_the_export_before_it():
 
 
 def test_stages_survive_the_round_trip_through_config_json():
-    from ferret.training.config import config_to_dict
-
     cfg = config_from_dict(staged({"name": "small", "overrides": {"train.max_steps": 5}}))
     again = config_from_dict(config_to_dict(cfg))
     assert again == cfg and [c.train.output_dir for c in again.stage_configs()] == ["out/run", str(Path("out/run/small"))]
@@ -211,6 +210,46 @@ def test_stages_survive_the_round_trip_through_config_json():
     moved = apply_overrides(cfg, ["train.output_dir=elsewhere", "train.seed=7"])
     assert [(c.train.output_dir, c.train.seed) for c in moved.stage_configs()] == [
         ("elsewhere", 7), (str(Path("elsewhere/small")), 7)]
+
+
+def test_a_soup_stage_trains_its_variants_from_one_start_then_averages_them():
+    from ferret.training.config import WeightAverage
+
+    cfg = config_from_dict(staged(
+        {"name": "mix", "overrides": {"train.max_steps": 5},
+         "soup": [{"data.data_path": ["narrow.json"]}, {"data.data_path": ["wide.json"], "train.learning_rate": 2e-4}]},
+        {"name": "last", "overrides": {"train.max_steps": 2}}))
+    first, narrow, wide, average, last = cfg.launch_steps()
+    assert first is cfg
+    # each variant: the stage before + the stage's overrides + its own, from the same export
+    assert narrow.model.pretrained == wide.model.pretrained == str(Path("out/run/hf"))
+    assert narrow.train.output_dir == str(Path("out/run/mix/mix-0")) and wide.train.output_dir == str(Path("out/run/mix/mix-1"))
+    assert narrow.data.data_path == ["narrow.json"] and wide.data.data_path == ["wide.json"]
+    assert (narrow.train.max_steps, wide.train.max_steps) == (5, 5)
+    assert (narrow.train.learning_rate, wide.train.learning_rate) == (1e-3, 2e-4)
+    assert average == WeightAverage((str(Path("out/run/mix/mix-0/hf")), str(Path("out/run/mix/mix-1/hf"))), str(Path("out/run/mix")))
+    # the next stage starts from the average, on the stage's common config (no variant's overrides)
+    assert last.model.pretrained == str(Path("out/run/mix/hf")) and last.train.output_dir == str(Path("out/run/last"))
+    assert last.data.data_path == minimal()["data"]["data_path"] and last.train.learning_rate == 1e-3
+    assert last.train.max_steps == 2
+    assert cfg.stage_configs() == [first, narrow, wide, last]
+    assert config_from_dict(config_to_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize(
+    "stage,pattern",
+    [
+        ({"name": "s", "soup": [{"train.max_steps": 3}]}, r"^stages\[0\] \(s\): soup: a soup needs two variants"),
+        ({"name": "s", "soup": [{}, {"train.output_dir": "x"}]}, r"^stages\[0\] \(s\): soup\[1\]: train\.output_dir: set by the stage"),
+        ({"name": "s", "soup": [{}, {"train.max_steps": "many"}]}, r"^stages\[0\] \(s\): soup\[1\]: train\.max_steps: expected an integer"),
+        ({"name": "s", "soup": {"a": 1}}, r"^stages\[0\]: expected \{name: str, overrides"),
+        ({"name": "s", "soup": ["train.max_steps=3", {}]}, r"^stages\[0\]: expected \{name: str, overrides"),
+    ],
+)
+def test_bad_soups_are_named(stage, pattern):
+    with pytest.raises(TrainConfigError, match=pattern) as err:
+        config_from_dict(staged(stage))
+    assert "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize(

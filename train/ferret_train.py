@@ -7,6 +7,7 @@
 
 A config's `stages` list chains later stages into the same launch (train/configs/embedded.yaml:
 the default world, then a world with smaller objects); stage k writes to <output_dir>/<its name>.
+A stage with `soup` trains one variant per entry from the same start and exports their average.
 
 Multi-node: torchrun's own flags (--nnodes, --node_rank, --rdzv_endpoint ...); the output
 folder must be on a file system shared by all nodes. Backend: nccl + bf16 on GPU, gloo + fp32
@@ -44,10 +45,12 @@ from ferret.processing import FerretProcessor  # noqa: E402
 from ferret.training.answer_loss import answer_loss  # noqa: E402
 from ferret.training.callbacks import TrainingCallbacks  # noqa: E402
 from ferret.training.checkpoint import (  # noqa: E402
-    TrainerState, TrainingCheckpointError, consolidated_state_dict, export_hf_folder, load_deepspeed_checkpoint,
-    merge_lora_state_dict, prune_checkpoints, read_latest, save_deepspeed_checkpoint,
+    TrainerState, TrainingCheckpointError, average_exports, consolidated_state_dict, export_hf_folder,
+    load_deepspeed_checkpoint, merge_lora_state_dict, prune_checkpoints, read_latest, save_deepspeed_checkpoint,
 )
-from ferret.training.config import TrainConfig, TrainConfigError, config_to_dict, load_train_config, resolve_path  # noqa: E402
+from ferret.training.config import (  # noqa: E402
+    TrainConfig, TrainConfigError, WeightAverage, config_to_dict, load_train_config, resolve_path,
+)
 from ferret.training.distributed import (  # noqa: E402
     Processes, deepspeed_config, gather_region_module_whole, init_distributed, move_batch, uses_bf16,
 )
@@ -86,7 +89,13 @@ def main(argv: list[str] | None = None, callbacks: TrainingCallbacks = TrainingC
         # One launch may chain stages (config `stages`): each starts from the model the one before
         # exported; with --resume each continues from its own latest checkpoint (a finished one
         # only re-exports). An explicit checkpoint folder belongs to the first stage.
-        for index, stage in enumerate(cfg.stage_configs()):
+        for index, stage in enumerate(cfg.launch_steps()):
+            if isinstance(stage, WeightAverage):  # a soup stage's variants are trained: average them
+                if dist.get_rank() == 0:
+                    average_exports([(source, 1.0) for source in stage.sources], Path(stage.out_dir) / "hf")
+                    print(f"[ferret_train] soup: {len(stage.sources)} variants averaged, export {stage.out_dir}/hf")
+                dist.barrier()
+                continue
             if index and args.resume is not None:
                 args.resume = "latest"
             run = setup(stage, args)

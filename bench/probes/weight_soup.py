@@ -6,19 +6,17 @@ from one model, or an interpolation between a model and its fine-tune).
 
 Each source is an `hf` folder, optionally `:weight` (default 1); weights are normalised. The
 output is a copy of the first folder (config, tokenizer, processor) with the averaged
-`model.safetensors`. Averaging is done in float64 and stored in each tensor's own dtype;
-integer tensors (none in Ferret today) must agree across sources.
+`model.safetensors` (`ferret.training.checkpoint.average_exports`, which a config's soup stage
+also uses: train/ferret_train.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file, save_file
+from ferret.training.checkpoint import TrainingCheckpointError, average_exports
 
 
 def parse_source(text: str) -> tuple[Path, float]:
@@ -35,36 +33,16 @@ def parse_source(text: str) -> tuple[Path, float]:
     return folder, value
 
 
-def average(sources: list[tuple[Path, float]]) -> dict[str, torch.Tensor]:
-    total = sum(w for _, w in sources)
-    first = load_file(str(sources[0][0] / "model.safetensors"))
-    sums = {k: v.double() * sources[0][1] if v.is_floating_point() else v for k, v in first.items()}
-    for folder, weight in sources[1:]:
-        state = load_file(str(folder / "model.safetensors"))
-        if state.keys() != first.keys():
-            raise SystemExit(f"weight_soup: {folder} holds other tensors than {sources[0][0]}")
-        for key, value in state.items():
-            if value.shape != first[key].shape:
-                raise SystemExit(f"weight_soup: {key}: shape {tuple(value.shape)} in {folder}, "
-                                 f"{tuple(first[key].shape)} in {sources[0][0]}")
-            if value.is_floating_point():
-                sums[key] += value.double() * weight
-            elif not torch.equal(value, first[key]):
-                raise SystemExit(f"weight_soup: {key}: integer tensor differs in {folder}")
-    return {k: (v / total).to(first[k].dtype) if v.is_floating_point() else v for k, v in sums.items()}
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("sources", nargs="+", help="hf folders, each optionally FOLDER:WEIGHT")
     args = parser.parse_args(argv)
     sources = [parse_source(s) for s in args.sources]
-    state = average(sources)
-    if args.out.exists():
-        shutil.rmtree(args.out)
-    shutil.copytree(sources[0][0], args.out)
-    save_file(state, str(args.out / "model.safetensors"), metadata={"format": "pt"})
+    try:
+        average_exports(sources, args.out)
+    except TrainingCheckpointError as err:
+        raise SystemExit(f"weight_soup: {err}") from None
     print(f"weight_soup: {len(sources)} models -> {args.out}", file=sys.stderr)
 
 

@@ -309,6 +309,19 @@ def consolidated_state_dict(engine) -> dict[str, torch.Tensor] | None:
     return {k: v.detach().cpu().clone() for k, v in state.items()}
 
 
+def _replace_folder(tmp: Path, out_dir: Path) -> Path:
+    """Put the finished folder `tmp` in place of `out_dir`: fsynced, then renamed, so that a crash
+    leaves either the old folder or the new one."""
+    fsync_tree(tmp)
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        os.replace(out_dir, old)
+        shutil.rmtree(old)
+    os.replace(tmp, out_dir)
+    _fsync_path(out_dir.parent)
+    return out_dir
+
+
 def export_hf_folder(model, state_dict: dict, out_dir: str | Path, tokenizer=None, image_processor=None) -> Path:
     """Write config + safetensors (+ tokenizer, image processor) to `out_dir` atomically (rank 0 only).
 
@@ -325,11 +338,42 @@ def export_hf_folder(model, state_dict: dict, out_dir: str | Path, tokenizer=Non
         tokenizer.save_pretrained(tmp)
     if image_processor is not None and hasattr(image_processor, "save_pretrained"):
         image_processor.save_pretrained(tmp)
-    fsync_tree(tmp)
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.replace(out_dir, old)
-        shutil.rmtree(old)
-    os.replace(tmp, out_dir)
-    _fsync_path(out_dir.parent)
-    return out_dir
+    return _replace_folder(tmp, out_dir)
+
+
+def average_exports(sources: list[tuple[str | Path, float]], out_dir: str | Path) -> Path:
+    """Write the weighted average of exported models ("a soup": fine-tunes of one model) to `out_dir`
+    atomically: a copy of the first folder (config, tokenizer, processor) with the averaged
+    `model.safetensors`. Averaged in float64, stored in each tensor's own dtype; integer tensors
+    must agree. Weights are normalised."""
+    from safetensors.torch import load_file, save_file
+
+    if not sources or any(w <= 0 for _, w in sources):
+        raise TrainingCheckpointError("average_exports: needs at least one model, each with a weight > 0")
+    folders = [Path(f) for f, _ in sources]
+    for folder in folders:
+        if not (folder / "model.safetensors").is_file():
+            raise TrainingCheckpointError(f"average_exports: {folder / 'model.safetensors'} does not exist")
+    total = sum(w for _, w in sources)
+    first = load_file(str(folders[0] / "model.safetensors"))
+    sums = {k: v.double() * sources[0][1] if v.is_floating_point() else v for k, v in first.items()}
+    for folder, (_, weight) in zip(folders[1:], sources[1:]):
+        state = load_file(str(folder / "model.safetensors"))
+        if state.keys() != first.keys():
+            raise TrainingCheckpointError(f"average_exports: {folder} holds other tensors than {folders[0]}")
+        for key, value in state.items():
+            if value.shape != first[key].shape:
+                raise TrainingCheckpointError(f"average_exports: {key}: shape {tuple(value.shape)} in {folder}, "
+                                              f"{tuple(first[key].shape)} in {folders[0]}")
+            if value.is_floating_point():
+                sums[key] += value.double() * weight
+            elif not torch.equal(value, first[key]):
+                raise TrainingCheckpointError(f"average_exports: {key}: integer tensor differs in {folder}")
+    averaged = {k: (v / total).to(first[k].dtype) if v.is_floating_point() else v for k, v in sums.items()}
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    shutil.copytree(folders[0], tmp)
+    save_file(averaged, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    return _replace_folder(tmp, out_dir)

@@ -3,7 +3,7 @@
 A config file has four sections, `model`, `data`, `lora` and `train`; command-line overrides
 use dotted keys (`train.learning_rate=1e-4`). An optional list `stages` chains later stages into
 the same launch: each is the stage before plus its own dotted overrides, started from the model
-that stage exported (`TrainConfig.stage_configs`). Every problem (unknown key, wrong type, bad
+that stage exported, or a soup of variants averaged into one model (`TrainConfig.launch_steps`). Every problem (unknown key, wrong type, bad
 value, inconsistent combination) raises `TrainConfigError` whose message names the key in one
 line, so `train/ferret_train.py` can print it and exit instead of failing deep inside DeepSpeed.
 """
@@ -26,6 +26,7 @@ __all__ = [
     "LoraSection",
     "TrainSection",
     "StageSection",
+    "WeightAverage",
     "TrainConfig",
     "load_train_config",
     "apply_overrides",
@@ -202,10 +203,24 @@ class TrainSection:
 @dataclass
 class StageSection:
     """A later stage of the same launch: the stage before it plus `overrides` ({"section.key":
-    value}), started from the model that stage exported, written to <output_dir>/<name>."""
+    value}), started from the model that stage exported, written to <output_dir>/<name>.
+
+    With `soup` (a list of two or more override dicts) the stage trains one variant per entry, each
+    from the same start and with its own overrides on top of the stage's, in
+    <output_dir>/<name>/<name>-<i>, and exports their equal-weight average as <output_dir>/<name>/hf
+    (a "model soup": fine-tunes of one model average into one basin)."""
 
     name: str
     overrides: dict = field(default_factory=dict)
+    soup: list[dict] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class WeightAverage:
+    """The last step of a soup stage: average the variants' exports into <out_dir>/hf."""
+
+    sources: tuple[str, ...]
+    out_dir: str
 
 
 _STAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -221,10 +236,16 @@ class TrainConfig:
     stages: list[StageSection] = field(default_factory=list)
 
     def stage_configs(self) -> list["TrainConfig"]:
-        """The launch's stages in order: this config (its config.json keeps `stages`, so it replays
-        the whole launch), then one config per stage (the one before + the stage's overrides, from
-        that one's export), each validated."""
-        configs = [self]
+        """Every run the launch trains, in order (see `launch_steps`)."""
+        return [step for step in self.launch_steps() if isinstance(step, TrainConfig)]
+
+    def launch_steps(self) -> list["TrainConfig | WeightAverage"]:
+        """The launch in order: this config (its config.json keeps `stages`, so it replays the whole
+        launch), then per stage one config (the one before + the stage's overrides, from that one's
+        export), or for a soup stage one config per variant and the average of their exports; each
+        validated."""
+        steps: list[TrainConfig | WeightAverage] = [self]
+        before, start = self, Path(self.train.output_dir) / "hf"
         names = set()
         for i, stage in enumerate(self.stages):
             where = f"stages[{i}] ({stage.name})"
@@ -232,26 +253,30 @@ class TrainConfig:
                 raise TrainConfigError(f"{where}: a stage needs its own folder name (letters, digits, _ . -; "
                                        f"unique; not {', '.join(_RUN_FOLDERS)})")
             names.add(stage.name)
-            before = configs[-1]
             if not before.train.export_hf:
                 raise TrainConfigError(f"{where}: the stage before it must export its model (train.export_hf: true)")
+            if len(stage.soup) == 1:
+                raise TrainConfigError(f"{where}: soup: a soup needs two variants or more (or none)")
+            folder = Path(self.train.output_dir) / stage.name
             # What the stage sets itself: its model is the one the stage before exported, its folder its name.
-            own = {"model.pretrained": str(Path(before.train.output_dir) / "hf"), "model.base_llm": None,
+            own = {"model.pretrained": str(start), "model.base_llm": None,
                    "model.tiny": False, "model.vision_tower": None, "model.mm_projector": None,
-                   "model.vision_tower_weights": None, "train.output_dir": str(Path(self.train.output_dir) / stage.name)}
+                   "model.vision_tower_weights": None, "train.output_dir": str(folder)}
             data = {**config_to_dict(before), "stages": []}
             try:
-                clash = sorted(own.keys() & stage.overrides.keys())
-                if clash:
-                    raise TrainConfigError(f"{', '.join(clash)}: set by the stage itself (the model the stage "
-                                           f"before exported, <output_dir>/{stage.name})")
-                for key, value in {**stage.overrides, **own}.items():
-                    section, name = _known_key(key)
-                    data[section][name] = value
-                configs.append(config_from_dict(data))
+                stage_config = _with_overrides(data, stage.overrides, own)
+                variants = [_with_overrides(data, {**stage.overrides, **extra},
+                                            {**own, "train.output_dir": str(folder / f"{stage.name}-{k}")}, f"soup[{k}]: ")
+                            for k, extra in enumerate(stage.soup)]
             except TrainConfigError as err:
                 raise TrainConfigError(f"{where}: {err}") from None
-        return configs
+            if variants:
+                steps += variants
+                steps.append(WeightAverage(tuple(str(Path(v.train.output_dir) / "hf") for v in variants), str(folder)))
+            else:
+                steps.append(stage_config)
+            before, start = stage_config, folder / "hf"
+        return steps
 
     def validate(self) -> None:
         m, d, lo, t = self.model, self.data, self.lora, self.train
@@ -489,16 +514,35 @@ def _known_key(key: str) -> tuple[str, str]:
     return section, name
 
 
+def _with_overrides(data: dict, overrides: dict, own: dict, where: str = "") -> TrainConfig:
+    """A stage's config: `data` (plain config data) with the stage's dotted overrides and the keys the
+    stage sets itself (`own`, which the overrides may not name)."""
+    clash = sorted(own.keys() & overrides.keys())
+    if clash:
+        raise TrainConfigError(f"{where}{', '.join(clash)}: set by the stage itself (the model the stage "
+                               f"before exported, its own folder)")
+    data = {section: dict(value) if isinstance(value, dict) else value for section, value in data.items()}
+    try:
+        for key, value in {**overrides, **own}.items():
+            section, name = _known_key(key)
+            data[section][name] = value
+        return config_from_dict(data)
+    except TrainConfigError as err:
+        raise TrainConfigError(f"{where}{err}") from None
+
+
 def _stages_from_data(stages: Any) -> list[StageSection]:
     if not isinstance(stages, list):
         raise TrainConfigError(f"stages: expected a list of {{name, overrides}}, got {type(stages).__name__}")
     parsed = []
     for i, stage in enumerate(stages):
-        if (not isinstance(stage, dict) or set(stage) - {"name", "overrides"} or not isinstance(stage.get("name"), str)
-                or not isinstance(stage.get("overrides") or {}, dict)):
-            raise TrainConfigError(f"stages[{i}]: expected {{name: str, overrides: {{section.key: value}}}}, "
-                                   f"got {stage!r}")
-        parsed.append(StageSection(stage["name"], dict(stage.get("overrides") or {})))
+        soup = stage.get("soup") or [] if isinstance(stage, dict) else None
+        if (not isinstance(stage, dict) or set(stage) - {"name", "overrides", "soup"} or not isinstance(stage.get("name"), str)
+                or not isinstance(stage.get("overrides") or {}, dict)
+                or not isinstance(soup, list) or not all(isinstance(v, dict) for v in soup)):
+            raise TrainConfigError(f"stages[{i}]: expected {{name: str, overrides: {{section.key: value}}, "
+                                   f"soup: [{{section.key: value}}, ...] (optional)}}, got {stage!r}")
+        parsed.append(StageSection(stage["name"], dict(stage.get("overrides") or {}), [dict(v) for v in soup]))
     return parsed
 
 
