@@ -227,7 +227,8 @@ def test_a_soup_stage_trains_its_variants_from_one_start_then_averages_them():
     assert narrow.data.data_path == ["narrow.json"] and wide.data.data_path == ["wide.json"]
     assert (narrow.train.max_steps, wide.train.max_steps) == (5, 5)
     assert (narrow.train.learning_rate, wide.train.learning_rate) == (1e-3, 2e-4)
-    assert average == WeightAverage((str(Path("out/run/mix/mix-0/hf")), str(Path("out/run/mix/mix-1/hf"))), str(Path("out/run/mix")))
+    assert average == WeightAverage(((str(Path("out/run/mix/mix-0/hf")), 1.0), (str(Path("out/run/mix/mix-1/hf")), 1.0)),
+                                    str(Path("out/run/mix")))
     # the next stage starts from the average, on the stage's common config (no variant's overrides)
     assert last.model.pretrained == str(Path("out/run/mix/hf")) and last.train.output_dir == str(Path("out/run/last"))
     assert last.data.data_path == minimal()["data"]["data_path"] and last.train.learning_rate == 1e-3
@@ -236,9 +237,27 @@ def test_a_soup_stage_trains_its_variants_from_one_start_then_averages_them():
     assert config_from_dict(config_to_dict(cfg)) == cfg
 
 
+def test_a_start_weight_averages_the_stage_with_the_model_it_started_from():
+    from ferret.training.config import WeightAverage
+
+    cfg = config_from_dict(staged({"name": "wise", "overrides": {"train.max_steps": 5}, "start_weight": 1}))
+    first, trained, average = cfg.launch_steps()
+    assert trained.model.pretrained == str(Path("out/run/hf")) and trained.train.output_dir == str(Path("out/run/wise/wise-0"))
+    assert trained.train.max_steps == 5
+    assert average == WeightAverage(((str(Path("out/run/hf")), 1.0), (str(Path("out/run/wise/wise-0/hf")), 1.0)),
+                                    str(Path("out/run/wise")))
+    assert config_from_dict(config_to_dict(cfg)) == cfg
+    # without it (and without a soup) a stage is trained in its own folder, as before
+    assert [c.train.output_dir for c in config_from_dict(staged({"name": "plain"})).launch_steps()] == [
+        "out/run", str(Path("out/run/plain"))]
+
+
 @pytest.mark.parametrize(
     "stage,pattern",
     [
+        ({"name": "s", "start_weight": -1}, r"^stages\[0\] \(s\): start_weight: -1.0 is not a weight >= 0"),
+        ({"name": "s", "start_weight": "half"}, r"^stages\[0\]: expected \{name: str, overrides"),
+        ({"name": "s", "start_weight": True}, r"^stages\[0\]: expected \{name: str, overrides"),
         ({"name": "s", "soup": [{"train.max_steps": 3}]}, r"^stages\[0\] \(s\): soup: a soup needs two variants"),
         ({"name": "s", "soup": [{}, {"train.output_dir": "x"}]}, r"^stages\[0\] \(s\): soup\[1\]: train\.output_dir: set by the stage"),
         ({"name": "s", "soup": [{}, {"train.max_steps": "many"}]}, r"^stages\[0\] \(s\): soup\[1\]: train\.max_steps: expected an integer"),

@@ -8,7 +8,7 @@ One module-scoped set of runs, each a few steps:
   lora       LoRA on the LLM (gradient checkpointing on), projector + sampler trained, merged HF export
   staged     1 step, then a second stage (config `stages`) of 3 on another world; against two launches,
              and crashed in its second stage then resumed
-  souped     1 step, then a soup stage: two variants of 3 steps from the same export, then their average
+  souped     1 step, then a stage exporting the average of its start and two variants of 3 steps
 """
 
 import json
@@ -370,18 +370,18 @@ def test_a_crash_in_the_second_stage_resumes_there(staged, workspace):
         workspace / "staged" / "second" / "hf" / "model.safetensors").read_bytes()
 
 
-def test_a_soup_stage_trains_each_variant_from_the_same_export_and_ships_their_average(workspace):
+def test_an_averaged_stage_trains_each_variant_from_the_same_export_and_ships_the_average(workspace):
     import yaml
     from safetensors.torch import load_file
 
     config = yaml.safe_load(CONFIG.read_text())
     config["stages"] = [{"name": "mix", "overrides": {"train.max_steps": 3},
-                         "soup": [{"train.learning_rate": 5.0e-4}, {"train.learning_rate": 2.0e-3}]}]
+                         "soup": [{"train.learning_rate": 5.0e-4}, {"train.learning_rate": 2.0e-3}], "start_weight": 2}]
     path = workspace / "souped.yaml"
     path.write_text(yaml.safe_dump(config))
     proc = train(workspace, "souped", "train.max_steps=1", config=path)
     out = workspace / "souped"
-    assert "[ferret_train] soup: 2 variants averaged" in proc.stdout
+    assert f"[ferret_train] weight average of {out / 'hf'} (2), {out / 'mix' / 'mix-0' / 'hf'} (1)" in proc.stdout
     low, high = curve(out / "mix" / "mix-0"), curve(out / "mix" / "mix-1")
     assert sorted(low) == sorted(high) == [1, 2, 3]
     # both start from the first stage's export: the same first losses (step 1 is warm-up at lr 0);
@@ -393,10 +393,12 @@ def test_a_soup_stage_trains_each_variant_from_the_same_export_and_ships_their_a
         assert written["model"]["pretrained"] == str(out / "hf")
     a = load_file(str(out / "mix" / "mix-0" / "hf" / "model.safetensors"))
     b = load_file(str(out / "mix" / "mix-1" / "hf" / "model.safetensors"))
+    start = load_file(str(out / "hf" / "model.safetensors"))
     soup = load_file(str(out / "mix" / "hf" / "model.safetensors"))
     assert soup.keys() == a.keys()
     name = "model.layers.0.self_attn.q_proj.weight"
-    assert not torch.equal(a[name], b[name])
-    for key in soup:
-        assert torch.equal(soup[key], ((a[key].double() + b[key].double()) / 2).to(a[key].dtype)), key
+    assert not torch.equal(a[name], b[name]) and not torch.equal(a[name], start[name])
+    for key in soup:  # start_weight 2, each variant 1
+        expected = (2 * start[key].double() + a[key].double() + b[key].double()) / 4
+        assert torch.equal(soup[key], expected.to(a[key].dtype)), key
     assert (out / "mix" / "hf" / "config.json").read_text() == (out / "mix" / "mix-0" / "hf" / "config.json").read_text()

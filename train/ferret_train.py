@@ -7,7 +7,8 @@
 
 A config's `stages` list chains later stages into the same launch (train/configs/embedded.yaml:
 the default world, then a world with smaller objects); stage k writes to <output_dir>/<its name>.
-A stage with `soup` trains one variant per entry from the same start and exports their average.
+A stage may export a weight average: of variants it trains from one start (`soup`), and of its
+start (`start_weight`).
 
 Multi-node: torchrun's own flags (--nnodes, --node_rank, --rdzv_endpoint ...); the output
 folder must be on a file system shared by all nodes. Backend: nccl + bf16 on GPU, gloo + fp32
@@ -90,10 +91,11 @@ def main(argv: list[str] | None = None, callbacks: TrainingCallbacks = TrainingC
         # exported; with --resume each continues from its own latest checkpoint (a finished one
         # only re-exports). An explicit checkpoint folder belongs to the first stage.
         for index, stage in enumerate(cfg.launch_steps()):
-            if isinstance(stage, WeightAverage):  # a soup stage's variants are trained: average them
+            if isinstance(stage, WeightAverage):  # an averaged stage's variants are trained: average them
                 if dist.get_rank() == 0:
-                    average_exports([(source, 1.0) for source in stage.sources], Path(stage.out_dir) / "hf")
-                    print(f"[ferret_train] soup: {len(stage.sources)} variants averaged, export {stage.out_dir}/hf")
+                    average_exports(list(stage.sources), Path(stage.out_dir) / "hf")
+                    print(f"[ferret_train] weight average of {', '.join(f'{s} ({w:g})' for s, w in stage.sources)}, "
+                          f"export {stage.out_dir}/hf")
                 dist.barrier()
                 continue
             if index and args.resume is not None:

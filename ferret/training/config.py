@@ -205,21 +205,26 @@ class StageSection:
     """A later stage of the same launch: the stage before it plus `overrides` ({"section.key":
     value}), started from the model that stage exported, written to <output_dir>/<name>.
 
-    With `soup` (a list of two or more override dicts) the stage trains one variant per entry, each
-    from the same start and with its own overrides on top of the stage's, in
-    <output_dir>/<name>/<name>-<i>, and exports their equal-weight average as <output_dir>/<name>/hf
-    (a "model soup": fine-tunes of one model average into one basin)."""
+    Its export may instead be a weight average ("model soup": fine-tunes of one model average
+    within one basin). With `soup` (a list of two or more override dicts) the stage trains one
+    variant per entry, each from the same start with its own overrides on top of the stage's; with
+    `start_weight` > 0 the model the stage started from joins the average with that weight (the
+    variants weigh 1 each; start_weight 1 and no soup: the midpoint of the start and its fine-tune,
+    WiSE-FT). The trained variants live in <output_dir>/<name>/<name>-<i>, the average is
+    <output_dir>/<name>/hf."""
 
     name: str
     overrides: dict = field(default_factory=dict)
     soup: list[dict] = field(default_factory=list)
+    start_weight: float = 0.0
 
 
 @dataclass(frozen=True)
 class WeightAverage:
-    """The last step of a soup stage: average the variants' exports into <out_dir>/hf."""
+    """The last step of an averaged stage: the weighted average of `sources` ((hf folder, weight)
+    pairs) into <out_dir>/hf."""
 
-    sources: tuple[str, ...]
+    sources: tuple[tuple[str, float], ...]
     out_dir: str
 
 
@@ -257,6 +262,8 @@ class TrainConfig:
                 raise TrainConfigError(f"{where}: the stage before it must export its model (train.export_hf: true)")
             if len(stage.soup) == 1:
                 raise TrainConfigError(f"{where}: soup: a soup needs two variants or more (or none)")
+            if not (isinstance(stage.start_weight, (int, float)) and 0 <= stage.start_weight < float("inf")):
+                raise TrainConfigError(f"{where}: start_weight: {stage.start_weight!r} is not a weight >= 0")
             folder = Path(self.train.output_dir) / stage.name
             # What the stage sets itself: its model is the one the stage before exported, its folder its name.
             own = {"model.pretrained": str(start), "model.base_llm": None,
@@ -265,14 +272,17 @@ class TrainConfig:
             data = {**config_to_dict(before), "stages": []}
             try:
                 stage_config = _with_overrides(data, stage.overrides, own)
+                averaged = stage.soup or ([{}] if stage.start_weight else [])
                 variants = [_with_overrides(data, {**stage.overrides, **extra},
                                             {**own, "train.output_dir": str(folder / f"{stage.name}-{k}")}, f"soup[{k}]: ")
-                            for k, extra in enumerate(stage.soup)]
+                            for k, extra in enumerate(averaged)]
             except TrainConfigError as err:
                 raise TrainConfigError(f"{where}: {err}") from None
             if variants:
                 steps += variants
-                steps.append(WeightAverage(tuple(str(Path(v.train.output_dir) / "hf") for v in variants), str(folder)))
+                sources = [(str(start), float(stage.start_weight))] if stage.start_weight else []
+                sources += [(str(Path(v.train.output_dir) / "hf"), 1.0) for v in variants]
+                steps.append(WeightAverage(tuple(sources), str(folder)))
             else:
                 steps.append(stage_config)
             before, start = stage_config, folder / "hf"
@@ -537,12 +547,15 @@ def _stages_from_data(stages: Any) -> list[StageSection]:
     parsed = []
     for i, stage in enumerate(stages):
         soup = stage.get("soup") or [] if isinstance(stage, dict) else None
-        if (not isinstance(stage, dict) or set(stage) - {"name", "overrides", "soup"} or not isinstance(stage.get("name"), str)
-                or not isinstance(stage.get("overrides") or {}, dict)
-                or not isinstance(soup, list) or not all(isinstance(v, dict) for v in soup)):
-            raise TrainConfigError(f"stages[{i}]: expected {{name: str, overrides: {{section.key: value}}, "
-                                   f"soup: [{{section.key: value}}, ...] (optional)}}, got {stage!r}")
-        parsed.append(StageSection(stage["name"], dict(stage.get("overrides") or {}), [dict(v) for v in soup]))
+        weight = stage.get("start_weight", 0.0) if isinstance(stage, dict) else None
+        if (not isinstance(stage, dict) or set(stage) - {"name", "overrides", "soup", "start_weight"}
+                or not isinstance(stage.get("name"), str) or not isinstance(stage.get("overrides") or {}, dict)
+                or not isinstance(soup, list) or not all(isinstance(v, dict) for v in soup)
+                or isinstance(weight, bool) or not isinstance(weight, (int, float))):
+            raise TrainConfigError(f"stages[{i}]: expected {{name: str, overrides: {{section.key: value}}, optional "
+                                   f"soup: [{{section.key: value}}, ...], optional start_weight: number}}, got {stage!r}")
+        parsed.append(StageSection(stage["name"], dict(stage.get("overrides") or {}), [dict(v) for v in soup],
+                                   float(weight)))
     return parsed
 
 
