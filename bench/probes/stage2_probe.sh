@@ -10,6 +10,9 @@
 #                data.data_path=data/synth_small_colneg/train.json \
 #                data.scene_records=data/synth_small_colneg/scenes_train.json
 #   -> checkpoints/NAME/hf (the model), checkpoints/NAME/metrics.jsonl, checkpoints/NAME/stage2_config.json
+# Since session 35 the config's stage 2 ships the midpoint of its start and the trained model
+# (`start_weight: 1`); this probe writes the trained model only. The shipped kind of model from it:
+#   python bench/probes/weight_soup.py --out checkpoints/NAME_wise/hf BASE_MODEL checkpoints/NAME/hf
 set -euo pipefail
 base=$1; name=$2; shift 2
 export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 PYTHONSAFEPATH=1
