@@ -20,17 +20,12 @@ from ferret.training.checkpoint import TrainingCheckpointError, average_exports
 
 
 def parse_source(text: str) -> tuple[Path, float]:
+    """FOLDER or FOLDER:WEIGHT; average_exports checks the folder and the weight's sign."""
     path, _, weight = text.partition(":")
-    folder = Path(path)
-    if not (folder / "model.safetensors").is_file():
-        raise SystemExit(f"weight_soup: {folder / 'model.safetensors'} does not exist")
     try:
-        value = float(weight) if weight else 1.0
+        return Path(path), float(weight) if weight else 1.0
     except ValueError:
         raise SystemExit(f"weight_soup: {text!r}: the weight after ':' is not a number") from None
-    if value <= 0:
-        raise SystemExit(f"weight_soup: {text!r}: weights must be > 0")
-    return folder, value
 
 
 def main(argv: list[str] | None = None) -> None:

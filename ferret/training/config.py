@@ -262,7 +262,7 @@ class TrainConfig:
                 raise TrainConfigError(f"{where}: the stage before it must export its model (train.export_hf: true)")
             if len(stage.soup) == 1:
                 raise TrainConfigError(f"{where}: soup: a soup needs two variants or more (or none)")
-            if not (isinstance(stage.start_weight, (int, float)) and 0 <= stage.start_weight < float("inf")):
+            if not 0 <= stage.start_weight < float("inf"):
                 raise TrainConfigError(f"{where}: start_weight: {stage.start_weight!r} is not a weight >= 0")
             folder = Path(self.train.output_dir) / stage.name
             # What the stage sets itself: its model is the one the stage before exported, its folder its name.
