@@ -349,7 +349,7 @@ def average_exports(sources: list[tuple[str | Path, float]], out_dir: str | Path
     from safetensors.torch import load_file, save_file
 
     if not sources or not all(0 < w < float("inf") for _, w in sources):
-        raise TrainingCheckpointError("average_exports: needs at least one model, each with a weight > 0")
+        raise TrainingCheckpointError("average_exports: needs at least one model, each with a finite weight > 0")
     folders = [Path(f) for f, _ in sources]
     for folder in folders:
         if not (folder / "model.safetensors").is_file():
