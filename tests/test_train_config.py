@@ -252,49 +252,6 @@ def test_a_start_weight_averages_the_stage_with_the_model_it_started_from():
         "out/run", str(Path("out/run/plain"))]
 
 
-def test_an_extending_stage_trains_from_the_trained_model_and_joins_its_average():
-    from ferret.training.config import WeightAverage
-
-    cfg = config_from_dict(staged(
-        {"name": "wise", "overrides": {"train.max_steps": 5}, "start_weight": 1},
-        {"name": "more", "overrides": {"data.data_path": ["small.json"], "train.max_steps": 2}, "extend_average": True},
-        {"name": "again", "overrides": {"train.max_steps": 1}, "extend_average": True},
-        {"name": "last"}))
-    first, wise, wise_avg, more, more_avg, again, again_avg, last = cfg.launch_steps()
-    e1, t2 = str(Path("out/run/hf")), str(Path("out/run/wise/wise-0/hf"))
-    t3, t4 = str(Path("out/run/more/more-0/hf")), str(Path("out/run/again/again-0/hf"))
-    assert wise_avg == WeightAverage(((e1, 1.0), (t2, 1.0)), str(Path("out/run/wise")))
-    # the extending stage starts from the trained fine-tune, not from the midpoint
-    assert more.model.pretrained == t2 and more.train.output_dir == str(Path("out/run/more/more-0"))
-    assert more.data.data_path == ["small.json"] and more.train.max_steps == 2
-    assert more_avg == WeightAverage(((e1, 1.0), (t2, 1.0), (t3, 1.0)), str(Path("out/run/more")))
-    # and one more goes on along the same path: four models, a quarter each
-    assert again.model.pretrained == t3 and again.data.data_path == ["small.json"]
-    assert again_avg == WeightAverage(((e1, 1.0), (t2, 1.0), (t3, 1.0), (t4, 1.0)), str(Path("out/run/again")))
-    # a plain stage after it starts from the average
-    assert last.model.pretrained == str(Path("out/run/again/hf"))
-    assert config_from_dict(config_to_dict(cfg)) == cfg
-
-
-@pytest.mark.parametrize(
-    "stages,pattern",
-    [
-        ([{"name": "s", "extend_average": True}], r"^stages\[0\] \(s\): extend_average: the stage before must average"),
-        ([{"name": "p"}, {"name": "s", "extend_average": True}], r"^stages\[1\] \(s\): extend_average: the stage before must"),
-        ([{"name": "p", "soup": [{}, {}]}, {"name": "s", "extend_average": True}], r"^stages\[1\] \(s\): extend_average: the stage"),
-        ([{"name": "p", "start_weight": 1}, {"name": "s", "extend_average": True, "start_weight": 1}],
-         r"^stages\[1\] \(s\): extend_average: trains one model .* \(no soup, no start_weight\)"),
-        ([{"name": "p", "start_weight": 1}, {"name": "s", "extend_average": True, "soup": [{}, {}]}],
-         r"^stages\[1\] \(s\): extend_average: trains one model"),
-        ([{"name": "s", "extend_average": "yes"}], r"^stages\[0\]: expected \{name: str, .* extend_average: bool\}"),
-    ],
-)
-def test_bad_extending_stages_are_named(stages, pattern):
-    with pytest.raises(TrainConfigError, match=pattern) as err:
-        config_from_dict(staged(*stages))
-    assert "\n" not in str(err.value)
-
-
 @pytest.mark.parametrize(
     "stage,pattern",
     [

@@ -9,8 +9,6 @@ One module-scoped set of runs, each a few steps:
   staged     1 step, then a second stage (config `stages`) of 3 on another world; against two launches,
              and crashed in its second stage then resumed
   souped     1 step, then a stage exporting the average of its start and two variants of 3 steps
-  extended   1 step, a stage of 2 averaged with its start, then one of 2 from that stage's trained
-             model that joins the same average
 """
 
 import json
@@ -404,27 +402,3 @@ def test_an_averaged_stage_trains_each_variant_from_the_same_export_and_ships_th
         expected = (2 * start[key].double() + a[key].double() + b[key].double()) / 4
         assert torch.equal(soup[key], expected.to(a[key].dtype)), key
     assert (out / "mix" / "hf" / "config.json").read_text() == (out / "mix" / "mix-0" / "hf" / "config.json").read_text()
-
-
-def test_an_extending_stage_trains_from_the_fine_tune_and_ships_the_average_of_the_whole_path(workspace):
-    import yaml
-    from safetensors.torch import load_file
-
-    config = yaml.safe_load(CONFIG.read_text())
-    config["stages"] = [{"name": "wise", "overrides": {"train.max_steps": 2}, "start_weight": 1},
-                        {"name": "more", "overrides": {"train.max_steps": 2, "train.learning_rate": 2.0e-3},
-                         "extend_average": True}]
-    path = workspace / "extended.yaml"
-    path.write_text(yaml.safe_dump(config))
-    proc = train(workspace, "extended", "train.max_steps=1", config=path)
-    out = workspace / "extended"
-    e1, t2, t3 = out / "hf", out / "wise" / "wise-0" / "hf", out / "more" / "more-0" / "hf"
-    assert f"[ferret_train] weight average of {e1} (1), {t2} (1), {t3} (1), export {out / 'more'}/hf" in proc.stdout
-    # the third stage started from the second's trained model, not from its midpoint
-    assert json.loads((out / "more" / "more-0" / "config.json").read_text())["model"]["pretrained"] == str(t2)
-    start, mid, trained, last = (load_file(str(p / "model.safetensors")) for p in (e1, t2, t3, out / "more" / "hf"))
-    name = "model.layers.0.self_attn.q_proj.weight"
-    assert not torch.equal(mid[name], start[name]) and not torch.equal(trained[name], mid[name])
-    for key in last:  # a third each
-        expected = (start[key].double() + mid[key].double() + trained[key].double()) / 3
-        assert torch.equal(last[key], expected.to(start[key].dtype)), key

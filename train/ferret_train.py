@@ -8,8 +8,7 @@
 A config's `stages` list chains later stages into the same launch (train/configs/embedded.yaml:
 the default world, then a world with smaller objects); stage k writes to <output_dir>/<its name>.
 A stage may export a weight average: of variants it trains from one start (`soup`), and of its
-start (`start_weight`); a stage with `extend_average` trains on from the stage before's trained
-model and joins that stage's average.
+start (`start_weight`).
 
 Multi-node: torchrun's own flags (--nnodes, --node_rank, --rdzv_endpoint ...); the output
 folder must be on a file system shared by all nodes. Backend: nccl + bf16 on GPU, gloo + fp32

@@ -211,18 +211,12 @@ class StageSection:
     `start_weight` > 0 the model the stage started from joins the average with that weight (the
     variants weigh 1 each; start_weight 1 and no soup: the midpoint of the start and its fine-tune,
     WiSE-FT). The trained variants live in <output_dir>/<name>/<name>-<i>, the average is
-    <output_dir>/<name>/hf.
-
-    With `extend_average` the stage goes on along an averaged stage's path instead: it trains one
-    model from the stage before's trained variant (not from its average) and exports the average
-    of everything that stage averaged plus its own trained model (weight 1), so consecutive
-    fine-tunes share one average (stage 1, its fine-tune and that one's fine-tune, a third each)."""
+    <output_dir>/<name>/hf."""
 
     name: str
     overrides: dict = field(default_factory=dict)
     soup: list[dict] = field(default_factory=list)
     start_weight: float = 0.0
-    extend_average: bool = False
 
 
 @dataclass(frozen=True)
@@ -257,8 +251,6 @@ class TrainConfig:
         validated."""
         steps: list[TrainConfig | WeightAverage] = [self]
         before, start = self, Path(self.train.output_dir) / "hf"
-        path: tuple[tuple[str, float], ...] = ()  # the stage before's averaged sources, if it had one trained variant
-        trained = start  # ... and that variant's export
         names = set()
         for i, stage in enumerate(self.stages):
             where = f"stages[{i}] ({stage.name})"
@@ -272,22 +264,15 @@ class TrainConfig:
                 raise TrainConfigError(f"{where}: soup: a soup needs two variants or more (or none)")
             if not 0 <= stage.start_weight < float("inf"):
                 raise TrainConfigError(f"{where}: start_weight: {stage.start_weight!r} is not a weight >= 0")
-            if stage.extend_average and (stage.soup or stage.start_weight):
-                raise TrainConfigError(f"{where}: extend_average: trains one model from the stage before's trained "
-                                       "one (no soup, no start_weight)")
-            if stage.extend_average and not path:
-                raise TrainConfigError(f"{where}: extend_average: the stage before must average one trained model "
-                                       "with its start (start_weight, no soup) or extend an average itself")
             folder = Path(self.train.output_dir) / stage.name
-            # What the stage sets itself: its model is the one the stage before exported (or, extending
-            # an average, trained), its folder its name.
-            own = {"model.pretrained": str(trained if stage.extend_average else start), "model.base_llm": None,
+            # What the stage sets itself: its model is the one the stage before exported, its folder its name.
+            own = {"model.pretrained": str(start), "model.base_llm": None,
                    "model.tiny": False, "model.vision_tower": None, "model.mm_projector": None,
                    "model.vision_tower_weights": None, "train.output_dir": str(folder)}
             data = {**config_to_dict(before), "stages": []}
             try:
                 stage_config = _with_overrides(data, stage.overrides, own)
-                averaged = stage.soup or ([{}] if stage.start_weight or stage.extend_average else [])
+                averaged = stage.soup or ([{}] if stage.start_weight else [])
                 variants = [_with_overrides(data, {**stage.overrides, **extra},
                                             {**own, "train.output_dir": str(folder / f"{stage.name}-{k}")}, f"soup[{k}]: ")
                             for k, extra in enumerate(averaged)]
@@ -295,15 +280,11 @@ class TrainConfig:
                 raise TrainConfigError(f"{where}: {err}") from None
             if variants:
                 steps += variants
-                sources = list(path) if stage.extend_average else []
-                sources += [(str(start), float(stage.start_weight))] if stage.start_weight else []
+                sources = [(str(start), float(stage.start_weight))] if stage.start_weight else []
                 sources += [(str(Path(v.train.output_dir) / "hf"), 1.0) for v in variants]
                 steps.append(WeightAverage(tuple(sources), str(folder)))
-                single = len(variants) == 1
-                path, trained = (tuple(sources), Path(variants[0].train.output_dir) / "hf") if single else ((), start)
             else:
                 steps.append(stage_config)
-                path = ()
             before, start = stage_config, folder / "hf"
         return steps
 
@@ -567,16 +548,14 @@ def _stages_from_data(stages: Any) -> list[StageSection]:
     for i, stage in enumerate(stages):
         soup = stage.get("soup") or [] if isinstance(stage, dict) else None
         weight = stage.get("start_weight", 0.0) if isinstance(stage, dict) else None
-        extend = stage.get("extend_average", False) if isinstance(stage, dict) else None
-        if (not isinstance(stage, dict) or set(stage) - {"name", "overrides", "soup", "start_weight", "extend_average"}
+        if (not isinstance(stage, dict) or set(stage) - {"name", "overrides", "soup", "start_weight"}
                 or not isinstance(stage.get("name"), str) or not isinstance(stage.get("overrides") or {}, dict)
                 or not isinstance(soup, list) or not all(isinstance(v, dict) for v in soup)
-                or isinstance(weight, bool) or not isinstance(weight, (int, float)) or not isinstance(extend, bool)):
+                or isinstance(weight, bool) or not isinstance(weight, (int, float))):
             raise TrainConfigError(f"stages[{i}]: expected {{name: str, overrides: {{section.key: value}}, optional "
-                                   f"soup: [{{section.key: value}}, ...], optional start_weight: number, optional "
-                                   f"extend_average: bool}}, got {stage!r}")
+                                   f"soup: [{{section.key: value}}, ...], optional start_weight: number}}, got {stage!r}")
         parsed.append(StageSection(stage["name"], dict(stage.get("overrides") or {}), [dict(v) for v in soup],
-                                   float(weight), extend))
+                                   float(weight)))
     return parsed
 
 
