@@ -176,6 +176,15 @@ def test_naming_errors_sorts_each_wrong_name_by_size_shape_and_kind():
     assert box["objects"]["thin squash < 1.5, radius < 9 px"] == 1
     assert result["refer_point"]["kinds"] == {"colour wrong, shape right": 1}
     assert result["refer_free_form"]["kinds"] == {"no colour-and-shape name": 1}
+    # the star's box holds 1/16 of the ring's (too little to crowd it); the ring's box holds the whole star
+    assert box["neighbours"] == {"a name not in the scene, alone in the box": 2}
+    assert result["refer_point"]["neighbours"] == {"a name not in the scene, another object in the box": 1}
+    ring, star = scenes[0]["objects"][1], scenes[0]["objects"][0]
+    assert tool.neighbour_kind("blue ring", star, [ring]) == "another object's name, partly in the box"
+    assert tool.neighbour_kind("red star", ring, [star]) == "another object's name, half or more in the box"
+    assert tool.neighbour_kind("red star", {**ring, "box": [100, 100, 120, 120]}, [star]) == \
+        "another object's name, outside the box"
+    assert tool.neighbour_kind("red cross", ring, [star]) == "a name not in the scene, another object in the box"
     checks["wrong"].append({"check": "refer_box", "image": "s9.png", "expected": "red star", "answer": "No."})
     with pytest.raises(ValueError, match="wrong --scenes"):
         tool.breakdown(checks, scenes)

@@ -29,6 +29,10 @@ SQUASH_BINS = (1.25, 1.5, 1.75)
 # session 34 found the out-of-generator box errors concentrated on them.
 THIN_SQUASH, THIN_RADIUS_PX = 1.5, 9
 AXES = ("size", "shape", "input radius", "squash", "thin")  # what each error rate is split by
+# Another object counts as "in" the asked object's box when this share of its own box or more lies
+# inside it: does a wrong name come from a crowded box (the sampler pools the whole box) or from a
+# misread of the object alone? (session 36)
+IN_BOX_SHARE = 1 / 3
 
 
 def squash_bin(width: int, height: int) -> str:
@@ -66,9 +70,31 @@ def input_radius_bin(box: list[float], width: int, height: int, input_size: int 
     return f"{low:02d}+ px"
 
 
+def share_inside(outer: list[float], inner: list[float]) -> float:
+    """How much of box `inner` lies inside box `outer` (0-1)."""
+    w = min(outer[2], inner[2]) - max(outer[0], inner[0])
+    h = min(outer[3], inner[3]) - max(outer[1], inner[1])
+    area = (inner[2] - inner[0]) * (inner[3] - inner[1])
+    return max(w, 0) * max(h, 0) / area if area > 0 else 0.0
+
+
+def neighbour_kind(said: str, obj: dict, others: list[dict]) -> str:
+    """What a wrong name is, against the rest of the scene: another object's name (and where that
+    object lies against the asked object's box), or a name the scene lacks (the asked object alone
+    in its box or not)."""
+    named = [o for o in others if o["name"] == said]
+    if named:
+        share = share_inside(obj["box"], named[0]["box"])
+        where = "half or more in the box" if share >= 0.5 else "partly in the box" if share > 0 else "outside the box"
+        return f"another object's name, {where}"
+    crowded = any(share_inside(obj["box"], o["box"]) >= IN_BOX_SHARE for o in others)
+    return f"a name not in the scene, {'another object in the box' if crowded else 'alone in the box'}"
+
+
 def breakdown(checks: dict, scenes: list[dict], input_size: int = INPUT_SIZE) -> dict:
     """Per naming check: error rate by size, by shape and by radius in the model's input, what went
-    wrong, the commonest shape swaps."""
+    wrong, what the wrong name is against the rest of the scene, the commonest shape swaps."""
+    scene_objects = {Path(s["image"]).name: s["objects"] for s in scenes}
     objects = {(Path(s["image"]).name, o["name"]):
                {**o, "input radius": input_radius_bin(o["box"], s["width"], s["height"], input_size),
                 "squash": squash_bin(s["width"], s["height"]),
@@ -88,6 +114,7 @@ def breakdown(checks: dict, scenes: list[dict], input_size: int = INPUT_SIZE) ->
         by = Counter()
         kinds = Counter()
         swaps = Counter()
+        neighbours = Counter()
         for w in wrong:
             obj = objects[(w["image"], w["expected"])]
             for axis in AXES:
@@ -96,6 +123,8 @@ def breakdown(checks: dict, scenes: list[dict], input_size: int = INPUT_SIZE) ->
             if said is None:
                 kinds["no colour-and-shape name"] += 1
                 continue
+            neighbours[neighbour_kind(said, obj, [o for o in scene_objects[w["image"]]
+                                                  if o["name"] != obj["name"]])] += 1
             colour, shape = said.split(" ")
             colour_right, shape_right = colour == obj["color"], shape == obj["shape"]
             kinds["shape wrong, colour right" if colour_right else
@@ -109,6 +138,7 @@ def breakdown(checks: dict, scenes: list[dict], input_size: int = INPUT_SIZE) ->
                            for axis, value in sorted(totals)},
             "objects": {f"{axis} {value}": totals[(axis, value)] for axis, value in sorted(totals)},
             "kinds": dict(kinds.most_common()),
+            "neighbours": dict(neighbours.most_common()),
             "shape_swaps": dict(swaps.most_common(10)),
         }
     return result
