@@ -806,3 +806,66 @@ def test_answer_box_cells_are_the_best_overlapping_objects_cells():
     again[0] = True  # the caller's rows are its own, not the cache
     assert targets.object_cells(5, "blue star").tolist() == expected[1]
     assert targets.object_cells(5, "green ring") is None
+
+
+def test_region_cells_target_the_asked_regions_object():
+    # train.region_name_supervision_*: a turn about one region that answers without a box targets
+    # that region's object; a turn whose answer writes a box (another object) or asks about two does not.
+    import numpy as np
+
+    from ferret.data.rle import encode_rle
+    from ferret.training.dense_supervision import ScenePatchTargets
+    from ferret.training.scene_targets import region_cells
+
+    left, right = np.zeros((40, 40), dtype=bool), np.zeros((40, 40), dtype=bool)
+    left[0:20, 0:20], right[20:40, 20:40] = True, True
+    record = {"scene_id": 3, "width": 40, "height": 40, "objects": [
+        {"name": "red circle", "color": "red", "shape": "circle", "box": [0, 0, 19, 19], "mask": encode_rle(left)},
+        {"name": "blue star", "color": "blue", "shape": "star", "box": [20, 20, 39, 39], "mask": encode_rle(right)}]}
+    targets = ScenePatchTargets([record], grid=2)
+    sample = {"scene_id": 3, "conversations": [
+        {"from": "human", "value": "<image>\nWhat is the object <bbox_location0>?"}, {"from": "gpt", "value": "A blue star."},
+        {"from": "human", "value": "Which object is nearest to the object <bbox_location0>?"},
+        {"from": "gpt", "value": "The red circle <bbox_location0>."},
+        {"from": "human", "value": "Is the object <bbox_location0> left of the object <bbox_location1>?"},
+        {"from": "gpt", "value": "Yes."},
+        {"from": "human", "value": "Is the object <bbox_location0> of the image a red circle or a blue star?"},
+        {"from": "gpt", "value": "A red circle."}],
+        "box_x1y1x2y2": [[[21, 19, 39, 39]], [], [[20, 20, 39, 39]], [[0, 0, 19, 19]],
+                         [[0, 0, 19, 19], [20, 20, 39, 39]], [], [[1, 1, 18, 18]], []]}
+    out = region_cells(sample, targets)
+    assert out.tolist() == [[False, False, False, True], [False] * 4, [False] * 4, [True, False, False, False]]
+
+
+def test_region_name_reads_point_each_name_word_at_the_regions_object():
+    from transformers import AutoTokenizer
+
+    from ferret.conversation import tokenize_conversation
+    from ferret.training.config import TrainConfig, TrainConfigError
+    from ferret.training.synthetic_world import grounding_supervision
+
+    tokenizer = AutoTokenizer.from_pretrained("ferret/assets/model")
+    messages = [("USER", "<image>\nWhere is the pink cross?"), ("ASSISTANT", "The pink cross [10, 20, 30, 40]."),
+                ("USER", "What is the object [1, 2, 3, 4] <region_fea>?"), ("ASSISTANT", "A green star.")]
+    ids, labels = tokenize_conversation(messages, tokenizer)
+    ids, labels = torch.as_tensor(ids).reshape(1, -1), torch.as_tensor(labels).reshape(1, -1)
+    cells = torch.zeros(2, 16, dtype=torch.bool)
+    cells[1, [5, 9]] = True  # the second turn's region object
+    batch = {"input_ids": ids, "labels": labels, "answer_cells": [torch.zeros(1, 16, dtype=torch.bool)],
+             "region_cells": [cells]}
+    cfg = TrainConfig()
+    cfg.train.attention_supervision_weight = 1.0
+    cfg.train.attention_supervision_layer = 1
+    cfg.train.region_name_supervision_layer, cfg.train.region_name_supervision_head = 0, 2
+    model = conv_model(tokenizer, hidden_size=64, num_attention_heads=4, num_key_value_heads=4)
+    *_, reads = grounding_supervision(model, tokenizer, cfg)[0]
+    assert reads.region_name and reads.attention is model.model.layers[0].self_attn
+    queries = reads._queries(batch, 0)
+    written = [tokenizer.convert_ids_to_tokens([int(ids[0, j + 1])])[0] for j, *_ in queries]
+    assert written == ["\u2581green", "\u2581star"]
+    assert all(h == 2 and not t[0] and t[1:].equal(cells[1]) and w == () for _, h, t, w, _ in queries)
+    cfg.data.scene_records, cfg.data.data_path, cfg.model.tiny = "scenes_train.json", ["train.json"], True
+    cfg.validate()
+    cfg.train.attention_supervision_weight = 0.0
+    with pytest.raises(TrainConfigError, match="region_name_supervision_layer"):
+        cfg.validate()

@@ -7,7 +7,12 @@ For the first `--scenes` validation scenes, for each object asks "What is the ob
 with its box as the region, with the true answer ("A yellow star.") teacher-forced, and reads
 every head of `--layer` at the two positions that write the colour word and the shape word: its
 mass on BOS, the image tokens, the region's feature token, the rest of the question, and the
-answer written so far. A head taught to copy a name word from the question has none to find
+answer written so far; and, within the image, on the object's own cells ("object": those it covers
+by >= 20 %, the targets of `train.region_name_supervision_layer`, session 37). Since session 37 each
+word is also scored (the teacher-forced argmax writes it or not) and the masses split by that, and
+the shape is read, for the same objects, off the projected image tokens (logits on the name
+directions averaged over the object's cells, as token_probe.py's projected/names) and off the
+region embedding: `shape_sources` counts the objects by which of the three read the shape right. A head taught to copy a name word from the question has none to find
 here; where its attention goes instead is what it brings to the naming. Validation only.
 """
 
@@ -19,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-PARTS = ("bos", "image", "region_feature", "question", "answer")
+PARTS = ("bos", "image", "region_feature", "question", "answer", "object")
 
 
 def main(argv=None) -> dict:
@@ -34,6 +39,7 @@ def main(argv=None) -> dict:
     from ferret.constants import REGION_TOKEN
     from ferret.processing import build_question, load_image
     from ferret.regions import Box
+    from ferret.training.dense_supervision import DenseVocabulary, NameDirections, ScenePatchTargets, class_logits
     from ferret.training.grounding import spliced_index
 
     data = Path(args.data)
@@ -43,21 +49,35 @@ def main(argv=None) -> dict:
     model.config._attn_implementation = "eager"  # sdpa returns no attention weights
     n_image = model.get_vision_tower().num_patches
     region_id = chat.tokenizer.convert_tokens_to_ids(REGION_TOKEN)
+    cells = ScenePatchTargets(scenes, int(round(n_image ** 0.5)))
+    vocabulary = DenseVocabulary.synthetic()
+    directions = NameDirections.from_embeddings(model.get_input_embeddings().weight,
+                                                NameDirections.token_ids(chat.tokenizer, vocabulary))
+    sources: dict[str, int] = {}  # "llm/tokens/region" right (1) or wrong (0) -> objects
     masses = {"colour": [], "shape": []}  # per object: [PARTS, heads]
+    right = {"colour": [], "shape": []}  # per object: the teacher-forced argmax writes the word
     for scene in scenes:
         picture = load_image(str(data / scene["image"]))
-        for obj in scene["objects"]:
+        for index, obj in enumerate(scene["objects"]):
+            object_cells = cells._cells_of(int(scene["scene_id"]), index)
             box = Box(*obj["box"])
             question = build_question("What is the object <region>?", [box], *picture.size)
-            answer = f"A {obj['color']} {obj['shape']}."
+            article = "An" if obj["color"][0] in "aeiou" else "A"  # "An orange star." as the world writes it
+            answer = f"{article} {obj['color']} {obj['shape']}."
             sample = chat.processor.encode(picture, [("USER", question), ("ASSISTANT", answer)], [box],
                                            return_labels=False)
             batch = chat.collator([sample])
             ids = batch["input_ids"][0]
             with torch.no_grad():
-                attentions = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                   images=batch["pixel_values"], region_masks=batch["region_masks"],
-                                   output_attentions=True).attentions
+                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            images=batch["pixel_values"], region_masks=batch["region_masks"], output_attentions=True)
+                features, tokens = model.encode_images(batch["pixel_values"])
+                region = model.encode_regions(features, batch["region_masks"],
+                                              generator=torch.Generator().manual_seed(0))[0]
+            attentions = out.attentions
+            truth = vocabulary.shapes.index(obj["shape"]) + 1
+            token_right = int(class_logits(tokens[0], directions)[1][object_cells].mean(0)[1:].argmax()) + 1 == truth
+            region_right = int(class_logits(region, directions)[1][0, 1:].argmax()) + 1 == truth
             attention = attentions[args.layer][0]  # [heads, queries, keys] in spliced positions
             start, to_spliced = spliced_index(ids, n_image)
             tokens = chat.tokenizer.convert_ids_to_tokens([max(int(i), 0) for i in ids])
@@ -68,17 +88,32 @@ def main(argv=None) -> dict:
             region_at = [to_spliced(j) for j, i in enumerate(ids.tolist()) if i == region_id]
             for kind, word_at in (("colour", colour_at), ("shape", shape_at)):
                 row = attention[:, to_spliced(word_at - 1)]  # the position that writes the word
+                right[kind].append(int(out.logits[0, to_spliced(word_at - 1)].argmax()) == int(ids[word_at]))
+                if kind == "shape":
+                    key = f"{int(right[kind][-1])}/{int(token_right)}/{int(region_right)}"
+                    sources[key] = sources.get(key, 0) + 1
                 image = row[:, start:start + n_image].sum(-1)
                 region = row[:, region_at].sum(-1)
                 answer_mass = row[:, to_spliced(answer_start):].sum(-1)
                 bos = row[:, 0]
                 question_mass = row.sum(-1) - image - region - answer_mass - bos
-                masses[kind].append(torch.stack([bos, image, region, question_mass, answer_mass]))
+                on_object = row[:, start:start + n_image][:, object_cells].sum(-1)
+                masses[kind].append(torch.stack([bos, image, region, question_mass, answer_mass, on_object]))
     result = {"model": args.model_path, "layer": args.layer, "scenes": len(scenes),
               "objects": len(masses["colour"])}
     for kind, rows in masses.items():
         mean = torch.stack(rows).mean(0)
         result[kind] = {part: [round(float(v), 3) for v in mean[k]] for k, part in enumerate(PARTS)}
+        # The same split by whether the word comes out right (teacher-forced argmax): does a
+        # misread look elsewhere, or at the object and read it wrong?
+        ok = torch.tensor(right[kind])
+        result[kind]["right"] = round(float(ok.float().mean()), 4)
+        for label, chosen in (("when_right", ok), ("when_wrong", ~ok)):
+            if bool(chosen.any()):
+                part_mean = torch.stack(rows)[chosen].mean(0)
+                result[kind][label] = {"objects": int(chosen.sum()),
+                                       **{part: [round(float(v), 3) for v in part_mean[k]] for k, part in enumerate(PARTS)}}
+    result["shape_sources"] = {"key": "llm/tokens/region, 1 = right", **dict(sorted(sources.items()))}
     print(json.dumps(result, indent=1))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

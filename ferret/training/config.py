@@ -190,6 +190,11 @@ class TrainSection:
     # word alone: the two draws that kept the conjunction ("No" 0.963) had layer 0 head 3 doing so
     # unasked, both box-name runs lost it and "No" with it (0.835 / 0.730; session 31).
     name_supervision_colour_head: int | None = None
+    # A head pushed, from each answer position that writes a name word of a turn about one region
+    # ("What is the object <region>?" -> "A pink ring."), onto that region's object in the image
+    # (off when the layer is None): the name read off the object's tokens, not the pooled region.
+    region_name_supervision_layer: int | None = None
+    region_name_supervision_head: int = 0
     box_code_weight: float = 0.0
     box_code_sigma: float = 6.0
     # > 0 (needs a tokenizer with one token per number 0-999): add this times a cross-entropy
@@ -349,6 +354,9 @@ class TrainConfig:
             raise TrainConfigError("data.scene_records: train.attention_supervision_weight > 0 needs the scene "
                                    "records (scenes_train.json) its targets come from")
         _non_negative("train.presence_supervision_weight", t.presence_supervision_weight)
+        if t.region_name_supervision_layer is not None and t.attention_supervision_weight <= 0:
+            raise TrainConfigError("train.region_name_supervision_layer: its loss is weighted by "
+                                   "train.attention_supervision_weight; set it > 0")
         if t.name_supervision_copy and t.name_supervision_layer is None:
             raise TrainConfigError("train.name_supervision_copy: the copy is supervised on the name head; "
                                    "set train.name_supervision_layer (and _head)")
