@@ -73,6 +73,9 @@ class DataSection:
     data_multiple: list[float] | None = None  # per-file mixing multiplier (None: plain concat)
     model_max_length: int = 2048
     point_input_sample: str = "segment_mask|center"
+    # Share of box regions trained as the plain box even when the sample has the object's segment
+    # mask (ferret.data.grit.GritDataConfig.box_segment_drop; 0: the released cut to the mask).
+    box_segment_drop: float = 0.0
     num_workers: int = 0
     # Scene records (the synthetic world's scenes_train.json) for the dense readout loss.
     scene_records: str | None = None
@@ -320,6 +323,8 @@ class TrainConfig:
         _positive("data.model_max_length", d.model_max_length)
         _non_negative("data.num_workers", d.num_workers)
         _positive("data.pad_to_multiple_of", d.pad_to_multiple_of)
+        if not 0.0 <= d.box_segment_drop <= 1.0:
+            raise TrainConfigError(f"data.box_segment_drop: {d.box_segment_drop} is not in [0, 1]")
         _positive("lora.r", lo.r)
         _positive("lora.alpha", lo.alpha)
         if not 0.0 <= lo.dropout < 1.0:
