@@ -73,20 +73,6 @@ def test_box_region_round_trip(samples):
     assert torch.equal(mask, torch.from_numpy(segment.T.copy()))  # box intersected with the object
 
 
-def test_box_segment_drop_trains_plain_boxes(samples):
-    # data.box_segment_drop: a box region keeps its neighbours' pixels as chat's boxes do; points keep the mask.
-    sample = _force(_first(samples, "refer_object"), "box")
-    x1, y1, x2, y2 = (int(v) for v in sample["box_x1y1x2y2"][0][0])
-    (cut,) = render_sample(sample, np.random.default_rng(0)).region_masks
-    (plain,) = render_sample(sample, np.random.default_rng(0), GritDataConfig(box_segment_drop=1.0)).region_masks
-    assert int(plain.sum()) == (x2 - x1 + 1) * (y2 - y1 + 1) > int(cut.sum())
-    point = _force(sample, "point")
-    assert render_sample(point, np.random.default_rng(0), GritDataConfig(box_segment_drop=1.0)).region_masks[0].equal(
-        render_sample(point, np.random.default_rng(0)).region_masks[0])
-    with pytest.raises(ValueError, match="box_segment_drop"):
-        GritDataConfig(box_segment_drop=1.5)
-
-
 def test_point_region_round_trip(samples):
     sample = _force(_first(samples, "refer_object"), "point")
     w, h = sample["image_w"], sample["image_h"]

@@ -464,30 +464,3 @@ def test_pixel_noise_flag_noises_the_pixels_and_keeps_the_objects(tmp_path):
     for bad in ("-1", "100"):
         with pytest.raises(SystemExit):
             synthetic.main(["--out", str(tmp_path / "bad"), "--n", "5", "--pixel-noise", bad])
-
-
-def test_shape_weight_flag_draws_more_of_a_shape(tmp_path):
-    # Stars and triangles are named wrong most (issue 13, session 36): a world that draws more of them.
-    from collections import Counter
-
-    base, more = tmp_path / "base", tmp_path / "more"
-    common = ["--n", "300", "--seed", "3", "--workers", "1"]
-    synthetic.main(["--out", str(base)] + common)
-    synthetic.main(["--out", str(more)] + common + ["--shape-weight", "star=4", "--shape-weight", "triangle=4"])
-    shapes = [Counter(o["shape"] for split in ("train", "val", "test") for r in _load(world, f"scenes_{split}.json")
-                      for o in r["objects"]) for world in (base, more)]
-    share = [(c["star"] + c["triangle"]) / sum(c.values()) for c in shapes]
-    assert share[0] < 0.45 and share[1] > 0.55, share
-    assert _load(more, "meta.json")["config"]["shape_weights"] == {"star": 4.0, "triangle": 4.0}
-    # Without the flag the draw is the default one: the same world twice.
-    synthetic.main(["--out", str(tmp_path / "again")] + common)
-    assert _load(base, "scenes_val.json") == _load(tmp_path / "again", "scenes_val.json")
-
-
-@pytest.mark.parametrize("item, message", [("stars=2", "SHAPE one of"), ("star", "SHAPE=ODDS"),
-                                           ("star=x", "not a number"), ("star=0", "> 0")])
-def test_bad_shape_weights_are_refused_in_one_line(tmp_path, capsys, item, message):
-    with pytest.raises(SystemExit):
-        synthetic.main(["--out", str(tmp_path), "--n", "5", "--shape-weight", item])
-    err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err

@@ -154,7 +154,7 @@ def build_data(cfg: TrainConfig, tokenizer, image_processor, model):
     sources = [DataSource(path=resolve_path(p), image_folder=f, multiple=m)
                for p, f, m in zip(cfg.data.data_path, folders, multiples)]
     data_config = GritDataConfig(point_strategy=cfg.data.point_input_sample, max_length=cfg.data.model_max_length,
-                                 seed=cfg.train.seed, box_segment_drop=cfg.data.box_segment_drop)
+                                 seed=cfg.train.seed)
     dataset = GritDataset.from_sources(sources, tokenizer, image_processor, data_config)
     collate = FerretCollator(tokenizer.pad_token_id, cfg.data.model_max_length, cfg.data.pad_to_multiple_of)
     if not cfg.data.scene_records:

@@ -8,12 +8,15 @@ with its box as the region, with the true answer ("A yellow star.") teacher-forc
 every head of `--layer` at the two positions that write the colour word and the shape word: its
 mass on BOS, the image tokens, the region's feature token, the rest of the question, and the
 answer written so far; and, within the image, on the object's own cells ("object": those it covers
-by >= 20 %, the targets of `train.region_name_supervision_layer`, session 37). Since session 37 each
+by >= 20 %, what session 37's naming push aimed at: `train.region_name_supervision_layer`, commit d5e7ff5). Since session 37 each
 word is also scored (the teacher-forced argmax writes it or not) and the masses split by that, and
 the shape is read, for the same objects, off the projected image tokens (logits on the name
 directions averaged over the object's cells, as token_probe.py's projected/names) and off the
-region embedding: `shape_sources` counts the objects by which of the three read the shape right. A head taught to copy a name word from the question has none to find
-here; where its attention goes instead is what it brings to the naming. Validation only.
+region embedding: `shape_sources` counts the objects by which of the three read the shape right;
+`shape_by_layer` reads the shape off the residual at the shape-writing position after each decoder
+layer (final norm, LM head, the six shape words only), for all objects and for those the LLM gets
+wrong while tokens and region are both right. A head taught to copy a name word from the question
+has none to find here; where its attention goes instead is what it brings to the naming. Validation only.
 """
 
 from __future__ import annotations
@@ -54,6 +57,9 @@ def main(argv=None) -> dict:
     directions = NameDirections.from_embeddings(model.get_input_embeddings().weight,
                                                 NameDirections.token_ids(chat.tokenizer, vocabulary))
     sources: dict[str, int] = {}  # "llm/tokens/region" right (1) or wrong (0) -> objects
+    shape_ids = NameDirections.token_ids(chat.tokenizer, vocabulary)[1]
+    shape_rows = model.get_output_embeddings().weight[torch.tensor(shape_ids)]
+    by_layer: dict[str, list[list[int]]] = {"all": [], "llm_wrong_sources_right": []}
     masses = {"colour": [], "shape": []}  # per object: [PARTS, heads]
     right = {"colour": [], "shape": []}  # per object: the teacher-forced argmax writes the word
     for scene in scenes:
@@ -70,7 +76,8 @@ def main(argv=None) -> dict:
             ids = batch["input_ids"][0]
             with torch.no_grad():
                 out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                            images=batch["pixel_values"], region_masks=batch["region_masks"], output_attentions=True)
+                            images=batch["pixel_values"], region_masks=batch["region_masks"], output_attentions=True,
+                            output_hidden_states=True)
                 features, tokens = model.encode_images(batch["pixel_values"])
                 region = model.encode_regions(features, batch["region_masks"],
                                               generator=torch.Generator().manual_seed(0))[0]
@@ -92,6 +99,12 @@ def main(argv=None) -> dict:
                 if kind == "shape":
                     key = f"{int(right[kind][-1])}/{int(token_right)}/{int(region_right)}"
                     sources[key] = sources.get(key, 0) + 1
+                    at = to_spliced(word_at - 1)
+                    lens = [int(shape_ids[int((model.model.norm(h[0, at]) @ shape_rows.T).argmax())] == int(ids[word_at]))
+                            for h in out.hidden_states[1:-1]] + [int(right[kind][-1])]
+                    by_layer["all"].append(lens)
+                    if key == "0/1/1":
+                        by_layer["llm_wrong_sources_right"].append(lens)
                 image = row[:, start:start + n_image].sum(-1)
                 region = row[:, region_at].sum(-1)
                 answer_mass = row[:, to_spliced(answer_start):].sum(-1)
@@ -114,6 +127,8 @@ def main(argv=None) -> dict:
                 result[kind][label] = {"objects": int(chosen.sum()),
                                        **{part: [round(float(v), 3) for v in part_mean[k]] for k, part in enumerate(PARTS)}}
     result["shape_sources"] = {"key": "llm/tokens/region, 1 = right", **dict(sorted(sources.items()))}
+    result["shape_by_layer"] = {name: [round(float(v), 3) for v in torch.tensor(rows, dtype=torch.float).mean(0)]
+                                for name, rows in by_layer.items() if rows}
     print(json.dumps(result, indent=1))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -70,15 +70,9 @@ class GritDataConfig:
     max_length: int | None = None  # token limit (None: no truncation)
     seed: int = 0
     check_images: bool = True  # check at load time that every image file exists
-    # Share of box regions that ignore the object's segment mask (the region is the plain box, its
-    # neighbours' pixels included), as chat and the benchmarks ask. 0 (released): a box region with
-    # a segment mask is cut to it, and the draw below is never made.
-    box_segment_drop: float = 0.0
 
     def __post_init__(self) -> None:
         check_strategy(self.point_strategy)
-        if not 0.0 <= self.box_segment_drop <= 1.0:
-            raise ValueError(f"box_segment_drop must be in [0, 1], got {self.box_segment_drop}")
         if self.max_length is not None and self.max_length < 8:
             raise ValueError(f"max_length must be at least 8 tokens, got {self.max_length}")
 
@@ -309,8 +303,6 @@ def render_sample(sample: dict, rng: np.random.Generator, config: GritDataConfig
                     point_cache[key] = region
             else:
                 region = box
-                if seg is not None and config.box_segment_drop > 0 and rng.random() < config.box_segment_drop:
-                    seg = None
             turn_regions.append((region, seg, box))
 
         with_token = human and config.add_region_feature

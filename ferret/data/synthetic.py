@@ -134,10 +134,6 @@ class SyntheticConfig:
     # existing worlds redraw question for question.
     colour_negative_share: float | None = None
     task_weights: dict[str, float] = field(default_factory=lambda: dict(TASK_WEIGHTS))
-    # Relative odds of each shape being drawn (a shape left out keeps 1). None draws them evenly with
-    # the default RNG calls, so existing worlds redraw pixel for pixel. Stars and triangles are the
-    # shapes named wrong twice as often as the others (session 36).
-    shape_weights: dict[str, float] | None = None
 
 
 @dataclass
@@ -322,11 +318,6 @@ def render_scene(scene_id: int, seed: int, config: SyntheticConfig = SyntheticCo
                      f"names and visible parts in {RENDER_ATTEMPTS} tries; lower min_objects or raise the image size")
 
 
-def _shape_odds(config: SyntheticConfig) -> np.ndarray:
-    odds = np.array([config.shape_weights.get(s, 1.0) for s in SHAPES], dtype=float)
-    return odds / odds.sum()
-
-
 def _try_render(rng: np.random.Generator, scene_id: int, config: SyntheticConfig) -> Scene | None:
     width = int(rng.integers(config.min_side, config.max_side + 1))
     height = int(rng.integers(config.min_side, config.max_side + 1))
@@ -338,7 +329,7 @@ def _try_render(rng: np.random.Generator, scene_id: int, config: SyntheticConfig
     for _ in range(wanted):
         for _attempt in range(12):
             color = str(rng.choice(list(COLORS)))
-            shape = str(rng.choice(SHAPES) if config.shape_weights is None else rng.choice(SHAPES, p=_shape_odds(config)))
+            shape = str(rng.choice(SHAPES))
             if (color, shape) in used:  # names stay unique so "the blue star" is unambiguous
                 continue
             size = str(rng.choice(list(SIZE_CLASSES)))
@@ -746,25 +737,6 @@ def parse_task_weights(items: list[str]) -> dict[str, float]:
     return weights
 
 
-def parse_shape_weights(items: list[str]) -> dict[str, float] | None:
-    """{shape: odds} from "shape=odds" items (a shape not named keeps 1); None for no items."""
-    if not items:
-        return None
-    weights = {}
-    for item in items:
-        shape, sep, value = item.partition("=")
-        if not sep or shape.strip() not in SHAPES:
-            raise ValueError(f"--shape-weight wants SHAPE=ODDS with SHAPE one of {list(SHAPES)}, got {item!r}")
-        try:
-            odds = float(value)
-        except ValueError:
-            raise ValueError(f"--shape-weight {item!r}: {value!r} is not a number") from None
-        if not (odds > 0.0 and math.isfinite(odds)):
-            raise ValueError(f"--shape-weight {item!r}: the odds must be a finite number > 0")
-        weights[shape.strip()] = odds
-    return weights
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Generate the synthetic GRIT world.")
     parser.add_argument("--out", required=True, help="output folder (images/, train/val/test.json)")
@@ -795,9 +767,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--colour-negative-share", type=float, default=None, metavar="P",
                         help="share of absent names that take a present object's colour with another shape "
                              "(default: half the absent names share a present colour or shape)")
-    parser.add_argument("--shape-weight", action="append", default=[], metavar="SHAPE=ODDS",
-                        help="draw one shape this many times as often as a shape not named (repeatable), "
-                             "e.g. star=2 triangle=2")
     parser.add_argument("--pixel-noise", type=float, default=SyntheticConfig.pixel_noise, metavar="SIGMA",
                         help="gaussian noise over the whole image, objects included, sigma drawn per scene "
                              "in [0.4, 1] x SIGMA (default 0: off)")
@@ -822,7 +791,6 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--pixel-noise must be in [0, 64] (a sigma in 0-255 pixel units), got {args.pixel_noise}")
     try:
         task_weights = parse_task_weights(args.task_weight)
-        shape_weights = parse_shape_weights(args.shape_weight)
     except ValueError as exc:
         parser.error(str(exc))
     config = SyntheticConfig(samples_per_scene=args.samples_per_scene, min_side=args.min_side,
@@ -831,7 +799,7 @@ def main(argv: list[str] | None = None) -> None:
                              task_weights=task_weights, split_scenes=args.split_scenes,
                              max_rotation=args.max_rotation, shape_variety=args.shape_variety,
                              min_radius=args.min_radius, colour_negative_share=args.colour_negative_share,
-                             pixel_noise=args.pixel_noise, shape_weights=shape_weights)
+                             pixel_noise=args.pixel_noise)
     try:
         summary = generate(args.out, args.n, args.seed, config, args.workers)
     except ValueError as exc:  # a world these settings cannot draw: one line, no traceback

@@ -73,9 +73,6 @@ class DataSection:
     data_multiple: list[float] | None = None  # per-file mixing multiplier (None: plain concat)
     model_max_length: int = 2048
     point_input_sample: str = "segment_mask|center"
-    # Share of box regions trained as the plain box even when the sample has the object's segment
-    # mask (ferret.data.grit.GritDataConfig.box_segment_drop; 0: the released cut to the mask).
-    box_segment_drop: float = 0.0
     num_workers: int = 0
     # Scene records (the synthetic world's scenes_train.json) for the dense readout loss.
     scene_records: str | None = None
@@ -193,11 +190,6 @@ class TrainSection:
     # word alone: the two draws that kept the conjunction ("No" 0.963) had layer 0 head 3 doing so
     # unasked, both box-name runs lost it and "No" with it (0.835 / 0.730; session 31).
     name_supervision_colour_head: int | None = None
-    # A head pushed, from each answer position that writes a name word of a turn about one region
-    # ("What is the object <region>?" -> "A pink ring."), onto that region's object in the image
-    # (off when the layer is None): the name read off the object's tokens, not the pooled region.
-    region_name_supervision_layer: int | None = None
-    region_name_supervision_head: int = 0
     box_code_weight: float = 0.0
     box_code_sigma: float = 6.0
     # > 0 (needs a tokenizer with one token per number 0-999): add this times a cross-entropy
@@ -323,8 +315,6 @@ class TrainConfig:
         _positive("data.model_max_length", d.model_max_length)
         _non_negative("data.num_workers", d.num_workers)
         _positive("data.pad_to_multiple_of", d.pad_to_multiple_of)
-        if not 0.0 <= d.box_segment_drop <= 1.0:
-            raise TrainConfigError(f"data.box_segment_drop: {d.box_segment_drop} is not in [0, 1]")
         _positive("lora.r", lo.r)
         _positive("lora.alpha", lo.alpha)
         if not 0.0 <= lo.dropout < 1.0:
@@ -359,9 +349,6 @@ class TrainConfig:
             raise TrainConfigError("data.scene_records: train.attention_supervision_weight > 0 needs the scene "
                                    "records (scenes_train.json) its targets come from")
         _non_negative("train.presence_supervision_weight", t.presence_supervision_weight)
-        if t.region_name_supervision_layer is not None and t.attention_supervision_weight <= 0:
-            raise TrainConfigError("train.region_name_supervision_layer: its loss is weighted by "
-                                   "train.attention_supervision_weight; set it > 0")
         if t.name_supervision_copy and t.name_supervision_layer is None:
             raise TrainConfigError("train.name_supervision_copy: the copy is supervised on the name head; "
                                    "set train.name_supervision_layer (and _head)")

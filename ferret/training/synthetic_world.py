@@ -177,13 +177,6 @@ def grounding_supervision(model, tokenizer, cfg: TrainConfig):
                                                         name_boxes=True))
             except ValueError as err:
                 raise TrainConfigError(f"train.name_supervision_boxes(_layer/_head): {err}") from None
-    if t.region_name_supervision_layer is not None:
-        try:
-            supervision.append(AttentionSupervision(model, tokenizer, t.region_name_supervision_layer,
-                                                    t.region_name_supervision_head, boxes=False, presence=False,
-                                                    region_name=True))
-        except ValueError as err:
-            raise TrainConfigError(f"train.region_name_supervision_layer/head: {err}") from None
     return supervision, (torch.tensor(number_ids) if number_ids is not None else None)
 
 
@@ -202,7 +195,6 @@ class SyntheticWorldSupervision:
         self._attention: list[torch.Tensor] = []
         self._masses: list[float] = []
         self._head_masses: list[dict[int, float]] = []
-        self._region_masses: list[float] = []
 
     @property
     def reads_all_logits(self) -> bool:
@@ -238,7 +230,6 @@ class SyntheticWorldSupervision:
             self._attention.append(attend.detach().float())
             self._masses.append(self.attention[0].last_mass)  # the box heads'
             self._head_masses.append(self.attention[0].last_head_mass)
-            self._region_masses += [a.last_mass for a in self.attention if a.region_name]
         if self.number_ids is not None and t.number_smoothing_weight > 0:
             from ferret.training.grounding import number_smoothing_loss, spliced_labels
 
@@ -265,10 +256,7 @@ class SyntheticWorldSupervision:
             if len(heads) > 1:
                 for h in heads:
                     record[f"attention_mass_head{h}"] = float(np.mean([m[h] for m in self._head_masses if h in m]))
-            if self._region_masses:
-                record["region_name_mass"] = float(np.nanmean(self._region_masses))
         self._dense, self._attention, self._masses, self._head_masses = [], [], [], []
-        self._region_masses = []
         return record
 
     @staticmethod
