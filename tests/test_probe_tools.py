@@ -278,3 +278,28 @@ def test_coordinate_attention_box_cells_are_the_cells_whose_centre_is_in_the_box
     assert cells.shape == (4, 4)
     assert cells.nonzero().tolist() == [[1, 1], [1, 2], [2, 1], [2, 2]]
     assert not box_cells((0, 0, 20, 10), 200, 100, 4).any()  # smaller than a cell, off its centre
+
+
+def test_grow_decoder_appends_a_silent_layer(tmp_path):
+    # bench/probes/grow_decoder.py (session 37): one more decoder layer that changes nothing until trained,
+    # with its own cache index, saved and loaded back as a model of one more layer.
+    from transformers import AutoModelForCausalLM
+
+    import ferret.model  # noqa: F401  (registers the Ferret classes with the Auto factories)
+
+    grow_decoder = load_script("grow_decoder")
+    model, tokenizer = build_tiny_model()
+    src, out = tmp_path / "src", tmp_path / "out"
+    model.save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    layers = model.config.num_hidden_layers
+    grow_decoder.main(["--src", str(src), "--out", str(out)])
+    grown = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert grown.config.num_hidden_layers == len(grown.model.layers) == layers + 1
+    assert grown.model.layers[-1].self_attn.layer_idx == layers
+    assert grown.model.layers[-1].self_attn.o_proj.weight.abs().sum() == 0
+    ids = torch.tensor([[1, 5, 9, 13, 17]])
+    with torch.no_grad():
+        assert torch.equal(model.eval()(input_ids=ids).logits, grown(input_ids=ids).logits)
+        # a generation runs through the cache with the new layer's own index
+        grown.generate(input_ids=ids, max_new_tokens=3, do_sample=False)
