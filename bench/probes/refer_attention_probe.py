@@ -75,16 +75,18 @@ def main(argv=None) -> dict:
             batch = chat.collator([sample])
             ids = batch["input_ids"][0]
             with torch.no_grad():
+                # The region sampler draws its points at random: the LLM's forward and the region read
+                # below use the same seed (the chat's default, 0), so both see the same embedding.
                 out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                             images=batch["pixel_values"], region_masks=batch["region_masks"], output_attentions=True,
-                            output_hidden_states=True)
-                features, tokens = model.encode_images(batch["pixel_values"])
-                region = model.encode_regions(features, batch["region_masks"],
-                                              generator=torch.Generator().manual_seed(0))[0]
+                            output_hidden_states=True, region_generator=[torch.Generator().manual_seed(0)])
+                features, image_tokens = model.encode_images(batch["pixel_values"])
+                region_embedding = model.encode_regions(features, batch["region_masks"],
+                                                        generator=torch.Generator().manual_seed(0))[0]
             attentions = out.attentions
             truth = vocabulary.shapes.index(obj["shape"]) + 1
-            token_right = int(class_logits(tokens[0], directions)[1][object_cells].mean(0)[1:].argmax()) + 1 == truth
-            region_right = int(class_logits(region, directions)[1][0, 1:].argmax()) + 1 == truth
+            token_right = int(class_logits(image_tokens[0], directions)[1][object_cells].mean(0)[1:].argmax()) + 1 == truth
+            region_right = int(class_logits(region_embedding, directions)[1][0, 1:].argmax()) + 1 == truth
             attention = attentions[args.layer][0]  # [heads, queries, keys] in spliced positions
             start, to_spliced = spliced_index(ids, n_image)
             tokens = chat.tokenizer.convert_ids_to_tokens([max(int(i), 0) for i in ids])
