@@ -806,25 +806,3 @@ def test_answer_box_cells_are_the_best_overlapping_objects_cells():
     again[0] = True  # the caller's rows are its own, not the cache
     assert targets.object_cells(5, "blue star").tolist() == expected[1]
     assert targets.object_cells(5, "green ring") is None
-
-
-def test_shape_word_loss_reads_the_shape_targets_of_labelled_logits():
-    """shape_word_loss's target i is the model's i-th labelled logit row (_labelled_forward's order)."""
-    import torch.nn.functional as F
-
-    from ferret.training.synthetic_world import shape_word_loss
-
-    torch.manual_seed(0)
-    vocab, shape_ids = 12, torch.tensor([5, 7])
-    labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 3, 5, 9, IGNORE_INDEX, 7],
-                           [IGNORE_INDEX, 4, 4, IGNORE_INDEX, IGNORE_INDEX, 5, IGNORE_INDEX]])
-    full = torch.randn(2, 7, vocab)
-    targets = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
-    labelled = full[targets != IGNORE_INDEX]  # what logits_at_labels=True returns
-    # The shape targets by hand: row 0 position 2 -> 5, row 0 position 5 -> 7, row 1 position 4 -> 5.
-    expected = F.cross_entropy(torch.stack([full[0, 2], full[0, 5], full[1, 4]]), torch.tensor([5, 7, 5]))
-    assert torch.allclose(shape_word_loss(labelled, labels, shape_ids), expected)
-    none = labels.masked_fill(torch.isin(labels, shape_ids), 3)
-    assert shape_word_loss(labelled, none, shape_ids).item() == 0.0
-    with pytest.raises(RuntimeError, match="labelled-position logits"):
-        shape_word_loss(full.flatten(0, 1), labels, shape_ids)

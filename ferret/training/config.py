@@ -196,9 +196,6 @@ class TrainSection:
     # against a Gaussian of std number_smoothing_sigma grid units around each number label.
     number_smoothing_weight: float = 0.0
     number_smoothing_sigma: float = 4.0
-    # > 0 (synthetic world): add this times the mean cross-entropy at the answer tokens that are a
-    # shape word, on top of the answer loss (they are ~3 % of its tokens; most wrong names are shapes).
-    shape_word_loss_weight: float = 0.0
     # Start the number tokens' embedding rows as a smooth code of their value (number tokenizers).
     init_number_rows: bool = False
 
@@ -387,7 +384,6 @@ class TrainConfig:
             raise TrainConfigError("train.box_code_weight: the box code is part of the dense readout; set "
                                    "train.dense_loss_weight > 0 (and data.scene_records)")
         _non_negative("train.number_smoothing_weight", t.number_smoothing_weight)
-        _non_negative("train.shape_word_loss_weight", t.shape_word_loss_weight)
         _positive("train.number_smoothing_sigma", t.number_smoothing_sigma)
         for name in ("adam_beta1", "adam_beta2"):
             if not 0.0 <= getattr(t, name) < 1.0:

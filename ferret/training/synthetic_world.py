@@ -25,9 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-from ferret.constants import IGNORE_INDEX
 from ferret.training.config import TrainConfig, TrainConfigError, resolve_path
 from ferret.training.distributed import uses_bf16
 from ferret.training.model_setup import unwrap
@@ -182,20 +180,6 @@ def grounding_supervision(model, tokenizer, cfg: TrainConfig):
     return supervision, (torch.tensor(number_ids) if number_ids is not None else None)
 
 
-def shape_word_loss(logits: torch.Tensor, labels: torch.Tensor, shape_ids: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy at the labelled targets that are shape words; 0 (in the graph) when the
-    micro-batch has none. `logits` are the model's labelled-position logits ([N, vocab], row-major:
-    `logits_at_labels=True`), so target i is the i-th labelled token after each row's first."""
-    targets = labels[:, 1:][labels[:, 1:] != IGNORE_INDEX]
-    if targets.numel() != logits.shape[0]:
-        raise RuntimeError(f"shape_word_loss: {logits.shape[0]} logit rows for {targets.numel()} labelled targets; "
-                           "it needs the labelled-position logits")
-    keep = torch.isin(targets, shape_ids)
-    if not keep.any():
-        return logits.sum() * 0.0
-    return F.cross_entropy(logits[keep].float(), targets[keep])
-
-
 class SyntheticWorldSupervision:
     """The hook of the synthetic world's auxiliary training (see the module docstring)."""
 
@@ -207,12 +191,6 @@ class SyntheticWorldSupervision:
         self.box_name_reads = [head for head in self.attention if head.name_boxes]
         if self.readout is not None and t.box_code_weight > 0:
             self.readout.box_code = (self.number_ids, t.box_code_weight, t.box_code_sigma)
-        self.shape_ids = None
-        if t.shape_word_loss_weight > 0:
-            from ferret.data.synthetic import SHAPES
-            from ferret.training.grounding import name_word_ids
-
-            self.shape_ids = torch.tensor(sorted(name_word_ids(tokenizer, set(SHAPES))))
         self._dense: list[torch.Tensor] = []
         self._attention: list[torch.Tensor] = []
         self._masses: list[float] = []
@@ -259,9 +237,6 @@ class SyntheticWorldSupervision:
                                     outputs.logits.shape[1]).to(device)
             smooth = number_smoothing_loss(outputs.logits, labels, self.number_ids, t.number_smoothing_sigma)
             loss = loss + t.number_smoothing_weight * smooth
-        if self.shape_ids is not None:
-            loss = loss + t.shape_word_loss_weight * shape_word_loss(outputs.logits, batch["labels"].to(device),
-                                                                     self.shape_ids.to(device))
         return loss
 
     def step_metrics(self, world: int, device: torch.device) -> dict:
