@@ -13,16 +13,7 @@ export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 PYTHONSAFEPATH=1
 [ -f "$base/config.json" ] || { echo "continue_llm_probe: $base is not a model folder" >&2; exit 1; }
 out=checkpoints/$name
 mkdir -p "$out"
-python - "$out/stage1_config.json" <<'EOF'
-import json
-import sys
-
-from ferret.training.config import config_to_dict, load_train_config
-
-stage1 = load_train_config("train/configs/embedded.yaml").stage_configs()[0]
-with open(sys.argv[1], "w") as f:
-    json.dump({**config_to_dict(stage1), "stages": []}, f, indent=2)
-EOF
+python bench/probes/stage_config.py 0 "$out/stage1_config.json"
 torchrun --nproc_per_node=2 --master_port="${PORT:-29561}" train/ferret_train.py --config "$out/stage1_config.json" \
     model.pretrained="$base" model.tiny=false train.vision_warmup_steps=0 train.output_dir="$out" \
     train.tensorboard=false train.seed=7 train.max_steps="$steps" train.learning_rate="$lr" \

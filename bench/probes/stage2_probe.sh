@@ -19,17 +19,6 @@ export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 PYTHONSAFEPATH=1
 [ -f "$base/config.json" ] || { echo "stage2_probe: $base is not a model folder" >&2; exit 1; }
 out=checkpoints/$name
 mkdir -p "$out"
-python - "$out/stage2_config.json" <<'EOF'
-import json
-import sys
-
-from ferret.training.config import config_to_dict, load_train_config
-
-stages = load_train_config("train/configs/embedded.yaml").stage_configs()
-if len(stages) < 2:
-    sys.exit("stage2_probe: train/configs/embedded.yaml has no second stage")
-with open(sys.argv[1], "w") as f:
-    json.dump({**config_to_dict(stages[1]), "stages": []}, f, indent=2)
-EOF
+python bench/probes/stage_config.py 1 "$out/stage2_config.json"
 torchrun --nproc_per_node=2 --master_port="${PORT:-29551}" train/ferret_train.py --config "$out/stage2_config.json" \
     model.pretrained="$base" train.output_dir="$out" train.tensorboard=false "$@"
