@@ -130,3 +130,20 @@ def test_bad_configuration_and_inputs_raise_clear_errors():
         sampler(feature_maps(width=7), [[box_mask(8, 8, 0, 0, 4, 4)], [], []])
     with pytest.raises(ValueError, match="image_index"):
         sampler(feature_maps(), [box_mask(8, 8, 0, 0, 4, 4)], image_index=torch.tensor([0, 1]))
+
+
+def test_the_model_encodes_regions_in_its_own_dtype_under_bf16_autocast():
+    # Training with train.precision=bf16-mixed autocasts the forward; the region module must not follow
+    # (bf16 point positions: a model trained so named points 0.81 at fp32 inference, session 39).
+    from ferret.model.tiny import build_tiny_model
+
+    model, _ = build_tiny_model(seed=0)
+    size = model.get_vision_tower().config.image_size
+    pixels = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(2))
+    maps, _ = model.encode_images(pixels)
+    masks = [[box_mask(size, size, 3, 5, size // 2, size - 4), box_mask(size, size, 9, 9, 10, 10)]]
+    plain = model.encode_regions(maps, masks, generator=torch.Generator().manual_seed(0))[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = model.encode_regions(maps, masks, generator=torch.Generator().manual_seed(0))[0]
+    assert autocast.dtype == torch.float32
+    torch.testing.assert_close(autocast, plain, rtol=0, atol=0)

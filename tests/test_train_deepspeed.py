@@ -4,6 +4,7 @@ One module-scoped set of runs, each a few steps:
   zero2      6 steps, checkpoints every 2, HF export            (the reference curve)
   crashed    same config, rank 0 dies while staging checkpoint 4 (crashing_train.py checkpoint_staged)
   resumed    `--resume` of the crashed run                      -> must equal the reference curve
+  mixed      zero2's run with train.precision=bf16-mixed
   zero3      ZeRO-3, rank 0 exits hard after step 3 (crashing_train.py after_step), then resumed
   lora       LoRA on the LLM (gradient checkpointing on), projector + sampler trained, merged HF export
   staged     1 step, then a second stage (config `stages`) of 3 on another world; against two launches,
@@ -107,6 +108,23 @@ def test_zero2_smoke_loss_goes_down_and_reports(zero2):
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-00000006"
     assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == [
         "step-00000002", "step-00000004", "step-00000006"]
+
+
+def test_bf16_mixed_keeps_fp32_weights_and_runs_the_matmuls_in_bf16(zero2, workspace):
+    # train.precision=bf16-mixed (the embedded recipe's since session 39): the same run as zero2 with
+    # bf16 autocast around the forward and the losses. Its weights and export stay fp32; its losses
+    # track the fp32 run's closely but not exactly (the matmuls did run in bf16).
+    from safetensors.torch import load_file
+
+    proc = train(workspace, "mixed", "train.precision=bf16-mixed", "train.save_steps=0")
+    assert "bf16-mixed on cpu" in proc.stdout
+    mixed, fp32 = curve(workspace / "mixed"), curve(zero2[0])
+    assert sorted(mixed) == sorted(fp32) == [1, 2, 3, 4, 5, 6]
+    for step in (1, 2, 6):
+        assert mixed[step]["loss"] != fp32[step]["loss"]
+        assert mixed[step]["loss"] == pytest.approx(fp32[step]["loss"], rel=0.05), (step, mixed[step], fp32[step])
+    weights = load_file(str(next((workspace / "mixed" / "hf").glob("*.safetensors"))))
+    assert {t.dtype for t in weights.values() if t.is_floating_point()} == {torch.float32}
 
 
 def test_export_loads_with_load_pretrained(zero2, workspace):

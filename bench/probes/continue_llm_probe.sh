@@ -13,7 +13,7 @@ export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 PYTHONSAFEPATH=1
 [ -f "$base/config.json" ] || { echo "continue_llm_probe: $base is not a model folder" >&2; exit 1; }
 out=checkpoints/$name
 mkdir -p "$out"
-python bench/probes/stage_config.py 0 "$out/stage1_config.json"
+python bench/probes/stage_config.py base "$out/stage1_config.json"
 torchrun --nproc_per_node=2 --master_port="${PORT:-29561}" train/ferret_train.py --config "$out/stage1_config.json" \
     model.pretrained="$base" model.tiny=false train.vision_warmup_steps=0 train.output_dir="$out" \
     train.tensorboard=false train.seed=7 train.max_steps="$steps" train.learning_rate="$lr" \

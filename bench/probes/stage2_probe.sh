@@ -19,6 +19,6 @@ export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 PYTHONSAFEPATH=1
 [ -f "$base/config.json" ] || { echo "stage2_probe: $base is not a model folder" >&2; exit 1; }
 out=checkpoints/$name
 mkdir -p "$out"
-python bench/probes/stage_config.py 1 "$out/stage2_config.json"
+python bench/probes/stage_config.py small_objects "$out/stage2_config.json"
 torchrun --nproc_per_node=2 --master_port="${PORT:-29551}" train/ferret_train.py --config "$out/stage2_config.json" \
     model.pretrained="$base" train.output_dir="$out" train.tensorboard=false "$@"

@@ -116,7 +116,9 @@ class TrainSection:
     # same in every batch; length-grouped batches otherwise give the long samples' tokens (grounded
     # captions) 0.78x their weight in a shuffled order (bench/probes/token_weight.py).
     lm_loss_tokens: float | None = None
-    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    # auto: bf16 on GPU, fp32 on CPU. bf16: bf16 weights and activations (fp32 master weights in the
+    # optimizer). bf16-mixed: fp32 weights and residual stream, matmuls in bf16 (autocast).
+    precision: Literal["auto", "bf16", "bf16-mixed", "fp32"] = "auto"
     seed: int = 42
     save_steps: int = 1500  # 0: only the final checkpoint
     save_total_limit: int = 3  # checkpoints kept (0: keep all)

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from ferret.training.config import TrainConfig, TrainConfigError, resolve_path
-from ferret.training.distributed import uses_bf16
+from ferret.training.distributed import bf16_autocast
 from ferret.training.model_setup import unwrap
 from ferret.training.schedule import lr_multiplier
 from ferret.training.seeding import region_seed
@@ -359,7 +359,7 @@ class WarmUpStep:
         self.directions = NameDirections.from_embeddings(readout.embeddings.weight, readout.name_ids)  # fixed: the LLM waits
         self.number_rows = None if readout.box_code is None else readout.lm_head.weight[readout.box_code[0]].detach().float()
         self.draw = torch.Generator().manual_seed(t.seed)  # same draw on every rank; each takes its slice
-        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(t.precision, device))
+        self.autocast = bf16_autocast(t.precision, device)
 
     def __call__(self, step: int) -> torch.Tensor:
         from ferret.processing import preprocess_images
