@@ -46,8 +46,8 @@ def uses_bf16(precision: str, device: torch.device) -> bool:
 
 
 def bf16_autocast(precision: str, device: torch.device) -> torch.autocast:
-    """The context the forward passes run in: bf16 matmuls for bf16 weights and for bf16-mixed (fp32
-    weights; on a CPU with avx512_bf16 a step then takes ~0.6x the fp32 step's time, session 39)."""
+    """The vision warm-up's autocast: bf16 matmuls for bf16 weights and for bf16-mixed (fp32 weights;
+    on a CPU with avx512_bf16 an LLM step then takes ~0.76x the fp32 step's time, session 39)."""
     enabled = uses_bf16(precision, device) or precision == "bf16-mixed"
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
