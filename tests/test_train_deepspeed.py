@@ -111,7 +111,7 @@ def test_zero2_smoke_loss_goes_down_and_reports(zero2):
 
 
 def test_bf16_mixed_keeps_fp32_weights_and_runs_the_matmuls_in_bf16(zero2, workspace):
-    # train.precision=bf16-mixed (the embedded recipe's since session 39): the same run as zero2 with
+    # train.precision=bf16-mixed (session 39's candidate recipe, bench/probes/configs/): zero2's run with
     # bf16 autocast around the forward and the losses. Its weights and export stay fp32; its losses
     # track the fp32 run's closely but not exactly (the matmuls did run in bf16).
     from safetensors.torch import load_file

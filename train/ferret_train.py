@@ -12,7 +12,8 @@ start (`start_weight`).
 
 Multi-node: torchrun's own flags (--nnodes, --node_rank, --rdzv_endpoint ...); the output
 folder must be on a file system shared by all nodes. Backend: nccl + bf16 on GPU, gloo + fp32
-on CPU (train.precision=bf16-mixed: fp32 weights, bf16 matmuls, for a CPU with avx512_bf16 or AMX). The vision tower is frozen; projector, region module and LLM are trained (or LoRA on
+on CPU (train.precision=bf16-mixed: fp32 weights, bf16 matmuls, for a CPU with avx512_bf16 or
+AMX). The vision tower is frozen; projector, region module and LLM are trained (or LoRA on
 the LLM with projector and region module fully trained). Every config key: ferret/training/config.py.
 The pieces live in ferret/training/: model_setup (build, freeze, LoRA), gradient_cover
 (DeepSpeed's every-weight-gets-a-gradient rule), synthetic_world (the synthetic world's auxiliary
@@ -53,7 +54,8 @@ from ferret.training.config import (  # noqa: E402
     TrainConfig, TrainConfigError, WeightAverage, config_to_dict, load_train_config, resolve_path,
 )
 from ferret.training.distributed import (  # noqa: E402
-    Processes, deepspeed_config, gather_region_module_whole, init_distributed, move_batch, uses_bf16,
+    Processes, bf16_autocast, deepspeed_config, gather_region_module_whole, init_distributed, move_batch,
+    precision_name, uses_bf16,
 )
 from ferret.training.gradient_cover import install_gradient_cover  # noqa: E402
 from ferret.training.metrics import MetricsLog  # noqa: E402
@@ -229,7 +231,7 @@ def setup(cfg: TrainConfig, args: argparse.Namespace) -> Run:
     if rank == 0:
         print(f"[ferret_train] {world} ranks x micro-batch {micro} x accumulation {accum} = global batch "
               f"{world * micro * accum}; {steps_per_epoch} steps/epoch, {total_steps} steps, warmup {warmup}, "
-              f"{'bf16' if bf16 else 'bf16-mixed' if cfg.train.precision == 'bf16-mixed' else 'fp32'} on {device.type}, ZeRO-{engine.zero_optimization_stage()}; "
+              f"{precision_name(cfg.train.precision, device)} on {device.type}, ZeRO-{engine.zero_optimization_stage()}; "
               f"data: {len(dataset)} samples, {dataset.skip_report()} at load time")
     loader_kwargs = dict(batch_size=micro, sampler=sampler, drop_last=True, num_workers=cfg.data.num_workers,
                          collate_fn=collate)
@@ -291,8 +293,7 @@ def train_step(run: Run, batches) -> dict:
         generator = torch.Generator(device=procs.device).manual_seed(
             region_seed(cfg.train.seed, state.global_step, procs.rank, micro_step))
         # The LM head only where a label follows, unless an auxiliary loss reads every position's logits.
-        # bf16-mixed: fp32 weights, bf16 matmuls (bf16 weights compute in bf16 without it).
-        with torch.autocast(procs.device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16-mixed"):
+        with bf16_autocast(cfg.train.precision, procs.device, bf16_weights_too=False):
             outputs = engine(**move_batch(batch, procs.device, run.compute_dtype), region_generator=generator,
                              logits_at_labels=not run.aux.reads_all_logits)
             loss = run.aux.add_losses(answer_loss(outputs.loss, batch["labels"], cfg.train.lm_loss_tokens),

@@ -45,11 +45,19 @@ def uses_bf16(precision: str, device: torch.device) -> bool:
     return precision == "bf16" or (precision == "auto" and device.type == "cuda")
 
 
-def bf16_autocast(precision: str, device: torch.device) -> torch.autocast:
-    """The vision warm-up's autocast: bf16 matmuls for bf16 weights and for bf16-mixed (fp32 weights;
-    on a CPU with avx512_bf16 an LLM step then takes ~0.76x the fp32 step's time, session 39)."""
-    enabled = uses_bf16(precision, device) or precision == "bf16-mixed"
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+def precision_name(precision: str, device: torch.device) -> str:
+    """What `train.precision` means on this device: bf16 (bf16 weights), bf16-mixed (fp32 weights,
+    bf16 matmuls under autocast; on a CPU with avx512_bf16 an LLM step takes ~0.76x the fp32 step's
+    time, session 39) or fp32."""
+    return "bf16" if uses_bf16(precision, device) else "bf16-mixed" if precision == "bf16-mixed" else "fp32"
+
+
+def bf16_autocast(precision: str, device: torch.device, bf16_weights_too: bool = True) -> torch.autocast:
+    """bf16 autocast for a reduced-precision run: bf16-mixed always; bf16 weights only where asked (the
+    vision warm-up; the DeepSpeed step computes bf16 weights in bf16 without it)."""
+    name = precision_name(precision, device)
+    return torch.autocast(device.type, dtype=torch.bfloat16,
+                          enabled=name == "bf16-mixed" or (name == "bf16" and bf16_weights_too))
 
 
 def deepspeed_config(cfg: TrainConfig, micro: int, accum: int, bf16: bool) -> dict:
