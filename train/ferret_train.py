@@ -12,7 +12,7 @@ start (`start_weight`).
 
 Multi-node: torchrun's own flags (--nnodes, --node_rank, --rdzv_endpoint ...); the output
 folder must be on a file system shared by all nodes. Backend: nccl + bf16 on GPU, gloo + fp32
-on CPU (train.precision=bf16-mixed: fp32 weights, bf16 MLP matmuls, for a CPU with avx512_bf16 or
+on CPU (train.precision=bf16-mixed: fp32 weights, bf16 matmuls, for a CPU with avx512_bf16 or
 AMX). The vision tower is frozen; projector, region module and LLM are trained (or LoRA on
 the LLM with projector and region module fully trained). Every config key: ferret/training/config.py.
 The pieces live in ferret/training/: model_setup (build, freeze, LoRA), gradient_cover
@@ -54,8 +54,8 @@ from ferret.training.config import (  # noqa: E402
     TrainConfig, TrainConfigError, WeightAverage, config_to_dict, load_train_config, resolve_path,
 )
 from ferret.training.distributed import (  # noqa: E402
-    Processes, attention_in_fp32, bf16_autocast, deepspeed_config, gather_region_module_whole, init_distributed,
-    move_batch, precision_name, uses_bf16,
+    Processes, bf16_autocast, deepspeed_config, gather_region_module_whole, init_distributed, move_batch,
+    precision_name, uses_bf16,
 )
 from ferret.training.gradient_cover import install_gradient_cover  # noqa: E402
 from ferret.training.metrics import MetricsLog  # noqa: E402
@@ -188,8 +188,6 @@ def setup(cfg: TrainConfig, args: argparse.Namespace) -> Run:
     # ---- model, data, auxiliary losses
     model, tokenizer, image_processor = build_model(cfg, compute_dtype)
     model = prepare_trainable(model, cfg, rank)
-    if precision_name(cfg.train.precision, device) == "bf16-mixed":
-        attention_in_fp32(model)
     install_gradient_cover(model)
     dataset, collate, scene_targets = build_data(cfg, tokenizer, image_processor, model)
     aux = SyntheticWorldSupervision(model, tokenizer, cfg, scene_targets)

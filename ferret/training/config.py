@@ -117,8 +117,7 @@ class TrainSection:
     # captions) 0.78x their weight in a shuffled order (bench/probes/token_weight.py).
     lm_loss_tokens: float | None = None
     # auto: bf16 on GPU, fp32 on CPU. bf16: bf16 weights and activations (fp32 master weights in the
-    # optimizer). bf16-mixed: fp32 weights and residual stream, the MLP and LM-head matmuls in bf16
-    # (autocast); attention, the vision tower and the region module stay fp32.
+    # optimizer). bf16-mixed: fp32 weights and residual stream, matmuls in bf16 (autocast).
     precision: Literal["auto", "bf16", "bf16-mixed", "fp32"] = "auto"
     seed: int = 42
     save_steps: int = 1500  # 0: only the final checkpoint
