@@ -6,6 +6,7 @@ import random
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ferret.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from ferret.model.configuration_ferret import FerretConfigError
@@ -806,3 +807,54 @@ def test_answer_box_cells_are_the_best_overlapping_objects_cells():
     again[0] = True  # the caller's rows are its own, not the cache
     assert targets.object_cells(5, "blue star").tolist() == expected[1]
     assert targets.object_cells(5, "green ring") is None
+
+
+def test_box_name_readout_reads_each_box_name_at_its_number_positions():
+    # train.box_name_readout_weight: each answer box's colour and shape are read, on the names' word
+    # embeddings, from the input (after the norm) of the box heads' layer at the positions that
+    # write its numbers; the loss is class_logits' cross-entropy there, and gradients reach the layers below.
+    from ferret.training.config import TrainConfigError
+    from ferret.training.dense_supervision import DenseVocabulary, NameDirections, class_logits
+    from ferret.training.synthetic_world import SyntheticWorldSupervision
+
+    tokenizer, model, (ids, labels, batch), cfg = _name_layer_setup(
+        ("Where is the pink cross?", "The pink cross [10, 20, 30, 40]."), boxes=1)
+    cfg.train.dense_loss_weight, cfg.train.box_name_readout_weight = 0.0, 0.5
+    cfg.train.attention_supervision_weight = 0.0  # the readout alone (its layer: the box heads', 1)
+    aux = SyntheticWorldSupervision(model, tokenizer, cfg)
+    readout = aux.box_name_readout
+    found = readout.queries(ids[0], labels[0])
+    tokens = lambda positions: tokenizer.convert_ids_to_tokens(ids[0, list(positions)].tolist())
+    assert [tokens([j + 1])[0] for j, _, _ in found] == ["10", "20", "30", "40"]
+    colours, shapes = NameDirections.token_ids(tokenizer, DenseVocabulary.synthetic())
+    assert {(c, s) for _, c, s in found} == {(1 + colours.index(tokenizer.convert_tokens_to_ids("\u2581pink")),
+                                             1 + shapes.index(tokenizer.convert_tokens_to_ids("\u2581cross")))}
+    captured = {}
+    layer = model.model.layers[1]
+    hook = layer.input_layernorm.register_forward_hook(lambda m, i, o: captured.setdefault("normed", o))
+    out = model(input_ids=ids, images=torch.randn(1, 3, 48, 48), labels=labels)
+    hook.remove()
+    total = aux.add_losses(out.loss, batch, out, torch.device("cpu"), 0)
+    vectors = captured["normed"][0, [j + 15 for j, _, _ in found]]  # 16 image tokens for the placeholder
+    colour_logits, shape_logits = class_logits(vectors, NameDirections.from_embeddings(
+        model.get_input_embeddings().weight, (colours, shapes)))
+    target = torch.tensor(found)
+    expected = F.cross_entropy(colour_logits, target[:, 1]) + F.cross_entropy(shape_logits, target[:, 2])
+    torch.testing.assert_close(total - out.loss, 0.5 * expected, rtol=1e-4, atol=1e-5)
+    total.backward()
+    assert model.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+    metrics = aux.step_metrics(1, torch.device("cpu"))
+    assert metrics["box_name_readout_loss"] == pytest.approx(expected.item(), rel=1e-4)
+    assert 0.0 <= metrics["box_name_read"] <= 1.0
+    # a batch whose boxes follow no name (a grounded caption's "object [..]") has nothing to read
+    other_ids, other_labels, _ = _absent_red_ring_batch(tokenizer, ("Where is it?", "It is here [1, 2, 3, 4]."), boxes=1)
+    assert answer_box_spans(other_ids[0], other_labels[0], *bracket_token_ids(tokenizer))
+    assert readout.queries(other_ids[0], other_labels[0]) == []
+    cfg.data.scene_records, cfg.data.data_path, cfg.model.tiny = "scenes_train.json", ["train.json"], True
+    cfg.validate()
+    cfg.train.box_name_readout_layer = 9
+    with pytest.raises(TrainConfigError, match="box_name_readout"):
+        SyntheticWorldSupervision(model, tokenizer, cfg)
+    cfg.train.box_name_readout_weight = 0.0
+    with pytest.raises(TrainConfigError, match="box_name_readout_layer"):
+        cfg.validate()

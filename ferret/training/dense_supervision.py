@@ -27,6 +27,8 @@ Only the training script uses it (`train.dense_loss_weight` > 0 with
 
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -94,6 +96,20 @@ class NameDirections:
         """Directions from the current word embeddings, for `token_ids` (colour ids, shape ids)."""
         weight = embedding_weight.detach()
         return cls(*(F.normalize(weight[list(ids)].float(), dim=-1) for ids in token_ids))
+
+    @classmethod
+    def of_module(cls, embeddings: torch.nn.Embedding, token_ids: tuple[list[int], list[int]]) -> "NameDirections":
+        """from_embeddings on an embedding module's current weight. The word embeddings move every
+        step, so the directions are read afresh, gathered first under ZeRO-3 (which keeps only a
+        shard of each weight between forwards)."""
+        weight = embeddings.weight
+        gathered = contextlib.nullcontext()
+        if weight.numel() == 0:
+            import deepspeed
+
+            gathered = deepspeed.zero.GatheredParameters([weight])
+        with gathered:
+            return cls.from_embeddings(embeddings.weight, token_ids)
 
 
 def class_logits(vectors: torch.Tensor, directions: NameDirections) -> tuple[torch.Tensor, torch.Tensor]:

@@ -334,6 +334,84 @@ class AttentionSupervision:
         return total / max(count, 1)
 
 
+class BoxNameReadout:
+    """Cross-entropy of each answer box's colour and shape, read from the input of one decoder layer
+    (the coordinate heads' layer, after its input norm: what their queries are made of) at the
+    positions that write the box's numbers, on the names' word-embedding directions
+    (ferret.training.dense_supervision.class_logits). It asks the layers below to bring the box's
+    name to those positions without saying which head does it: a draw whose x1 position read the
+    shape word alone matched same-shape objects (session 30), and pushing a chosen head to read
+    the name there (`name_boxes`) cost the yes/no answers their head. Captured by a forward
+    pre-hook, like AttentionSupervision; the exported model carries nothing of it."""
+
+    def __init__(self, model, tokenizer, layer: int):
+        from ferret.data.synthetic_tokenizer import digit_token_ids, number_token_ids
+        from ferret.training.dense_supervision import DenseVocabulary, NameDirections
+
+        base = unwrap(model)
+        layers = base.model.layers
+        if not -len(layers) <= layer < len(layers):
+            raise ValueError(f"box name readout: layer {layer} outside the model's {len(layers)} layers")
+        self.embeddings = base.get_input_embeddings()
+        self.token_ids = NameDirections.token_ids(tokenizer, DenseVocabulary.synthetic())
+        # class 0 is class_logits' background; a name word's class is 1 + its index
+        self.colour_class = {i: k + 1 for k, i in enumerate(self.token_ids[0])}
+        self.shape_class = {i: k + 1 for k, i in enumerate(self.token_ids[1])}
+        numbers = number_token_ids(tokenizer) or digit_token_ids(tokenizer)
+        if numbers is None:
+            raise ValueError("box name readout: needs one token per number 0-999 or per digit")
+        self.number_ids = set(numbers)
+        self.open_ids, self.close_ids = bracket_token_ids(tokenizer)
+        self.num_image_tokens = base.get_vision_tower().num_patches
+        self.captured: torch.Tensor | None = None
+        layers[layer].self_attn.register_forward_pre_hook(self._capture, with_kwargs=True)
+        self.last_accuracy = float("nan")  # both words read right, over the last batch's queries
+
+    def _capture(self, _module, args, kwargs):
+        self.captured = kwargs.get("hidden_states", args[0] if args else None)
+
+    def queries(self, input_ids: torch.Tensor, labels: torch.Tensor) -> list[tuple[int, int, int]]:
+        """(text position, colour class, shape class) for each position that writes a number of a
+        box whose "[" follows its object's colour and shape words."""
+        out = []
+        for start, end in answer_box_spans(input_ids, labels, self.open_ids, self.close_ids):
+            if start < 2:
+                continue
+            colour = self.colour_class.get(int(input_ids[start - 2]))
+            shape = self.shape_class.get(int(input_ids[start - 1]))
+            if colour is None or shape is None:
+                continue
+            for run in number_runs(input_ids, (start, end), self.number_ids)[:BOX_COORDINATES]:
+                out += [(j, colour, shape) for j in run]
+        return out
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        from ferret.training.dense_supervision import NameDirections, class_logits
+
+        if self.captured is None:
+            raise RuntimeError("box name readout: no forward pass captured")
+        hidden, self.captured = self.captured, None
+        vectors, colours, shapes = [], [], []
+        for row in range(hidden.shape[0]):
+            found = self.queries(batch["input_ids"][row], batch["labels"][row])
+            if not found:
+                continue
+            _, to_spliced = spliced_index(batch["input_ids"][row], self.num_image_tokens)
+            vectors.append(hidden[row, [to_spliced(j) for j, _, _ in found]])
+            colours += [c for _, c, _ in found]
+            shapes += [s for _, _, s in found]
+        if not vectors:
+            self.last_accuracy = float("nan")
+            return hidden.sum() * 0.0  # every rank runs the same graph
+        directions = NameDirections.of_module(self.embeddings, self.token_ids)
+        colour_logits, shape_logits = class_logits(torch.cat(vectors), directions)
+        colour = torch.tensor(colours, device=colour_logits.device)
+        shape = torch.tensor(shapes, device=shape_logits.device)
+        right = (colour_logits.argmax(-1) == colour) & (shape_logits.argmax(-1) == shape)
+        self.last_accuracy = right.float().mean().item()
+        return F.cross_entropy(colour_logits, colour) + F.cross_entropy(shape_logits, shape)
+
+
 @torch.no_grad()
 def init_coordinate_heads(model, layer: int) -> None:
     """Heads 0-3 of `layer` start copying block c (of 4 equal blocks of the hidden width) of what they

@@ -18,7 +18,6 @@ keys set it adds nothing and costs nothing.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from pathlib import Path
 
@@ -83,16 +82,7 @@ class DenseReadout:
         tokens, regions, self.tokens, self.regions = self.tokens, self.regions, None, None
         if tokens is None or "patch_color" not in batch:
             raise RuntimeError("dense readout: no image tokens or no patch targets in this batch")
-        # The word embeddings move every step: the name directions are read afresh (gathered
-        # first under ZeRO-3, which keeps only a shard of each weight between forwards).
-        weight = self.embeddings.weight
-        gathered = contextlib.nullcontext()
-        if weight.numel() == 0:
-            import deepspeed
-
-            gathered = deepspeed.zero.GatheredParameters([weight])
-        with gathered:
-            directions = NameDirections.from_embeddings(weight, self.name_ids)
+        directions = NameDirections.of_module(self.embeddings, self.name_ids)
         loss = dense_readout_loss(tokens, batch["patch_color"].to(device), batch["patch_shape"].to(device),
                                   batch["patch_box"].to(device), self.vocabulary, directions)
         loss = loss + self.box_code_term(tokens, batch["patch_box"].to(device), batch["patch_color"].to(device) > 0)
@@ -189,6 +179,17 @@ class SyntheticWorldSupervision:
         self.readout = DenseReadout(model, tokenizer) if t.dense_loss_weight > 0 else None
         self.attention, self.number_ids = grounding_supervision(model, tokenizer, cfg)
         self.box_name_reads = [head for head in self.attention if head.name_boxes]
+        self.box_name_readout = None
+        if t.box_name_readout_weight > 0:
+            from ferret.training.grounding import BoxNameReadout
+
+            layer = t.attention_supervision_layer if t.box_name_readout_layer is None else t.box_name_readout_layer
+            try:
+                self.box_name_readout = BoxNameReadout(model, tokenizer, layer)
+            except ValueError as err:
+                raise TrainConfigError(f"train.box_name_readout_weight/layer: {err}") from None
+        self._readout: list[torch.Tensor] = []
+        self._readout_accuracy: list[float] = []
         if self.readout is not None and t.box_code_weight > 0:
             self.readout.box_code = (self.number_ids, t.box_code_weight, t.box_code_sigma)
         self._dense: list[torch.Tensor] = []
@@ -230,6 +231,11 @@ class SyntheticWorldSupervision:
             self._attention.append(attend.detach().float())
             self._masses.append(self.attention[0].last_mass)  # the box heads'
             self._head_masses.append(self.attention[0].last_head_mass)
+        if self.box_name_readout is not None:
+            named = self.box_name_readout.loss(batch) if "answer_cells" in batch else loss.new_zeros(())
+            loss = loss + t.box_name_readout_weight * named
+            self._readout.append(named.detach().float())
+            self._readout_accuracy.append(self.box_name_readout.last_accuracy)
         if self.number_ids is not None and t.number_smoothing_weight > 0:
             from ferret.training.grounding import number_smoothing_loss, spliced_labels
 
@@ -256,7 +262,12 @@ class SyntheticWorldSupervision:
             if len(heads) > 1:
                 for h in heads:
                     record[f"attention_mass_head{h}"] = float(np.mean([m[h] for m in self._head_masses if h in m]))
+        if self.box_name_readout is not None:
+            record["box_name_readout_loss"] = torch.stack(self._readout).mean().item()
+            read = [a for a in self._readout_accuracy if a == a]  # nan: a batch without named boxes
+            record["box_name_read"] = float(np.mean(read)) if read else float("nan")
         self._dense, self._attention, self._masses, self._head_masses = [], [], [], []
+        self._readout, self._readout_accuracy = [], []
         return record
 
     @staticmethod
