@@ -852,9 +852,9 @@ def test_box_name_readout_reads_each_box_name_at_its_number_positions():
     assert readout.queries(other_ids[0], other_labels[0]) == []
     cfg.data.scene_records, cfg.data.data_path, cfg.model.tiny = "scenes_train.json", ["train.json"], True
     cfg.validate()
-    cfg.train.box_name_readout_layer = 9
-    with pytest.raises(TrainConfigError, match="box_name_readout"):
+    cfg.train.attention_supervision_layer = 9  # the readout's layer: outside the model's 2
+    with pytest.raises(TrainConfigError, match="box_name_readout_weight.*layer 9 outside"):
         SyntheticWorldSupervision(model, tokenizer, cfg)
-    cfg.train.box_name_readout_weight = 0.0
-    with pytest.raises(TrainConfigError, match="box_name_readout_layer"):
+    cfg.train.attention_supervision_layer, cfg.data.scene_records = 1, None
+    with pytest.raises(TrainConfigError, match="box_name_readout_weight"):
         cfg.validate()

@@ -193,10 +193,9 @@ class TrainSection:
     # unasked, both box-name runs lost it and "No" with it (0.835 / 0.730; session 31).
     name_supervision_colour_head: int | None = None
     # > 0: add this times ferret.training.grounding.BoxNameReadout's loss (each answer box's colour
-    # and shape read from the input of layer box_name_readout_layer, default the box heads', at the
+    # and shape read from the input of the box heads' layer, attention_supervision_layer, at the
     # positions that write its numbers): the name there without choosing the head that brings it.
     box_name_readout_weight: float = 0.0
-    box_name_readout_layer: int | None = None
     box_code_weight: float = 0.0
     box_code_sigma: float = 6.0
     # > 0 (needs a tokenizer with one token per number 0-999): add this times a cross-entropy
@@ -389,9 +388,6 @@ class TrainConfig:
         if t.box_name_readout_weight > 0 and not d.scene_records:
             raise TrainConfigError("data.scene_records: train.box_name_readout_weight > 0 reads the answer boxes "
                                    "of batches with scene targets; set data.scene_records")
-        if t.box_name_readout_layer is not None and t.box_name_readout_weight <= 0:
-            raise TrainConfigError("train.box_name_readout_layer: the layer of the box name readout, which is off; "
-                                   "set train.box_name_readout_weight > 0 or leave the layer unset")
         _non_negative("train.box_code_weight", t.box_code_weight)
         _positive("train.box_code_sigma", t.box_code_sigma)
         if t.box_code_weight > 0 and t.dense_loss_weight <= 0:

@@ -28,7 +28,6 @@ Only the training script uses it (`train.dense_loss_weight` > 0 with
 from __future__ import annotations
 
 import contextlib
-
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 

@@ -183,11 +183,10 @@ class SyntheticWorldSupervision:
         if t.box_name_readout_weight > 0:
             from ferret.training.grounding import BoxNameReadout
 
-            layer = t.attention_supervision_layer if t.box_name_readout_layer is None else t.box_name_readout_layer
             try:
-                self.box_name_readout = BoxNameReadout(model, tokenizer, layer)
+                self.box_name_readout = BoxNameReadout(model, tokenizer, t.attention_supervision_layer)
             except ValueError as err:
-                raise TrainConfigError(f"train.box_name_readout_weight/layer: {err}") from None
+                raise TrainConfigError(f"train.box_name_readout_weight (on train.attention_supervision_layer): {err}") from None
         self._readout: list[torch.Tensor] = []
         self._readout_accuracy: list[float] = []
         if self.readout is not None and t.box_code_weight > 0:
