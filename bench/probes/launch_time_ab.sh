@@ -3,9 +3,10 @@
 # session 42). The machine's speed varies by 2x from day to day (bench/results/README.md), so a
 # launch's minutes compare only with a launch of the reference recipe on the same machine: this
 # runs each CONFIG's first stage, one after the other on an otherwise idle machine, for WARMUP
-# vision warm-up steps and STEPS LLM steps (its `stages` dropped, nothing saved), and prints the
-# warm-up's seconds per step and the LLM stage's mean samples/s over its logged steps after the
-# 10th (the first ones include start-up). Scale a full launch's phases by the ratios.
+# vision warm-up steps and STEPS LLM steps (its `stages` dropped, no export; the trainer's final
+# checkpoint, written after the last timed step, is deleted), and prints the warm-up's seconds per
+# step and the LLM stage's mean samples/s over its logged steps after the 10th (the first ones
+# include start-up). Scale a full launch's phases by the ratios.
 #
 #   bash bench/probes/launch_time_ab.sh WARMUP STEPS CONFIG [CONFIG ...]
 #   e.g. bash bench/probes/launch_time_ab.sh 100 40 train/configs/embedded.yaml bench/probes/configs/embedded_b2.yaml
@@ -16,6 +17,7 @@ mkdir -p logs
 for config in "$@"; do
     name=time_ab_$(basename "$config" .yaml)
     one_stage=$(mktemp --suffix=.yaml)
+    trap 'rm -f "$one_stage"' EXIT
     python3 -c 'import sys, yaml; c = yaml.safe_load(open(sys.argv[1])); c.pop("stages", None); yaml.safe_dump(c, open(sys.argv[2], "w"))' \
         "$config" "$one_stage"
     rm -rf "checkpoints/$name"
@@ -32,4 +34,5 @@ rates = [r["samples_per_s"] for r in rows if r["step"] > 10]
 print(f"{config:48s} warm-up {int(done[2]) / int(done[1]):.3f} s/step  LLM {sum(rates) / len(rates):6.2f} samples/s "
       f"({', '.join(f'{x:.2f}' for x in rates)})")
 PY
+    rm -rf "checkpoints/$name/checkpoints"
 done
