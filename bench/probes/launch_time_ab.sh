@@ -11,6 +11,7 @@
 #   bash bench/probes/launch_time_ab.sh WARMUP STEPS CONFIG [CONFIG ...]
 #   e.g. bash bench/probes/launch_time_ab.sh 100 40 train/configs/embedded.yaml bench/probes/configs/embedded_b2.yaml
 set -euo pipefail
+[ $# -ge 3 ] || { echo "usage: bash bench/probes/launch_time_ab.sh WARMUP STEPS CONFIG [CONFIG ...]" >&2; exit 2; }
 warmup=$1; steps=$2; shift 2
 export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 PYTHONSAFEPATH=1
 mkdir -p logs
