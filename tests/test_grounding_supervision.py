@@ -822,7 +822,7 @@ def test_box_name_readout_reads_each_box_name_at_its_number_positions():
     cfg.train.dense_loss_weight, cfg.train.box_name_readout_weight = 0.0, 0.5
     cfg.train.attention_supervision_weight = 0.0  # the readout alone (its layer: the box heads', 1)
     aux = SyntheticWorldSupervision(model, tokenizer, cfg)
-    readout = aux.box_name_readout
+    readout = aux.name_readouts["box_name"][0]
     found = readout.queries(ids[0], labels[0])
     tokens = lambda positions: tokenizer.convert_ids_to_tokens(ids[0, list(positions)].tolist())
     assert [tokens([j + 1])[0] for j, _, _ in found] == ["10", "20", "30", "40"]
@@ -858,3 +858,32 @@ def test_box_name_readout_reads_each_box_name_at_its_number_positions():
     cfg.train.attention_supervision_layer, cfg.data.scene_records = 1, None
     with pytest.raises(TrainConfigError, match="box_name_readout_weight"):
         cfg.validate()
+
+
+def test_answer_name_readout_reads_each_answer_name_where_its_words_are_written():
+    # train.answer_name_readout_weight: at the two positions that write an answer's colour and shape
+    # words, the box heads' layer input reads the whole name (BoxNameReadout's loss); a colour word
+    # alone ("red."), a name in the question and the box readout's positions are not read.
+    from ferret.training.dense_supervision import DenseVocabulary, NameDirections
+    from ferret.training.synthetic_world import SyntheticWorldSupervision
+
+    tokenizer, model, (ids, labels, batch), cfg = _name_layer_setup(
+        ("Is there a blue star? What is the object <bbox_location0>?", "A pink cross, red."), boxes=0)
+    cfg.train.dense_loss_weight, cfg.train.answer_name_readout_weight = 0.0, 2.0
+    cfg.train.attention_supervision_weight = 0.0
+    aux = SyntheticWorldSupervision(model, tokenizer, cfg)
+    assert list(aux.name_readouts) == ["answer_name"]
+    readout = aux.name_readouts["answer_name"][0]
+    found = readout.queries(ids[0], labels[0])
+    assert tokenizer.convert_ids_to_tokens([int(ids[0, j + 1]) for j, _, _ in found]) == ["\u2581pink", "\u2581cross"]
+    colours, shapes = NameDirections.token_ids(tokenizer, DenseVocabulary.synthetic())
+    assert {(c, s) for _, c, s in found} == {(1 + colours.index(tokenizer.convert_tokens_to_ids("\u2581pink")),
+                                             1 + shapes.index(tokenizer.convert_tokens_to_ids("\u2581cross")))}
+    out = model(input_ids=ids, images=torch.randn(1, 3, 48, 48), labels=labels)
+    total = aux.add_losses(out.loss, batch, out, torch.device("cpu"), 0)
+    total.backward()
+    assert model.model.layers[0].mlp.down_proj.weight.grad.abs().sum() > 0  # the layers below learn
+    metrics = aux.step_metrics(1, torch.device("cpu"))
+    assert total.item() - out.loss.item() == pytest.approx(2.0 * metrics["answer_name_readout_loss"], rel=1e-4)
+    assert metrics["answer_name_readout_loss"] > 0 and 0.0 <= metrics["answer_name_read"] <= 1.0
+    assert "box_name_readout_loss" not in metrics

@@ -196,6 +196,9 @@ class TrainSection:
     # and shape read from the input of the box heads' layer, attention_supervision_layer, at the
     # positions that write its numbers): the name there without choosing the head that brings it.
     box_name_readout_weight: float = 0.0
+    # > 0: add this times ferret.training.grounding.AnswerNameReadout's loss: the same readout at the
+    # two positions that write each colour-and-shape name of the answers.
+    answer_name_readout_weight: float = 0.0
     box_code_weight: float = 0.0
     box_code_sigma: float = 6.0
     # > 0 (needs a tokenizer with one token per number 0-999): add this times a cross-entropy
@@ -384,10 +387,11 @@ class TrainConfig:
             if not t.name_supervision_copy:
                 raise TrainConfigError("train.name_supervision_copy_steps: limits the copy supervision, which is "
                                        "off; set train.name_supervision_copy=true or leave the steps unset")
-        _non_negative("train.box_name_readout_weight", t.box_name_readout_weight)
-        if t.box_name_readout_weight > 0 and not d.scene_records:
-            raise TrainConfigError("data.scene_records: train.box_name_readout_weight > 0 reads the answer boxes "
-                                   "of batches with scene targets; set data.scene_records")
+        for key in ("box_name_readout_weight", "answer_name_readout_weight"):
+            _non_negative(f"train.{key}", getattr(t, key))
+            if getattr(t, key) > 0 and not d.scene_records:
+                raise TrainConfigError(f"data.scene_records: train.{key} > 0 reads the answers of batches "
+                                       "with scene targets; set data.scene_records")
         _non_negative("train.box_code_weight", t.box_code_weight)
         _positive("train.box_code_sigma", t.box_code_sigma)
         if t.box_code_weight > 0 and t.dense_loss_weight <= 0:

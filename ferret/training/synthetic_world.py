@@ -179,16 +179,20 @@ class SyntheticWorldSupervision:
         self.readout = DenseReadout(model, tokenizer) if t.dense_loss_weight > 0 else None
         self.attention, self.number_ids = grounding_supervision(model, tokenizer, cfg)
         self.box_name_reads = [head for head in self.attention if head.name_boxes]
-        self.box_name_readout = None
-        if t.box_name_readout_weight > 0:
-            from ferret.training.grounding import BoxNameReadout
+        from ferret.training.grounding import AnswerNameReadout, BoxNameReadout
 
-            try:
-                self.box_name_readout = BoxNameReadout(model, tokenizer, t.attention_supervision_layer)
-            except ValueError as err:
-                raise TrainConfigError(f"train.box_name_readout_weight (on train.attention_supervision_layer): {err}") from None
-        self._readout: list[torch.Tensor] = []
-        self._readout_accuracy: list[float] = []
+        # name readouts on the box heads' layer: metric prefix -> (readout, weight)
+        self.name_readouts = {}
+        for prefix, kind in (("box_name", BoxNameReadout), ("answer_name", AnswerNameReadout)):
+            weight = getattr(t, f"{prefix}_readout_weight")
+            if weight > 0:
+                try:
+                    self.name_readouts[prefix] = (kind(model, tokenizer, t.attention_supervision_layer), weight)
+                except ValueError as err:
+                    raise TrainConfigError(f"train.{prefix}_readout_weight (on train.attention_supervision_layer): "
+                                           f"{err}") from None
+        self._readout = {prefix: [] for prefix in self.name_readouts}
+        self._readout_accuracy = {prefix: [] for prefix in self.name_readouts}
         if self.readout is not None and t.box_code_weight > 0:
             self.readout.box_code = (self.number_ids, t.box_code_weight, t.box_code_sigma)
         self._dense: list[torch.Tensor] = []
@@ -230,11 +234,11 @@ class SyntheticWorldSupervision:
             self._attention.append(attend.detach().float())
             self._masses.append(self.attention[0].last_mass)  # the box heads'
             self._head_masses.append(self.attention[0].last_head_mass)
-        if self.box_name_readout is not None:
-            named = self.box_name_readout.loss(batch) if "answer_cells" in batch else loss.new_zeros(())
-            loss = loss + t.box_name_readout_weight * named
-            self._readout.append(named.detach().float())
-            self._readout_accuracy.append(self.box_name_readout.last_accuracy)
+        for prefix, (readout, weight) in self.name_readouts.items():
+            named = readout.loss(batch) if "answer_cells" in batch else loss.new_zeros(())
+            loss = loss + weight * named
+            self._readout[prefix].append(named.detach().float())
+            self._readout_accuracy[prefix].append(readout.last_accuracy)
         if self.number_ids is not None and t.number_smoothing_weight > 0:
             from ferret.training.grounding import number_smoothing_loss, spliced_labels
 
@@ -261,12 +265,12 @@ class SyntheticWorldSupervision:
             if len(heads) > 1:
                 for h in heads:
                     record[f"attention_mass_head{h}"] = float(np.mean([m[h] for m in self._head_masses if h in m]))
-        if self.box_name_readout is not None:
-            record["box_name_readout_loss"] = torch.stack(self._readout).mean().item()
-            read = [a for a in self._readout_accuracy if a == a]  # nan: a batch without named boxes
-            record["box_name_read"] = float(np.mean(read)) if read else float("nan")
+        for prefix in self.name_readouts:
+            record[f"{prefix}_readout_loss"] = torch.stack(self._readout[prefix]).mean().item()
+            read = [a for a in self._readout_accuracy[prefix] if a == a]  # nan: a batch with nothing to read
+            record[f"{prefix}_read"] = float(np.mean(read)) if read else float("nan")
+            self._readout[prefix], self._readout_accuracy[prefix] = [], []
         self._dense, self._attention, self._masses, self._head_masses = [], [], [], []
-        self._readout, self._readout_accuracy = [], []
         return record
 
     @staticmethod
