@@ -863,7 +863,7 @@ def test_box_name_readout_reads_each_box_name_at_its_number_positions():
 def test_answer_name_readout_reads_each_answer_name_where_its_words_are_written():
     # train.answer_name_readout_weight: at the two positions that write an answer's colour and shape
     # words, the box heads' layer input reads the whole name (BoxNameReadout's loss); a colour word
-    # alone ("red."), a name in the question and the box readout's positions are not read.
+    # alone ("red.") and a name in the question are not read.
     from ferret.training.dense_supervision import DenseVocabulary, NameDirections
     from ferret.training.synthetic_world import SyntheticWorldSupervision
 

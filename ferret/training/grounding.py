@@ -334,20 +334,15 @@ class AttentionSupervision:
         return total / max(count, 1)
 
 
-class BoxNameReadout:
-    """Cross-entropy of each answer box's colour and shape, read from the input of one decoder layer
-    (the coordinate heads' layer, after its input norm: what their queries are made of) at the
-    positions that write the box's numbers, on the names' word-embedding directions
-    (ferret.training.dense_supervision.class_logits). It asks the layers below to bring the box's
-    name to those positions without saying which head does it: a draw whose x1 position read the
-    shape word alone matched same-shape objects (session 30), and pushing a chosen head to read
-    the name there (`name_boxes`) cost the yes/no answers their head. Captured by a forward
-    pre-hook, like AttentionSupervision; the exported model carries nothing of it."""
+class NameReadout:
+    """Cross-entropy of an object's colour and shape, read from the input of one decoder layer (after
+    its input norm) at the text positions `queries` picks, on the names' word-embedding directions
+    (ferret.training.dense_supervision.class_logits). Captured by a forward pre-hook, like
+    AttentionSupervision; training only, the exported model carries nothing of it."""
 
-    what = "box name readout"
+    what = "name readout"
 
     def __init__(self, model, tokenizer, layer: int):
-        from ferret.data.synthetic_tokenizer import digit_token_ids, number_token_ids
         from ferret.training.dense_supervision import DenseVocabulary, NameDirections
 
         base = unwrap(model)
@@ -359,11 +354,6 @@ class BoxNameReadout:
         # class 0 is class_logits' background; a name word's class is 1 + its index
         self.colour_class = {i: k + 1 for k, i in enumerate(self.token_ids[0])}
         self.shape_class = {i: k + 1 for k, i in enumerate(self.token_ids[1])}
-        numbers = number_token_ids(tokenizer) or digit_token_ids(tokenizer)
-        if numbers is None:
-            raise ValueError(f"{self.what}: needs one token per number 0-999 or per digit")
-        self.number_ids = set(numbers)
-        self.open_ids, self.close_ids = bracket_token_ids(tokenizer)
         self.num_image_tokens = base.get_vision_tower().num_patches
         self.captured: torch.Tensor | None = None
         layers[layer].self_attn.register_forward_pre_hook(self._capture, with_kwargs=True)
@@ -373,19 +363,8 @@ class BoxNameReadout:
         self.captured = kwargs.get("hidden_states", args[0] if args else None)
 
     def queries(self, input_ids: torch.Tensor, labels: torch.Tensor) -> list[tuple[int, int, int]]:
-        """(text position, colour class, shape class) for each position that writes a number of a
-        box whose "[" follows its object's colour and shape words."""
-        out = []
-        for start, end in answer_box_spans(input_ids, labels, self.open_ids, self.close_ids):
-            if start < 2:
-                continue
-            colour = self.colour_class.get(int(input_ids[start - 2]))
-            shape = self.shape_class.get(int(input_ids[start - 1]))
-            if colour is None or shape is None:
-                continue
-            for run in number_runs(input_ids, (start, end), self.number_ids)[:BOX_COORDINATES]:
-                out += [(j, colour, shape) for j in run]
-        return out
+        """(text position, colour class, shape class) to read in one sample."""
+        raise NotImplementedError
 
     def loss(self, batch: dict) -> torch.Tensor:
         from ferret.training.dense_supervision import NameDirections, class_logits
@@ -414,8 +393,43 @@ class BoxNameReadout:
         return F.cross_entropy(colour_logits, colour) + F.cross_entropy(shape_logits, shape)
 
 
-class AnswerNameReadout(BoxNameReadout):
-    """BoxNameReadout's cross-entropy at the two positions that write each colour-and-shape name of
+class BoxNameReadout(NameReadout):
+    """The name readout at the positions that write each answer box's numbers, on the coordinate
+    heads' layer (what their queries are made of). It asks the layers below to bring the box's
+    name to those positions without saying which head does it: a draw whose x1 position read the
+    shape word alone matched same-shape objects (session 30), and pushing a chosen head to read
+    the name there (`name_boxes`) cost the yes/no answers their head."""
+
+    what = "box name readout"
+
+    def __init__(self, model, tokenizer, layer: int):
+        from ferret.data.synthetic_tokenizer import digit_token_ids, number_token_ids
+
+        super().__init__(model, tokenizer, layer)
+        numbers = number_token_ids(tokenizer) or digit_token_ids(tokenizer)
+        if numbers is None:
+            raise ValueError(f"{self.what}: needs one token per number 0-999 or per digit")
+        self.number_ids = set(numbers)
+        self.open_ids, self.close_ids = bracket_token_ids(tokenizer)
+
+    def queries(self, input_ids: torch.Tensor, labels: torch.Tensor) -> list[tuple[int, int, int]]:
+        """(text position, colour class, shape class) for each position that writes a number of a
+        box whose "[" follows its object's colour and shape words."""
+        out = []
+        for start, end in answer_box_spans(input_ids, labels, self.open_ids, self.close_ids):
+            if start < 2:
+                continue
+            colour = self.colour_class.get(int(input_ids[start - 2]))
+            shape = self.shape_class.get(int(input_ids[start - 1]))
+            if colour is None or shape is None:
+                continue
+            for run in number_runs(input_ids, (start, end), self.number_ids)[:BOX_COORDINATES]:
+                out += [(j, colour, shape) for j in run]
+        return out
+
+
+class AnswerNameReadout(NameReadout):
+    """The name readout at the two positions that write each colour-and-shape name of
     the answers ("A yellow cross.", "An orange star.", "The green square [..]"): the input of the
     same layer reads the whole name there, the shape already where the colour word is written.
     Why: most wrong names are wrong shapes, decided in the decoder's third layer and never
