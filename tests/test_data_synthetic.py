@@ -443,6 +443,30 @@ def test_colour_negative_share_asks_for_present_colours_with_absent_shapes(tmp_p
             synthetic.main(["--out", str(tmp_path / "bad"), "--n", "5", "--colour-negative-share", bad])
 
 
+def _colour_twin_share(config: SyntheticConfig, scenes: int = 80) -> float:
+    """Share of the objects whose scene has another object of the same colour."""
+    twins = total = 0
+    for scene_id in range(scenes):
+        colours = [obj.color for obj in render_scene(scene_id, seed=0, config=config).objects]
+        twins += sum(colours.count(c) > 1 for c in colours)
+        total += len(colours)
+    return twins / total
+
+
+def test_colour_repeat_share_gives_objects_colour_twins_and_keeps_names_unique(tmp_path):
+    default, repeated = _colour_twin_share(SyntheticConfig()), _colour_twin_share(SyntheticConfig(colour_repeat_share=0.8))
+    assert default < 0.3 and repeated > default + 0.25
+    for scene_id in range(20):
+        names = [obj.name for obj in render_scene(scene_id, seed=0, config=SyntheticConfig(colour_repeat_share=1.0)).objects]
+        assert len(names) == len(set(names))
+    # off (None or 0) draws the default world scene for scene
+    for config in (SyntheticConfig(colour_repeat_share=None), SyntheticConfig(colour_repeat_share=0.0)):
+        assert _scene_digest(render_scene(5, seed=0, config=config)) == _scene_digest(render_scene(5, seed=0))
+    for bad in ("-0.1", "1.5"):
+        with pytest.raises(SystemExit):
+            synthetic.main(["--out", str(tmp_path / "bad"), "--n", "5", "--colour-repeat-share", bad])
+
+
 def test_pixel_noise_flag_noises_the_pixels_and_keeps_the_objects(tmp_path):
     args = ["--n", "6", "--seed", "3", "--workers", "1"]
     synthetic.main(["--out", str(tmp_path / "clean"), *args])

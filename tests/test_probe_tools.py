@@ -185,6 +185,16 @@ def test_naming_errors_sorts_each_wrong_name_by_size_shape_and_kind():
     assert tool.neighbour_kind("red star", {**ring, "box": [100, 100, 120, 120]}, [star]) == \
         "another object's name, outside the box"
     assert tool.neighbour_kind("red cross", ring, [star]) == "a name not in the scene, another object in the box"
+    # no object above shares its colour with another of its scene; two red objects in one scene do
+    assert box["objects"]["colour twin no"] == 3 and "colour twin yes" not in box["objects"]
+    twins = [{"image": "images/t.png", "width": 144, "height": 144, "objects": [
+        {**scenes[0]["objects"][0], "box": [0, 0, 20, 20]}, {**scenes[1]["objects"][0], "box": [100, 100, 124, 124]},
+        {**scenes[0]["objects"][1], "box": [40, 40, 80, 80]}]}]
+    twin_box = tool.breakdown({"accuracy": checks["accuracy"], "wrong": [
+        {"check": "refer_box", "image": "t.png", "expected": "red star", "answer": "A red cross."}]}, twins)["refer_box"]
+    assert twin_box["objects"]["colour twin yes"] == 2 and twin_box["error_rate"]["colour twin yes"] == 0.5
+    assert twin_box["error_rate"]["colour twin no"] == 0.0
+    assert twin_box["neighbours"] == {"another object's name, outside the box": 1}
     checks["wrong"].append({"check": "refer_box", "image": "s9.png", "expected": "red star", "answer": "No."})
     with pytest.raises(ValueError, match="wrong --scenes"):
         tool.breakdown(checks, scenes)

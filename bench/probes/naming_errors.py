@@ -28,7 +28,9 @@ SQUASH_BINS = (1.25, 1.5, 1.75)
 # Small objects of squashed canvases (radius < 9 px in the input, squash >= 1.5) are thin there:
 # session 34 found the out-of-generator box errors concentrated on them.
 THIN_SQUASH, THIN_RADIUS_PX = 1.5, 9
-AXES = ("size", "shape", "input radius", "squash", "thin")  # what each error rate is split by
+# Whether another object of the scene has the asked object's colour: such objects are named wrong
+# twice as often, mostly with the twin's shape or a shape the scene lacks (session 44).
+AXES = ("size", "shape", "input radius", "squash", "thin", "colour twin")  # what each error rate is split by
 # Another object counts as "in" the asked object's box when this share of its own box or more lies
 # inside it: does a wrong name come from a crowded box (the sampler pools the whole box) or from a
 # misread of the object alone? (session 36)
@@ -98,7 +100,8 @@ def breakdown(checks: dict, scenes: list[dict], input_size: int = INPUT_SIZE) ->
     objects = {(Path(s["image"]).name, o["name"]):
                {**o, "input radius": input_radius_bin(o["box"], s["width"], s["height"], input_size),
                 "squash": squash_bin(s["width"], s["height"]),
-                "thin": thin_bin(o["box"], s["width"], s["height"], input_size)}
+                "thin": thin_bin(o["box"], s["width"], s["height"], input_size),
+                "colour twin": "yes" if sum(p["color"] == o["color"] for p in s["objects"]) > 1 else "no"}
                for s in scenes for o in s["objects"]}
     totals = Counter()
     for obj in objects.values():
