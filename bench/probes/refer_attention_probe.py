@@ -16,7 +16,10 @@ region embedding: `shape_sources` counts the objects by which of the three read 
 `shape_by_layer` reads the shape off the residual at the shape-writing position after each decoder
 layer (final norm, LM head, the six shape words only), for all objects and for those the LLM gets
 wrong while tokens and region are both right. A head taught to copy a name word from the question
-has none to find here; where its attention goes instead is what it brings to the naming. Validation only.
+has none to find here; where its attention goes instead is what it brings to the naming. Since
+session 44, `colour_twins` repeats the shape's numbers for the objects whose scene has another object
+of their colour (named wrong twice as often), with the heads' mass on those twins' cells ("twin")
+beside the object's own: does a wrong shape come from reading the twin? Validation only.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-PARTS = ("bos", "image", "region_feature", "question", "answer", "object")
+PARTS = ("bos", "image", "region_feature", "question", "answer", "object", "twin")
 
 
 def main(argv=None) -> dict:
@@ -57,6 +60,8 @@ def main(argv=None) -> dict:
     directions = NameDirections.from_embeddings(model.get_input_embeddings().weight,
                                                 NameDirections.token_ids(chat.tokenizer, vocabulary))
     sources: dict[str, int] = {}  # "llm/tokens/region" right (1) or wrong (0) -> objects
+    twin_sources: dict[str, int] = {}  # the same, objects with a colour twin only
+    has_twin: list[bool] = []  # per object
     shape_ids = NameDirections.token_ids(chat.tokenizer, vocabulary)[1]
     shape_rows = model.get_output_embeddings().weight[torch.tensor(shape_ids)]
     by_layer: dict[str, list[list[int]]] = {"all": [], "llm_wrong_sources_right": []}
@@ -66,6 +71,12 @@ def main(argv=None) -> dict:
         picture = load_image(str(data / scene["image"]))
         for index, obj in enumerate(scene["objects"]):
             object_cells = cells._cells_of(int(scene["scene_id"]), index)
+            twin_cells = torch.zeros_like(object_cells)
+            for other_index, other in enumerate(scene["objects"]):
+                if other_index != index and other["color"] == obj["color"]:
+                    twin_cells |= cells._cells_of(int(scene["scene_id"]), other_index)
+            twin_cells &= ~object_cells
+            has_twin.append(any(o["color"] == obj["color"] for k, o in enumerate(scene["objects"]) if k != index))
             box = Box(*obj["box"])
             question = build_question("What is the object <region>?", [box], *picture.size)
             article = "An" if obj["color"][0] in "aeiou" else "A"  # "An orange star." as the world writes it
@@ -101,6 +112,8 @@ def main(argv=None) -> dict:
                 if kind == "shape":
                     key = f"{int(right[kind][-1])}/{int(token_right)}/{int(region_right)}"
                     sources[key] = sources.get(key, 0) + 1
+                    if has_twin[-1]:
+                        twin_sources[key] = twin_sources.get(key, 0) + 1
                     at = to_spliced(word_at - 1)
                     lens = [int(shape_ids[int((model.model.norm(h[0, at]) @ shape_rows.T).argmax())] == int(ids[word_at]))
                             for h in out.hidden_states[1:-1]] + [int(right[kind][-1])]
@@ -113,7 +126,8 @@ def main(argv=None) -> dict:
                 bos = row[:, 0]
                 question_mass = row.sum(-1) - image - region - answer_mass - bos
                 on_object = row[:, start:start + n_image][:, object_cells].sum(-1)
-                masses[kind].append(torch.stack([bos, image, region, question_mass, answer_mass, on_object]))
+                on_twin = row[:, start:start + n_image][:, twin_cells].sum(-1)
+                masses[kind].append(torch.stack([bos, image, region, question_mass, answer_mass, on_object, on_twin]))
     result = {"model": args.model_path, "layer": args.layer, "scenes": len(scenes),
               "objects": len(masses["colour"])}
     for kind, rows in masses.items():
@@ -129,6 +143,17 @@ def main(argv=None) -> dict:
                 result[kind][label] = {"objects": int(chosen.sum()),
                                        **{part: [round(float(v), 3) for v in part_mean[k]] for k, part in enumerate(PARTS)}}
     result["shape_sources"] = {"key": "llm/tokens/region, 1 = right", **dict(sorted(sources.items()))}
+    twins = torch.tensor(has_twin)
+    ok = torch.tensor(right["shape"])
+    result["colour_twins"] = {"objects": int(twins.sum()), "shape_right": round(float(ok[twins].float().mean()), 4)
+                              if bool(twins.any()) else None,
+                              "shape_sources": dict(sorted(twin_sources.items()))}
+    for label, chosen in (("when_right", twins & ok), ("when_wrong", twins & ~ok)):
+        if bool(chosen.any()):
+            part_mean = torch.stack(masses["shape"])[chosen].mean(0)
+            result["colour_twins"][label] = {"objects": int(chosen.sum()),
+                                             **{part: [round(float(v), 3) for v in part_mean[k]]
+                                                for k, part in enumerate(PARTS)}}
     result["shape_by_layer"] = {name: [round(float(v), 3) for v in torch.tensor(rows, dtype=torch.float).mean(0)]
                                 for name, rows in by_layer.items() if rows}
     print(json.dumps(result, indent=1))
