@@ -239,6 +239,11 @@ def test_region_object_targets_pick_the_most_overlapped_object():
     out = region_object_targets(record, [box, background, point_on_red], VOCAB)
     assert out["region_color"].tolist() == [2, 0, 1]
     assert out["region_shape"].tolist() == [2, 0, 1]
+    # the blue square's box x 4..7, y 4..7 of an 8 x 8 image on the 0-999 grid; none for the background
+    from ferret.regions import pixel_to_grid
+    blue = [pixel_to_grid(4, 8), pixel_to_grid(4, 8), pixel_to_grid(7, 8), pixel_to_grid(7, 8)]
+    assert out["region_box"].tolist() == [blue, [0, 0, 0, 0], [pixel_to_grid(0, 8), 0, pixel_to_grid(3, 8), pixel_to_grid(3, 8)]]
+    assert region_object_targets(record, [], VOCAB)["region_box"].shape == (0, 4)
     assert region_object_targets(record, [], VOCAB)["region_color"].shape == (0,)
     with pytest.raises(ValueError, match="not the image's"):
         region_object_targets(record, [torch.zeros(4, 8, dtype=torch.bool)], VOCAB)

@@ -785,6 +785,63 @@ def test_warm_up_region_readout_trains_the_sampler_but_not_the_tower(tmp_path):
     assert sampler_grads and any(float(g.abs().sum()) > 0 for g in sampler_grads)
 
 
+def test_region_box_code_reads_each_regions_object_box_off_its_embedding():
+    # train.region_box_code_weight: the image tokens' box code also on each referred region's
+    # embedding, for the object it overlaps most; a region on the background has no box to read.
+    from transformers import AutoTokenizer
+
+    from ferret.data.synthetic_tokenizer import number_token_ids
+    from ferret.training.grounding import box_code_loss
+    from ferret.training.synthetic_world import DenseReadout
+
+    tokenizer = AutoTokenizer.from_pretrained("ferret/assets/model")  # one token per number 0-999
+    model = conv_model(tokenizer, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=4,
+                       region_geo_sampler=True, sampler_num_init_point=32, sampler_num_sub_point=[16, 8],
+                       sampler_num_neighbor=[4, 4])
+    readout = DenseReadout(model, tokenizer)
+    ids = torch.tensor(number_token_ids(tokenizer))
+    readout.box_code = (ids, 0.25, 6.0)
+    cells = model.get_vision_tower().num_patches
+    tokens = torch.randn(1, cells, 64)
+    regions = torch.randn(2, 64, requires_grad=True)
+    batch = {"patch_color": torch.zeros(1, cells, dtype=torch.long), "patch_shape": torch.zeros(1, cells, dtype=torch.long),
+             "patch_box": torch.zeros(1, cells, 4, dtype=torch.long),
+             "region_color": [torch.tensor([3, 0])], "region_shape": [torch.tensor([2, 0])],
+             "region_box": [torch.tensor([[100, 200, 300, 400], [0, 0, 0, 0]])]}
+
+    def loss(weight):
+        readout.region_box_code_weight = weight
+        readout.tokens, readout.regions = tokens, [regions]
+        return readout.loss(batch, torch.device("cpu"))
+
+    rows = model.get_output_embeddings().weight[ids]
+    expected = box_code_loss(regions[:1].unsqueeze(0), torch.tensor([[[100, 200, 300, 400]]]),
+                             torch.tensor([[True]]), rows, 6.0)
+    torch.testing.assert_close(loss(2.0) - loss(0.0), 2.0 * expected, rtol=1e-4, atol=1e-5)
+    regions.grad = None
+    loss(2.0).backward()
+    assert regions.grad[0].abs().sum() > 0
+    base = regions.grad.clone()
+    regions.grad = None
+    loss(0.0).backward()
+    assert torch.allclose(regions.grad[1], base[1])  # the background region: the box code adds nothing
+
+
+def test_region_box_code_needs_the_box_code():
+    from ferret.training.config import TrainConfig, TrainConfigError
+
+    cfg = TrainConfig()
+    cfg.model.tiny, cfg.data.data_path, cfg.data.scene_records = True, ["train.json"], "scenes_train.json"
+    cfg.train.dense_loss_weight, cfg.train.region_box_code_weight = 1.0, 0.5
+    with pytest.raises(TrainConfigError, match="region_box_code_weight.*box_code_weight"):
+        cfg.validate()
+    cfg.train.box_code_weight = 0.25
+    cfg.validate()
+    cfg.train.region_box_code_weight = -1.0
+    with pytest.raises(TrainConfigError, match="region_box_code_weight"):
+        cfg.validate()
+
+
 def test_answer_box_cells_are_the_best_overlapping_objects_cells():
     # The attention targets: each answer box's object (the one whose box overlaps it most), its
     # cells covered >= min_cover, else its single most covered cell; cached per object.

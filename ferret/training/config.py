@@ -201,6 +201,11 @@ class TrainSection:
     answer_name_readout_weight: float = 0.0
     box_code_weight: float = 0.0
     box_code_sigma: float = 6.0
+    # > 0 (with box_code_weight > 0): the same box code, at this weight, on each referred region's
+    # embedding for the object it overlaps most (LLM stage). Why: a referring answer finds its object
+    # among the image tokens by colour, and an object with a colour twin is named wrong twice as
+    # often; the region embedding said what its object is, never where (session 44).
+    region_box_code_weight: float = 0.0
     # > 0 (needs a tokenizer with one token per number 0-999): add this times a cross-entropy
     # against a Gaussian of std number_smoothing_sigma grid units around each number label.
     number_smoothing_weight: float = 0.0
@@ -394,6 +399,10 @@ class TrainConfig:
                                        "with scene targets; set data.scene_records")
         _non_negative("train.box_code_weight", t.box_code_weight)
         _positive("train.box_code_sigma", t.box_code_sigma)
+        _non_negative("train.region_box_code_weight", t.region_box_code_weight)
+        if t.region_box_code_weight > 0 and t.box_code_weight <= 0:
+            raise TrainConfigError("train.region_box_code_weight: the region's box code is read by the image tokens' "
+                                   "number rows; set train.box_code_weight > 0")
         if t.box_code_weight > 0 and t.dense_loss_weight <= 0:
             raise TrainConfigError("train.box_code_weight: the box code is part of the dense readout; set "
                                    "train.dense_loss_weight > 0 (and data.scene_records)")

@@ -241,21 +241,24 @@ class ScenePatchTargets:
         return None
 
     def region_targets(self, scene_id, region_masks: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
-        """region_color / region_shape [R] of the referred regions ((W, H) bool masks)."""
+        """region_color / region_shape [R] and region_box [R, 4] of the referred regions ((W, H) bool masks)."""
         return region_object_targets(self.records[int(scene_id)], region_masks, self.vocabulary)
 
 
 def region_object_targets(record: Mapping, region_masks: Sequence[torch.Tensor],
                           vocabulary: DenseVocabulary) -> dict[str, torch.Tensor]:
     """Colour and shape class [R] of the object each (W, H) region mask overlaps most (0 when it
-    overlaps none: a region on the background)."""
+    overlaps none: a region on the background), and its box [R, 4] on the 0-999 grid (the box
+    code's target; zeros on the background)."""
     from ferret.data.rle import decode_rle
+    from ferret.regions import pixel_to_grid
 
     width, height = int(record["width"]), int(record["height"])
     color = torch.zeros(len(region_masks), dtype=torch.long)
     shape = torch.zeros(len(region_masks), dtype=torch.long)
+    box = torch.zeros(len(region_masks), 4, dtype=torch.long)
     if not region_masks:
-        return {"region_color": color, "region_shape": shape}
+        return {"region_color": color, "region_shape": shape, "region_box": box}
     objects = torch.stack([torch.from_numpy(decode_rle(o["mask"], (height, width)).T.copy())
                            for o in record["objects"]])  # [K, W, H] like the region masks
     for r, mask in enumerate(region_masks):
@@ -268,7 +271,10 @@ def region_object_targets(record: Mapping, region_masks: Sequence[torch.Tensor],
         obj = record["objects"][int(overlap.argmax())]
         color[r] = vocabulary.colors.index(obj["color"]) + 1
         shape[r] = vocabulary.shapes.index(obj["shape"]) + 1
-    return {"region_color": color, "region_shape": shape}
+        x1, y1, x2, y2 = obj["box"]
+        box[r] = torch.tensor([pixel_to_grid(x1, width), pixel_to_grid(y1, height),
+                               pixel_to_grid(x2, width), pixel_to_grid(y2, height)])
+    return {"region_color": color, "region_shape": shape, "region_box": box}
 
 
 def dense_readout_loss(image_tokens: torch.Tensor, patch_color: torch.Tensor, patch_shape: torch.Tensor,

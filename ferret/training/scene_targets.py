@@ -5,7 +5,7 @@ records (`data.scene_records`), `SceneTargetDataset` adds to each item whose sam
 `scene_id` the targets of the auxiliary losses (ferret.training.synthetic_world):
 
 * patch_color / patch_shape [N] and patch_box [N, 4]: the dense readout's per-patch targets;
-* region_color / region_shape [R]: the object each referred region overlaps most;
+* region_color / region_shape [R], region_box [R, 4]: the object each referred region overlaps most;
 * answer_cells [boxes, N]: the cells of the object each answer box belongs to;
 * presence_cells [assistant turns, 1 + N]: the "Is there a X?" answers' attention targets.
 
@@ -25,7 +25,7 @@ from ferret.data.grit import PLACEHOLDER_RE
 from ferret.training.dense_supervision import ScenePatchTargets
 
 STACKED_KEYS = ("patch_color", "patch_shape", "patch_box")  # same shape in every item: a tensor
-PER_ITEM_KEYS = ("region_color", "region_shape", "answer_cells", "presence_cells")  # a list, like region_masks
+PER_ITEM_KEYS = ("region_color", "region_shape", "region_box", "answer_cells", "presence_cells")  # a list, like region_masks
 PRESENCE_RE = re.compile(r"Is there an? (.+?) in the image\?")
 
 

@@ -55,6 +55,7 @@ class DenseReadout:
         self.regions: list | None = None
         self.lm_head = base.get_output_embeddings()
         self.box_code: tuple[torch.Tensor, float, float] | None = None  # (number ids, weight, sigma)
+        self.region_box_code_weight = 0.0  # x the box code's loss on the region embeddings
         base.model.mm_projector.register_forward_hook(self._capture_tokens)
         if base.model.region_module is not None:
             base.model.region_module.register_forward_hook(self._capture_regions)
@@ -96,6 +97,14 @@ class DenseReadout:
                 color = torch.cat([batch["region_color"][i] for i in rows]).to(device)
                 shape = torch.cat([batch["region_shape"][i] for i in rows]).to(device)
                 loss = loss + class_readout_loss(embeddings, color, shape, self.vocabulary, directions)
+                if self.region_box_code_weight > 0 and self.box_code is not None:
+                    from ferret.training.grounding import box_code_loss
+
+                    ids, _, sigma = self.box_code
+                    box = torch.cat([batch["region_box"][i] for i in rows]).to(device)
+                    loss = loss + self.region_box_code_weight * box_code_loss(
+                        embeddings.unsqueeze(0), box.unsqueeze(0), (color > 0).unsqueeze(0),
+                        self.lm_head.weight[ids.to(self.lm_head.weight.device)], sigma)
         return loss
 
 
@@ -195,6 +204,7 @@ class SyntheticWorldSupervision:
         self._readout_accuracy = {prefix: [] for prefix in self.name_readouts}
         if self.readout is not None and t.box_code_weight > 0:
             self.readout.box_code = (self.number_ids, t.box_code_weight, t.box_code_sigma)
+            self.readout.region_box_code_weight = t.region_box_code_weight
         self._dense: list[torch.Tensor] = []
         self._attention: list[torch.Tensor] = []
         self._masses: list[float] = []
