@@ -313,3 +313,13 @@ def test_grow_decoder_appends_a_silent_layer(tmp_path):
         assert torch.equal(model.eval()(input_ids=ids).logits, grown(input_ids=ids).logits)
         # a generation runs through the cache with the new layer's own index
         grown.generate(input_ids=ids, max_new_tokens=3, do_sample=False)
+
+
+def test_region_position_probe_ridge_reads_a_linear_position_and_r2_scores_it():
+    tool = load_script("region_position_probe")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 8))
+    y = x[:, :2] @ np.array([[0.5, -0.2], [0.1, 0.3]]) + 0.4
+    predicted = tool.ridge_fit_predict(x[:150], y[:150], x[150:], alpha=1e-6)
+    assert np.allclose(predicted, y[150:], atol=1e-4) and tool.r2(predicted, y[150:]) > 0.999
+    assert abs(tool.r2(np.repeat(y[150:].mean(0, keepdims=True), 50, 0), y[150:])) < 1e-9  # the mean explains nothing
