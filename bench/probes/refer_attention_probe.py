@@ -71,12 +71,12 @@ def main(argv=None) -> dict:
         picture = load_image(str(data / scene["image"]))
         for index, obj in enumerate(scene["objects"]):
             object_cells = cells._cells_of(int(scene["scene_id"]), index)
+            twin_indices = [k for k, other in enumerate(scene["objects"]) if k != index and other["color"] == obj["color"]]
             twin_cells = torch.zeros_like(object_cells)
-            for other_index, other in enumerate(scene["objects"]):
-                if other_index != index and other["color"] == obj["color"]:
-                    twin_cells |= cells._cells_of(int(scene["scene_id"]), other_index)
+            for k in twin_indices:
+                twin_cells |= cells._cells_of(int(scene["scene_id"]), k)
             twin_cells &= ~object_cells
-            has_twin.append(any(o["color"] == obj["color"] for k, o in enumerate(scene["objects"]) if k != index))
+            has_twin.append(bool(twin_indices))
             box = Box(*obj["box"])
             question = build_question("What is the object <region>?", [box], *picture.size)
             article = "An" if obj["color"][0] in "aeiou" else "A"  # "An orange star." as the world writes it

@@ -67,13 +67,15 @@ class DenseReadout:
         self.regions = output
 
     def box_code_term(self, tokens: torch.Tensor, patch_box: torch.Tensor, covered: torch.Tensor,
-                      number_rows: torch.Tensor | None = None) -> torch.Tensor:
-        """weight x ferret.training.grounding.box_code_loss (0 without a box code)."""
+                      number_rows: torch.Tensor | None = None, weight: float | None = None) -> torch.Tensor:
+        """weight (the box code's unless given) x ferret.training.grounding.box_code_loss (0 without a
+        box code)."""
         if self.box_code is None:
             return tokens.new_zeros((), dtype=torch.float32)
         from ferret.training.grounding import box_code_loss
 
-        ids, weight, sigma = self.box_code
+        ids, code_weight, sigma = self.box_code
+        weight = code_weight if weight is None else weight
         rows = number_rows if number_rows is not None else self.lm_head.weight[ids.to(self.lm_head.weight.device)]
         return weight * box_code_loss(tokens, patch_box, covered, rows, sigma)
 
@@ -97,14 +99,10 @@ class DenseReadout:
                 color = torch.cat([batch["region_color"][i] for i in rows]).to(device)
                 shape = torch.cat([batch["region_shape"][i] for i in rows]).to(device)
                 loss = loss + class_readout_loss(embeddings, color, shape, self.vocabulary, directions)
-                if self.region_box_code_weight > 0 and self.box_code is not None:
-                    from ferret.training.grounding import box_code_loss
-
-                    ids, _, sigma = self.box_code
+                if self.region_box_code_weight > 0:
                     box = torch.cat([batch["region_box"][i] for i in rows]).to(device)
-                    loss = loss + self.region_box_code_weight * box_code_loss(
-                        embeddings.unsqueeze(0), box.unsqueeze(0), (color > 0).unsqueeze(0),
-                        self.lm_head.weight[ids.to(self.lm_head.weight.device)], sigma)
+                    loss = loss + self.box_code_term(embeddings.unsqueeze(0), box.unsqueeze(0), (color > 0).unsqueeze(0),
+                                                     weight=self.region_box_code_weight)
         return loss
 
 
