@@ -306,6 +306,19 @@ def test_a_launch_after_its_warm_up_trains_as_a_launch_from_the_warm_ups_export(
         for key in ("loss", "grad_norm", "dense_loss"):
             assert one[step][key] == two[step][key], (step, key, one[step][key], two[step][key])
 
+    # Killed after LLM step 1, before its first save (every 2 steps): the warm-up was saved as
+    # step 0, so `--resume` does not warm up again and lands on the uninterrupted curve.
+    saving = (*world[:-1], "train.save_steps=2", "train.max_steps=3")
+    killed = train(workspace, "warm_killed", *saving, crash=("after_step", 1), expect_ok=False)
+    assert killed.returncode != 0
+    assert (workspace / "warm_killed" / "checkpoints" / "latest").read_text().strip() == "step-00000000"
+    again = train(workspace, "warm_killed", *saving, resume=True)
+    assert "vision warm-up" not in again.stdout and "step-00000000 at step 0" in again.stdout, again.stdout[-2000:]
+    three = curve(workspace / "warm_killed")
+    for step in one:
+        for key in ("loss", "grad_norm", "dense_loss"):
+            assert one[step][key] == three[step][key], (step, key, one[step][key], three[step][key])
+
 
 def test_dense_readout_config_errors_name_the_key(workspace):
     proc = train(workspace, "dense_bad", "train.dense_loss_weight=1.0",

@@ -212,8 +212,7 @@ def setup(cfg: TrainConfig, args: argparse.Namespace) -> Run:
     resume_folder = None
     if args.resume is not None:
         resume_folder = read_latest(ckpt_root) if args.resume == "latest" else Path(args.resume)
-    if resume_folder is None:
-        aux.warm_up(image_processor, rank, world, device)
+    warmed_up = resume_folder is None and aux.warm_up(image_processor, rank, world, device) is not None
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
 
     # ---- resume
@@ -235,10 +234,15 @@ def setup(cfg: TrainConfig, args: argparse.Namespace) -> Run:
               f"data: {len(dataset)} samples, {dataset.skip_report()} at load time")
     loader_kwargs = dict(batch_size=micro, sampler=sampler, drop_last=True, num_workers=cfg.data.num_workers,
                          collate_fn=collate)
-    return Run(cfg, procs, engine, tokenizer, image_processor, dataset, loader_kwargs, sampler, aux, state,
-               MetricsLog(out_dir, state.global_step, t.tensorboard) if rank == 0 else None, out_dir,
-               total_steps, steps_per_epoch, accum, compute_dtype,
-               last_saved=state.global_step if args.resume else -1)
+    run = Run(cfg, procs, engine, tokenizer, image_processor, dataset, loader_kwargs, sampler, aux, state,
+              MetricsLog(out_dir, state.global_step, t.tensorboard) if rank == 0 else None, out_dir,
+              total_steps, steps_per_epoch, accum, compute_dtype,
+              last_saved=state.global_step if args.resume else -1)
+    if warmed_up and t.save_steps:
+        # Stage 1 is a third of an embedded launch: a crash before the first save must not lose it
+        # (session 45 lost one at LLM step 98). `--resume` starts from this step-0 checkpoint.
+        save(run)
+    return run
 
 
 # --------------------------------------------------------------------------- loop
