@@ -944,3 +944,82 @@ def test_answer_name_readout_reads_each_answer_name_where_its_words_are_written(
     assert total.item() - out.loss.item() == pytest.approx(2.0 * metrics["answer_name_readout_loss"], rel=1e-4)
     assert metrics["answer_name_readout_loss"] > 0 and 0.0 <= metrics["answer_name_read"] <= 1.0
     assert "box_name_readout_loss" not in metrics
+
+
+def test_region_cells_target_the_asked_regions_object():
+    # train.region_name_supervision_heads: a turn about one region that answers without a box targets
+    # that region's object; a turn whose answer writes a box (another object) or asks about two does not.
+    import numpy as np
+
+    from ferret.data.rle import encode_rle
+    from ferret.training.dense_supervision import ScenePatchTargets
+    from ferret.training.scene_targets import region_cells
+
+    left, right = np.zeros((40, 40), dtype=bool), np.zeros((40, 40), dtype=bool)
+    left[0:20, 0:20], right[20:40, 20:40] = True, True
+    record = {"scene_id": 3, "width": 40, "height": 40, "objects": [
+        {"name": "red circle", "color": "red", "shape": "circle", "box": [0, 0, 19, 19], "mask": encode_rle(left)},
+        {"name": "blue star", "color": "blue", "shape": "star", "box": [20, 20, 39, 39], "mask": encode_rle(right)}]}
+    targets = ScenePatchTargets([record], grid=2)
+    sample = {"scene_id": 3, "conversations": [
+        {"from": "human", "value": "<image>\nWhat is the object <bbox_location0>?"}, {"from": "gpt", "value": "A blue star."},
+        {"from": "human", "value": "Which object is nearest to the object <bbox_location0>?"},
+        {"from": "gpt", "value": "The red circle <bbox_location0>."},
+        {"from": "human", "value": "Is the object <bbox_location0> left of the object <bbox_location1>?"},
+        {"from": "gpt", "value": "Yes."},
+        {"from": "human", "value": "Is the object <bbox_location0> of the image a red circle or a blue star?"},
+        {"from": "gpt", "value": "A red circle."}],
+        "box_x1y1x2y2": [[[21, 19, 39, 39]], [], [[20, 20, 39, 39]], [[0, 0, 19, 19]],
+                         [[0, 0, 19, 19], [20, 20, 39, 39]], [], [[1, 1, 18, 18]], []]}
+    out = region_cells(sample, targets)
+    assert out.tolist() == [[False, False, False, True], [False] * 4, [False] * 4, [True, False, False, False]]
+
+
+def test_region_name_heads_look_from_each_name_word_at_the_regions_object():
+    # From the positions that write the referring answer's colour and shape, each listed head of the
+    # coordinate heads' layer is pushed onto the region's object: -log of its attention mass there.
+    from ferret.conversation import tokenize_conversation
+    from ferret.training.config import TrainConfigError
+    from ferret.training.synthetic_world import SyntheticWorldSupervision, grounding_supervision
+
+    tokenizer, model, _, cfg = _name_layer_setup(("Where is the pink cross?", "The pink cross."))
+    messages = [("USER", "<image>\nWhere is the pink cross?"), ("ASSISTANT", "The pink cross [10, 20, 30, 40]."),
+                ("USER", "What is the object [1, 2, 3, 4] <region_fea>?"), ("ASSISTANT", "A green star.")]
+    ids, labels = tokenize_conversation(messages, tokenizer)
+    ids, labels = torch.as_tensor(ids).reshape(1, -1), torch.as_tensor(labels).reshape(1, -1)
+    cells = torch.zeros(2, 16, dtype=torch.bool)
+    cells[1, [5, 9]] = True  # the second turn's region object
+    batch = {"input_ids": ids, "labels": labels, "answer_cells": [torch.zeros(1, 16, dtype=torch.bool)],
+             "region_cells": [cells]}
+    cfg.train.region_name_supervision_heads = [1, 2]
+    region = [[torch.zeros(48, 48, dtype=torch.bool)]]
+    region[0][0][4:20, 10:30] = True
+    *_, first, second = grounding_supervision(model, tokenizer, cfg)[0]
+    assert first.region_name and second.region_name and first.attention is model.model.layers[1].self_attn
+    queries = second._queries(batch, 0)
+    written = [tokenizer.convert_ids_to_tokens([int(ids[0, j + 1])])[0] for j, *_ in queries]
+    assert written == ["\u2581green", "\u2581star"]  # not the first turn's "pink cross" (no region)
+    assert all(h == 2 and not t[0] and t[1:].equal(cells[1]) and w == () for _, h, t, w, _ in queries)
+    with torch.no_grad():
+        out = model(input_ids=ids, images=torch.randn(1, 3, 48, 48), region_masks=region, output_attentions=True)
+    loss = second.loss(batch)
+    from ferret.training.grounding import spliced_index
+
+    start, to_spliced = spliced_index(ids[0], 16)
+    rows = out.attentions[1][0, 2, [to_spliced(j) for j, *_ in queries]][:, start:start + 16]
+    expected = -rows[:, cells[1]].sum(-1).log().mean()
+    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-5)
+    assert second.last_mass == pytest.approx(rows[:, cells[1]].sum(-1).mean().item(), rel=1e-4)
+    # the step's log carries the mass (none of it without a referring answer in the batch)
+    aux = SyntheticWorldSupervision(model, tokenizer, cfg)
+    out = model(input_ids=ids, images=torch.randn(1, 3, 48, 48), region_masks=region, labels=labels)
+    aux.add_losses(out.loss, batch, out, torch.device("cpu"), 0)
+    assert 0.0 < aux.step_metrics(1, torch.device("cpu"))["region_name_mass"] < 1.0
+    cfg.data.scene_records, cfg.data.data_path, cfg.model.tiny = "scenes_train.json", ["train.json"], True
+    cfg.validate()
+    cfg.train.attention_supervision_weight = 0.0
+    with pytest.raises(TrainConfigError, match="region_name_supervision_heads"):
+        cfg.validate()
+    cfg.train.attention_supervision_weight, cfg.train.region_name_supervision_heads = 1.0, [4]
+    with pytest.raises(TrainConfigError, match="region_name_supervision_heads: attention supervision: head 4"):
+        grounding_supervision(model, tokenizer, cfg)

@@ -206,6 +206,12 @@ class TrainSection:
     # among the image tokens by colour, and an object with a colour twin is named wrong twice as
     # often; the region embedding said what its object is, never where (session 44).
     region_box_code_weight: float = 0.0
+    # Heads of attention_supervision_layer (the coordinate heads' layer) pushed, from each answer
+    # position that writes a name word of a turn about one region ("What is the object <region>?" ->
+    # "A pink ring."), onto that region's object. Why: at the shape word, layer 2's heads 1-2 looked
+    # at the colour twin in 0.56-0.59 of the wrong names (session 44). Session 37 pushed heads of
+    # layers 1 and 3 (not the ones that read the object) and named no better.
+    region_name_supervision_heads: list[int] = field(default_factory=list)
     # > 0 (needs a tokenizer with one token per number 0-999): add this times a cross-entropy
     # against a Gaussian of std number_smoothing_sigma grid units around each number label.
     number_smoothing_weight: float = 0.0
@@ -400,6 +406,9 @@ class TrainConfig:
         _non_negative("train.box_code_weight", t.box_code_weight)
         _positive("train.box_code_sigma", t.box_code_sigma)
         _non_negative("train.region_box_code_weight", t.region_box_code_weight)
+        if t.region_name_supervision_heads and t.attention_supervision_weight <= 0:
+            raise TrainConfigError("train.region_name_supervision_heads: their loss is weighted by "
+                                   "train.attention_supervision_weight; set it > 0")
         if t.region_box_code_weight > 0 and t.box_code_weight <= 0:
             raise TrainConfigError("train.region_box_code_weight: the region's box code is read by the image tokens' "
                                    "number rows; set train.box_code_weight > 0")

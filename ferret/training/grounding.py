@@ -166,7 +166,7 @@ class AttentionSupervision:
     def __init__(self, model, tokenizer, layer: int, head: int, coordinate_heads: bool = False,
                  boxes: bool = True, presence: bool = True, name: bool = False, presence_weight: float = 1.0,
                  absent_target: str = "bos", name_each_word: bool = False, name_copy: bool = False,
-                 name_boxes: bool = False, name_colour: bool = False):
+                 name_boxes: bool = False, name_colour: bool = False, region_name: bool = False):
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         from ferret.data.synthetic_tokenizer import digit_token_ids, number_token_ids
@@ -197,8 +197,11 @@ class AttentionSupervision:
         # Also from each answer position that writes one of the question's name words, onto that
         # word in the question (the copy the answer's restated name needs).
         self.name_copy = name_copy
+        # From each answer position that writes a name word of a turn about one region, onto the
+        # region's object (scene_targets.region_cells), not a colour twin.
+        self.region_name = region_name
         self.name_words: dict[int, str] = {}
-        if name_copy:
+        if name_copy or region_name:
             from ferret.training.dense_supervision import DenseVocabulary
 
             vocabulary = DenseVocabulary.synthetic()
@@ -279,6 +282,12 @@ class AttentionSupervision:
                     out += [(j, self.head, torch.zeros_like(bos), (w,), 1.0) for j in run for w in words]
         if self.name_copy:
             out += [(j, self.head, torch.zeros_like(bos), words, 1.0) for j, words in name_copy_queries(ids, labels, self.name_words)]
+        if self.region_name and "region_cells" in batch:
+            for (start, end), object_cells in zip(answer_runs(labels), batch["region_cells"][row]):
+                if bool(object_cells.any()):
+                    target = F.pad(object_cells, (1, 0))
+                    out += [(j - 1, self.head, target, (), 1.0) for j in range(max(start, 1), end)
+                            if int(ids[j]) in self.name_words]
         presence = batch.get("presence_cells") if (self.presence or self.name or self.name_colour) else None
         if presence is not None and len(presence[row]):
             for (start, _), target in zip(answer_runs(labels), presence[row]):

@@ -7,7 +7,9 @@ records (`data.scene_records`), `SceneTargetDataset` adds to each item whose sam
 * patch_color / patch_shape [N] and patch_box [N, 4]: the dense readout's per-patch targets;
 * region_color / region_shape [R], region_box [R, 4]: the object each referred region overlaps most;
 * answer_cells [boxes, N]: the cells of the object each answer box belongs to;
-* presence_cells [assistant turns, 1 + N]: the "Is there a X?" answers' attention targets.
+* presence_cells [assistant turns, 1 + N]: the "Is there a X?" answers' attention targets;
+* region_cells [assistant turns, N]: for a turn that asks about one region and answers without a
+  box ("What is the object <region>?" -> "A pink ring."), the cells of the region's object.
 
 `SceneTargetCollator` batches them (only when every item of the batch has them: a batch mixing
 scenes with and without records trains the auxiliary losses on none of them).
@@ -25,7 +27,7 @@ from ferret.data.grit import PLACEHOLDER_RE
 from ferret.training.dense_supervision import ScenePatchTargets
 
 STACKED_KEYS = ("patch_color", "patch_shape", "patch_box")  # same shape in every item: a tensor
-PER_ITEM_KEYS = ("region_color", "region_shape", "region_box", "answer_cells", "presence_cells")  # a list, like region_masks
+PER_ITEM_KEYS = ("region_color", "region_shape", "region_box", "answer_cells", "presence_cells", "region_cells")  # a list, like region_masks
 PRESENCE_RE = re.compile(r"Is there an? (.+?) in the image\?")
 
 
@@ -61,6 +63,24 @@ def presence_targets(sample: dict, targets: ScenePatchTargets) -> torch.Tensor:
     return out
 
 
+def region_cells(sample: dict, targets: ScenePatchTargets) -> torch.Tensor:
+    """[assistant turns, cells] bool: for each turn whose question refers to exactly one region and
+    whose answer writes no box (so it names, or gives the colour of, that region's object, not
+    another one as "Which object is nearest to <region>?" does), the cells of the object whose box
+    overlaps the region's box most; all False for other turns. The targets of
+    ferret.training.grounding.AttentionSupervision's `region_name`."""
+    conversations, box_lists = sample["conversations"], sample.get("box_x1y1x2y2") or []
+    turns = [t for t, turn in enumerate(conversations) if turn["from"] not in ("human", "user")]
+    out = torch.zeros(len(turns), targets.grid ** 2, dtype=torch.bool)
+    for row, t in enumerate(turns):
+        if t == 0 or t - 1 >= len(box_lists) or PLACEHOLDER_RE.search(conversations[t]["value"]):
+            continue
+        asked = {int(m.group(1)) for m in PLACEHOLDER_RE.finditer(conversations[t - 1]["value"])}
+        if len(asked) == 1 and box_lists[t - 1]:
+            out[row] = targets.answer_box_cells(sample["scene_id"], [box_lists[t - 1][asked.pop()]])[0]
+    return out
+
+
 class SceneTargetDataset(torch.utils.data.Dataset):
     """A GritDataset whose items also carry the scene targets (see the module docstring)."""
 
@@ -88,6 +108,7 @@ class SceneTargetDataset(torch.utils.data.Dataset):
             item.update(self.targets.region_targets(scene, item["region_masks"]))
             item["answer_cells"] = self.targets.answer_box_cells(scene, answer_boxes(sample))
             item["presence_cells"] = presence_targets(sample, self.targets)
+            item["region_cells"] = region_cells(sample, self.targets)
         return item
 
 

@@ -174,6 +174,12 @@ def grounding_supervision(model, tokenizer, cfg: TrainConfig):
                                                         name_boxes=True))
             except ValueError as err:
                 raise TrainConfigError(f"train.name_supervision_boxes(_layer/_head): {err}") from None
+    for head in t.region_name_supervision_heads:
+        try:
+            supervision.append(AttentionSupervision(model, tokenizer, t.attention_supervision_layer, head,
+                                                    boxes=False, presence=False, region_name=True))
+        except ValueError as err:
+            raise TrainConfigError(f"train.region_name_supervision_heads: {err}") from None
     return supervision, (torch.tensor(number_ids) if number_ids is not None else None)
 
 
@@ -207,6 +213,7 @@ class SyntheticWorldSupervision:
         self._attention: list[torch.Tensor] = []
         self._masses: list[float] = []
         self._head_masses: list[dict[int, float]] = []
+        self._region_masses: list[float] = []
 
     @property
     def reads_all_logits(self) -> bool:
@@ -242,6 +249,7 @@ class SyntheticWorldSupervision:
             self._attention.append(attend.detach().float())
             self._masses.append(self.attention[0].last_mass)  # the box heads'
             self._head_masses.append(self.attention[0].last_head_mass)
+            self._region_masses += [a.last_mass for a in self.attention if a.region_name]
         for prefix, (readout, weight) in self.name_readouts.items():
             named = readout.loss(batch) if "answer_cells" in batch else loss.new_zeros(())
             loss = loss + weight * named
@@ -278,7 +286,11 @@ class SyntheticWorldSupervision:
             read = [a for a in self._readout_accuracy[prefix] if a == a]  # nan: a batch with nothing to read
             record[f"{prefix}_read"] = float(np.mean(read)) if read else float("nan")
             self._readout[prefix], self._readout_accuracy[prefix] = [], []
+        region = [m for m in self._region_masses if m == m]  # nan: no referring answer in the batch
+        if region:  # the region name heads' mass on the region's object
+            record["region_name_mass"] = float(np.mean(region))
         self._dense, self._attention, self._masses, self._head_masses = [], [], [], []
+        self._region_masses = []
         return record
 
     @staticmethod
@@ -287,7 +299,8 @@ class SyntheticWorldSupervision:
         heads = [value for key, value in record.items() if key.startswith("attention_mass_head")]  # in head order
         return ((f" dense_loss {record['dense_loss']:.4f}" if "dense_loss" in record else "")
                 + (f" attention_mass {record['attention_mass']:.3f}" if "attention_mass" in record else "")
-                + (" (" + "/".join(f"{m:.2f}" for m in heads) + ")" if heads else ""))
+                + (" (" + "/".join(f"{m:.2f}" for m in heads) + ")" if heads else "")
+                + (f" region_name_mass {record['region_name_mass']:.3f}" if "region_name_mass" in record else ""))
 
 
 # --------------------------------------------------------------------------- stage 1: vision warm-up
