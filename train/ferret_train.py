@@ -212,7 +212,9 @@ def setup(cfg: TrainConfig, args: argparse.Namespace) -> Run:
     resume_folder = None
     if args.resume is not None:
         resume_folder = read_latest(ckpt_root) if args.resume == "latest" else Path(args.resume)
-    warmed_up = resume_folder is None and aux.warm_up(image_processor, rank, world, device) is not None
+    warmed_up = False
+    if resume_folder is None:
+        warmed_up = aux.warm_up(image_processor, rank, world, device) is not None
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
 
     # ---- resume
