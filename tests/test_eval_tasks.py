@@ -269,3 +269,12 @@ def test_flickr_recall_per_phrase_type_with_entities_folder(tmp_path):
     by_type = metrics["recall_by_type"]["any_box"]
     assert by_type["people"] == {"R@1": 0.0, "R@5": 1.0, "R@10": 1.0}
     assert by_type["clothing"]["R@5"] == 0.0 and by_type["animals"]["R@10"] == 0.0
+
+
+def test_write_json_creates_its_folder_and_leaves_no_temporary_file(tmp_path):
+    target = tmp_path / "a" / "b" / "metrics.json"
+    common.write_json(target, {"acc": 0.5, "names": ["x"]})
+    assert json.loads(target.read_text()) == {"acc": 0.5, "names": ["x"]}
+    common.write_json(target, {"acc": 0.75})  # an existing file is replaced whole
+    assert json.loads(target.read_text()) == {"acc": 0.75}
+    assert sorted(p.name for p in target.parent.iterdir()) == ["metrics.json"]

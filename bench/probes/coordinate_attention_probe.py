@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from ferret.eval.common import write_json
+
 COORDINATES = ("x1", "y1", "x2", "y2")
 
 
@@ -120,8 +122,7 @@ def main(argv=None) -> dict:
         for layer in range(args.layer)}
     print(json.dumps(result, indent=1))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+        write_json(args.out, result)
     return result
 
 

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ferret.eval.common import write_json
 from ferret.eval.metrics import box_iou
 from ferret.eval.synthetic_direct import REFER_QUESTION, first_name
 from ferret.regions import Box
@@ -126,8 +127,7 @@ def main(argv=None) -> dict:
               "seconds": round(time.perf_counter() - start, 1), "examples": examples}
     print(json.dumps(result, indent=1))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2))
+        write_json(args.out, result)
     return result
 
 

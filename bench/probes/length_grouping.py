@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ferret.eval.common import write_json
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -79,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     report["grouped_over_random_slowest_rank"] = g / r
     print(json.dumps(report, indent=2))
     if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        write_json(args.out, report)
     return 0
 
 

@@ -17,6 +17,8 @@ import json
 import re
 from pathlib import Path
 
+from ferret.eval.common import write_json
+
 ARTICLE = re.compile(r"^(a|an|the)\s+")
 
 
@@ -75,8 +77,7 @@ def main() -> None:
             for kind, v in kinds.items():
                 print(f"  {prompt:5s} {kind:55s} {v['count']:5d} {v['share']:.3f}")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        write_json(args.out, result)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from ferret.eval.common import write_json
+
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -84,8 +86,7 @@ def main(argv=None) -> dict:
                         for layer in range(len(mean["present"]))]
     print(json.dumps(result, indent=1))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+        write_json(args.out, result)
     return result
 
 

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from ferret.eval.common import write_json
+
 PARTS = ("bos", "image", "region_feature", "question", "answer", "object", "twin")
 
 
@@ -158,8 +160,7 @@ def main(argv=None) -> dict:
                                 for name, rows in by_layer.items() if rows}
     print(json.dumps(result, indent=1))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+        write_json(args.out, result)
     return result
 
 

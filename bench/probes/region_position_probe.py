@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ferret.eval.common import write_json
+
 
 def ridge_fit_predict(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, alpha: float) -> np.ndarray:
     """Ridge regression with a bias, closed form."""
@@ -113,8 +115,7 @@ def main(argv=None) -> dict:
         result["region_box_code_acc50"] = round(float(np.mean(hits)), 4)
     print(json.dumps(result, indent=1))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+        write_json(args.out, result)
     return result
 
 

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ferret.eval.common import write_json
 from ferret.training.dense_supervision import DenseVocabulary, region_object_targets
 from ferret.training.synthetic_world import warm_up_region_masks
 
@@ -191,8 +192,7 @@ def main(argv=None) -> dict:
         result["arms"][maps] = arm
         print(maps, json.dumps({k: {m: v for m, v in arm[k].items() if "radius" not in m and m != "counts"} for k in ("val", "ood")}), flush=True)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        write_json(args.out, result)
     return result
 
 

@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from ferret.eval.common import write_json
+
 TIMING = {"samples_per_s", "tokens_per_s"}
 WARM_UP = re.compile(r"vision warm-up (\d+)/\d+ readout loss ([0-9.]+)")
 
@@ -110,8 +112,7 @@ def main(argv=None) -> dict:
         result["all_equal"] = result["all_equal"] and result["warm_up"]["equal"]
     print(json.dumps({k: v for k, v in result.items() if k != "per_step"}, indent=1))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        write_json(args.out, result)
     return result
 
 

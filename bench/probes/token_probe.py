@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ferret.eval.common import write_json
 from ferret.eval.metrics import box_iou
 from ferret.regions import pixel_to_grid
 from ferret.training.dense_supervision import BOX_CHANNELS, DenseVocabulary, NameDirections, class_logits
@@ -139,8 +140,7 @@ def main(argv=None) -> dict:
         result["box_code_acc50"] = coded / total
     print(json.dumps(result, indent=1))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+        write_json(args.out, result)
     return result
 
 

@@ -21,6 +21,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from ferret.eval.common import write_json
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # length_grouping.py beside this script
 from length_grouping import config_dataset  # noqa: E402
 
@@ -106,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             for task in random if task in grouped}
     print(json.dumps(report, indent=2))
     if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        write_json(args.out, report)
     return 0
 
 

@@ -137,6 +137,8 @@ def append_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> None:
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:
+    """Write `data` as indented JSON, creating the folder; atomically, so a reader never sees half a file."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(f"{path}.{os.getpid()}.tmp")  # several ranks may write the same file
     tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
     os.replace(tmp, path)
