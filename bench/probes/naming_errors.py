@@ -14,6 +14,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
+from ferret.eval.common import write_json
 from ferret.eval.synthetic_direct import first_name
 
 NAMING_CHECKS = ("refer_box", "refer_point", "refer_free_form")
@@ -161,11 +162,9 @@ def main(argv: list[str] | None = None) -> dict:
         result = {"checks": args.checks, "scenes": args.scenes, **breakdown(checks, scenes)}
     except ValueError as exc:
         parser.error(str(exc))
-    text = json.dumps(result, indent=2)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
-    print(text)
+        write_json(args.out, result)
+    print(json.dumps(result, indent=2))
     return result
 
 
