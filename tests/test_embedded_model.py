@@ -172,6 +172,36 @@ def test_says_yes_to_present_objects_and_no_to_absent_ones(chat):
     assert sum(said_no.values()) >= len(absent) - 1, [(n, a.text) for n, a in zip(names, answers)]
 
 
+def test_lists_the_asked_objects_with_their_boxes(chat, tmp_path):
+    """The Flickr wording ("What are the locations of a X, a Y?") gets one box per asked object.
+    Why a test: in 2 of the 4 seed-7 runs since session 44 (crep1_s7, rname_s7) every listing
+    answer stops after one object, while naming and grounding look as good as the shipped model's;
+    such a model must not ship. On these eight scenes the shipped model writes two boxes or more in
+    8 answers and finds 0.76 of the objects (it sometimes writes an object twice); rbox_s7 (val200
+    Flickr R@1 0.667) 6 and 0.64; crep1_s7 and rname_s7 (0.28 / 0.27) 0 and ~0.3."""
+    from ferret.data.synthetic import FLICKR_QUESTION, render_scene
+
+    requests, asked = [], []
+    for scene_id in range(8):
+        scene = render_scene(scene_id, seed=12345)
+        path = tmp_path / f"scene_{scene_id}.png"
+        Image.fromarray(scene.image).save(path)
+        names = [o.name for o in scene.objects]
+        # as the benchmark asks: the uniquely named objects, left to right
+        objects = sorted((o for o in scene.objects if names.count(o.name) == 1), key=lambda o: o.box[0])
+        assert len(objects) >= 2, names  # these scenes do have two; a one-object listing tests nothing
+        requests.append((str(path), FLICKR_QUESTION.format(phrases=", ".join(f"a {o.name}" for o in objects))))
+        asked.append(objects)
+    answers = chat.ask_batch(requests, max_new_tokens=96)
+    found, several = [], 0
+    for objects, answer in zip(asked, answers):
+        boxes = [r for r in answer.regions if r.box is not None]
+        several += len(boxes) >= 2
+        found += [any(o.name in r.phrase.lower() and iou(r.box, o.box) >= 0.5 for r in boxes) for o in objects]
+    assert several >= 6, [a.text for a in answers]
+    assert np.mean(found) >= 0.6, [a.text for a in answers]
+
+
 def test_embedded_training_config_trains_the_vision_tower():
     """train/configs/embedded.yaml trains its tower from scratch: prepare_trainable must unfreeze
     it (built models arrive with a frozen tower; the default config keeps it frozen)."""
