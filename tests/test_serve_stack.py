@@ -197,6 +197,15 @@ def _set_slider(page, elem_id, value, timeout=30.0):
                 raise AssertionError(f"slider {elem_id} shows {shown!r} after typing {value!r}") from None
 
 
+def _load_first_example(page) -> None:
+    """Click example 1 (shapes.png and its referring question) and wait until the page shows it: the
+    example arrives by a server round trip, so text typed before it lands is overwritten (a CI run
+    sent the example's "<region>" question with no region marked)."""
+    page.locator("table tbody tr").first.click()
+    page.wait_for_function("document.querySelector('#ferret-question textarea').value === "
+                           "'What is the object <region>?'", timeout=30_000)
+
+
 def _iou(a, b) -> float:
     ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
     iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
@@ -221,7 +230,7 @@ def test_browser_draw_a_box_and_ask(stack):
             page.locator("input[type='password']").fill(API_KEY)
             page.get_by_role("button", name=re.compile("login", re.I)).click()
             page.wait_for_selector("#ferret-send", timeout=60_000)
-            page.locator("table tbody tr").first.click()  # example 1: shapes.png
+            _load_first_example(page)  # example 1: shapes.png
             editor = page.locator("#ferret-editor")
             zoom_label = editor.get_by_text(re.compile(r"^\d+%$")).first
             zoom_label.wait_for(timeout=30_000)
@@ -276,7 +285,7 @@ def test_browser_draw_a_box_and_ask(stack):
 
             # A grounding question: the answer's box is drawn on the image (checked against the
             # blue square by test_browser_draws_the_answer_box_on_the_object).
-            page.locator("table tbody tr").first.click()
+            _load_first_example(page)
             question.fill("What is the location of the blue square in the image?")
             page.click("#ferret-send")
             page.wait_for_function(
@@ -289,7 +298,7 @@ def test_browser_draw_a_box_and_ask(stack):
             page.wait_for_function("document.querySelector('#ferret-output img') === null", timeout=30_000)
 
             # A refusal is an error, not an answer: two placeholders for no region.
-            page.locator("table tbody tr").first.click()
+            _load_first_example(page)
             question.fill("Compare <region> with <region>?")
             page.click("#ferret-send")
             page.wait_for_selector(".toast-body.error", timeout=60_000)
